@@ -1,5 +1,70 @@
-"""CLI commands of this group (filled in by the issue that owns it)."""
+"""``lowbit train CONFIG``: train a GAN from scratch or fine-tune it quantization-aware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowbit.commands import add_config_args
 
 
 def register(sub) -> None:
-    """Add this group's sub-parsers to the root parser."""
+    """Add ``lowbit train`` to the root parser."""
+    parser = sub.add_parser(
+        "train",
+        help="train a GAN (from scratch or QAT fine-tuning of a checkpoint)",
+        description="Train the generator/discriminator pair of a GAN config; writes "
+        "log.csv, TensorBoard events, sample grids, checkpoints and model.safetensors.",
+    )
+    add_config_args(parser)
+    parser.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument("--force", action="store_true", help="start over even if --out already holds a run")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes for data-parallel training (torchrun)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_train)
+
+
+def default_out_dir(config: str) -> Path:
+    """``runs/<config file stem>``: where a run goes when no --out is given."""
+    return Path("runs") / Path(config).stem
+
+
+def worker_argv(args, out_dir: Path) -> list[str]:
+    """The ``lowbit train`` arguments each data-parallel worker gets (this command without --nproc)."""
+    argv = [args.config, "--out", str(out_dir)]
+    argv += [item for override in args.overrides for item in ("--set", override)]
+    argv += [
+        flag
+        for flag, on in (("--resume", args.resume), ("--force", args.force), ("--quiet", args.quiet))
+        if on
+    ]
+    return argv
+
+
+def run_train(args) -> int:
+    """Validate the config, then train in this process (one torchrun rank, or alone) or launch workers."""
+    from lowbit.config import load_config
+    from lowbit.errors import ConfigError
+    from lowbit.train import distributed
+    from lowbit.train.gan import GanConfig, train_gan
+
+    cfg = load_config(GanConfig, args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        return distributed.launch(args.nproc, worker_argv(args, out_dir))
+    ctx = distributed.setup()
+    try:
+        result = train_gan(cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet)
+    finally:
+        distributed.cleanup()
+    if ctx.is_main:
+        last = result.history[-1] if result.history else {}
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+        print(f"trained {cfg.name} for {cfg.steps} steps ({summary}); model: {result.model_path}")
+    return 0

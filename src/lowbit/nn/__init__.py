@@ -1,1 +1,13 @@
-"""lowbit.nn."""
+"""Quantized layers and model conversion: ``QuantSpec``, ``convert``, ``freeze`` (SPEC §3).
+
+See docs/quantizers.md for usage and the training hooks.
+"""
+
+from lowbit.nn.convert import HIDDEN_ACTIVATIONS, FrozenAct, FrozenLayer, convert, freeze
+from lowbit.nn.layers import QuantAct, QuantConv2d, QuantConvTranspose2d, QuantLinear
+from lowbit.nn.schedule import anneal, refit, set_temperature
+from lowbit.nn.spec import QuantSpec
+
+__all__ = ["HIDDEN_ACTIVATIONS", "FrozenAct", "FrozenLayer", "QuantAct", "QuantConv2d",
+           "QuantConvTranspose2d", "QuantLinear", "QuantSpec", "anneal", "convert", "freeze", "refit",
+           "set_temperature"]

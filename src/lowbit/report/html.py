@@ -15,7 +15,8 @@ from lowbit.io import atomic_write_text
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}
 th{background:#eee}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
 figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:90%;color:#555}
 """
@@ -40,6 +41,10 @@ class HtmlReport:
     def paragraph(self, text: str) -> None:
         self.parts.append(f"<p>{html.escape(text)}</p>")
 
+    def link(self, text: str, href: str) -> None:
+        """A paragraph holding one link (e.g. from an index page to a study page)."""
+        self.parts.append(f'<p><a href="{html.escape(href)}">{html.escape(text)}</a></p>')
+
     def table(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
         """A table of dict rows; columns default to the keys of the first row."""
         if not rows:
@@ -51,11 +56,13 @@ class HtmlReport:
                        for r in rows)
         self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
-    def image(self, png: str | Path | bytes, caption: str = "") -> None:
-        """Inline a PNG (a path or the raw bytes) with an optional caption."""
+    def image(self, png: str | Path | bytes, caption: str = "", width: int | None = None) -> None:
+        """Inline a PNG (a path or raw bytes) with an optional caption; ``width`` scales it (pixelated)."""
         data = png if isinstance(png, bytes) else Path(png).read_bytes()
         encoded = base64.b64encode(data).decode("ascii")
-        self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
+        size = f' width="{int(width)}" style="image-rendering:pixelated"' if width else ""
+        self.parts.append(f'<figure><img alt="{html.escape(caption)}"{size} '
+                          f'src="data:image/png;base64,{encoded}">'
                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     def render(self) -> str:

@@ -1,0 +1,177 @@
+"""Inference speed of packed low-bit DCGAN generators vs FP32 PyTorch, side by side (one run, same threads).
+
+For W1A1, W2A1 and W4A1 generators (all layers quantized, sign activations; first/last layer as the model
+has them) it times: the whole generator (latency at batch 1, samples/s at batch 64) and the binary-input
+layers alone (the ConvTranspose2d layers fed by sign activations), for FP32 PyTorch and for the packed
+model on every kernel path (avx512 / avx2 / scalar bit-serial kernels, and the pure-torch fallback).
+Each number is the best of ``--repeats`` timed calls after warm-up, all contestants timed round-robin so
+machine load hits them alike; the default clock is process CPU time (``--clock wall`` for elapsed time),
+which a busy shared machine inflates far less than wall time. Ratios are FP32 time / packed time
+(higher is better).
+
+    python benchmarks/inference.py --threads 1 --repeats 30 [--clock cpu|wall] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.export import available_paths, export_packed, load
+from lowbit.export.layers import QuantWeightLayer
+from lowbit.models import create_model
+from lowbit.nn import QuantSpec, convert
+
+
+def best_times(
+    fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Best (minimum) seconds per call of each function, all timed round-robin after two warm-up calls.
+
+    Round-robin makes load changes hit every contestant alike; the minimum is the least
+    load-sensitive estimate on a shared machine (timeit's advice)."""
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _generator(model_name: str, width: int | None) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model(model_name, **({} if width is None else {"width": width}))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.02)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _binary_layer_inputs(fp32: nn.Module, z: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Input of every ConvTranspose2d that follows an activation, from the FP32 model's own forward."""
+    inputs, h = {}, z.reshape(z.shape[0], -1, 1, 1)
+    for index, module in enumerate(fp32):
+        if index > 0 and isinstance(module, nn.ConvTranspose2d):
+            inputs[index] = h
+        h = module(h)
+    return inputs
+
+
+def _run_layers(layers: list[nn.Module], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [layer(x) for layer, x in zip(layers, inputs, strict=True)]
+
+
+def bench(
+    fp32: nn.Module, bits_list: list[int], repeats: int, folder: Path, clock: Callable[[], float]
+) -> list[dict]:
+    """One row per (bit-width, kernel path): batch-1 latency, batch-64 time, binary layers at batch 64."""
+    latent = fp32.latent_dim
+    z1, z64 = torch.randn(1, latent), torch.randn(64, latent)
+    layer_inputs = _binary_layer_inputs(fp32, z64)
+    xs = list(layer_inputs.values())
+    fp_layers = [fp32[i] for i in layer_inputs]
+    workloads = {
+        "b1": {"FP32": partial(fp32, z1)},
+        "b64": {"FP32": partial(fp32, z64)},
+        "binary": {"FP32": partial(_run_layers, fp_layers, xs)},
+    }
+    sizes = {}
+    for bits in bits_list:
+        spec = QuantSpec(weight="minmax", weight_bits=bits, act="sign", act_bits=1)
+        path = export_packed(convert(fp32, spec).eval(), folder / f"w{bits}a1.lowbit")
+        for kernel_path in available_paths():
+            packed = load(path, kernel_path=kernel_path)
+            binary = [m for m in packed.body if isinstance(m, QuantWeightLayer) and m.binary_input]
+            key = f"W{bits}A1|{kernel_path}"
+            sizes[key] = path.stat().st_size
+            workloads["b1"][key] = partial(packed, z1)
+            workloads["b64"][key] = partial(packed, z64)
+            workloads["binary"][key] = partial(_run_layers, binary, xs)
+    best = {name: best_times(fns, repeats, clock) for name, fns in workloads.items()}
+    rows = []
+    for key, size in sizes.items():
+        model, kernel_path = key.split("|")
+        row = {"model": model, "path": kernel_path, "bytes": size}
+        for name in workloads:
+            row[f"fp32_ms_{name}"], row[f"packed_ms_{name}"] = 1e3 * best[name]["FP32"], 1e3 * best[name][key]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: per model and kernel path, times and FP32/packed ratios."""
+    header = (
+        "| model | path | file bytes | b=1 latency ms FP32 / packed (x) | b=64 samples/s FP32 / packed (x) "
+        "| binary layers b=64 ms FP32 / packed (x) |"
+    )
+    lines = [header, "|" + "---|" * 6]
+    for r in rows:
+        lat = f"{r['fp32_ms_b1']:.3f} / {r['packed_ms_b1']:.3f} ({r['fp32_ms_b1'] / r['packed_ms_b1']:.2f}x)"
+        fp_sps, pk_sps = 64e3 / r["fp32_ms_b64"], 64e3 / r["packed_ms_b64"]
+        thr = f"{fp_sps:,.0f} / {pk_sps:,.0f} ({pk_sps / fp_sps:.2f}x)"
+        binary = (
+            f"{r['fp32_ms_binary']:.2f} / {r['packed_ms_binary']:.2f} "
+            f"({r['fp32_ms_binary'] / r['packed_ms_binary']:.2f}x)"
+        )
+        lines.append(f"| {r['model']} | {r['path']} | {r['bytes']:,} | {lat} | {thr} | {binary} |")
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() where that is missing)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dcgan-g-28")
+    parser.add_argument("--width", type=int, default=None, help="generator width (default: the model's)")
+    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="cpu",
+        help="cpu: process CPU time (robust on a shared machine; equals latency when idle and "
+        "single-threaded); wall: elapsed time",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fp32 = _generator(args.model, args.width)
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
+        rows = bench(fp32, args.bits, args.repeats, Path(folder), CLOCKS[args.clock])
+    print(
+        f"{args.model} (width {args.width or 'default'}) on {_cpu_model()}, torch {torch.__version__}, "
+        f"threads {args.threads}, {args.clock} clock, best of {args.repeats}; ratios are FP32 / packed time"
+    )
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Inference modules of a packed model: quantized weight layers (bit-serial kernels on binary input), acts.
+
+A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a sign
+activation it binarises the input itself and, on a kernel path, runs ``csrc/bitserial.cpp`` (derivation in
+that file's header and docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the
+dequantized weights, the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.export import kernels
+
+WEIGHT_KINDS = ("conv2d", "conv_transpose2d", "linear")
+BITS_PER_WORD = 64
+ROW_ALIGN = 8
+
+
+def sign_pm1(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with sign(0) = +1 (SPEC §2), the binary activation the kernels assume."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class SignAct(nn.Module):
+    """Binary activation x -> {-1, +1}; kept as a module only where no weight layer follows to absorb it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sign_pm1(x)
+
+
+class LevelsAct(nn.Module):
+    """Multi-bit activation quantizer: each value goes to the nearest of the frozen levels."""
+
+    def __init__(self, levels: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("levels", levels.to(torch.float32).sort().values)
+        self.register_buffer("midpoints", (self.levels[1:] + self.levels[:-1]) / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.levels[torch.bucketize(x, self.midpoints)]
+
+
+@dataclass
+class _Phase:
+    """Output pixels (q*out_step + phase) whose taps ``tap_h x tap_w`` read input q*in_step + tap."""
+
+    ph: int
+    pw: int
+    tap_h: torch.Tensor
+    tap_w: torch.Tensor
+    w_t: torch.Tensor
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _row_index(shape: torch.Size, channel_dim: int) -> torch.Tensor:
+    """Codebook row of every weight element: its index along ``channel_dim``."""
+    view = [1] * len(shape)
+    view[channel_dim] = shape[channel_dim]
+    return torch.arange(shape[channel_dim]).reshape(view).expand(shape)
+
+
+def _pack_bit_rows(bits: torch.Tensor) -> torch.Tensor:
+    """bool (rows, taps, C) -> int64 words (rows, taps * ceil(C/64)); channel c is bit c%64 of word c//64."""
+    rows, taps, channels = bits.shape
+    words = math.ceil(channels / BITS_PER_WORD)
+    padded = torch.zeros(rows, taps, words * BITS_PER_WORD, dtype=torch.int64)
+    padded[:, :, :channels] = bits.to(torch.int64)
+    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int64)
+    return (
+        (padded.reshape(rows, taps, words, BITS_PER_WORD) << shifts).sum(dim=-1).reshape(rows, taps * words)
+    )
+
+
+class QuantWeightLayer(nn.Module):
+    """Conv2d / ConvTranspose2d / Linear rebuilt from k-bit codes + a per-channel codebook."""
+
+    def __init__(
+        self,
+        kind: str,
+        codes: torch.Tensor,
+        codebook: torch.Tensor,
+        channel_dim: int,
+        bias: torch.Tensor | None,
+        hyper: dict,
+        binary_input: bool,
+        affine: bool,
+    ) -> None:
+        super().__init__()
+        if kind not in WEIGHT_KINDS:
+            raise ConfigError(f"unknown weight layer kind '{kind}'; valid: {', '.join(WEIGHT_KINDS)}")
+        self.kind, self.binary_input, self.affine = kind, binary_input, affine
+        self.hyper = dict(hyper)
+        self.kernel_path = kernels.TORCH_PATH
+        channels = codes.shape[channel_dim]
+        self.codebook = codebook.to(torch.float32).expand(channels, -1).contiguous()
+        self.codes = codes.to(torch.uint8)
+        self.register_buffer("weight", self.codebook[_row_index(codes.shape, channel_dim), codes.long()])
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
+        self._plan: tuple[list[_Phase], torch.Tensor, torch.Tensor] | None = None
+        self._base_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ----- float reference path -----
+    def _is_pointwise_transpose(self, x: torch.Tensor) -> bool:
+        """A transposed conv on a 1x1 input without padding (a generator's latent layer) is one matmul."""
+        hyper = self.hyper
+        return (
+            self.kind == "conv_transpose2d"
+            and x.dim() == 4
+            and x.shape[2] == x.shape[3] == 1
+            and _pair(hyper["padding"]) == (0, 0)
+            and _pair(hyper["output_padding"]) == (0, 0)
+            and hyper["groups"] == 1
+        )
+
+    def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_pointwise_transpose(x):
+            in_channels, out_channels, kh, kw = self.weight.shape
+            out = (x.reshape(x.shape[0], in_channels) @ self.weight.reshape(in_channels, -1)).reshape(
+                x.shape[0], out_channels, kh, kw
+            )
+            return out if self.bias is None else out + self.bias[:, None, None]
+        if self.kind == "linear":
+            return F.linear(x, self.weight, self.bias)
+        if self.kind == "conv2d":
+            return F.conv2d(
+                x,
+                self.weight,
+                self.bias,
+                self.hyper["stride"],
+                self.hyper["padding"],
+                self.hyper["dilation"],
+                self.hyper["groups"],
+            )
+        return F.conv_transpose2d(
+            x,
+            self.weight,
+            self.bias,
+            self.hyper["stride"],
+            self.hyper["padding"],
+            self.hyper["output_padding"],
+            self.hyper["groups"],
+            self.hyper["dilation"],
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.binary_input:
+            return self._float_forward(x)
+        if self.kernel_path == kernels.TORCH_PATH or self.hyper.get("groups", 1) != 1:
+            return self._float_forward(sign_pm1(x))
+        return self._kernel_forward(x)
+
+    # ----- bit-serial kernel path -----
+    def _conv_codes(self) -> torch.Tensor:
+        """Codes as (Co, Ci, Kh, Kw): conv layout (a transposed conv's weight is (Ci, Co, Kh, Kw))."""
+        codes = self.codes
+        if self.kind == "linear":
+            return codes[:, :, None, None]
+        return codes.transpose(0, 1) if self.kind == "conv_transpose2d" else codes
+
+    def _planes(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bit planes (P, Co, Ci, Kh, Kw), coefficients (P, Co) and offsets (Co,) with
+        w = offset + sum_p coef[p] * plane_p (affine: bit planes, coef = scale * 2^b; else one-hot levels)."""
+        book = self.codebook.to(torch.float64)
+        offset = book[:, 0]
+        if self.affine:
+            bits = max(1, math.ceil(math.log2(book.shape[1])))
+            scale = book[:, 1] - book[:, 0] if book.shape[1] > 1 else torch.zeros_like(offset)
+            planes = torch.stack([(codes.long() >> b) & 1 for b in range(bits)]).bool()
+            coef = torch.stack([scale * 2**b for b in range(bits)])
+        else:
+            levels = range(1, book.shape[1])
+            planes = torch.stack([codes.long() == level for level in levels])
+            coef = torch.stack([book[:, level] - offset for level in levels])
+        return planes, coef, offset
+
+    def _geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        if self.kind == "linear":
+            return (1, 1), (0, 0), (1, 1)
+        return _pair(self.hyper["stride"]), _pair(self.hyper["padding"]), _pair(self.hyper["dilation"])
+
+    def _phase_taps(
+        self, kernel: tuple[int, int]
+    ) -> list[tuple[int, int, list[int], list[int], list[int], list[int]]]:
+        """(ph, pw, kh indices, kw indices, tap_h offsets, tap_w offsets) for every phase."""
+        stride, padding, dilation = self._geometry()
+        if self.kind != "conv_transpose2d":
+            kh, kw = list(range(kernel[0])), list(range(kernel[1]))
+            return [
+                (
+                    0,
+                    0,
+                    kh,
+                    kw,
+                    [k * dilation[0] - padding[0] for k in kh],
+                    [k * dilation[1] - padding[1] for k in kw],
+                )
+            ]
+
+        def axis(phase: int, dim: int) -> tuple[list[int], list[int]]:
+            ks = [
+                k for k in range(kernel[dim]) if (phase + padding[dim] - k * dilation[dim]) % stride[dim] == 0
+            ]
+            return ks, [(phase + padding[dim] - k * dilation[dim]) // stride[dim] for k in ks]
+
+        result = []
+        for ph, pw in itertools.product(range(stride[0]), range(stride[1])):
+            (kh, th), (kw, tw) = axis(ph, 0), axis(pw, 1)
+            result.append((ph, pw, kh, kw, th, tw))
+        return result
+
+    def _build_plan(self) -> tuple[list[_Phase], torch.Tensor, torch.Tensor]:
+        """Pack every phase's plane rows word-major (L, rows padded to 8), the layout the kernels stream,
+        plus the flattened plane coefficients and the offsets."""
+        codes = self._conv_codes()
+        planes, coef, offset = self._planes(codes)
+        n_planes, out_channels, in_channels = planes.shape[:3]
+        phases = []
+        for ph, pw, kh, kw, th, tw in self._phase_taps(tuple(codes.shape[2:])):
+            sub = planes[:, :, :, kh][:, :, :, :, kw].permute(0, 1, 3, 4, 2)
+            rows = _pack_bit_rows(sub.reshape(n_planes * out_channels, len(kh) * len(kw), in_channels))
+            padded_rows = math.ceil(rows.shape[0] / ROW_ALIGN) * ROW_ALIGN
+            w_t = torch.zeros(rows.shape[1], padded_rows, dtype=torch.int64)
+            w_t[:, : rows.shape[0]] = rows.t()
+            phases.append(
+                _Phase(
+                    ph,
+                    pw,
+                    torch.tensor(th, dtype=torch.int64),
+                    torch.tensor(tw, dtype=torch.int64),
+                    w_t.contiguous(),
+                )
+            )
+        return phases, coef.reshape(-1).contiguous(), offset.contiguous()
+
+    def _base(self, height: int, width: int) -> torch.Tensor:
+        """bias - (layer on an all-ones input), the input-independent term of eq. (1), as (Ho, Wo, Co)."""
+        key = (height, width)
+        if key not in self._base_cache:
+            in_channels = self._conv_codes().shape[1]
+            ones = torch.ones(1, in_channels, height, width, dtype=torch.float64)
+            weight = self.weight.to(torch.float64)
+            if self.kind == "linear":
+                corr = F.linear(ones[:, :, 0, 0], weight)[:, :, None, None]
+            elif self.kind == "conv2d":
+                corr = F.conv2d(
+                    ones, weight, None, self.hyper["stride"], self.hyper["padding"], self.hyper["dilation"]
+                )
+            else:
+                corr = F.conv_transpose2d(
+                    ones,
+                    weight,
+                    None,
+                    self.hyper["stride"],
+                    self.hyper["padding"],
+                    self.hyper["output_padding"],
+                    1,
+                    self.hyper["dilation"],
+                )
+            base = -corr[0]
+            if self.bias is not None:
+                base = base + self.bias.to(torch.float64)[:, None, None]
+            self._base_cache[key] = base.permute(1, 2, 0).contiguous()
+        return self._base_cache[key]
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = kernels.kernel_ops()
+        flat = self.kind == "linear"
+        x4 = x.reshape(x.shape[0], x.shape[1], 1, 1) if flat else x
+        if self._plan is None:
+            self._plan = self._build_plan()
+        phases, coef, offset = self._plan
+        path = kernels.path_id(self.kernel_path)
+        x4 = x4.to(torch.float32)
+        if not (x4.is_contiguous() or x4.is_contiguous(memory_format=torch.channels_last)):
+            x4 = x4.contiguous()
+        bits = ops.pack_sign(x4, path)
+        base = self._base(x4.shape[2], x4.shape[3])
+        out_h, out_w, out_channels = base.shape
+        out = torch.empty(x4.shape[0], out_h, out_w, out_channels, dtype=torch.float32)
+        stride = self._geometry()[0]
+        transposed = self.kind == "conv_transpose2d"
+        in_step, out_step = ((1, 1), stride) if transposed else (stride, (1, 1))
+        for phase in phases:
+            n_qh = len(range(phase.ph, out_h, out_step[0]))
+            n_qw = len(range(phase.pw, out_w, out_step[1]))
+            ops.binary_conv_phase(
+                bits,
+                phase.w_t,
+                coef,
+                offset,
+                base,
+                phase.tap_h,
+                phase.tap_w,
+                out,
+                in_step[0],
+                in_step[1],
+                out_step[0],
+                out_step[1],
+                phase.ph,
+                phase.pw,
+                n_qh,
+                n_qw,
+                path,
+            )
+        return (
+            out.reshape(out.shape[0], -1) if flat else out.permute(0, 3, 1, 2)
+        )  # NCHW, channels-last memory

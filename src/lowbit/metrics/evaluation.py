@@ -1,0 +1,85 @@
+"""``evaluate``: FID / IS / KID of any generator against a real dataset, with a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.errors import ConfigError
+from lowbit.metrics.extractors import Extractor, module_device, resolve_extractor
+from lowbit.metrics.reference import reference_features
+from lowbit.metrics.scores import KID_SUBSETS, EvaluationError, GenerativeScores
+
+Generator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _latent_size(generator: Generator, latent_dim: int | None) -> int:
+    size = getattr(generator, "latent_dim", None) or latent_dim
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError("the generator has no latent_dim attribute; pass latent_dim=<size of z>")
+    return size
+
+
+def _generator_device(generator: Generator) -> torch.device:
+    if isinstance(generator, nn.Module):
+        return module_device(generator)
+    return torch.device("cpu")
+
+
+def _checked_batch(images: torch.Tensor, expected: int) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] != expected:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise EvaluationError(
+            f"the generator returned {shape} for {expected} latents; it must return "
+            f"{expected} x C x H x W images in [-1, 1]"
+        )
+    return images
+
+
+@torch.no_grad()
+def evaluate(
+    generator: Generator,
+    dataset: str,
+    n: int = 10_000,
+    batch: int = 250,
+    latent_dim: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    extractor: Extractor | None = None,
+    inception_weights: str | Path | None = None,
+    kid_subsets: int = KID_SUBSETS,
+    progress: bool = True,
+) -> dict[str, float | int | str]:
+    """FID, IS, KID of ``n`` images of ``generator`` against ``dataset``/``split``.
+
+    Returns ``{"fid", "is", "is_std", "kid", "kid_std", "n", "n_real", "extractor"}``. Latents are
+    standard normal from a generator seeded with ``seed``; the feature network is ``extractor``,
+    Inception-v3 from ``inception_weights``, or the dataset's shipped classifier. KID averages
+    ``kid_subsets`` subsets of min(1000, n) samples. ``progress=False`` hides the progress bar.
+    """
+    if n < 10 or batch < 1 or kid_subsets < 1:
+        raise ConfigError(f"need n >= 10, batch >= 1 and kid_subsets >= 1, got {n}, {batch}, {kid_subsets}")
+    feature_net = resolve_extractor(dataset, extractor, inception_weights)
+    size = _latent_size(generator, latent_dim)
+    reference = reference_features(dataset, feature_net, split, n, batch)
+    scores = GenerativeScores(feature_net, reference, seed, kid_subsets)
+    rng = torch.Generator().manual_seed(seed)
+    gen_device, feat_device = _generator_device(generator), module_device(feature_net.module)
+    was_training = isinstance(generator, nn.Module) and generator.training
+    if isinstance(generator, nn.Module):
+        generator.eval()
+    try:
+        with tqdm(total=n, desc=f"evaluate ({feature_net.label})", unit="img", disable=not progress) as bar:
+            for start in range(0, n, batch):
+                count = min(batch, n - start)
+                z = torch.randn(count, size, generator=rng).to(gen_device)
+                scores.update(_checked_batch(generator(z), count).to(feat_device))
+                bar.update(count)
+    finally:
+        if was_training:
+            generator.train()
+    return scores.compute()

@@ -1,0 +1,135 @@
+"""``convert`` swaps the layers of any model for quantized ones; ``freeze`` exports their codes.
+
+Weight layers (Conv2d, ConvTranspose2d, Linear) become ``Quant*`` layers that share the original
+parameters; hidden activation modules (ReLU, LeakyReLU, ReLU6, Hardtanh; never the output
+Tanh/Sigmoid) become ``QuantAct``. ``freeze`` returns, in module order, a ``FrozenLayer`` (uint8
+codes + per-row codebook) per weight layer and a ``FrozenAct`` (levels) per ``QuantAct``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.config import from_dict
+from lowbit.errors import ConfigError
+from lowbit.nn.layers import QUANT_LAYERS, QuantAct, QuantLayerMixin
+from lowbit.nn.spec import QuantSpec
+
+HIDDEN_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+
+
+@dataclass
+class FrozenLayer:
+    """A weight layer as integers: ``weight == codebook[row, codes]`` with rows along ``channel_dim``.
+
+    ``scale``/``offset`` are set when the codebook is affine (``codebook[r, z] = scale[r]·z + offset[r]``).
+    """
+
+    name: str
+    kind: str
+    method: str
+    bits: int
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    channel_dim: int
+    bias: torch.Tensor | None
+    hyper: dict[str, Any]
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def n_levels(self) -> int:
+        return self.codebook.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight ``codebook[row, codes]`` (exactly the weight of the simulated forward)."""
+        codes = self.codes.long()
+        if self.codebook.shape[0] == 1:
+            return self.codebook[0][codes]
+        shape = [1] * codes.dim()
+        shape[self.channel_dim] = -1
+        rows = torch.arange(self.codebook.shape[0], device=codes.device).reshape(shape)
+        return self.codebook[rows, codes]
+
+
+@dataclass
+class FrozenAct:
+    """An activation quantizer: the sorted ``levels`` its output takes."""
+
+    name: str
+    method: str
+    bits: int
+    levels: torch.Tensor
+
+
+def _as_spec(spec: QuantSpec | dict[str, Any]) -> QuantSpec:
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, dict):
+        return from_dict(QuantSpec, spec)
+    raise ConfigError(f"convert: spec must be a QuantSpec or a mapping, got {type(spec).__name__}")
+
+
+def _quantized(name: str, module: nn.Module, spec: QuantSpec) -> nn.Module | None:
+    """The replacement for ``module`` under ``spec``, or None to leave it as it is."""
+    if isinstance(module, (QuantLayerMixin, QuantAct)):
+        return None
+    settings = spec.for_module(name)
+    if settings is None:
+        return None
+    quant_cls = QUANT_LAYERS.get(type(module))
+    if quant_cls is not None and settings.quantizes_weights:
+        try:
+            return quant_cls.from_float(module, settings.weight, settings.weight_bits, settings.weight_opts,
+                                        settings.per_channel)
+        except ConfigError as exc:
+            raise ConfigError(f"layer '{name}': {exc}") from None
+    if isinstance(module, HIDDEN_ACTIVATIONS) and settings.quantizes_acts:
+        return QuantAct(settings.act, settings.act_bits, settings.act_opts, replaced=type(module).__name__)
+    return None
+
+
+def convert(model: nn.Module, spec: QuantSpec | dict[str, Any], inplace: bool = False) -> nn.Module:
+    """Swap the layers of ``model`` for quantized ones per ``spec``, keeping the trained weights.
+
+    With ``inplace=False`` (default) the model is deep-copied first. Layers and activations applied
+    functionally inside ``forward`` (e.g. ``F.relu``) are not modules and stay as they are.
+    """
+    spec = _as_spec(spec)
+    target = model if inplace else copy.deepcopy(model)
+    root = _quantized("", target, spec)
+    if root is not None:
+        return root
+    for parent_name, parent in list(target.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            replacement = _quantized(name, child, spec)
+            if replacement is not None:
+                setattr(parent, child_name, replacement)
+    return target
+
+
+@torch.no_grad()
+def _frozen_layer(name: str, layer: QuantLayerMixin) -> FrozenLayer:
+    encoding = layer.weight_quantizer.encode(layer.weight)
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    return FrozenLayer(name, layer.kind, layer.method, layer.bits, encoding.integer_codes(),
+                       encoding.codebook.float(), layer.default_channel_dim, bias, layer.hyper(),
+                       None if encoding.scale is None else encoding.scale.float(),
+                       None if encoding.offset is None else encoding.offset.float())
+
+
+def freeze(model: nn.Module) -> dict[str, FrozenLayer | FrozenAct]:
+    """Integer form of every quantized layer and activation of ``model``, in module order."""
+    frozen: dict[str, FrozenLayer | FrozenAct] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayerMixin):
+            frozen[name] = _frozen_layer(name, module)
+        elif isinstance(module, QuantAct):
+            frozen[name] = FrozenAct(name, module.method, module.bits, module.levels())
+    return frozen

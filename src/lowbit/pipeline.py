@@ -1,0 +1,349 @@
+"""The main job (``lowbit run CONFIG``): pretrained FP GAN -> convert -> QAT -> evaluate -> report -> export.
+
+1. load the shipped (or given) full-precision GAN checkpoint and derive the QAT config from it;
+2. convert G (and D if asked) with their ``QuantSpec`` and fine-tune quantization-aware;
+3. evaluate FP and quantized generators with the same n, latents and feature extractor;
+4. write sample grids, weight histograms, compression metrics, the packed export (when
+   ``lowbit.export`` is importable) and ``report.html`` + ``results.json`` under the output directory.
+All inputs are validated before the first file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import data as lowbit_data
+from lowbit import metrics
+from lowbit.config import to_dict
+from lowbit.io import atomic_path, atomic_write_text
+from lowbit.nn import QuantSpec
+from lowbit.report.html import HtmlReport
+from lowbit.train.gan import (
+    GanConfig,
+    TrainResult,
+    build_networks,
+    checkpoint_config,
+    load_discriminator,
+    load_generator,
+    resolve_checkpoint,
+    train_gan,
+)
+
+GRID = 64
+
+
+@dataclass
+class QatSettings:
+    """The quantization-aware fine-tune; None fields keep the pretrained run's value."""
+
+    steps: int = 400
+    batch_size: int | None = None
+    lr_g: float | None = None
+    lr_d: float | None = None
+    distill: float = 0.0
+    data_limit: int | None = None
+    eval_every: int = 0
+    eval_samples: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 200
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"qat.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class EvalSettings:
+    """FID/IS/KID of FP vs quantized: same sample count, latents and extractor for both."""
+
+    samples: int = 5000
+    batch_size: int = 500
+    seed: int = 0
+    split: str = "train"
+
+
+@dataclass
+class RunConfig:
+    """``lowbit run`` config: which pretrained GAN, how to quantize each network, QAT, evaluation."""
+
+    name: str = "run"
+    pretrained: str = "dcgan-mnist"
+    generator_quant: QuantSpec | None = None
+    discriminator_quant: QuantSpec | None = None
+    qat: QatSettings = field(default_factory=QatSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    export: bool = True
+    out_dir: str | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class RunResult:
+    """What ``run_pipeline`` produced."""
+
+    report: Path
+    results: dict[str, Any]
+    qat: TrainResult
+    packed: Path | None
+
+    def summary(self) -> list[str]:
+        """One line per score and the packed size, for the terminal."""
+        lines = [
+            f"{label}: FID {s['fid']:.3f}  IS {s['is']:.3f} KID {s['kid']:.4f} n={s['n']} ({s['extractor']})"
+            for label, s in self.results["scores"].items()
+        ]
+        last = self.results["compression"][-1]
+        lines.append(
+            f"{last['model']}: {last['size_bytes']} bytes, compression x{last['compression_ratio']:.1f}"
+        )
+        return lines
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """``cfg.out_dir`` or ``runs/<name>``."""
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.name
+
+
+def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanConfig:
+    """The pretrained run's models, data and loss with this run's quant specs and fine-tune schedule."""
+    qat = cfg.qat
+    generator = dataclasses.replace(pretrained.generator, quant=cfg.generator_quant, lr=qat.lr_g)
+    discriminator = dataclasses.replace(pretrained.discriminator, quant=cfg.discriminator_quant, lr=qat.lr_d)
+    limit = qat.data_limit if qat.data_limit is not None else pretrained.data.limit
+    return dataclasses.replace(
+        pretrained,
+        name=f"{cfg.name}-qat",
+        data=dataclasses.replace(pretrained.data, limit=limit),
+        generator=generator,
+        discriminator=discriminator,
+        init_from=str(checkpoint),
+        distill=qat.distill,
+        steps=qat.steps,
+        batch_size=qat.batch_size or pretrained.batch_size,
+        seed=qat.seed,
+        device=cfg.device,
+        threads=qat.threads,
+        log_every=qat.log_every,
+        eval_every=qat.eval_every,
+        sample_every=qat.steps,
+        checkpoint_every=qat.checkpoint_every,
+    )
+
+
+def _score(generator: nn.Module, dataset: str, n: int, cfg: EvalSettings) -> dict[str, Any]:
+    return metrics.evaluate(generator, dataset, n=n, batch=cfg.batch_size, seed=cfg.seed, split=cfg.split)
+
+
+def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> Path:
+    generator.eval()
+    with torch.no_grad():
+        images = generator(z)
+    return lowbit_data.save_image_grid(images, path)
+
+
+def _export(model: nn.Module, path: Path) -> Path | None:
+    """The packed export of the quantized generator, when the deployment package is available."""
+    try:
+        from lowbit.export import export_packed
+    except ImportError:
+        return None
+    return export_packed(model, path)
+
+
+def _seconds_per_image(generator: nn.Module, z: torch.Tensor, repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall time of one batched forward, per image (inference mode)."""
+    generator.eval()
+    best = math.inf
+    with torch.inference_mode():
+        generator(z[:2])
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generator(z)
+            best = min(best, time.perf_counter() - start)
+    return best / z.shape[0]
+
+
+def _compression_rows(
+    fp: nn.Module, quantized: nn.Module, z: torch.Tensor, packed: Path | None
+) -> list[dict[str, Any]]:
+    """Params, FLOPs, BOPs, sizes and ratios of FP vs quantized (seed 004 §2), plus the real packed file."""
+    rows = []
+    for label, model in (("full precision", fp), ("quantized (simulated)", quantized)):
+        report = metrics.compression_report(model, z[:1])
+        rows.append(
+            {
+                "model": label,
+                "params": report.params,
+                "FLOPs": report.flops,
+                "BOPs": report.bops,
+                "size_bytes": report.size_bytes,
+                "compression_ratio": report.compression_ratio,
+                "s/image": _seconds_per_image(model, z),
+            }
+        )
+    if packed is not None:
+        from lowbit.export import load as load_packed
+
+        size = packed.stat().st_size
+        rows.append(
+            {
+                "model": f"packed file {packed.name}",
+                "params": rows[1]["params"],
+                "FLOPs": rows[1]["FLOPs"],
+                "BOPs": rows[1]["BOPs"],
+                "size_bytes": size,
+                "compression_ratio": rows[0]["size_bytes"] / size,
+                "s/image": _seconds_per_image(load_packed(packed), z),
+            }
+        )
+    for row in rows:
+        row["speed_up"] = rows[0]["s/image"] / row["s/image"]
+    return rows
+
+
+def _score_rows(scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("fid", "is", "is_std", "kid", "kid_std", "n", "extractor")
+    return [{"model": label, **{k: s.get(k, "") for k in keys}} for label, s in scores.items()]
+
+
+def _loss_curve(history: list[dict[str, float]], path: Path) -> Path:
+    """QAT losses (and FID when evaluated) against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 3.2))
+    steps = [row["step"] for row in history]
+    for key in ("d_loss", "g_loss"):
+        axis.plot(steps, [row[key] for row in history], label=key)
+    axis.set_xlabel("QAT step")
+    axis.legend()
+    fid = [(row["step"], row["fid"]) for row in history if "fid" in row]
+    if fid:
+        twin = axis.twinx()
+        twin.plot([step for step, _ in fid], [value for _, value in fid], "k.--", label="FID")
+        twin.set_ylabel("FID")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _validate(cfg: RunConfig) -> tuple[Path, GanConfig, GanConfig]:
+    """Everything that can fail on bad input, before any file is written."""
+    checkpoint = resolve_checkpoint(cfg.pretrained)
+    pretrained = checkpoint_config(checkpoint)
+    qcfg = qat_config(cfg, pretrained, checkpoint)
+    build_networks(qcfg)
+    metrics.resolve_extractor(pretrained.data.dataset)
+    return checkpoint, pretrained, qcfg
+
+
+def _fid_curve(cfg: RunConfig, dataset: str) -> Callable[[nn.Module, int], dict[str, float]]:
+    """The QAT evaluator: FID and IS of ``qat.eval_samples`` images (the curve in the report)."""
+
+    def curve(generator: nn.Module, step: int) -> dict[str, float]:
+        scores = _score(generator, dataset, cfg.qat.eval_samples, cfg.eval)
+        return {"fid": scores["fid"], "is": scores["is"]}
+
+    return curve
+
+
+def _weight_analysis(
+    cfg: RunConfig, qat: TrainResult, q_generator: nn.Module, out: Path
+) -> tuple[dict[str, Path | None], list[dict[str, Any]]]:
+    """Histograms (latent FP vs quantized weights) and utilisation/entropy rows of each quantized network."""
+    networks = {"generator": q_generator}
+    if cfg.discriminator_quant is not None:
+        networks["discriminator"] = load_discriminator(qat.model_path)
+    histograms, rows = {}, []
+    for role, model in networks.items():
+        histograms[role] = metrics.plot_weight_histograms(
+            model, out / f"weights_{role}.png", f"{role}: latent FP vs quantized weights"
+        )
+        rows += [{"network": role, **row} for row in metrics.weight_stats(model)]
+    return histograms, rows
+
+
+def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
+    """The whole main job; returns where the report is and the numbers in it."""
+    out = output_dir(cfg)
+    checkpoint, pretrained, qcfg = _validate(cfg)
+    dataset = pretrained.data.dataset
+    fp_generator = load_generator(checkpoint)
+    curve = _fid_curve(cfg, dataset) if cfg.qat.eval_every else None
+    qat = train_gan(qcfg, out / "qat", evaluator=curve, overwrite=True, progress=progress)
+    q_generator = load_generator(qat.model_path)
+    pairs = (("full precision", "fp", fp_generator), ("quantized", "quantized", q_generator))
+    scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval) for label, _, g in pairs}
+    z = torch.randn(GRID, fp_generator.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    images = {label: _save_grid(g, z, out / f"samples_{tag}.png") for label, tag, g in pairs}
+    images["QAT curves"] = _loss_curve(qat.history, out / "qat_curves.png")
+    histograms, weight_rows = _weight_analysis(cfg, qat, q_generator, out)
+    packed = _export(q_generator, out / "generator.lowbit.safetensors") if cfg.export else None
+    results = {
+        "name": cfg.name,
+        "pretrained": str(checkpoint),
+        "dataset": dataset,
+        "scores": scores,
+        "compression": _compression_rows(fp_generator, q_generator, z, packed),
+        "weights": weight_rows,
+        "qat_history": qat.history,
+        "packed": str(packed) if packed else None,
+        "config": to_dict(cfg),
+        "qat_config": to_dict(qcfg),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    images.update({f"weights ({k})": v for k, v in histograms.items() if v is not None})
+    report = _write_report(cfg, out, results, images)
+    return RunResult(report=report, results=results, qat=qat, packed=packed)
+
+
+def _write_report(cfg: RunConfig, out: Path, results: dict[str, Any], images: dict[str, Path]) -> Path:
+    report = HtmlReport(f"lowbit run: {cfg.name}")
+    report.paragraph(
+        f"Pretrained full-precision GAN {results['pretrained']} ({results['dataset']}), "
+        f"converted and fine-tuned quantization-aware for {cfg.qat.steps} steps."
+    )
+    report.table(_spec_rows(cfg))
+    report.heading("Scores: full precision vs quantized (same n, latents and extractor)")
+    report.table(_score_rows(results["scores"]))
+    report.heading("Compression (seed 004 §2: FLOPs, BOPs = FLOPs x wbits x abits, size, ratios)")
+    report.table(results["compression"])
+    if results["packed"]:
+        report.paragraph(f"Packed generator: {results['packed']}")
+    report.heading("Quantized layers: state utilisation and code entropy")
+    report.table(results["weights"])
+    report.heading("Images")
+    for caption, path in images.items():
+        report.image(path, caption=caption)
+    return report.save(out / "report.html")
+
+
+def _spec_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+    def describe(spec: QuantSpec | None) -> str:
+        if spec is None:
+            return "full precision"
+        weights = f"W{spec.weight_bits} {spec.weight}" if spec.quantizes_weights else "W32"
+        acts = f"A{spec.act_bits} {spec.act}" if spec.quantizes_acts else "A32"
+        kept = f", kept FP: {', '.join(spec.keep_full_precision)}" if spec.keep_full_precision else ""
+        return f"{weights} / {acts}{kept}"
+
+    return [
+        {"network": "generator", "quantization": describe(cfg.generator_quant)},
+        {"network": "discriminator", "quantization": describe(cfg.discriminator_quant)},
+    ]

@@ -1,0 +1,244 @@
+"""Quantization through weight search (002 §2): each weight picks one value of a finite value space
+``q`` (times a layer or channel scale) by its own logits ``theta = log alpha`` over the m values.
+
+* RDHS (§2.3): ``y = softmax((theta + mu·g)/tau)`` with Gumbel noise ``g``; the forward uses the
+  one-hot ``argmax y`` (eq.3), the backward the gradient of ``y`` (eq.4). ``mu = 0`` (default) is
+  deterministic; ``tau`` anneals from ``tau`` by ``tau_decay`` per epoch down to ``tau_min``.
+* SGT (§2.4): the forward picks ``q_k``, ``k = argmax theta``; the backward sends
+  ``dL/dtheta = dL/dq_k · sign(q - q_k)`` to every logit (eq.6).
+* ``form="expand"`` (§2.5, Conv2d + RDHS): the input channels are expanded m-fold, copy k scaled by
+  ``q_k``, and convolved with the one-hot masks as one (grouped) conv: O(m) extra memory, not
+  O(m^(K·K)) kernel templates. The default ``form="kernel"`` forms ``sum_k z_k q_k`` per weight
+  instead, which is the same function at the cost of one conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import unknown_name_error
+from lowbit.errors import ConfigError
+from lowbit.quant.checks import reduce_dims, row_shape
+from lowbit.quant.encoding import Encoding
+from lowbit.quant.grad import straight_through
+from lowbit.quant.modules import Quantizer
+
+
+def powers_of_two(bits: int) -> tuple[float, ...]:
+    """``{±1, ±1/2, ..., ±2^-(2^(k-1)-1)}``: the signed power-of-two space with 2^k values."""
+    magnitudes = [2.0**-j for j in range(2 ** (bits - 1))]
+    return tuple(sorted([-m for m in magnitudes] + magnitudes))
+
+
+VALUE_SPACES: dict[str, tuple[float, ...]] = {
+    "binary": powers_of_two(1),
+    "pow2-2": powers_of_two(2),
+    "pow2-3": powers_of_two(3),
+}
+SCALE_CANDIDATES = 64
+
+
+def value_space(values: str | Sequence[float] | None, bits: int) -> torch.Tensor:
+    """The sorted value space: a preset name, a list of numbers, or (None) the signed powers of two
+    with 2^k values (binary, pow2-2, pow2-3 at k = 1, 2, 3)."""
+    if values is None:
+        values = powers_of_two(bits)
+    if isinstance(values, str):
+        if values not in VALUE_SPACES:
+            raise unknown_name_error("search value space", values, VALUE_SPACES)
+        values = VALUE_SPACES[values]
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) for v in values):
+        raise ConfigError(f"search: values must be a preset name or a list of numbers, got {values!r}")
+    space = torch.tensor(sorted(float(v) for v in values))
+    if len(space) < 2 or not torch.isfinite(space).all() or len(space.unique()) != len(space):
+        raise ConfigError(f"search: values {list(values)} must be at least 2 distinct finite numbers")
+    if len(space) > 2**bits:
+        raise ConfigError(f"search: {len(space)} values need more than {bits} bits; set bits to "
+                          f"{(len(space) - 1).bit_length()} or use fewer values")
+    return space
+
+
+def _along_first(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` ([m]) shaped to broadcast along dim 0 of ``like`` ([m, ...])."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _pick(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``q[argmax_k scores[k]]`` per weight (scores laid out ``[m, *weight.shape]``)."""
+    return values[scores.max(dim=0).indices]
+
+
+class _StochasticGradientTransfer(torch.autograd.Function):
+    """Forward ``q[argmax theta]``; backward ``dL/dtheta_r = dL/dq_k · sign(q_r - q_k)`` (002 eq.6)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        picked = _pick(logits, values)
+        ctx.save_for_backward(values, picked)
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        values, picked = ctx.saved_tensors
+        column = _along_first(values, picked[None])
+        return torch.sign(column - picked[None]).mul_(grad[None]), None
+
+
+class _HardSampledSoftmax(torch.autograd.Function):
+    """RDHS (002 eq.2-4): forward ``q[argmax s]``; backward the gradient of the relaxation
+    ``sum_j y_j q_j`` with ``y = softmax(s/tau)``: ``dL/ds_j = dL/dq · y_j (q_j - sum_i y_i q_i)/tau``.
+    ``y`` is recomputed in backward, so no [m, N] tensor is kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, values: torch.Tensor,  # type: ignore[override]
+                tau: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores, values, tau)
+        return _pick(scores, values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        scores, values, tau = ctx.saved_tensors
+        soft = (scores - scores.amax(dim=0)).div_(tau).exp_()
+        soft.div_(soft.sum(dim=0))
+        column = _along_first(values, scores)
+        relaxed = (soft * column).sum(dim=0)
+        return (column - relaxed).mul_(soft).mul_(grad / tau), None, None
+
+
+def _gumbel_like(t: torch.Tensor) -> torch.Tensor:
+    uniform = torch.rand_like(t).clamp_(1e-20, 1.0)
+    return -torch.log(-torch.log(uniform))
+
+
+class SearchQuantizer(Quantizer):
+    """Weight search over ``values`` (002 §2) with logits ``[m, *weight.shape]`` as the trained
+    parameter (value-major, so the per-weight max/softmax over m runs on contiguous slices);
+    ``scale`` is "learned" (a parameter), "fixed" (fitted once) or a number."""
+
+    method = "search"
+    cacheable = False
+
+    def __init__(self, bits: int, channel_dim: int | None = None, rows: int = 1, shape: Sequence[int] = (1,),
+                 values: str | Sequence[float] | None = None, scale: str | float = "learned",
+                 mode: str = "rdhs", mu: float = 0.0, tau: float = 1.0, tau_min: float = 1e-4,
+                 tau_decay: float = 0.97, form: str = "kernel") -> None:
+        super().__init__(bits, channel_dim)
+        self.mode, self.mu, self.form = mode, float(mu), form
+        self.tau_start, self.tau_min, self.tau_decay = float(tau), float(tau_min), float(tau_decay)
+        self.fit_scale = isinstance(scale, str)
+        self.register_buffer("values", value_space(values, bits))
+        self.logits = nn.Parameter(torch.zeros(len(self.values), *shape))
+        start = torch.ones(rows) if self.fit_scale else torch.full((rows,), float(scale))
+        if scale == "learned":
+            self.scale = nn.Parameter(start)
+        else:
+            self.register_buffer("scale", start)
+        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _row_scale(self, like: torch.Tensor) -> torch.Tensor:
+        return self.scale.reshape(row_shape(like, self.channel_dim))
+
+    @torch.no_grad()
+    def refit(self, x: torch.Tensor) -> None:
+        """Fit the scale (least MSE of nearest-value rounding) and start the logits at
+        ``-((x/scale - q)/gap)^2``, so each weight starts on its nearest value."""
+        data = x.detach()
+        if self.fit_scale:
+            self.scale.copy_(self._best_scale(data).reshape(-1))
+        ratio = data / self._row_scale(data)
+        gap = float((self.values[1:] - self.values[:-1]).min())
+        self.logits.copy_(-((ratio[None] - _along_first(self.values, ratio[None])) / gap).square())
+        self.fitted.fill_(True)
+
+    def _best_scale(self, data: torch.Tensor) -> torch.Tensor:
+        dims = reduce_dims(data, self.channel_dim)
+        peak = data.abs().amax(dim=dims, keepdim=True).clamp_min(torch.finfo(data.dtype).tiny)
+        peak = peak / self.values.abs().max()
+        best, best_mse = peak, None
+        for factor in torch.linspace(1 / SCALE_CANDIDATES, 1, SCALE_CANDIDATES).tolist():
+            scale = peak * factor
+            mse = (data - scale * self._nearest_values(data / scale)).square().mean(dim=dims, keepdim=True)
+            if best_mse is None:
+                best, best_mse = scale, mse
+            better = mse < best_mse
+            best, best_mse = torch.where(better, scale, best), torch.where(better, mse, best_mse)
+        return best
+
+    def _nearest_values(self, ratio: torch.Tensor) -> torch.Tensor:
+        mids = (self.values[1:] + self.values[:-1]) / 2
+        return self.values[torch.bucketize(ratio, mids)]
+
+    def set_temperature(self, tau: float) -> None:
+        """Set the RDHS softmax temperature."""
+        self.tau.fill_(float(tau))
+
+    def anneal(self, epoch: int) -> None:
+        """``tau = max(tau_start · tau_decay^epoch, tau_min)`` (002 §3.1: 1 -> 1e-4 by x0.97/epoch)."""
+        self.set_temperature(max(self.tau_start * self.tau_decay**epoch, self.tau_min))
+
+    def _scores(self) -> torch.Tensor:
+        if self.training and self.mu > 0:
+            return self.logits + self.mu * _gumbel_like(self.logits)
+        return self.logits
+
+    def picked_values(self) -> torch.Tensor:
+        """Unscaled selected values with the RDHS or SGT gradient into the logits."""
+        if self.mode == "sgt":
+            return _StochasticGradientTransfer.apply(self.logits, self.values)
+        return _HardSampledSoftmax.apply(self._scores(), self.values, self.tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            self.refit(x)
+        return self.picked_values() * self._row_scale(x)
+
+    def encode(self, x: torch.Tensor) -> Encoding:
+        if not bool(self.fitted):
+            self.refit(x)
+        codebook = self.scale.detach()[:, None] * self.values[None, :]
+        return Encoding(self.logits.detach().max(dim=0).indices, codebook, self.channel_dim)
+
+    def expanded_conv2d(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """002 §2.5: conv of the m-fold channel-expanded input (copy k = q_k·x) with the one-hot
+        masks ``z`` as kernels; equals ``conv2d(x, scale·sum_k z_k q_k)``."""
+        if not bool(self.fitted):
+            self.refit(conv.weight)
+        scores = self._scores()
+        soft = torch.softmax(scores / self.tau, dim=0)  # RDHS y (eq.2), [m, out, in/groups, kh, kw]
+        hard = F.one_hot(scores.max(dim=0).indices, len(self.values)).movedim(-1, 0).to(soft.dtype)
+        masks = straight_through(soft, hard)  # one-hot forward (eq.3), gradient of y (eq.4)
+        m, out_ch, in_per_group, kh, kw = masks.shape
+        kernel = masks.permute(1, 2, 0, 3, 4).reshape(out_ch, in_per_group * m, kh, kw)
+        batch, channels, height, width = x.shape
+        copies = x[:, :, None] * self.values[None, None, :, None, None]
+        expanded = copies.reshape(batch, channels * m, height, width)
+        out = F.conv2d(expanded, kernel, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        scale = self.scale.reshape(1, -1, 1, 1)
+        out = out * scale
+        return out if conv.bias is None else out + conv.bias.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, mode={self.mode}, values={self.values.tolist()}, mu={self.mu}, "
+                f"form={self.form}")
+
+
+def check_search_options(opts: dict[str, Any], bits: int) -> None:
+    """Validate the search options that have a fixed set of values."""
+    value_space(opts["values"], bits)
+    if opts["mode"] not in ("rdhs", "sgt"):
+        raise ConfigError(f"search: mode must be 'rdhs' or 'sgt', got {opts['mode']!r}")
+    if opts["form"] not in ("kernel", "expand"):
+        raise ConfigError(f"search: form must be 'kernel' or 'expand', got {opts['form']!r}")
+    if opts["form"] == "expand" and opts["mode"] != "rdhs":
+        raise ConfigError("search: form 'expand' works with mode 'rdhs' only; use form 'kernel' for SGT")
+    scale = opts["scale"]
+    if not (scale in ("learned", "fixed") or (isinstance(scale, (int, float)) and scale > 0)):
+        raise ConfigError(f"search: scale must be 'learned', 'fixed' or a positive number, got {scale!r}")
+    if not (opts["mu"] >= 0 and opts["tau"] > 0 and opts["tau_min"] > 0 and 0 < opts["tau_decay"] <= 1):
+        raise ConfigError("search: need mu >= 0, tau > 0, tau_min > 0 and 0 < tau_decay <= 1")

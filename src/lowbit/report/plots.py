@@ -1,0 +1,63 @@
+"""Study plots as PNG bytes (matplotlib, Agg): scores against bits, training curves coloured by state."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STATE_COLOURS = {"convergent": "tab:green", "unstable": "tab:orange", "failed": "tab:red", None: "tab:gray"}
+METRIC_LABELS = {"fid": "FID (lower is better)", "is": "IS (higher is better)",
+                 "kid": "KID (lower is better)", "accuracy": "accuracy"}
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def score_vs_bits(series: dict[str, list[tuple[Any, float]]], metric: str, x_label: str) -> bytes:
+    """One line per series of (bits, score) points: bits on a log2 axis, or labels such as '8/1' in order."""
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    xs = [p[0] for points in series.values() for p in points]
+    numeric = all(isinstance(x, (int, float)) for x in xs)
+    ticks = sorted(set(xs)) if numeric else list(dict.fromkeys(xs))
+    position = {x: (x if numeric else i) for i, x in enumerate(ticks)}
+    for label, points in series.items():
+        points = sorted(points, key=lambda p: position[p[0]])
+        axis.plot([position[p[0]] for p in points], [p[1] for p in points], marker="o", label=label)
+    if numeric:
+        axis.set_xscale("log", base=2)
+    axis.set_xticks([position[t] for t in ticks], [f"{t:g}" if numeric else str(t) for t in ticks])
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axis.grid(alpha=0.3)
+    if len(series) > 1:
+        axis.legend(fontsize=8)
+    return _png(figure)
+
+
+Curve = tuple[str, str | None, list[tuple[float, float]]]
+
+
+def curves_by_state(curves: Sequence[Curve], metric: str) -> bytes:
+    """Training curves (name, state, [(step, score)]) with one colour per training state."""
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    seen: set[str | None] = set()
+    for _, state, points in curves:
+        axis.plot([p[0] for p in points], [p[1] for p in points], color=STATE_COLOURS.get(state, "tab:gray"),
+                  alpha=0.8, marker=".", label=None if state in seen else (state or "not classified"))
+        seen.add(state)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _png(figure)

@@ -1,0 +1,99 @@
+"""Running one trial inside a worker: resolve the trial function, call it, record the outcome.
+
+A trial function has the signature ``fn(config: dict, out_dir: Path) -> dict``: it returns flat
+scalar metrics, plus optionally ``history`` (list of dicts, one per evaluation: step, fid, is, ...),
+``reference`` (scores of the full-precision model, e.g. ``{"fid": 12.3}``) and ``artifacts``
+(name -> file path relative to ``out_dir``: sample grids, histograms, checkpoints).
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lowbit.config import unknown_name_error
+from lowbit.errors import ConfigError
+from lowbit.studies.spec import Trial
+from lowbit.studies.states import classify_history
+from lowbit.studies.store import trial_dir, write_record
+
+TrialFn = Callable[[dict[str, Any], Path], dict[str, Any]]
+
+TRIALS = {
+    "gan": "lowbit.studies.trials:gan_trial",
+    "classifier": "lowbit.studies.trials:classifier_trial",
+}
+EXTRA_KEYS = ("history", "reference", "artifacts")
+
+
+def trial_module(ref: str) -> str:
+    """The module that defines trial ``ref`` (imported ahead of time by pool workers)."""
+    return TRIALS.get(ref, ref).split(":", 1)[0]
+
+
+def resolve_trial(ref: str) -> TrialFn:
+    """A trial function by registered name (``gan``, ``classifier``) or import path ``module:function``."""
+    path = TRIALS.get(ref, ref)
+    if ":" not in path:
+        raise unknown_name_error("trial", ref, list(TRIALS) + ["<module>:<function>"])
+    module_name, func_name = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"trial '{ref}': cannot import module '{module_name}' ({exc}); "
+                          "put it on PYTHONPATH or fix the name") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(f"trial '{ref}': module '{module_name}' has no function '{func_name}'")
+    return func
+
+
+def _check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics go into a flat table: each must be a number, string, bool or None."""
+    for key, value in metrics.items():
+        if value is not None and not isinstance(value, (numbers.Number, str, bool)):
+            raise ConfigError(f"trial returned metric '{key}' of type {type(value).__name__}; "
+                              "return scalars (put curves under 'history', files under 'artifacts')")
+        if hasattr(value, "item"):
+            metrics[key] = value.item()
+    return metrics
+
+
+def execute_trial(trial_ref: str, trial: Trial, results_dir: str | Path, threads: int,
+                  state_metric: str) -> dict[str, Any]:
+    """Run one trial with ``threads`` torch threads; return (and store) its record, never raising."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    out_dir = trial_dir(results_dir, trial.id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = _base_record(trial)
+    start = time.perf_counter()
+    try:
+        result = dict(resolve_trial(trial_ref)(trial.config, out_dir))
+        extras = {key: result.pop(key) for key in EXTRA_KEYS if key in result}
+        history = list(extras.get("history", []))
+        reference = extras.get("reference", {}).get(state_metric)
+        record.update(status="ok", metrics=_check_metrics(result), history=history,
+                      reference=extras.get("reference", {}), artifacts=extras.get("artifacts", {}),
+                      state=classify_history(history, state_metric, reference))
+    except Exception as exc:  # noqa: BLE001 - a crashed trial is recorded, the study goes on
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                      traceback=traceback.format_exc())
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    write_record(results_dir, record)
+    return record
+
+
+def _base_record(trial: Trial) -> dict[str, Any]:
+    return {"id": trial.id, "name": trial.name, "params": trial.params, "config": trial.config}
+
+
+def failed_record(trial: Trial, error: str, seconds: float = 0.0) -> dict[str, Any]:
+    """The record of a trial whose worker died before it could write its own."""
+    return {**_base_record(trial), "status": "failed", "error": error, "seconds": round(seconds, 3)}

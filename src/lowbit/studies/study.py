@@ -1,0 +1,28 @@
+"""Run a whole study from its config: a grid of trials or a multi-precision search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lowbit.config import to_dict
+from lowbit.studies.runner import Backend, StudyRunner
+from lowbit.studies.search import PrecisionSearch
+from lowbit.studies.spec import StudyConfig, expand
+from lowbit.studies.store import dump_json
+
+
+def run_study(study: StudyConfig, results_dir: str | Path | None = None, workers: int | None = None,
+              backend: Backend | None = None, address: str | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run every trial of ``study`` not yet finished; return all records (arguments override the config)."""
+    results_dir = Path(results_dir or study.results_dir())
+    dump_json(results_dir / "study.json", {"name": study.name, "kind": "search" if study.search else "grid",
+                                           "config": to_dict(study)})
+    runner = StudyRunner(results_dir, study.trial, workers=workers or study.workers,
+                         backend=backend or study.backend, address=address or study.address,
+                         state_metric=study.state_metric, progress=progress, desc=study.name)
+    if study.search is not None:
+        PrecisionSearch(study, runner).run()
+        return runner.finished()
+    return runner.run(expand(study))

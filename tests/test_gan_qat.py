@@ -1,0 +1,183 @@
+"""Quantization-aware fine-tuning: what gets quantized, starting weights, resume, bad quant specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lowbit.cli import main
+from lowbit.config import from_dict
+from lowbit.nn import FrozenAct, FrozenLayer, QuantAct, freeze
+from lowbit.train.checkpoint import load_checkpoint
+from lowbit.train.gan import GanConfig, build_networks, load_discriminator, load_generator, train_gan
+
+torch.set_num_threads(1)
+
+BASE = {
+    "name": "tiny",
+    "data": {"dataset": "digits", "options": {"size": 16}},
+    "generator": {"model": "dcgan-g-16", "kwargs": {"width": 8, "latent_dim": 16}},
+    "discriminator": {"model": "dcgan-d-16", "kwargs": {"width": 8}},
+    "steps": 20,
+    "batch_size": 32,
+    "log_every": 5,
+    "sample_every": 20,
+    "checkpoint_every": 10,
+}
+# 16-pixel generator: 0 ConvT, 1 BN, 2 ReLU, 3 ConvT, 4 BN, 5 ReLU, 6 ConvT (output), 7 Tanh
+G_SPEC = {"weight": "dorefa", "weight_bits": 2, "act": "sign", "act_bits": 1, "keep_full_precision": ["6"]}
+D_SPEC = {"weight": "em", "weight_bits": 2, "overrides": {"0": {"weight_bits": 3}}}
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory) -> Path:
+    """A full-precision tiny DCGAN to fine-tune."""
+    out = tmp_path_factory.mktemp("fp") / "run"
+    return train_gan(from_dict(GanConfig, BASE), out, progress=False).model_path
+
+
+def qat_config(fp_checkpoint: Path, g_quant=None, d_quant=None, **changes) -> GanConfig:
+    data = {**BASE, "init_from": str(fp_checkpoint), **changes}
+    data["generator"] = {**BASE["generator"], "quant": g_quant}
+    data["discriminator"] = {**BASE["discriminator"], "quant": d_quant}
+    return from_dict(GanConfig, data)
+
+
+def _weight_types(model: nn.Module) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_children()}
+
+
+@pytest.mark.parametrize("quantize", ["generator", "discriminator", "both"])
+def test_qat_converts_exactly_what_the_spec_names(fp_checkpoint, tmp_path, quantize):
+    g_quant = G_SPEC if quantize in ("generator", "both") else None
+    d_quant = D_SPEC if quantize in ("discriminator", "both") else None
+    cfg = qat_config(fp_checkpoint, g_quant, d_quant)
+    G, D = build_networks(cfg)
+    pretrained = load_checkpoint(fp_checkpoint)
+    for model, role in ((G, "generator"), (D, "discriminator")):
+        for key, value in pretrained[role].items():  # QAT starts from the FP weights
+            assert torch.equal(model.state_dict()[key], value), (role, key)
+    g_types, d_types = _weight_types(G), _weight_types(D)
+    if g_quant:
+        assert g_types == {
+            "0": "QuantConvTranspose2d",
+            "1": "BatchNorm2d",
+            "2": "QuantAct",
+            "3": "QuantConvTranspose2d",
+            "4": "BatchNorm2d",
+            "5": "QuantAct",
+            "6": "ConvTranspose2d",
+            "7": "Tanh",
+        }
+    else:
+        assert "Quant" not in "".join(g_types.values())
+    if d_quant:
+        assert d_types == {
+            "0": "QuantConv2d",
+            "1": "LeakyReLU",
+            "2": "QuantConv2d",
+            "3": "BatchNorm2d",
+            "4": "LeakyReLU",
+            "5": "QuantConv2d",
+        }
+    else:
+        assert "Quant" not in "".join(d_types.values())
+
+    result = train_gan(cfg, tmp_path / "qat", progress=False)
+    G2, D2 = load_generator(result.model_path), load_discriminator(result.model_path)
+    assert _weight_types(G2) == g_types and _weight_types(D2) == d_types
+    for model, quant in ((G2, g_quant), (D2, d_quant)):
+        frozen = freeze(model) if quant else {}
+        for entry in frozen.values():
+            if isinstance(entry, FrozenLayer):
+                bits = 3 if (model is D2 and entry.name == "0") else 2
+                assert entry.bits == bits and int(entry.codes.max()) < 2**bits
+                rows = entry.dequantize().transpose(0, entry.channel_dim).flatten(1)
+                assert max(len(torch.unique(r)) for r in rows) <= 2**bits
+            else:
+                assert isinstance(entry, FrozenAct) and entry.levels.tolist() == [-1.0, 1.0]
+    if g_quant:  # the binary activations really are +-1 inside the quantized generator
+        seen = []
+        for act in (m for m in G2.modules() if isinstance(m, QuantAct)):
+            act.register_forward_hook(lambda mod, inp, out: seen.append(torch.unique(out)))
+        with torch.no_grad():
+            G2(torch.randn(8, 16))
+        assert all(set(values.tolist()) <= {-1.0, 1.0} for values in seen) and len(seen) == 2
+
+
+def test_qat_resume_reproduces_an_uninterrupted_run(fp_checkpoint, tmp_path):
+    full = train_gan(
+        qat_config(fp_checkpoint, G_SPEC, D_SPEC, steps=8, checkpoint_every=4, log_every=4),
+        tmp_path / "full",
+        progress=False,
+    )
+    train_gan(
+        qat_config(fp_checkpoint, G_SPEC, D_SPEC, steps=4, checkpoint_every=4, log_every=4),
+        tmp_path / "cut",
+        progress=False,
+    )
+    resumed = train_gan(
+        qat_config(fp_checkpoint, G_SPEC, D_SPEC, steps=8, checkpoint_every=4, log_every=4),
+        tmp_path / "cut",
+        resume=True,
+        progress=False,
+    )
+    assert resumed.history == full.history
+
+
+def test_init_from_a_quantized_checkpoint_is_refused(fp_checkpoint, tmp_path):
+    quantized = train_gan(qat_config(fp_checkpoint, G_SPEC, None, steps=2), tmp_path / "q", progress=False)
+    from lowbit.errors import CheckpointError
+
+    with pytest.raises(
+        CheckpointError, match="already quantized; start QAT from a full-precision checkpoint"
+    ):
+        build_networks(qat_config(quantized.model_path, G_SPEC, None))
+
+
+@pytest.mark.parametrize(
+    "quant,message",
+    [
+        ({"weight": "dorefa", "weight_bits": 9}, "bits"),
+        ({"weight": "dorefa", "weight_bits": 0}, "bits"),
+        ({"weight": "dorefaa", "weight_bits": 2}, "did you mean 'dorefa'"),
+        ({"weight": "em", "weight_bits": 2, "act": "sgn", "act_bits": 1}, "did you mean 'sign'"),
+        (
+            {"weight": "em", "wieght_bits": 2},
+            "unknown config key 'generator.quant.wieght_bits' (did you mean 'weight_bits'?)",
+        ),
+    ],
+)
+def test_bad_quant_spec_is_a_clear_cli_error(fp_checkpoint, tmp_path, capsys, quant, message):
+    data = {**BASE, "init_from": str(fp_checkpoint), "generator": {**BASE["generator"], "quant": quant}}
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_distillation_pulls_the_quantized_generator_towards_the_fp_teacher(fp_checkpoint, tmp_path):
+    teacher = load_generator(fp_checkpoint)
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        target = teacher(z)
+    gaps = {}
+    for weight in (0.0, 100.0):
+        cfg = qat_config(fp_checkpoint, G_SPEC, None, steps=25, distill=weight)
+        result = train_gan(cfg, tmp_path / f"d{weight}", progress=False)
+        with torch.no_grad():
+            gaps[weight] = float((load_generator(result.model_path)(z) - target).abs().mean())
+    assert gaps[100.0] < 0.75 * gaps[0.0], gaps
+
+
+def test_distillation_needs_a_teacher():
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'distill' must be >= 0 and needs init_from"):
+        from_dict(GanConfig, {**BASE, "distill": 1.0})

@@ -1,0 +1,102 @@
+"""`lowbit run`: a tiny end-to-end main job on an MNIST slice, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lowbit.cli import main
+from lowbit.config import from_dict
+from lowbit.train.gan import GanConfig, train_gan
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A small full-precision DCGAN trained briefly on 512 MNIST images."""
+    cfg = from_dict(
+        GanConfig,
+        {
+            "name": "tiny-fp",
+            "data": {"dataset": "mnist", "limit": 512},
+            "generator": {"model": "dcgan-g-28", "kwargs": {"width": 8}},
+            "discriminator": {"model": "dcgan-d-28", "kwargs": {"width": 8}},
+            "steps": 30,
+            "batch_size": 32,
+            "log_every": 10,
+            "sample_every": 30,
+            "checkpoint_every": 30,
+        },
+    )
+    return train_gan(cfg, tmp_path_factory.mktemp("fp") / "run", progress=False).model_path
+
+
+def run_config(path: Path, checkpoint: Path, out: Path, **changes) -> Path:
+    data = {
+        "name": "tiny-w4a1",
+        "pretrained": str(checkpoint),
+        "generator_quant": {"weight": "dorefa", "weight_bits": 4, "act": "sign", "act_bits": 1},
+        "qat": {"steps": 10, "data_limit": 512, "log_every": 5, "eval_every": 5, "eval_samples": 50},
+        "eval": {"samples": 200, "batch_size": 100},
+        "out_dir": str(out),
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_writes_report_scores_and_packed_export(pretrained, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(run_config(tmp_path / "run.yaml", pretrained, out)), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = Path(re.search(r"report: (\S+)", printed).group(1))
+    assert report == (out / "report.html").resolve() and report.is_file()
+    html = report.read_text()
+    assert "Scores: full precision vs quantized" in html and html.count("data:image/png;base64,") >= 4
+    results = json.loads((out / "results.json").read_text())
+    fp, q = results["scores"]["full precision"], results["scores"]["quantized"]
+    assert fp["n"] == q["n"] == 200 and fp["extractor"] == q["extractor"] and "mnist" in fp["extractor"]
+    assert all(s["fid"] > 0 and s["is"] >= 1 for s in (fp, q))
+    assert [row["step"] for row in results["qat_history"]] == [5, 10]
+    assert all("fid" in row for row in results["qat_history"])  # the FID curve during QAT
+    packed = Path(results["packed"])
+    compression = {row["model"]: row for row in results["compression"]}
+    fp_bytes = compression["full precision"]["size_bytes"]
+    assert compression[f"packed file {packed.name}"]["size_bytes"] == packed.stat().st_size
+    assert packed.stat().st_size < fp_bytes / 3  # 4-bit codes of a model that is almost all conv weights
+    weights = {row["layer"]: row for row in results["weights"]}
+    assert set(weights) == {"0", "3", "6", "9"} and all(row["bits"] == 4 for row in weights.values())
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"generator_qaunt": {}}, "unknown config key 'generator_qaunt' (did you mean 'generator_quant'?)"),
+        ({"pretrained": "dcgan-mnits"}, "checkpoint not found: 'dcgan-mnits'"),
+        ({"generator_quant": {"weight": "em", "weight_bits": 12}}, "bits=12 is out of range"),
+        ({"qat": {"steps": 0}}, "qat.steps must be >= 1"),
+    ],
+)
+def test_run_bad_input_is_a_clear_error_and_writes_nothing(pretrained, tmp_path, capsys, changes, message):
+    out = tmp_path / "run"
+    config = run_config(tmp_path / "bad.yaml", pretrained, out, **changes)
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_run_with_a_corrupted_pretrained_checkpoint(pretrained, tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(pretrained.read_bytes()[:-100])
+    (tmp_path / "broken.json").write_bytes(pretrained.with_suffix(".json").read_bytes())
+    out = tmp_path / "run"
+    assert main(["run", str(run_config(tmp_path / "bad.yaml", broken, out)), "--quiet"]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not out.exists()

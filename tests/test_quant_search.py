@@ -1,0 +1,137 @@
+"""Weight search (002 §2): RDHS, SGT, the value spaces, the channel-expanded conv and annealing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.nn import QuantConv2d, QuantLinear, anneal
+from lowbit.quant.search import VALUE_SPACES, SearchQuantizer, value_space
+
+
+def test_value_space_presets_and_lists() -> None:
+    assert value_space("binary", 1).tolist() == [-1.0, 1.0]
+    assert value_space("pow2-2", 2).tolist() == [-1.0, -0.5, 0.5, 1.0]
+    assert value_space("pow2-3", 3).tolist() == [-1, -0.5, -0.25, -0.125, 0.125, 0.25, 0.5, 1]
+    assert value_space(None, 4).abs().min() == 2.0**-7 and len(value_space(None, 4)) == 16
+    assert value_space([0.5, -2, 1], 2).tolist() == [-2.0, 0.5, 1.0]
+    assert set(VALUE_SPACES) == {"binary", "pow2-2", "pow2-3"}
+    with pytest.raises(ConfigError, match="need more than 2 bits"):
+        value_space("pow2-3", 2)
+    with pytest.raises(ConfigError, match="distinct"):
+        value_space([1, 1], 1)
+
+
+def test_sgt_gradient_is_upstream_times_sign_of_value_difference() -> None:
+    quantizer = SearchQuantizer(2, shape=(5, 3), values="pow2-2", scale=1.0, mode="sgt")
+    quantizer.refit(torch.randn(5, 3))
+    with torch.no_grad():
+        quantizer.logits.copy_(torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0)))
+    upstream = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    out = quantizer(torch.zeros(5, 3))
+    values = torch.tensor([-1.0, -0.5, 0.5, 1.0])
+    picked = values[quantizer.logits.detach().argmax(0)]  # logits are [m, *weight.shape]
+    assert torch.equal(out.detach(), picked)
+    out.backward(upstream)
+    expected = torch.stack([upstream * torch.sign(value - picked) for value in values])
+    assert torch.equal(quantizer.logits.grad, expected)
+
+
+def test_rdhs_gradient_is_the_softmax_relaxation() -> None:
+    quantizer = SearchQuantizer(2, shape=(7,), values="pow2-2", scale=1.0, tau=0.5)
+    quantizer.refit(torch.randn(7))
+    upstream = torch.randn(7, generator=torch.Generator().manual_seed(2))
+    quantizer(torch.zeros(7)).backward(upstream)
+    values = torch.tensor([-1.0, -0.5, 0.5, 1.0])
+    y = torch.softmax(quantizer.logits.detach().T / 0.5, dim=-1)  # [7, m]
+    soft = (y * values).sum(-1, keepdim=True)
+    expected = upstream[:, None] * y * (values - soft) / 0.5
+    assert torch.allclose(quantizer.logits.grad.T, expected, atol=1e-6)
+
+
+def test_mu_zero_is_deterministic_and_mu_positive_samples() -> None:
+    weights = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    deterministic = SearchQuantizer(2, shape=(64, 8), scale=1.0, mu=0.0).train()
+    deterministic.refit(weights)
+    torch.manual_seed(0)
+    first = deterministic(weights)
+    torch.manual_seed(1)
+    assert torch.equal(first, deterministic(weights))
+    noisy = SearchQuantizer(2, shape=(64, 8), scale=1.0, mu=1.0).train()
+    noisy.refit(weights)
+    torch.manual_seed(0)
+    a = noisy(weights)
+    torch.manual_seed(0)
+    assert torch.equal(a, noisy(weights))
+    assert not torch.equal(a, noisy(weights))
+    assert torch.equal(noisy.eval()(weights), first)  # evaluation never samples
+
+
+@pytest.mark.parametrize(("mode", "optimizer_cls", "lr"), [("rdhs", torch.optim.Adam, 0.1),
+                                                          ("sgt", torch.optim.SGD, 0.1)])
+def test_search_solves_a_regression_with_a_known_best_assignment(mode: str, optimizer_cls: type, lr: float
+                                                                 ) -> None:
+    gen = torch.Generator().manual_seed(4)
+    values = torch.tensor([-1.0, -0.5, 0.5, 1.0])
+    target_codes = torch.randint(0, 4, (12,), generator=gen)
+    inputs = torch.randn(256, 12, generator=gen)
+    targets = inputs @ values[target_codes]
+    torch.manual_seed(4)
+    layer = QuantLinear(12, 1, bias=False, method="search", bits=2, opts={"scale": 1.0, "mode": mode})
+    quantizer = layer.weight_quantizer
+    start_codes = quantizer.logits.detach().argmax(0)[0].clone()
+    assert not torch.equal(start_codes, target_codes)
+    start_logits = quantizer.logits.detach().clone()
+    optimizer = optimizer_cls([quantizer.logits], lr=lr)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = (layer(inputs)[:, 0] - targets).square().mean()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(quantizer.logits.detach(), start_logits)
+    assert torch.equal(quantizer.logits.detach().argmax(0)[0], target_codes)
+    assert float((layer(inputs)[:, 0] - targets).detach().square().mean()) == 0.0
+
+
+def test_expanded_conv_equals_kernel_form_with_m_fold_channels() -> None:
+    torch.manual_seed(5)
+    base = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    x = torch.randn(2, 4, 9, 9)
+    outputs, grads = [], []
+    for form in ("kernel", "expand"):
+        layer = QuantConv2d.from_float(base, "search", 2, {"form": form, "tau": 0.7}, per_channel=True)
+        out = layer(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(layer.weight_quantizer.logits.grad)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
+
+
+def test_expanded_form_only_for_conv2d() -> None:
+    with pytest.raises(ConfigError, match="needs a zero-padded Conv2d"):
+        QuantLinear(4, 4, method="search", bits=1, opts={"form": "expand"})
+    with pytest.raises(ConfigError, match="mode 'rdhs' only"):
+        QuantConv2d(4, 4, 3, method="search", bits=1, opts={"form": "expand", "mode": "sgt"})
+
+
+def test_scale_is_fitted_learned_or_fixed() -> None:
+    weights = torch.randn(32, 16, generator=torch.Generator().manual_seed(6)) * 0.05
+    learned = QuantLinear(16, 32, method="search", bits=1, per_channel=False)
+    learned.weight.data = weights
+    learned.weight_quantizer.refit(weights)
+    scale = learned.weight_quantizer.scale
+    assert isinstance(scale, nn.Parameter)
+    assert float(scale.detach()) == pytest.approx(float(weights.abs().mean()), rel=0.05)  # BWN optimum
+    fixed = QuantLinear(16, 32, method="search", bits=1, opts={"scale": 0.25})
+    assert not isinstance(fixed.weight_quantizer.scale, nn.Parameter)
+    assert set(fixed.quantized_weight().unique().tolist()) <= {-0.25, 0.25}
+
+
+def test_anneal_schedule() -> None:
+    layer = QuantLinear(3, 3, method="search", bits=1, opts={"tau": 2.0, "tau_decay": 0.5, "tau_min": 0.1})
+    for epoch, tau in [(0, 2.0), (1, 1.0), (3, 0.25), (5, 0.1)]:
+        anneal(layer, epoch)
+        assert float(layer.weight_quantizer.tau) == pytest.approx(tau)
