@@ -89,9 +89,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+        message = str(exc)
+        prefix = where or cls.__name__
+        if not message.startswith(prefix):
+            message = f"{prefix}: {message}"
+        raise ConfigError(message) from None
 
 
 def to_dict(obj: Any) -> Any:

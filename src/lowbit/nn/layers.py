@@ -36,8 +36,10 @@ class QuantLayerMixin:
                                                shape=tuple(self.weight.shape))
         self.weight_quantizer.to(self.weight.device)
         if self.uses_expanded_form and (self.kind != "conv2d" or self.padding_mode != "zeros"):
-            raise ConfigError(f"search form 'expand' (002 §2.5) needs a zero-padded Conv2d, not {self.kind}; "
-                              "use form 'kernel' for this layer")
+            raise ConfigError(
+                f"search form 'expand' (002 §2.5) needs a zero-padded Conv2d, not {self.kind}; "
+                "use form 'kernel' for this layer"
+            )
         self._freeze_unused_weight()
 
     def _freeze_unused_weight(self) -> None:

@@ -30,7 +30,10 @@ def uniform_codes(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, n: int)
 
 
 def encode_minmax(x: torch.Tensor, bits: int, channel_dim: int | None = None) -> Encoding:
-    """Minmax-Q (001 §2.2 eq.3): ``f(x) = (x - min X)/(max X - min X)·(2^k-1)``, ``Q = f^-1(round f(x))``."""
+    """Minmax-Q (001 §2.2 eq.3): ``f(x) = (x - min X)/(max X - min X)·(2^k-1)``.
+
+    The quantized value is ``Q = f^-1(round f(x))``.
+    """
     n = 2**bits - 1
     lo, hi = _row_min_max(x.detach(), channel_dim)
     step = (hi - lo) / n

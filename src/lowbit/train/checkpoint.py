@@ -89,7 +89,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{side}: corrupted checkpoint sidecar ({exc}); restore it or retrain") from None
+        raise CheckpointError(
+            f"{side}: corrupted checkpoint sidecar ({exc}); restore it or retrain"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{side}: not a {FORMAT} sidecar; was this file written by lowbit?")
     if sha256_file(path) != meta.get("sha256"):
