@@ -181,3 +181,79 @@ def test_distillation_needs_a_teacher():
 
     with pytest.raises(ConfigError, match="'distill' must be >= 0 and needs init_from"):
         from_dict(GanConfig, {**BASE, "distill": 1.0})
+
+
+def test_ema_generator_is_the_running_average_of_the_trained_weights(fp_checkpoint, tmp_path):
+    """With ``ema`` on, the saved generator is theta_ema = d·theta_ema + (1-d)·theta after every G step,
+    recomputed here from the live weights after each step."""
+    from lowbit.train import gan as gan_module
+
+    decay = 0.8
+    cfg = qat_config(fp_checkpoint, G_SPEC, None, steps=6, ema=decay)
+    start = {n: p.detach().clone() for n, p in build_networks(cfg)[0].named_parameters()}
+    expected = dict(start)
+    original = gan_module.GanTrainer.g_step
+
+    def g_step_and_track(self, n, gen):
+        loss = original(self, n, gen)
+        for name, value in gan_module._unwrap(self.G).named_parameters():
+            expected[name] = decay * expected[name] + (1 - decay) * value.detach()
+        return loss
+
+    gan_module.GanTrainer.g_step = g_step_and_track
+    try:
+        result = train_gan(cfg, tmp_path / "ema", progress=False)
+    finally:
+        gan_module.GanTrainer.g_step = original
+    saved = load_checkpoint(result.model_path)["generator"]
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(expected[n], start[n]) for n in start), "the average never moved"
+
+
+def test_ema_resume_reproduces_an_uninterrupted_run(fp_checkpoint, tmp_path):
+    runs = {}
+    for name, steps, resume in (("full", 8, False), ("cut", 4, False), ("cut", 8, True)):
+        cfg = qat_config(fp_checkpoint, G_SPEC, None, steps=steps, checkpoint_every=4, log_every=4, ema=0.9)
+        runs[name] = train_gan(cfg, tmp_path / name, resume=resume, progress=False)
+    assert runs["cut"].history == runs["full"].history
+    full = load_checkpoint(runs["full"].model_path)["generator"]
+    cut = load_checkpoint(runs["cut"].model_path)["generator"]
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_ema_decay_out_of_range_is_refused():
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'ema' is a decay in"):
+        from_dict(GanConfig, {**BASE, "ema": 1.0})
+
+
+def test_linear_lr_decay_follows_the_step_and_survives_resume(fp_checkpoint, tmp_path, monkeypatch):
+    """lr at step s (1-based) is base·(1 - (s-1)/steps) for both players, also after --resume."""
+    from lowbit.train import gan as gan_module
+
+    seen: list[tuple[float, float]] = []
+    original = gan_module.GanTrainer.g_step
+
+    def record(self, n, gen):
+        seen.append((self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"]))
+        return original(self, n, gen)
+
+    monkeypatch.setattr(gan_module.GanTrainer, "g_step", record)
+    steps, base = 8, 2e-4  # the DCGAN default learning rate of both players
+    for run_steps, resume in ((4, False), (8, True)):
+        cfg = qat_config(fp_checkpoint, G_SPEC, None, steps=steps, checkpoint_every=4, lr_decay="linear")
+        cfg = gan_module.dataclasses.replace(cfg, steps=run_steps) if run_steps != steps else cfg
+        train_gan(cfg, tmp_path / "run", resume=resume, progress=False)
+    expected_first_half = [base * (1 - (s - 1) / 4) for s in range(1, 5)]
+    expected_second_half = [base * (1 - (s - 1) / 8) for s in range(5, 9)]
+    assert [g for g, _ in seen] == pytest.approx(expected_first_half + expected_second_half)
+    assert [d for _, d in seen] == pytest.approx(expected_first_half + expected_second_half)
+
+
+def test_unknown_lr_decay_is_refused_with_a_suggestion():
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown lr_decay 'linar' \\(did you mean 'linear'\\?\\)"):
+        from_dict(GanConfig, {**BASE, "lr_decay": "linar"})

@@ -51,6 +51,8 @@ class QatSettings:
     lr_g: float | None = None
     lr_d: float | None = None
     distill: float = 0.0
+    ema: float = 0.0
+    lr_decay: str = "constant"
     data_limit: int | None = None
     eval_every: int = 0
     eval_samples: int = 1000
@@ -130,6 +132,8 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanCo
         discriminator=discriminator,
         init_from=str(checkpoint),
         distill=qat.distill,
+        ema=qat.ema,
+        lr_decay=qat.lr_decay,
         steps=qat.steps,
         batch_size=qat.batch_size or pretrained.batch_size,
         seed=qat.seed,
