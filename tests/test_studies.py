@@ -186,10 +186,18 @@ def test_shipped_study_configs_expand_into_valid_trials(path):
     from lowbit.studies.trials import GanTrialConfig
     from lowbit.train.gan import GanConfig
 
+    from lowbit.train.gan import checkpoint_config
+
     study = load_study(path)
     trials = expand(study) if study.search is None else [
         make_trial(study.base, {}, {key: 2 for key in study.search.d_keys + study.search.g_keys})]
     assert trials
     for trial in trials:  # GanConfig validates each network's QuantSpec (method names, bit ranges)
         train = from_dict(GanConfig, from_dict(GanTrialConfig, trial.config).train)
-        assert train.init_from in ("dcgan-mnist", "wgangp-mnist")
+        assert train.init_from in ("dcgan-mnist", "wgangp-mnist", "dcgan-fashion")
+        # fine-tuning needs the checkpoint's architecture (wgangp-mnist is width 16, not 32)
+        shipped = checkpoint_config(train.init_from)
+        for role in ("generator", "discriminator"):
+            own, theirs = getattr(train, role), getattr(shipped, role)
+            assert (own.model, own.kwargs) == (theirs.model, theirs.kwargs), (trial.name, role)
+        assert train.data.dataset == shipped.data.dataset, trial.name
