@@ -27,8 +27,6 @@ from lowbit.train.classifier import (
     train_classifier,
 )
 
-torch.set_num_threads(1)
-
 SEARCH_W1 = {"weight": "search", "weight_bits": 1, "weight_opts": {"scale": 1.0}}
 
 

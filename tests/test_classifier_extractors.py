@@ -13,8 +13,6 @@ from lowbit import data
 from lowbit.errors import ChecksumError, ConfigError
 from lowbit.models.extractor import EXTRACTOR_DIR, available_extractors, load_extractor
 
-torch.set_num_threads(1)
-
 FLOORS = {"mnist": 99.0, "fashion-mnist": 91.0, "digits": 97.0}
 TEST_SIZES = {"mnist": 10_000, "fashion-mnist": 10_000, "digits": 359}
 

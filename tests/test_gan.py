@@ -30,25 +30,12 @@ from lowbit.train.gan_losses import (
     wasserstein_d_loss,
     wasserstein_g_loss,
 )
-
-torch.set_num_threads(1)
+from tiny_gan import tiny_gan
 
 
 def tiny_config(**changes) -> GanConfig:
     """A DCGAN on 16x16 sklearn digits small enough for a test."""
-    data = {
-        "name": "tiny",
-        "data": {"dataset": "digits", "options": {"size": 16}},
-        "generator": {"model": "dcgan-g-16", "kwargs": {"width": 8, "latent_dim": 16}},
-        "discriminator": {"model": "dcgan-d-16", "kwargs": {"width": 8}},
-        "steps": 20,
-        "batch_size": 32,
-        "log_every": 5,
-        "sample_every": 10,
-        "checkpoint_every": 10,
-    }
-    data.update(changes)
-    return from_dict(GanConfig, data)
+    return from_dict(GanConfig, tiny_gan(**changes))
 
 
 # ----------------------------------------------------------------------------- models

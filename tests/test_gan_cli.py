@@ -9,18 +9,9 @@ import pytest
 import yaml
 
 from lowbit.cli import main
+from tiny_gan import tiny_gan
 
-TINY = {
-    "name": "tiny",
-    "data": {"dataset": "digits", "options": {"size": 16}},
-    "generator": {"model": "dcgan-g-16", "kwargs": {"width": 8, "latent_dim": 16}},
-    "discriminator": {"model": "dcgan-d-16", "kwargs": {"width": 8}},
-    "steps": 10,
-    "batch_size": 32,
-    "log_every": 5,
-    "sample_every": 10,
-    "checkpoint_every": 5,
-}
+TINY = tiny_gan(steps=10, checkpoint_every=5)
 
 
 def write_config(path: Path, **changes) -> Path:

@@ -12,19 +12,17 @@ import torch.multiprocessing as mp
 
 from lowbit.config import from_dict
 from lowbit.train.gan import GanConfig, train_gan
+from tiny_gan import tiny_gan
 
-CONFIG = {
-    "name": "ddp",
-    "data": {"dataset": "digits", "options": {"size": 16}},
-    "loss": "wgan-gp",
-    "generator": {"model": "dcgan-g-16", "kwargs": {"width": 8, "latent_dim": 16}},
-    "discriminator": {"model": "dcgan-d-16-nobn", "kwargs": {"width": 8}},
-    "steps": 4,
-    "batch_size": 32,
-    "log_every": 2,
-    "sample_every": 4,
-    "checkpoint_every": 2,
-}
+CONFIG = tiny_gan(
+    name="ddp",
+    loss="wgan-gp",
+    discriminator={"model": "dcgan-d-16-nobn", "kwargs": {"width": 8}},
+    steps=4,
+    log_every=2,
+    sample_every=4,
+    checkpoint_every=2,
+)
 
 
 def _free_port() -> int:

@@ -14,20 +14,9 @@ from lowbit.config import from_dict
 from lowbit.nn import FrozenAct, FrozenLayer, QuantAct, freeze
 from lowbit.train.checkpoint import load_checkpoint
 from lowbit.train.gan import GanConfig, build_networks, load_discriminator, load_generator, train_gan
+from tiny_gan import tiny_gan
 
-torch.set_num_threads(1)
-
-BASE = {
-    "name": "tiny",
-    "data": {"dataset": "digits", "options": {"size": 16}},
-    "generator": {"model": "dcgan-g-16", "kwargs": {"width": 8, "latent_dim": 16}},
-    "discriminator": {"model": "dcgan-d-16", "kwargs": {"width": 8}},
-    "steps": 20,
-    "batch_size": 32,
-    "log_every": 5,
-    "sample_every": 20,
-    "checkpoint_every": 10,
-}
+BASE = tiny_gan(sample_every=20)
 # 16-pixel generator: 0 ConvT, 1 BN, 2 ReLU, 3 ConvT, 4 BN, 5 ReLU, 6 ConvT (output), 7 Tanh
 G_SPEC = {"weight": "dorefa", "weight_bits": 2, "act": "sign", "act_bits": 1, "keep_full_precision": ["6"]}
 D_SPEC = {"weight": "em", "weight_bits": 2, "overrides": {"0": {"weight_bits": 3}}}

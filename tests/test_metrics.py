@@ -27,15 +27,6 @@ from lowbit.metrics.reference import reference_path
 from lowbit.models.classifiers import FeatureClassifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The metrics are tiny; one thread avoids oversubscribing the shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     train, train_labels = load("digits", "train")

@@ -20,14 +20,6 @@ from lowbit.train.gan import CHECKPOINT_KIND, GanConfig, NetSpec
 from test_metrics import require_shipped_extractor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_gan_checkpoint(path, quant: dict | None) -> None:
     """A GAN checkpoint as `lowbit train` writes it: an untrained 4-bit/1-bit DCGAN on MNIST."""
     generator_spec = NetSpec("dcgan-g-28", {"width": 8}, quant=None if quant is None else QuantSpec(**quant))

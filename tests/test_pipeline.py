@@ -7,14 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lowbit.cli import main
 from lowbit.config import from_dict
 from lowbit.train.gan import GanConfig, train_gan
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
