@@ -247,3 +247,18 @@ def test_convert_names_the_layer_that_cannot_be_quantized() -> None:
 
 def test_lazy_reexports() -> None:
     assert lowbit.QuantSpec is QuantSpec and lowbit.convert is convert and lowbit.freeze is freeze
+
+
+def test_a_model_converted_under_inference_mode_runs_and_matches():
+    """Weights created inside torch.inference_mode are inference tensors (no version counter): the
+    weight cache must step aside, and the output must equal the same model converted normally."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    spec = QuantSpec(weight="minmax", weight_bits=2)
+    x = torch.randn(2, 3, 9, 9)
+    expected = convert(fp, spec).eval()(x).detach()
+    with torch.inference_mode():
+        q = convert(fp, spec).eval()
+        assert q[0].weight.is_inference()
+        out = q(x)
+    torch.testing.assert_close(out, expected)

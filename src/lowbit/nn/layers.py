@@ -68,7 +68,7 @@ class QuantLayerMixin:
         D(fake) passes of one GAN step; the gradient rule is the same either way.
         """
         quantizer = self.weight_quantizer
-        if not quantizer.cacheable:
+        if not quantizer.cacheable or self.weight.is_inference():  # inference tensors have no version
             return quantizer(self.weight)
         key = (self.weight._version, self.weight.data_ptr(), self.training)
         cached = self.__dict__.get("_quantized_cache")
