@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.commands import add_config_args
+from lowbit.commands import add_config_args, add_run_dir_args
 
 #: an ``init_from`` value "@TRIAL" means "the model of TRIAL with the same seed" (or of TRIAL's
 #: first seed when TRIAL does not run this one).
@@ -67,11 +67,7 @@ def register(sub) -> None:
         "checkpoints, model.safetensors, metrics.json and log.csv under --out.",
     )
     add_config_args(parser)
-    parser.add_argument("--out", default=None, help="output directory (default: runs/<config file stem>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--force", action="store_true", help="start over even if --out already holds a run")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_dir_args(parser)
     parser.set_defaults(func=run_train_classifier)
 
     study = sub.add_parser(

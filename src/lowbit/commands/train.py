@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit.commands import add_config_args
+from lowbit.commands import add_config_args, add_run_dir_args
 
 
 def register(sub) -> None:
@@ -16,15 +16,10 @@ def register(sub) -> None:
         "log.csv, TensorBoard events, sample grids, checkpoints and model.safetensors.",
     )
     add_config_args(parser)
-    parser.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
-    parser.add_argument("--force", action="store_true", help="start over even if --out already holds a run")
+    add_run_dir_args(parser)
     parser.add_argument(
         "--nproc", type=int, default=1, help="processes for data-parallel training (torchrun)"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
 
 
