@@ -96,6 +96,18 @@ CASES = [  # kind, cin, cout, kernel, stride, padding, output_padding, dilation,
     ("conv2d", 64, 17, 5, 3, 0, 0, 1, 1, True, 11),
     ("linear", 200, 17, 1, 1, 0, 0, 1, 3, True, 1),
     ("linear", 64, 1, 1, 1, 0, 0, 1, 1, False, 1),
+    # the specialised kernels (csrc/bitserial.cpp): DCGAN-like layers, register kernels for every plane
+    # count with one or several channel blocks, few-row lane/pixel kernels, phases without taps
+    ("conv_transpose2d", 64, 32, 4, 2, 1, 0, 1, 1, True, 7),
+    ("conv_transpose2d", 32, 1, 4, 2, 1, 0, 1, 1, True, 6),
+    ("conv_transpose2d", 64, 16, 3, 2, 1, 1, 1, 2, True, 5),
+    ("conv2d", 100, 24, 3, 1, 1, 0, 1, 2, False, 6),
+    ("conv_transpose2d", 40, 8, 4, 2, 1, 0, 1, 4, True, 4),
+    ("conv2d", 64, 128, 3, 1, 1, 0, 1, 1, True, 5),
+    ("conv_transpose2d", 20, 2, 3, 2, 0, 1, 1, 1, True, 5),
+    ("conv_transpose2d", 30, 1, 4, 2, 1, 0, 1, 2, True, 9),
+    ("conv2d", 200, 1, 3, 2, 1, 0, 1, 1, True, 9),
+    ("conv_transpose2d", 16, 8, 1, 2, 0, 1, 1, 1, True, 3),
 ]
 
 
@@ -166,15 +178,38 @@ def test_sign_packing_layout_for_both_memory_formats(channels):
 
 
 @pytest.mark.skipif(not KERNEL_PATHS, reason="C++ kernels unavailable here (no compiler)")
-def test_every_path_agrees_bit_for_bit():
-    layer, _, _, _ = _random_layer(CASES[1], seed=7)
-    x = torch.randn(2, CASES[1][1], 5, 5, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("case_index", [1, 4, *range(10, len(CASES))])
+def test_every_path_agrees_bit_for_bit(case_index):
+    case = CASES[case_index]
+    layer, _, _, _ = _random_layer(case, seed=7)
+    size = case[-1]
+    x = torch.randn(2, case[1], size, size, generator=torch.Generator().manual_seed(3))
     outputs = []
     for path in KERNEL_PATHS:
         layer.kernel_path = path
         outputs.append(layer(x))
     for other in outputs[1:]:
         assert torch.equal(outputs[0], other)  # integer popcounts: paths differ only in speed
+
+
+@pytest.mark.skipif(not KERNEL_PATHS, reason="C++ kernels unavailable here (no compiler)")
+def test_reused_output_buffers_never_overwrite_a_live_output():
+    # binary_conv hands a dropped output's memory to the next call; outputs still held must stay intact
+    case = CASES[10]
+    layer, weight, bias, hyper = _random_layer(case, seed=5)
+    layer.kernel_path = KERNEL_PATHS[0]
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(2, case[1], case[-1], case[-1], generator=gen) for _ in range(3)]
+    held = [layer(x) for x in xs]  # three live outputs: three buffers
+    assert len({y.data_ptr() for y in held}) == 3
+    del held[0]
+    again = layer(xs[0])  # may take the dropped buffer, never a held one
+    assert again.data_ptr() not in {y.data_ptr() for y in held}
+    first = layer(xs[1]).data_ptr()  # dropped at once, so the next call reuses its memory
+    assert layer(xs[2]).data_ptr() == first
+    tol = 2e-5 * (weight.abs().sum() / weight.shape[0]).item() + 1e-5
+    for x, y in zip(xs, [again, *held], strict=True):
+        torch.testing.assert_close(y, _reference(case[0], x, weight, bias, hyper), rtol=0, atol=tol)
 
 
 def test_unknown_or_unavailable_path_is_a_clear_error(monkeypatch):

@@ -49,14 +49,16 @@ class LevelsAct(nn.Module):
 
 
 @dataclass
-class _Phase:
-    """Output pixels (q*out_step + phase) whose taps ``tap_h x tap_w`` read input q*in_step + tap."""
+class _Plan:
+    """A layer's arguments to the ``binary_conv`` kernel (csrc/bitserial.cpp): every phase's packed rows,
+    the phases as [ph, pw, n_tap_h, n_tap_w, tap_h..., tap_w...] (output pixels q*out_step + phase read
+    input q*in_step + tap), 2 * coefficients (P*Co,), 2 * offsets (Co,) and [in_step, out_step]."""
 
-    ph: int
-    pw: int
-    tap_h: torch.Tensor
-    tap_w: torch.Tensor
-    w_t: torch.Tensor
+    w_ts: list[torch.Tensor]
+    phases: list[int]
+    coef2: torch.Tensor
+    offset2: torch.Tensor
+    steps: list[int]
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -107,7 +109,7 @@ class QuantWeightLayer(nn.Module):
         self.codes = codes.to(torch.uint8)
         self.register_buffer("weight", self.codebook[_row_index(codes.shape, channel_dim), codes.long()])
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
-        self._plan: tuple[list[_Phase], torch.Tensor, torch.Tensor] | None = None
+        self._plan: _Plan | None = None
         self._base_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     # ----- float reference path -----
@@ -219,29 +221,31 @@ class QuantWeightLayer(nn.Module):
             result.append((ph, pw, kh, kw, th, tw))
         return result
 
-    def _build_plan(self) -> tuple[list[_Phase], torch.Tensor, torch.Tensor]:
+    def _build_plan(self) -> _Plan:
         """Pack every phase's plane rows word-major (L, rows padded to 8), the layout the kernels stream,
-        plus the flattened plane coefficients and the offsets."""
+        plus the phase list, the doubled plane coefficients and offsets (eq. 1's factor 2, exact) and the
+        input/output steps, all in the form ``binary_conv`` takes."""
         codes = self._conv_codes()
         planes, coef, offset = self._planes(codes)
         n_planes, out_channels, in_channels = planes.shape[:3]
-        phases = []
+        w_ts, phase_list = [], []
         for ph, pw, kh, kw, th, tw in self._phase_taps(tuple(codes.shape[2:])):
             sub = planes[:, :, :, kh][:, :, :, :, kw].permute(0, 1, 3, 4, 2)
             rows = _pack_bit_rows(sub.reshape(n_planes * out_channels, len(kh) * len(kw), in_channels))
             padded_rows = math.ceil(rows.shape[0] / ROW_ALIGN) * ROW_ALIGN
             w_t = torch.zeros(rows.shape[1], padded_rows, dtype=torch.int64)
             w_t[:, : rows.shape[0]] = rows.t()
-            phases.append(
-                _Phase(
-                    ph,
-                    pw,
-                    torch.tensor(th, dtype=torch.int64),
-                    torch.tensor(tw, dtype=torch.int64),
-                    w_t.contiguous(),
-                )
-            )
-        return phases, coef.reshape(-1).contiguous(), offset.contiguous()
+            w_ts.append(w_t.contiguous())
+            phase_list += [ph, pw, len(th), len(tw), *th, *tw]
+        stride = self._geometry()[0]
+        in_step, out_step = ((1, 1), stride) if self.kind == "conv_transpose2d" else (stride, (1, 1))
+        return _Plan(
+            w_ts,
+            phase_list,
+            (2 * coef).reshape(-1).contiguous(),
+            (2 * offset).contiguous(),
+            [*in_step, *out_step],
+        )
 
     def _base(self, height: int, width: int) -> torch.Tensor:
         """bias - (layer on an all-ones input), the input-independent term of eq. (1), as (Ho, Wo, Co)."""
@@ -274,45 +278,23 @@ class QuantWeightLayer(nn.Module):
         return self._base_cache[key]
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = kernels.kernel_ops()
         flat = self.kind == "linear"
         x4 = x.reshape(x.shape[0], x.shape[1], 1, 1) if flat else x
         if self._plan is None:
             self._plan = self._build_plan()
-        phases, coef, offset = self._plan
-        path = kernels.path_id(self.kernel_path)
+        plan = self._plan
         x4 = x4.to(torch.float32)
-        if not (x4.is_contiguous() or x4.is_contiguous(memory_format=torch.channels_last)):
-            x4 = x4.contiguous()
-        bits = ops.pack_sign(x4, path)
         base = self._base(x4.shape[2], x4.shape[3])
-        out_h, out_w, out_channels = base.shape
-        out = torch.empty(x4.shape[0], out_h, out_w, out_channels, dtype=torch.float32)
-        stride = self._geometry()[0]
-        transposed = self.kind == "conv_transpose2d"
-        in_step, out_step = ((1, 1), stride) if transposed else (stride, (1, 1))
-        for phase in phases:
-            n_qh = len(range(phase.ph, out_h, out_step[0]))
-            n_qw = len(range(phase.pw, out_w, out_step[1]))
-            ops.binary_conv_phase(
-                bits,
-                phase.w_t,
-                coef,
-                offset,
-                base,
-                phase.tap_h,
-                phase.tap_w,
-                out,
-                in_step[0],
-                in_step[1],
-                out_step[0],
-                out_step[1],
-                phase.ph,
-                phase.pw,
-                n_qh,
-                n_qw,
-                path,
-            )
+        out = kernels.kernel_ops().binary_conv(
+            x4,
+            plan.w_ts,
+            plan.phases,
+            plan.coef2,
+            plan.offset2,
+            base,
+            plan.steps,
+            kernels.path_id(self.kernel_path),
+        )
         return (
             out.reshape(out.shape[0], -1) if flat else out.permute(0, 3, 1, 2)
         )  # NCHW, channels-last memory
