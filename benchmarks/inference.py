@@ -1,15 +1,16 @@
 """Inference speed of packed low-bit DCGAN generators vs FP32 PyTorch, side by side (one run, same threads).
 
-For W1A1, W2A1 and W4A1 generators (all layers quantized, sign activations; first/last layer as the model
-has them) it times: the whole generator (latency at batch 1, samples/s at batch 64) and the binary-input
-layers alone (the ConvTranspose2d layers fed by sign activations), for FP32 PyTorch and for the packed
+For W1A1, W2A1 and W4A1 generators (all layers quantized, sign activations, or with ``--act act`` the main
+job's 1-bit ``act`` {0, a}; first/last layer as the model has them) it times: the whole generator (latency
+at batch 1, samples/s at batch 64) and the binary-input layers alone (the ConvTranspose2d layers fed by the
+binary activations), for FP32 PyTorch and for the packed
 model on every kernel path (avx512 / avx2 / scalar bit-serial kernels, and the pure-torch fallback).
 Each number is the best of ``--repeats`` timed calls after warm-up, all contestants timed round-robin so
 machine load hits them alike; the default clock is process CPU time (``--clock wall`` for elapsed time),
 which a busy shared machine inflates far less than wall time. Ratios are FP32 time / packed time
 (higher is better).
 
-    python benchmarks/inference.py --threads 1 --repeats 30 [--clock cpu|wall] [--json out.json]
+    python benchmarks/inference.py --threads 1 --repeats 30 [--act sign|act] [--clock cpu|wall] [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,8 +79,17 @@ def _run_layers(layers: list[nn.Module], inputs: list[torch.Tensor]) -> list[tor
     return [layer(x) for layer, x in zip(layers, inputs, strict=True)]
 
 
+#: the 1-bit activations the benchmark can quantize with: sign ({-1, +1}) or the main job's `act` ({0, a})
+ACTIVATIONS = {"sign": {"act": "sign"}, "act": {"act": "act", "act_opts": {"learn_range": True}}}
+
+
 def bench(
-    fp32: nn.Module, bits_list: list[int], repeats: int, folder: Path, clock: Callable[[], float]
+    fp32: nn.Module,
+    bits_list: list[int],
+    repeats: int,
+    folder: Path,
+    clock: Callable[[], float],
+    activation: str = "sign",
 ) -> list[dict]:
     """One row per (bit-width, kernel path): batch-1 latency, batch-64 time, binary layers at batch 64."""
     latent = fp32.latent_dim
@@ -94,7 +104,7 @@ def bench(
     }
     sizes = {}
     for bits in bits_list:
-        spec = QuantSpec(weight="minmax", weight_bits=bits, act="sign", act_bits=1)
+        spec = QuantSpec(weight="minmax", weight_bits=bits, act_bits=1, **ACTIVATIONS[activation])
         path = export_packed(convert(fp32, spec).eval(), folder / f"w{bits}a1.lowbit")
         for kernel_path in available_paths():
             packed = load(path, kernel_path=kernel_path)
@@ -153,6 +163,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument(
+        "--act", choices=ACTIVATIONS, default="sign", help="1-bit activation: sign {-1,+1} or act {0,a}"
+    )
+    parser.add_argument(
         "--clock",
         choices=CLOCKS,
         default="cpu",
@@ -163,10 +176,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fp32 = _generator(args.model, args.width)
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
-        rows = bench(fp32, args.bits, args.repeats, Path(folder), CLOCKS[args.clock])
+        rows = bench(fp32, args.bits, args.repeats, Path(folder), CLOCKS[args.clock], args.act)
     print(
         f"{args.model} (width {args.width or 'default'}) on {_cpu_model()}, torch {torch.__version__}, "
-        f"threads {args.threads}, {args.clock} clock, best of {args.repeats}; ratios are FP32 / packed time"
+        f"threads {args.threads}, {args.clock} clock, best of {args.repeats}, {args.act} activations; "
+        "ratios are FP32 / packed time"
     )
     print(format_table(rows))
     if args.json:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.export import kernels
-from lowbit.export.layers import QuantWeightLayer
+from lowbit.export.layers import SIGN_INPUT, BinaryInput, QuantWeightLayer
 from lowbit.export.pack import pack_codes, packed_nbytes, storage_bits, unpack_codes
 
 KERNEL_PATHS = [path for path in kernels.available_paths() if path != kernels.TORCH_PATH]
@@ -74,8 +74,12 @@ def test_bit_serial_decomposition_matches_direct_sum():
 # ----- kernels vs float reference layers -----
 
 
-def _reference(kind, x, weight, bias, hyper):
-    xs = torch.where(x >= 0, 1.0, -1.0)
+def _sign(x):
+    return torch.where(x >= 0, 1.0, -1.0)
+
+
+def _reference(kind, x, weight, bias, hyper, activation=_sign):
+    xs = activation(x)
     if kind == "linear":
         return F.linear(xs, weight, bias)
     if kind == "conv2d":
@@ -111,7 +115,7 @@ CASES = [  # kind, cin, cout, kernel, stride, padding, output_padding, dilation,
 ]
 
 
-def _random_layer(case, seed, per_tensor=False):
+def _random_layer(case, seed, per_tensor=False, binary_input=SIGN_INPUT):
     kind, cin, cout, k, s, p, op, d, bits, affine, _ = case
     gen = torch.Generator().manual_seed(seed)
     shape = {"conv2d": (cout, cin, k, k), "conv_transpose2d": (cin, cout, k, k), "linear": (cout, cin)}[kind]
@@ -132,7 +136,7 @@ def _random_layer(case, seed, per_tensor=False):
     row = torch.arange(cout).reshape(view).expand(shape) if rows > 1 else torch.zeros(shape, dtype=torch.long)
     weight = codebook[row, codes.long()]
     layer = QuantWeightLayer(
-        kind, codes, codebook, channel_dim, bias, hyper, binary_input=True, affine=affine
+        kind, codes, codebook, channel_dim, bias, hyper, binary_input=binary_input, affine=affine
     )
     return layer, weight, bias, hyper
 
@@ -157,6 +161,31 @@ def test_kernel_equals_reference_layer(path, case_index):
     assert got.shape == expected.shape
     tol = 2e-5 * (weight.abs().sum() / weight.shape[0]).item() + 1e-5
     torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+
+
+@pytest.mark.skipif(not KERNEL_PATHS, reason="C++ kernels unavailable here (no compiler)")
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("case_index", [0, 1, 4, 10, 12])
+@pytest.mark.parametrize("levels", [(0.0, 1.3), (-0.5, 2.0)])
+def test_kernel_equals_reference_layer_for_two_level_input(path, case_index, levels):
+    """A two-level activation {low, high} (e.g. 1-bit `act`: {0, a}) feeding the layer: the kernel must
+    equal the float layer on where(x > midpoint, high, low), ties at the midpoint going to low."""
+    low, high = levels
+    case = CASES[case_index]
+    binary = BinaryInput(low, high, ties_up=False)
+    layer, weight, bias, hyper = _random_layer(case, seed=case_index, binary_input=binary)
+    layer.kernel_path = path
+    kind, cin, size = case[0], case[1], case[-1]
+    gen = torch.Generator().manual_seed(200 + case_index)
+    shape = (3, cin) if kind == "linear" else (3, cin, size, size)
+    x = torch.randn(*shape, generator=gen)
+    x[0].view(-1)[:5] = (low + high) / 2  # exact ties go to the low level
+    def two_level(t):
+        return torch.where(t > (low + high) / 2, torch.tensor(high), torch.tensor(low))
+
+    expected = _reference(kind, x, weight, bias, hyper, activation=two_level)
+    tol = 2e-5 * (abs(high) + abs(low)) * (weight.abs().sum() / weight.shape[0]).item() + 1e-5
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=tol)
 
 
 @pytest.mark.skipif(not KERNEL_PATHS, reason="C++ kernels unavailable here (no compiler)")

@@ -23,7 +23,7 @@ from torch import nn
 
 from lowbit.errors import CheckpointError, ChecksumError
 from lowbit.export import kernels
-from lowbit.export.layers import LevelsAct, QuantWeightLayer, SignAct
+from lowbit.export.layers import SIGN_INPUT, BinaryInput, LevelsAct, QuantWeightLayer, SignAct
 from lowbit.export.pack import pack_codes, unpack_codes
 from lowbit.io import atomic_path
 
@@ -365,7 +365,7 @@ def _codebook(layer: dict, tensors: dict) -> torch.Tensor:
     return tensors["codebook"]
 
 
-def _decode_quant(layer: dict, tensors: dict, binary_input: bool) -> nn.Module:
+def _decode_quant(layer: dict, tensors: dict, binary_input: BinaryInput | None) -> nn.Module:
     codes = unpack_codes(tensors["codes"], layer["bits"], layer["shape"])
     if int(codes.max()) >= layer["levels"]:
         raise CheckpointError(
@@ -424,14 +424,26 @@ def build_model(architecture: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             )
         named = layer_tensors(tensors, index)
         next_kind = descriptions[index + 1].get("type") if index + 1 < len(descriptions) else None
-        if kind == "sign" and next_kind in QUANT_WEIGHT_TYPES:
-            continue
+        if next_kind in QUANT_WEIGHT_TYPES and _binary_activation(layer, named) is not None:
+            continue  # fused into the weight layer that follows
         if kind in QUANT_WEIGHT_TYPES:
-            follows_sign = index > 0 and descriptions[index - 1].get("type") == "sign"
-            layers.append(_decode_quant(layer, named, binary_input=follows_sign))
+            previous = layer_tensors(tensors, index - 1) if index > 0 else {}
+            binary = _binary_activation(descriptions[index - 1], previous) if index > 0 else None
+            layers.append(_decode_quant(layer, named, binary_input=binary))
         else:
             layers.append(DECODERS[kind](layer, named))
     return PackedModel(layers, architecture).eval()
+
+
+def _binary_activation(layer: dict, tensors: dict[str, torch.Tensor]) -> BinaryInput | None:
+    """The binary input a weight layer gets from ``layer``: sign, a two-level activation quantizer
+    (e.g. 1-bit ``act`` with levels {0, a}: nearest level, ties down as ``LevelsAct``), or None."""
+    if layer.get("type") == "sign":
+        return SIGN_INPUT
+    if layer.get("type") == "quant_act" and tensors["levels"].numel() == 2:
+        low, high = sorted(float(v) for v in tensors["levels"])
+        return BinaryInput(low, high, ties_up=False) if high > low else None
+    return None
 
 
 # ----- reading -----

@@ -1,9 +1,10 @@
 """Inference modules of a packed model: quantized weight layers (bit-serial kernels on binary input), acts.
 
-A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a sign
-activation it binarises the input itself and, on a kernel path, runs ``csrc/bitserial.cpp`` (derivation in
-that file's header and docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the
-dequantized weights, the reference the kernels are tested against.
+A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a binary
+activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}) it binarises the
+input itself and, on a kernel path, runs ``csrc/bitserial.cpp`` (derivation in that file's header and
+docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the
+reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -36,6 +37,46 @@ class SignAct(nn.Module):
         return sign_pm1(x)
 
 
+@dataclass(frozen=True)
+class BinaryInput:
+    """The two values of the binary activation feeding a layer and where it switches between them.
+
+    Input x becomes ``high`` when x >= threshold (``ties_up``, the sign convention sign(0) = +1) or
+    when x > threshold (otherwise: the nearest level with ties going down, as ``LevelsAct``), else
+    ``low``; the threshold is the midpoint of the two values.
+    """
+
+    low: float
+    high: float
+    ties_up: bool
+
+    @property
+    def threshold(self) -> float:
+        return (self.low + self.high) / 2
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation itself (the float reference path)."""
+        high = x >= self.threshold if self.ties_up else x > self.threshold
+        return torch.where(high, torch.full_like(x, self.high), torch.full_like(x, self.low))
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor whose bits (>= 0) the kernel packs: x - t (bit marks ``high``) when ties go up,
+        t - x (bit marks ``low``) otherwise, so both conventions reuse the sign packer exactly."""
+        if self.ties_up:
+            return x if self.threshold == 0 else x - self.threshold
+        return self.threshold - x
+
+    @property
+    def terms(self) -> tuple[float, float]:
+        """``(a, c)`` with ``sum_i w_i x_i = c * sum_valid(w) + a * sum_i w_i bit_i`` for the packed bits:
+        x_i = low + gap * bit_i when ties go up (sign: a = 2, c = -1), x_i = high - gap * bit_i otherwise."""
+        gap = self.high - self.low
+        return (gap, self.low) if self.ties_up else (-gap, self.high)
+
+
+SIGN_INPUT = BinaryInput(-1.0, 1.0, ties_up=True)
+
+
 class LevelsAct(nn.Module):
     """Multi-bit activation quantizer: each value goes to the nearest of the frozen levels."""
 
@@ -52,12 +93,13 @@ class LevelsAct(nn.Module):
 class _Plan:
     """A layer's arguments to the ``binary_conv`` kernel (csrc/bitserial.cpp): every phase's packed rows,
     the phases as [ph, pw, n_tap_h, n_tap_w, tap_h..., tap_w...] (output pixels q*out_step + phase read
-    input q*in_step + tap), 2 * coefficients (P*Co,), 2 * offsets (Co,) and [in_step, out_step]."""
+    input q*in_step + tap), a * coefficients (P*Co,), a * offsets (Co,) and [in_step, out_step], where a
+    is the input's bit weight (2 for sign input, see ``BinaryInput.kernel_input_and_terms``)."""
 
     w_ts: list[torch.Tensor]
     phases: list[int]
-    coef2: torch.Tensor
-    offset2: torch.Tensor
+    coef_a: torch.Tensor
+    offset_a: torch.Tensor
     steps: list[int]
 
 
@@ -95,7 +137,7 @@ class QuantWeightLayer(nn.Module):
         channel_dim: int,
         bias: torch.Tensor | None,
         hyper: dict,
-        binary_input: bool,
+        binary_input: BinaryInput | None,
         affine: bool,
     ) -> None:
         super().__init__()
@@ -156,10 +198,10 @@ class QuantWeightLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.binary_input:
+        if self.binary_input is None:
             return self._float_forward(x)
         if self.kernel_path == kernels.TORCH_PATH or self.hyper.get("groups", 1) != 1:
-            return self._float_forward(sign_pm1(x))
+            return self._float_forward(self.binary_input.apply(x))
         return self._kernel_forward(x)
 
     # ----- bit-serial kernel path -----
@@ -223,8 +265,9 @@ class QuantWeightLayer(nn.Module):
 
     def _build_plan(self) -> _Plan:
         """Pack every phase's plane rows word-major (L, rows padded to 8), the layout the kernels stream,
-        plus the phase list, the doubled plane coefficients and offsets (eq. 1's factor 2, exact) and the
-        input/output steps, all in the form ``binary_conv`` takes."""
+        plus the phase list, the plane coefficients and offsets times the input's bit weight a (eq. 1's
+        factor 2 for sign input, exact) and the input/output steps, all in the form ``binary_conv`` takes."""
+        bit_weight = self.binary_input.terms[0]
         codes = self._conv_codes()
         planes, coef, offset = self._planes(codes)
         n_planes, out_channels, in_channels = planes.shape[:3]
@@ -242,13 +285,14 @@ class QuantWeightLayer(nn.Module):
         return _Plan(
             w_ts,
             phase_list,
-            (2 * coef).reshape(-1).contiguous(),
-            (2 * offset).contiguous(),
+            (bit_weight * coef).reshape(-1).contiguous(),
+            (bit_weight * offset).contiguous(),
             [*in_step, *out_step],
         )
 
     def _base(self, height: int, width: int) -> torch.Tensor:
-        """bias - (layer on an all-ones input), the input-independent term of eq. (1), as (Ho, Wo, Co)."""
+        """bias + c * (layer on an all-ones input), the input-independent term of eq. (1) (c = -1 for sign
+        input, see ``BinaryInput.terms``), as (Ho, Wo, Co)."""
         key = (height, width)
         if key not in self._base_cache:
             in_channels = self._conv_codes().shape[1]
@@ -271,7 +315,7 @@ class QuantWeightLayer(nn.Module):
                     1,
                     self.hyper["dilation"],
                 )
-            base = -corr[0]
+            base = self.binary_input.terms[1] * corr[0]
             if self.bias is not None:
                 base = base + self.bias.to(torch.float64)[:, None, None]
             self._base_cache[key] = base.permute(1, 2, 0).contiguous()
@@ -283,14 +327,14 @@ class QuantWeightLayer(nn.Module):
         if self._plan is None:
             self._plan = self._build_plan()
         plan = self._plan
-        x4 = x4.to(torch.float32)
+        x4 = self.binary_input.kernel_input(x4.to(torch.float32))
         base = self._base(x4.shape[2], x4.shape[3])
         out = kernels.kernel_ops().binary_conv(
             x4,
             plan.w_ts,
             plan.phases,
-            plan.coef2,
-            plan.offset2,
+            plan.coef_a,
+            plan.offset_a,
             base,
             plan.steps,
             kernels.path_id(self.kernel_path),
