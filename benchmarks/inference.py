@@ -10,7 +10,7 @@ machine load hits them alike; the default clock is process CPU time (``--clock w
 which a busy shared machine inflates far less than wall time. Ratios are FP32 time / packed time
 (higher is better).
 
-    python benchmarks/inference.py --threads 1 --repeats 30 [--act sign|act] [--clock cpu|wall] [--json out.json]
+    python benchmarks/inference.py --threads 1 --repeats 30 [--act sign|act] [--clock cpu|wall] [--json F]
 """
 
 from __future__ import annotations
