@@ -13,6 +13,7 @@ per rank (they are synchronised only on GPUs, with ``sync_batchnorm=True``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
@@ -64,9 +65,17 @@ def setup(backend: str | None = None) -> DistContext:
 
 
 def cleanup() -> None:
-    """Leave the process group (a no-op when none was joined)."""
+    """Leave the process group (a no-op when none was joined).
+
+    All ranks meet at a barrier first, and the collector then frees what still refers to the group
+    (DDP reducers, finished collective works) while the interpreter is alive: left to interpreter
+    shutdown, gloo's threads abort the process about one run in four ("terminate called without an
+    active exception", exit code -6) after the training itself has finished.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def wrap(model: nn.Module, ctx: DistContext, sync_batchnorm: bool = False) -> nn.Module:
