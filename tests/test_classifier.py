@@ -161,6 +161,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
                          progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train_classifier(tiny_config(epochs=2, **changes), tmp_path / "b", progress=False)
+    checkpoint = tmp_path / "b" / "checkpoints" / "last.safetensors"
+    assert checkpoint.is_file()
+    with pytest.raises(CheckpointError, match="a training checkpoint, not a finished run's model file"):
+        build_classifier(tiny_config(init_from=str(checkpoint)))
 
 
 @pytest.mark.parametrize(("changes", "message"), [

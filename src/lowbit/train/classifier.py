@@ -182,6 +182,9 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
     if state.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a lowbit classifier model file (kind {state.get('kind')!r}); "
                               "pass the model.safetensors of a train-classifier run")
+    if not {"model", "quant", "state"} <= state.keys() or not isinstance(state["model"], str):
+        raise CheckpointError(f"{path}: a training checkpoint, not a finished run's model file; pass the "
+                              "run's model.safetensors (finish the run with --resume if it was killed)")
     return state
 
 
