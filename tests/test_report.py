@@ -81,3 +81,16 @@ def test_study_cli_then_report_renders_every_image(tmp_path, capsys):
 def test_report_of_a_directory_without_studies_names_the_fix(tmp_path):
     with pytest.raises(DataError, match="no study results"):
         build_report(tmp_path)
+
+
+def test_scores_spanning_a_wide_range_get_a_log_axis():
+    import matplotlib.pyplot as plt
+
+    from lowbit.report.plots import LOG_SCALE_SPAN, log_y_if_wide
+
+    for values, expected in (([15.8, 20.0, 992.0], "log"), ([15.8, 20.0, 60.0], "linear"),
+                             ([-0.01, 5.0, 900.0], "linear"), ([1.0, LOG_SCALE_SPAN], "linear")):
+        figure, axis = plt.subplots()
+        log_y_if_wide(axis, values)
+        assert axis.get_yscale() == expected, values
+        plt.close(figure)

@@ -24,6 +24,18 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+#: scores spanning more than this factor are drawn on a log axis (a collapsed trial's FID of ~1,000
+#: would otherwise flatten every other line near the full-precision score)
+LOG_SCALE_SPAN = 20.0
+
+
+def log_y_if_wide(axis: Any, values: Sequence[float]) -> None:
+    """Switch the y axis to log scale when all values are positive and span more than LOG_SCALE_SPAN."""
+    finite = [v for v in values if v == v]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > LOG_SCALE_SPAN:
+        axis.set_yscale("log")
+
+
 def score_vs_bits(series: dict[str, list[tuple[Any, float]]], metric: str, x_label: str) -> bytes:
     """One line per series of (bits, score) points: bits on a log2 axis, or labels such as '8/1' in order."""
     figure, axis = plt.subplots(figsize=(6, 3.6))
@@ -38,6 +50,7 @@ def score_vs_bits(series: dict[str, list[tuple[Any, float]]], metric: str, x_lab
         axis.set_xscale("log", base=2)
     axis.set_xticks([position[t] for t in ticks], [f"{t:g}" if numeric else str(t) for t in ticks])
     axis.set_xlabel(x_label)
+    log_y_if_wide(axis, [p[1] for points in series.values() for p in points])
     axis.set_ylabel(METRIC_LABELS.get(metric, metric))
     axis.grid(alpha=0.3)
     if len(series) > 1:
@@ -57,6 +70,7 @@ def curves_by_state(curves: Sequence[Curve], metric: str) -> bytes:
                   alpha=0.8, marker=".", label=None if state in seen else (state or "not classified"))
         seen.add(state)
     axis.set_xlabel("training step")
+    log_y_if_wide(axis, [p[1] for _, _, points in curves for p in points])
     axis.set_ylabel(METRIC_LABELS.get(metric, metric))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
