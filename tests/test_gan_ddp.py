@@ -58,3 +58,24 @@ def _initial_generator() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return create_model("dcgan-g-16", width=8, latent_dim=16)
+
+
+def test_train_command_with_nproc_2_runs_under_torchrun(tmp_path):
+    """`lowbit train CONFIG --nproc 2` relaunches itself as 2 gloo ranks; rank 0 writes the run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_gan(steps=4, log_every=2, sample_every=4, checkpoint_every=2)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "lowbit.cli", "train", str(config), "--nproc", "2", "--out", str(out),
+               "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained tiny for 4 steps" in done.stdout
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "last.safetensors").is_file()
+    assert len((out / "log.csv").read_text().splitlines()) == 3  # header + rows at steps 2 and 4
+    bad = subprocess.run([*command[:6], "0", *command[7:]], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--nproc must be >= 1" in bad.stderr

@@ -56,8 +56,10 @@ def run_train(args) -> int:
     ctx = distributed.setup()
     try:
         result = train_gan(cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet)
-    finally:
-        distributed.cleanup()
+    except BaseException:
+        distributed.cleanup(synchronize=False)
+        raise
+    distributed.cleanup()
     if ctx.is_main:
         last = result.history[-1] if result.history else {}
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")

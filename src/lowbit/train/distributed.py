@@ -64,16 +64,18 @@ def setup(backend: str | None = None) -> DistContext:
                        device=device)
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = True) -> None:
     """Leave the process group (a no-op when none was joined).
 
-    All ranks meet at a barrier first, and the collector then frees what still refers to the group
-    (DDP reducers, finished collective works) while the interpreter is alive: left to interpreter
-    shutdown, gloo's threads abort the process about one run in four ("terminate called without an
-    active exception", exit code -6) after the training itself has finished.
+    After a successful run all ranks meet at a barrier first, and the collector then frees what still
+    refers to the group (DDP reducers, finished collective works) while the interpreter is alive:
+    left to interpreter shutdown, gloo's threads abort the process about one run in four ("terminate
+    called without an active exception", exit code -6) after the training itself has finished.
+    ``synchronize=False`` (after an error) skips the barrier, which a failed peer would never reach.
     """
     if dist.is_initialized():
-        dist.barrier()
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
         gc.collect()
 
