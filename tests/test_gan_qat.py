@@ -172,7 +172,7 @@ def test_distillation_needs_a_teacher():
         from_dict(GanConfig, {**BASE, "distill": 1.0})
 
 
-def test_ema_generator_is_the_running_average_of_the_trained_weights(fp_checkpoint, tmp_path):
+def test_ema_generator_is_the_running_average_of_the_trained_weights(fp_checkpoint, tmp_path, monkeypatch):
     """With ``ema`` on, the saved generator is theta_ema = d·theta_ema + (1-d)·theta after every G step,
     recomputed here from the live weights after each step."""
     from lowbit.train import gan as gan_module
@@ -189,11 +189,8 @@ def test_ema_generator_is_the_running_average_of_the_trained_weights(fp_checkpoi
             expected[name] = decay * expected[name] + (1 - decay) * value.detach()
         return loss
 
-    gan_module.GanTrainer.g_step = g_step_and_track
-    try:
-        result = train_gan(cfg, tmp_path / "ema", progress=False)
-    finally:
-        gan_module.GanTrainer.g_step = original
+    monkeypatch.setattr(gan_module.GanTrainer, "g_step", g_step_and_track)
+    result = train_gan(cfg, tmp_path / "ema", progress=False)
     saved = load_checkpoint(result.model_path)["generator"]
     for name, value in expected.items():
         torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6)

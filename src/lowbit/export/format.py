@@ -412,9 +412,10 @@ def layer_tensors(tensors: dict[str, torch.Tensor], index: int) -> dict[str, tor
 
 
 def build_model(architecture: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PackedModel:
-    """Inference modules for a decoded file; a sign activation feeding a quantized layer is fused into it."""
+    """Inference modules for a decoded file; a binary activation feeding a quantized layer is fused in."""
     layers: list[nn.Module] = []
     descriptions = architecture["layers"]
+    pending: BinaryInput | None = None  # the fused activation the next (quantized) layer receives
     for index, layer in enumerate(descriptions):
         kind = layer.get("type")
         if kind not in DECODERS and kind not in QUANT_WEIGHT_TYPES:
@@ -424,12 +425,13 @@ def build_model(architecture: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             )
         named = layer_tensors(tensors, index)
         next_kind = descriptions[index + 1].get("type") if index + 1 < len(descriptions) else None
-        if next_kind in QUANT_WEIGHT_TYPES and _binary_activation(layer, named) is not None:
-            continue  # fused into the weight layer that follows
+        binary = _binary_activation(layer, named) if next_kind in QUANT_WEIGHT_TYPES else None
+        if binary is not None:
+            pending = binary  # fused into the weight layer that follows
+            continue
         if kind in QUANT_WEIGHT_TYPES:
-            previous = layer_tensors(tensors, index - 1) if index > 0 else {}
-            binary = _binary_activation(descriptions[index - 1], previous) if index > 0 else None
-            layers.append(_decode_quant(layer, named, binary_input=binary))
+            layers.append(_decode_quant(layer, named, binary_input=pending))
+            pending = None
         else:
             layers.append(DECODERS[kind](layer, named))
     return PackedModel(layers, architecture).eval()

@@ -25,18 +25,6 @@ BITS_PER_WORD = 64
 ROW_ALIGN = 8
 
 
-def sign_pm1(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) with sign(0) = +1 (SPEC §2), the binary activation the kernels assume."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-
-
-class SignAct(nn.Module):
-    """Binary activation x -> {-1, +1}; kept as a module only where no weight layer follows to absorb it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_pm1(x)
-
-
 @dataclass(frozen=True)
 class BinaryInput:
     """The two values of the binary activation feeding a layer and where it switches between them.
@@ -74,7 +62,15 @@ class BinaryInput:
         return (gap, self.low) if self.ties_up else (-gap, self.high)
 
 
+#: sign(x) with sign(0) = +1 (SPEC §2)
 SIGN_INPUT = BinaryInput(-1.0, 1.0, ties_up=True)
+
+
+class SignAct(nn.Module):
+    """Binary activation x -> {-1, +1}; kept as a module only where no weight layer follows to absorb it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SIGN_INPUT.apply(x)
 
 
 class LevelsAct(nn.Module):

@@ -747,23 +747,27 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void lan
   row_lanes<lane_counts_avx512>(a, f, i, qh, s);
 }
 
-// The AVX-512 register kernel for planes P and co: CV = the most 8-channel vectors per block with
-// P * CV <= 16 accumulators that divides co / 8; nullptr when there is no instantiation for it.
+// A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
+// P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1..4.
+#define LOWBIT_PICK_REGS(KERNEL, ACC)                                                        \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 1)                                                            \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 2)                                                            \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 3)                                                            \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 4)
+#define LOWBIT_REGS_FOR(KERNEL, ACC, P)                                                      \
+  if (planes == P) {                                                                         \
+    if ((ACC / P) >= 8 && vectors % 8 == 0) return KERNEL<P, (ACC / P >= 8 ? 8 : 1)>;        \
+    if ((ACC / P) >= 4 && vectors % 4 == 0) return KERNEL<P, (ACC / P >= 4 ? 4 : 1)>;        \
+    if ((ACC / P) >= 2 && vectors % 2 == 0) return KERNEL<P, (ACC / P >= 2 ? 2 : 1)>;        \
+    return KERNEL<P, 1>;                                                                     \
+  }
+
+// The AVX-512 register kernel: 8-channel vectors, P * CV <= 16 accumulators; nullptr when co is not
+// a multiple of 8 or planes > 4.
 RowFn pick_avx512_regs(int64_t planes, int64_t co) {
   if (co % 8 != 0) return nullptr;
   const int64_t vectors = co / 8;
-#define LOWBIT_REGS(P)                                                                    \
-  if (planes == P) {                                                                      \
-    if ((16 / P) >= 8 && vectors % 8 == 0) return row_avx512_regs<P, (16 / P >= 8 ? 8 : 1)>; \
-    if ((16 / P) >= 4 && vectors % 4 == 0) return row_avx512_regs<P, (16 / P >= 4 ? 4 : 1)>; \
-    if ((16 / P) >= 2 && vectors % 2 == 0) return row_avx512_regs<P, (16 / P >= 2 ? 2 : 1)>; \
-    return row_avx512_regs<P, 1>;                                                         \
-  }
-  LOWBIT_REGS(1)
-  LOWBIT_REGS(2)
-  LOWBIT_REGS(3)
-  LOWBIT_REGS(4)
-#undef LOWBIT_REGS
+  LOWBIT_PICK_REGS(row_avx512_regs, 16)
   return nullptr;
 }
 
@@ -771,20 +775,11 @@ RowFn pick_avx512_regs(int64_t planes, int64_t co) {
 RowFn pick_avx2_regs(int64_t planes, int64_t co) {
   if (co % 4 != 0) return nullptr;
   const int64_t vectors = co / 4;
-#define LOWBIT_REGS(P)                                                                       \
-  if (planes == P) {                                                                         \
-    if ((4 / P) >= 8 && vectors % 8 == 0) return row_avx2_regs<P, (4 / P >= 8 ? 8 : 1)>;     \
-    if ((4 / P) >= 4 && vectors % 4 == 0) return row_avx2_regs<P, (4 / P >= 4 ? 4 : 1)>;     \
-    if ((4 / P) >= 2 && vectors % 2 == 0) return row_avx2_regs<P, (4 / P >= 2 ? 2 : 1)>;     \
-    return row_avx2_regs<P, 1>;                                                              \
-  }
-  LOWBIT_REGS(1)
-  LOWBIT_REGS(2)
-  LOWBIT_REGS(3)
-  LOWBIT_REGS(4)
-#undef LOWBIT_REGS
+  LOWBIT_PICK_REGS(row_avx2_regs, 4)
   return nullptr;
 }
+#undef LOWBIT_REGS_FOR
+#undef LOWBIT_PICK_REGS
 
 // One pixel at a time for rows <= 4 (scalar and AVX2 paths).
 RowFn pick_pixels(int64_t rows, bool avx2) {
