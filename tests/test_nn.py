@@ -231,6 +231,7 @@ def test_spec_loads_from_yaml_and_validates(tmp_path) -> None:
     ({"weight": "em", "weight_bits": 2, "weight_opts": {"tol2": 1}}, "did you mean 'tol'"),
     ({"weight": "search", "weight_bits": 1, "weight_opts": {"values": "pow2-3"}}, "need more than 1 bits"),
     ({"weight": "search", "weight_bits": 3, "weight_opts": {"values": "pow3"}}, "valid: binary, pow2-2"),
+    ({"weight": "search", "weight_bits": 2, "weight_opts": {"logits": "reduced"}}, "'centered' or 'full'"),
 ])
 def test_bad_specs_raise_value_error(data: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

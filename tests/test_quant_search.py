@@ -8,7 +8,7 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.nn import QuantConv2d, QuantLinear, anneal
-from lowbit.quant.search import VALUE_SPACES, SearchQuantizer, value_space
+from lowbit.quant.search import VALUE_SPACES, SearchQuantizer, value_space, zero_sum_basis
 
 
 def test_value_space_presets_and_lists() -> None:
@@ -24,31 +24,119 @@ def test_value_space_presets_and_lists() -> None:
         value_space([1, 1], 1)
 
 
-def test_sgt_gradient_is_upstream_times_sign_of_value_difference() -> None:
-    quantizer = SearchQuantizer(2, shape=(5, 3), values="pow2-2", scale=1.0, mode="sgt")
-    quantizer.refit(torch.randn(5, 3))
+def test_zero_sum_basis_is_orthonormal_and_orthogonal_to_ones() -> None:
+    for m in (2, 3, 4, 8, 16):
+        basis = zero_sum_basis(m)
+        assert basis.shape == (m, m - 1)
+        assert torch.allclose(basis.T @ basis, torch.eye(m - 1), atol=1e-6)
+        assert torch.allclose(basis.T @ torch.ones(m), torch.zeros(m - 1), atol=1e-6)
+        assert torch.allclose(basis @ basis.T, torch.eye(m) - torch.full((m, m), 1.0 / m), atol=1e-6)
+    assert zero_sum_basis(2)[:, 0].tolist() == pytest.approx([-(0.5**0.5), 0.5**0.5])
+
+
+def _search_with_random_logits(shape: tuple[int, ...], logits: str, **opts) -> SearchQuantizer:
+    quantizer = SearchQuantizer(2, shape=shape, values="pow2-2", scale=1.0, logits=logits, **opts)
+    quantizer.refit(torch.randn(*shape))
     with torch.no_grad():
-        quantizer.logits.copy_(torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0)))
+        quantizer.logits.normal_(generator=torch.Generator().manual_seed(0))
+    return quantizer
+
+
+def _chain_to_parameter(quantizer: SearchQuantizer, value_grad: torch.Tensor) -> torch.Tensor:
+    """dL/dlogits from dL/dtheta: the identity (full) or B^T (centered, theta = B phi)."""
+    if not quantizer.centered:
+        return value_grad
+    return torch.einsum("kj,k...->j...", quantizer.basis, value_grad)
+
+
+@pytest.mark.parametrize("logits", ["full", "centered"])
+def test_sgt_gradient_is_upstream_times_sign_of_value_difference(logits: str) -> None:
+    quantizer = _search_with_random_logits((5, 3), logits, mode="sgt")
     upstream = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
     out = quantizer(torch.zeros(5, 3))
     values = torch.tensor([-1.0, -0.5, 0.5, 1.0])
-    picked = values[quantizer.logits.detach().argmax(0)]  # logits are [m, *weight.shape]
+    theta = quantizer.value_logits().detach()  # [m, *weight.shape]
+    assert theta.shape == (4, 5, 3) and quantizer.logits.shape == (4 if logits == "full" else 3, 5, 3)
+    picked = values[theta.argmax(0)]
     assert torch.equal(out.detach(), picked)
     out.backward(upstream)
     expected = torch.stack([upstream * torch.sign(value - picked) for value in values])
-    assert torch.equal(quantizer.logits.grad, expected)
+    assert torch.allclose(quantizer.logits.grad, _chain_to_parameter(quantizer, expected), atol=1e-6)
 
 
-def test_rdhs_gradient_is_the_softmax_relaxation() -> None:
-    quantizer = SearchQuantizer(2, shape=(7,), values="pow2-2", scale=1.0, tau=0.5)
-    quantizer.refit(torch.randn(7))
+@pytest.mark.parametrize("logits", ["full", "centered"])
+def test_rdhs_gradient_is_the_softmax_relaxation(logits: str) -> None:
+    quantizer = _search_with_random_logits((7,), logits, tau=0.5)
     upstream = torch.randn(7, generator=torch.Generator().manual_seed(2))
     quantizer(torch.zeros(7)).backward(upstream)
     values = torch.tensor([-1.0, -0.5, 0.5, 1.0])
-    y = torch.softmax(quantizer.logits.detach().T / 0.5, dim=-1)  # [7, m]
+    y = torch.softmax(quantizer.value_logits().detach().T / 0.5, dim=-1)  # [7, m]
     soft = (y * values).sum(-1, keepdim=True)
-    expected = upstream[:, None] * y * (values - soft) / 0.5
-    assert torch.allclose(quantizer.logits.grad.T, expected, atol=1e-6)
+    expected = (upstream[:, None] * y * (values - soft) / 0.5).T
+    assert torch.allclose(quantizer.logits.grad, _chain_to_parameter(quantizer, expected), atol=1e-6)
+
+
+def test_centered_logits_start_on_the_same_values_with_one_logit_fewer() -> None:
+    weights = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(7))
+    full, centered = (SearchQuantizer(3, channel_dim=0, rows=6, shape=(6, 4, 3, 3), logits=kind)
+                      for kind in ("full", "centered"))
+    full.refit(weights)
+    centered.refit(weights)
+    assert centered.logits.numel() * 8 == full.logits.numel() * 7
+    full_logits = full.value_logits()
+    assert torch.allclose(centered.value_logits(), full_logits - full_logits.mean(0), atol=1e-5)
+    assert torch.equal(centered.encode(weights).codes, full.encode(weights).codes)
+    assert torch.equal(centered(weights), full(weights))
+
+
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("mode", ["rdhs", "sgt"])
+def test_centered_logits_follow_the_full_sgd_trajectory_exactly(mode: str, float64_default: None) -> None:
+    """Under SGD with momentum and weight decay (002 §3.1) the centered run is the mean-removed
+    full run: the same weights are picked at every step (float64, so rounding cannot flip a pick)."""
+    gen = torch.Generator().manual_seed(8)
+    inputs, targets = torch.randn(128, 12, generator=gen), torch.randn(128, generator=gen)
+    layers, optimizers = [], []
+    for logits in ("full", "centered"):
+        torch.manual_seed(8)
+        layer = QuantLinear(12, 1, bias=False, method="search", bits=2,
+                            opts={"scale": 1.0, "mode": mode, "logits": logits, "tau": 0.5})
+        layers.append(layer)
+        optimizers.append(torch.optim.SGD([layer.weight_quantizer.logits], lr=0.05, momentum=0.9,
+                                          weight_decay=1e-3))
+    start = layers[0].quantized_weight().detach()
+    for _ in range(60):
+        picked = []
+        for layer, optimizer in zip(layers, optimizers, strict=True):
+            optimizer.zero_grad()
+            (layer(inputs)[:, 0] - targets).square().mean().backward()
+            optimizer.step()
+            picked.append(layer.quantized_weight().detach())
+        assert torch.equal(picked[0], picked[1])
+    assert not torch.equal(picked[0], start)  # the search did move weights
+    full, centered = (layer.weight_quantizer.value_logits().detach() for layer in layers)
+    assert torch.allclose(centered, full - full.mean(0), atol=1e-9)
+
+
+@pytest.mark.parametrize(("stored", "loaded"), [("full", "centered"), ("centered", "full")])
+def test_logits_load_across_layouts(stored: str, loaded: str) -> None:
+    weights = torch.randn(5, 8, generator=torch.Generator().manual_seed(9))
+    source = SearchQuantizer(2, channel_dim=0, rows=5, shape=(5, 8), logits=stored)
+    source.refit(weights)
+    with torch.no_grad():
+        source.logits.add_(torch.randn(source.logits.shape, generator=torch.Generator().manual_seed(10)))
+    target = SearchQuantizer(2, channel_dim=0, rows=5, shape=(5, 8), logits=loaded)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.encode(weights).codes, source.encode(weights).codes)
+    assert torch.allclose(target.value_logits() - target.value_logits().mean(0),
+                          source.value_logits() - source.value_logits().mean(0), atol=1e-5)
 
 
 def test_mu_zero_is_deterministic_and_mu_positive_samples() -> None:
@@ -69,9 +157,11 @@ def test_mu_zero_is_deterministic_and_mu_positive_samples() -> None:
     assert torch.equal(noisy.eval()(weights), first)  # evaluation never samples
 
 
-@pytest.mark.parametrize(("mode", "optimizer_cls", "lr"), [("rdhs", torch.optim.Adam, 0.1),
-                                                          ("sgt", torch.optim.SGD, 0.1)])
-def test_search_solves_a_regression_with_a_known_best_assignment(mode: str, optimizer_cls: type, lr: float
+@pytest.mark.parametrize(("mode", "optimizer_cls", "logits"), [("rdhs", torch.optim.Adam, "full"),
+                                                              ("sgt", torch.optim.SGD, "full"),
+                                                              ("sgt", torch.optim.SGD, "centered"),
+                                                              ("sgt", torch.optim.Adam, "centered")])
+def test_search_solves_a_regression_with_a_known_best_assignment(mode: str, optimizer_cls: type, logits: str
                                                                  ) -> None:
     gen = torch.Generator().manual_seed(4)
     values = torch.tensor([-1.0, -0.5, 0.5, 1.0])
@@ -79,19 +169,20 @@ def test_search_solves_a_regression_with_a_known_best_assignment(mode: str, opti
     inputs = torch.randn(256, 12, generator=gen)
     targets = inputs @ values[target_codes]
     torch.manual_seed(4)
-    layer = QuantLinear(12, 1, bias=False, method="search", bits=2, opts={"scale": 1.0, "mode": mode})
+    layer = QuantLinear(12, 1, bias=False, method="search", bits=2, opts={"scale": 1.0, "mode": mode,
+                                                                                 "logits": logits})
     quantizer = layer.weight_quantizer
-    start_codes = quantizer.logits.detach().argmax(0)[0].clone()
+    start_codes = quantizer.value_logits().detach().argmax(0)[0].clone()
     assert not torch.equal(start_codes, target_codes)
     start_logits = quantizer.logits.detach().clone()
-    optimizer = optimizer_cls([quantizer.logits], lr=lr)
+    optimizer = optimizer_cls([quantizer.logits], lr=0.1)
     for _ in range(200):
         optimizer.zero_grad()
         loss = (layer(inputs)[:, 0] - targets).square().mean()
         loss.backward()
         optimizer.step()
     assert not torch.equal(quantizer.logits.detach(), start_logits)
-    assert torch.equal(quantizer.logits.detach().argmax(0)[0], target_codes)
+    assert torch.equal(quantizer.value_logits().detach().argmax(0)[0], target_codes)
     assert float((layer(inputs)[:, 0] - targets).detach().square().mean()) == 0.0
 
 

@@ -63,7 +63,7 @@ def _range(name: str) -> Callable[..., modules.Quantizer]:
 EM_OPTIONS = {"init": "search", "iters": None, "tol": 1e-6, "starts": 4, "paper": False,
               "refit_every": 1, "steps": 1}
 SEARCH_OPTIONS = {"values": None, "scale": "learned", "mode": "rdhs", "mu": 0.0, "tau": 1.0, "tau_min": 1e-4,
-                  "tau_decay": 0.97, "form": "kernel"}
+                  "tau_decay": 0.97, "form": "kernel", "logits": "full"}
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("minmax", ("weight",), 1, 8, {}, _closed_form("minmax")),

@@ -6,6 +6,12 @@
   deterministic; ``tau`` anneals from ``tau`` by ``tau_decay`` per epoch down to ``tau_min``.
 * SGT (§2.4): the forward picks ``q_k``, ``k = argmax theta``; the backward sends
   ``dL/dtheta = dL/dq_k · sign(q - q_k)`` to every logit (eq.6).
+* ``logits="centered"`` keeps ``m - 1`` coordinates ``phi`` of the zero-sum logits
+  ``theta = B phi`` (``B``: an orthonormal basis orthogonal to the all-ones vector). Argmax and
+  softmax ignore a shift of ``theta``, so nothing is lost, and under SGD (with momentum and weight
+  decay, the paper's optimiser, §3.1) the trajectory of ``theta`` equals the ``P theta`` (mean
+  removed) of the full ``m``-logit run exactly; parameter, gradient and optimiser state shrink by
+  ``1/m`` (by half at 1 bit). ``logits="full"`` keeps the paper's ``m`` logits.
 * ``form="expand"`` (§2.5, Conv2d + RDHS): the input channels are expanded m-fold, copy k scaled by
   ``q_k``, and convolved with the one-hot masks as one (grouped) conv: O(m) extra memory, not
   O(m^(K·K)) kernel templates. The default ``form="kernel"`` forms ``sum_k z_k q_k`` per weight
@@ -68,6 +74,25 @@ def _along_first(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def zero_sum_basis(m: int) -> torch.Tensor:
+    """Orthonormal basis ``B`` [m, m-1] of the vectors whose entries sum to 0 (Helmert columns:
+    column j is ``(-1, ..., -1, j, 0, ...)/sqrt(j(j+1))`` with j entries -1), so ``B^T B = I`` and
+    ``B B^T = I - 11^T/m``; at m = 2, ``theta = (-phi, phi)/sqrt 2`` picks the larger value iff phi > 0."""
+    basis = torch.zeros(m, m - 1, dtype=torch.float64)
+    for j in range(1, m):
+        basis[:j, j - 1] = -1.0
+        basis[j, j - 1] = float(j)
+        basis[:, j - 1] /= (j * (j + 1)) ** 0.5
+    return basis.to(torch.get_default_dtype())
+
+
+def _value_logits(free: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """The m logits per weight: ``free`` itself (full) or ``B @ free`` (centered, free has m-1 rows)."""
+    if basis is None:
+        return free
+    return (basis @ free.reshape(len(basis[0]), -1)).reshape(len(basis), *free.shape[1:])
+
+
 def _pick(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``q[argmax_k scores[k]]`` per weight (scores laid out ``[m, *weight.shape]``)."""
     return values[scores.max(dim=0).indices]
@@ -90,24 +115,35 @@ class _StochasticGradientTransfer(torch.autograd.Function):
 
 
 class _HardSampledSoftmax(torch.autograd.Function):
-    """RDHS (002 eq.2-4): forward ``q[argmax s]``; backward the gradient of the relaxation
-    ``sum_j y_j q_j`` with ``y = softmax(s/tau)``: ``dL/ds_j = dL/dq · y_j (q_j - sum_i y_i q_i)/tau``.
-    ``y`` is recomputed in backward, so no [m, N] tensor is kept between forward and backward."""
+    """RDHS (002 eq.2-4): forward ``q[argmax s]`` with ``s = theta (+ mu·g)``; backward the gradient
+    of the relaxation ``sum_j y_j q_j`` with ``y = softmax(s/tau)``:
+    ``dL/ds_j = dL/dq · y_j (q_j - sum_i y_i q_i)/tau`` (times ``B^T`` for centered logits).
+    ``s`` is recomputed in backward from the parameter, so no [m, N] tensor is kept between
+    forward and backward (only the Gumbel noise when mu > 0)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, values: torch.Tensor,  # type: ignore[override]
-                tau: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scores, values, tau)
-        return _pick(scores, values)
+    def forward(ctx, free: torch.Tensor, basis: torch.Tensor | None,  # type: ignore[override]
+                noise: torch.Tensor | None, values: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(free, basis, noise, values, tau)
+        return _pick(_noisy_scores(free, basis, noise), values)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        scores, values, tau = ctx.saved_tensors
+        free, basis, noise, values, tau = ctx.saved_tensors
+        scores = _noisy_scores(free, basis, noise)
         soft = (scores - scores.amax(dim=0)).div_(tau).exp_()
         soft.div_(soft.sum(dim=0))
         column = _along_first(values, scores)
         relaxed = (soft * column).sum(dim=0)
-        return (column - relaxed).mul_(soft).mul_(grad / tau), None, None
+        grad_scores = (column - relaxed).mul_(soft).mul_(grad / tau)
+        if basis is not None:
+            grad_scores = (basis.T @ grad_scores.reshape(len(basis), -1)).reshape(free.shape)
+        return grad_scores, None, None, None, None
+
+
+def _noisy_scores(free: torch.Tensor, basis: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    scores = _value_logits(free, basis)
+    return scores if noise is None else scores + noise
 
 
 def _gumbel_like(t: torch.Tensor) -> torch.Tensor:
@@ -116,9 +152,10 @@ def _gumbel_like(t: torch.Tensor) -> torch.Tensor:
 
 
 class SearchQuantizer(Quantizer):
-    """Weight search over ``values`` (002 §2) with logits ``[m, *weight.shape]`` as the trained
-    parameter (value-major, so the per-weight max/softmax over m runs on contiguous slices);
-    ``scale`` is "learned" (a parameter), "fixed" (fitted once) or a number."""
+    """Weight search over ``values`` (002 §2). The trained parameter ``logits`` is value-major,
+    ``[m, *weight.shape]`` (full) or ``[m - 1, *weight.shape]`` (centered), so the per-weight
+    max/softmax over m runs on contiguous slices; ``scale`` is "learned" (a parameter), "fixed"
+    (fitted once) or a number."""
 
     method = "search"
     cacheable = False
@@ -126,13 +163,16 @@ class SearchQuantizer(Quantizer):
     def __init__(self, bits: int, channel_dim: int | None = None, rows: int = 1, shape: Sequence[int] = (1,),
                  values: str | Sequence[float] | None = None, scale: str | float = "learned",
                  mode: str = "rdhs", mu: float = 0.0, tau: float = 1.0, tau_min: float = 1e-4,
-                 tau_decay: float = 0.97, form: str = "kernel") -> None:
+                 tau_decay: float = 0.97, form: str = "kernel", logits: str = "full") -> None:
         super().__init__(bits, channel_dim)
         self.mode, self.mu, self.form = mode, float(mu), form
         self.tau_start, self.tau_min, self.tau_decay = float(tau), float(tau_min), float(tau_decay)
         self.fit_scale = isinstance(scale, str)
         self.register_buffer("values", value_space(values, bits))
-        self.logits = nn.Parameter(torch.zeros(len(self.values), *shape))
+        self.centered = logits == "centered"
+        self.register_buffer("basis", zero_sum_basis(len(self.values)) if self.centered else None,
+                             persistent=False)
+        self.logits = nn.Parameter(torch.zeros(len(self.values) - self.centered, *shape))
         start = torch.ones(rows) if self.fit_scale else torch.full((rows,), float(scale))
         if scale == "learned":
             self.scale = nn.Parameter(start)
@@ -153,8 +193,28 @@ class SearchQuantizer(Quantizer):
             self.scale.copy_(self._best_scale(data).reshape(-1))
         ratio = data / self._row_scale(data)
         gap = float((self.values[1:] - self.values[:-1]).min())
-        self.logits.copy_(-((ratio[None] - _along_first(self.values, ratio[None])) / gap).square())
+        nearest_first = -((ratio[None] - _along_first(self.values, ratio[None])) / gap).square()
+        self.logits.copy_(self._free_logits(nearest_first))
         self.fitted.fill_(True)
+
+    def _free_logits(self, value_logits: torch.Tensor) -> torch.Tensor:
+        """The stored parameter for m logits per weight: themselves, or ``B^T theta`` (centered)."""
+        if self.basis is None:
+            return value_logits
+        return (self.basis.T @ value_logits.reshape(len(self.basis), -1)).reshape(-1, *value_logits.shape[1:])
+
+    def value_logits(self) -> torch.Tensor:
+        """The m logits per weight, ``[m, *weight.shape]`` (with the gradient into ``logits``)."""
+        return _value_logits(self.logits, self.basis)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        """Accept logits saved in the other layout (full <-> centered): an exact conversion."""
+        stored, m = state_dict.get(prefix + "logits"), len(self.values)
+        if stored is not None and self.centered and stored.shape[0] == m:
+            state_dict[prefix + "logits"] = self._free_logits(stored.to(self.basis))
+        elif stored is not None and not self.centered and stored.shape[0] == m - 1:
+            state_dict[prefix + "logits"] = _value_logits(stored, zero_sum_basis(m).to(stored))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _best_scale(self, data: torch.Tensor) -> torch.Tensor:
         dims = reduce_dims(data, self.channel_dim)
@@ -182,16 +242,18 @@ class SearchQuantizer(Quantizer):
         """``tau = max(tau_start · tau_decay^epoch, tau_min)`` (002 §3.1: 1 -> 1e-4 by x0.97/epoch)."""
         self.set_temperature(max(self.tau_start * self.tau_decay**epoch, self.tau_min))
 
-    def _scores(self) -> torch.Tensor:
+    def _noise(self) -> torch.Tensor | None:
+        """RDHS's ``mu·g`` (Gumbel) while training with mu > 0, else None."""
         if self.training and self.mu > 0:
-            return self.logits + self.mu * _gumbel_like(self.logits)
-        return self.logits
+            shape = (len(self.values), *self.logits.shape[1:])
+            return self.mu * _gumbel_like(self.logits.new_empty(shape))
+        return None
 
     def picked_values(self) -> torch.Tensor:
         """Unscaled selected values with the RDHS or SGT gradient into the logits."""
         if self.mode == "sgt":
-            return _StochasticGradientTransfer.apply(self.logits, self.values)
-        return _HardSampledSoftmax.apply(self._scores(), self.values, self.tau)
+            return _StochasticGradientTransfer.apply(self.value_logits(), self.values)
+        return _HardSampledSoftmax.apply(self.logits, self.basis, self._noise(), self.values, self.tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.fitted):
@@ -202,14 +264,15 @@ class SearchQuantizer(Quantizer):
         if not bool(self.fitted):
             self.refit(x)
         codebook = self.scale.detach()[:, None] * self.values[None, :]
-        return Encoding(self.logits.detach().max(dim=0).indices, codebook, self.channel_dim)
+        return Encoding(self.value_logits().detach().max(dim=0).indices, codebook, self.channel_dim)
 
     def expanded_conv2d(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """002 §2.5: conv of the m-fold channel-expanded input (copy k = q_k·x) with the one-hot
         masks ``z`` as kernels; equals ``conv2d(x, scale·sum_k z_k q_k)``."""
         if not bool(self.fitted):
             self.refit(conv.weight)
-        scores = self._scores()
+        noise = self._noise()
+        scores = self.value_logits() if noise is None else self.value_logits() + noise
         soft = torch.softmax(scores / self.tau, dim=0)  # RDHS y (eq.2), [m, out, in/groups, kh, kw]
         hard = F.one_hot(scores.max(dim=0).indices, len(self.values)).movedim(-1, 0).to(soft.dtype)
         masks = straight_through(soft, hard)  # one-hot forward (eq.3), gradient of y (eq.4)
@@ -225,7 +288,7 @@ class SearchQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, mode={self.mode}, values={self.values.tolist()}, mu={self.mu}, "
-                f"form={self.form}")
+                f"form={self.form}, logits={'centered' if self.centered else 'full'}")
 
 
 def check_search_options(opts: dict[str, Any], bits: int) -> None:
@@ -235,6 +298,8 @@ def check_search_options(opts: dict[str, Any], bits: int) -> None:
         raise ConfigError(f"search: mode must be 'rdhs' or 'sgt', got {opts['mode']!r}")
     if opts["form"] not in ("kernel", "expand"):
         raise ConfigError(f"search: form must be 'kernel' or 'expand', got {opts['form']!r}")
+    if opts["logits"] not in ("centered", "full"):
+        raise ConfigError(f"search: logits must be 'centered' or 'full', got {opts['logits']!r}")
     if opts["form"] == "expand" and opts["mode"] != "rdhs":
         raise ConfigError("search: form 'expand' works with mode 'rdhs' only; use form 'kernel' for SGT")
     scale = opts["scale"]
