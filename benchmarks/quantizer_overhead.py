@@ -1,14 +1,18 @@
 """Training-step overhead of each lowbit weight quantizer vs FP32, with Brevitas as the peer column.
 
-One DCGAN G + D training step (28x28, batch 64, BCE, Adam 2e-4) on CPU, weights of G and D
-quantized (weight-only QAT, the same setting for Brevitas's QuantConv2d / QuantConvTranspose2d).
+One DCGAN G + D training step (28x28, batch 64, BCE, the GAN trainer's fused Adam 2e-4) on CPU,
+weights of G and D quantized (weight-only QAT, the same setting for Brevitas's QuantConv2d /
+QuantConvTranspose2d).
 Time is the CPU time of the stepping thread (``time.thread_time``; run with one torch thread),
 which other jobs on a shared machine disturb far less than wall time; steps of all variants
-are interleaved round by round and the median is reported. Memory is the autograd peak:
-parameters + gradients + Adam state + buffers + the quantized weights a layer keeps, plus the
-other tensors saved for backward (distinct storages, via
-``torch.autograd.graph.saved_tensors_hooks``). Also reports the full EM fit
-time per million weights. Not a test; run:
+are interleaved round by round and the median is reported. Memory, two ways: the allocator
+peak (the most bytes live in torch's CPU allocator at any moment of one training step, from the
+profiler's allocation events, every tensor tracked from model construction on: what
+``torch.cuda.max_memory_allocated`` reports on a GPU), and the state + saved estimate (parameters +
+gradients + Adam state + buffers + the quantized weights a layer keeps + the distinct storages
+saved for backward, via ``torch.autograd.graph.saved_tensors_hooks``), which leaves out the
+transient tensors of the backward pass. Also reports the full EM fit time per million weights.
+Not a test; run:
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/quantizer_overhead.py --threads 1
 """
@@ -25,14 +29,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import lowbit
 from lowbit.models import create_model
 from lowbit.quant import fit_em
+from lowbit.train.gan_losses import get_loss, make_optimizer
 
 BATCH = 64
 TARGETS = {"minmax": 1.15, "log": 1.15, "tanh": 1.15, "dorefa": 1.15, "bwn": 1.15, "em": 1.2, "lq": 1.4,
-           "search-sgt": 1.4, "search-rdhs": 1.8}
+           "search-sgt": 1.4, "search-rdhs": 1.8, "search-sgt-centered": 1.4, "search-rdhs-centered": 1.8}
 
 
 @dataclass
@@ -91,8 +97,11 @@ def variants(bits: int) -> list[Variant]:
         lowbit_variant("kmeans", "kmeans", bits),
         lowbit_variant("search-sgt", "search", bits, {"mode": "sgt"}),
         lowbit_variant("search-rdhs", "search", bits, {"mode": "rdhs"}),
+        lowbit_variant("search-sgt-centered", "search", bits, {"mode": "sgt", "logits": "centered"}),
+        lowbit_variant("search-rdhs-centered", "search", bits, {"mode": "rdhs", "logits": "centered"}),
         lowbit_variant("search-sgt", "search", 1, {"mode": "sgt"}),
         lowbit_variant("search-rdhs", "search", 1, {"mode": "rdhs"}),
+        lowbit_variant("search-sgt-centered", "search", 1, {"mode": "sgt", "logits": "centered"}),
         lowbit_variant("search-rdhs-expand", "search", bits, {"mode": "rdhs", "form": "expand"}),
         brevitas_variant(bits),
     ]
@@ -108,10 +117,14 @@ def prepare(variant: Variant, seed: int) -> None:
     else:
         variant.generator = variant.build(generator)
     variant.discriminator = variant.build(discriminator)
-    trainable = [p for p in variant.generator.parameters() if p.requires_grad]
-    variant.g_opt = torch.optim.Adam(trainable, lr=2e-4, betas=(0.5, 0.999))
-    trainable = [p for p in variant.discriminator.parameters() if p.requires_grad]
-    variant.d_opt = torch.optim.Adam(trainable, lr=2e-4, betas=(0.5, 0.999))
+    variant.g_opt = gan_optimizer(variant.generator)
+    variant.d_opt = gan_optimizer(variant.discriminator)
+
+
+def gan_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The GAN trainer's optimiser (Adam 2e-4, betas 0.5/0.999, fused) over the trainable parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return make_optimizer(get_loss("dcgan"), trainable, 2e-4, (0.5, 0.999))
 
 
 def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor, saved: list[int] | None = None
@@ -179,10 +192,34 @@ def state_bytes(variant: Variant) -> int:
     return total
 
 
-def peak_memory(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> int:
+def estimated_memory(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> int:
+    """State + saved-for-backward bytes of one training step (after ``prepare`` and warm-up)."""
     saved: list[int] = []
     train_step(variant, real, noise, saved)
     return state_bytes(variant) + sum(saved)
+
+
+def allocator_peak(variant: Variant, real: torch.Tensor, noise: torch.Tensor, warmup: int = 2) -> int:
+    """The most bytes live in the CPU allocator during one training step, counting every tensor
+    allocated since the models were built (the variant is re-prepared under the profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prepare(variant, seed=0)
+        for _ in range(warmup):  # Adam's moments exist from the first step on
+            train_step(variant, real, noise)
+        with record_function("measured_step"):
+            train_step(variant, real, noise)
+    events = prof.profiler.kineto_results.events()
+    step = next(e for e in events if e.name() == "measured_step")
+    allocations = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
+                         key=lambda event: event[0])  # stable: same-time events keep their order
+    if not allocations:
+        raise RuntimeError("the profiler recorded no allocation events: this torch cannot measure the peak")
+    live = peak = 0
+    for start_ns, nbytes in allocations:
+        live += nbytes
+        if step.start_ns() <= start_ns <= step.end_ns():
+            peak = max(peak, live)
+    return peak
 
 
 def em_fit_seconds_per_million(bits: int, per_channel: bool) -> float:
@@ -207,9 +244,11 @@ def run(bits: int, rounds: int, warmup: int) -> dict:
             train_step(variant, real, noise)
             spent.append(time.thread_time() - start)
     step = [statistics.median(spent) for spent in times]
-    memory = [peak_memory(v, real, noise) for v in chosen]
+    estimate = [estimated_memory(v, real, noise) for v in chosen]
+    peak = [allocator_peak(v, real, noise) for v in chosen]
     rows = [{"method": v.name, "bits": v.bits, "step_ms": 1e3 * step[i], "time_ratio": step[i] / step[0],
-             "memory_mb": memory[i] / 2**20, "memory_ratio": memory[i] / memory[0],
+             "peak_mb": peak[i] / 2**20, "peak_ratio": peak[i] / peak[0],
+             "memory_mb": estimate[i] / 2**20, "memory_ratio": estimate[i] / estimate[0],
              "target_time": TARGETS.get(v.name)} for i, v in enumerate(chosen)]
     em_fit = {f"{'per-channel' if pc else 'per-tensor'} {k}-bit": em_fit_seconds_per_million(k, pc)
               for pc in (False, True) for k in (2, 4)}
@@ -218,12 +257,14 @@ def run(bits: int, rounds: int, warmup: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | weight bits | step (ms) | time / FP32 | target | peak memory (MB) | memory / FP32 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | weight bits | step (ms) | time / FP32 | target | allocator peak (MB) | peak / FP32 "
+             "| state + saved (MB) | estimate / FP32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         target = f"<= {row['target_time']}x" if row["target_time"] else ""
         lines.append(f"| {row['method']} | {row['bits']} | {row['step_ms']:.1f} | {row['time_ratio']:.3f} | "
-                     f"{target} | {row['memory_mb']:.2f} | {row['memory_ratio']:.3f} |")
+                     f"{target} | {row['peak_mb']:.2f} | {row['peak_ratio']:.3f} | {row['memory_mb']:.2f} | "
+                     f"{row['memory_ratio']:.3f} |")
     lines += ["", "| EM full fit | seconds per million weights |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in result["em_fit_s_per_million"].items()]
     return "\n".join(lines)

@@ -186,6 +186,33 @@ def test_em_warm_update_runs_in_training_only() -> None:
     assert torch.allclose(layer.weight_quantizer.alpha, 2 * alpha, rtol=0.1)
 
 
+@pytest.mark.parametrize(("method", "optimizer"), [
+    ("minmax", lambda params: torch.optim.Adam(params, lr=0.05, fused=True)),
+    ("em", lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9, fused=True)),
+    ("search", lambda params: torch.optim.SGD(params, lr=50.0, fused=True)),
+    ("search", lambda params: torch.optim.Adam(params, lr=0.5, fused=True)),
+])
+def test_cached_quantized_weights_follow_fused_optimizer_steps(method: str, optimizer) -> None:
+    """Fused optimisers update parameters without bumping their version counter; the layer caches
+    (quantized weight, search pick) must still see every step."""
+    torch.manual_seed(11)
+    layer = QuantLinear(32, 16, method=method, bits=2)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    opt = optimizer(trainable)
+    x = torch.randn(64, 32)
+    changed = False
+    for _ in range(4):
+        before = layer.quantized_weight().detach().clone()
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        cached = layer.quantized_weight().detach()
+        fresh = layer.weight_quantizer.encode(layer.weight).decode()  # from the current parameters
+        assert torch.equal(cached, fresh)
+        changed |= not torch.equal(before, cached)
+    assert changed
+
+
 def test_hooks_temperature_anneal_refit() -> None:
     spec = QuantSpec(weight="search", weight_bits=1, overrides={"5": {"weight": "em"}})
     q = convert(tiny_discriminator(), spec)

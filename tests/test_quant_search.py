@@ -8,7 +8,7 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.nn import QuantConv2d, QuantLinear, anneal
-from lowbit.quant.search import VALUE_SPACES, SearchQuantizer, value_space, zero_sum_basis
+from lowbit.quant.search import VALUE_SPACES, SearchQuantizer, first_argmax_value, value_space, zero_sum_basis
 
 
 def test_value_space_presets_and_lists() -> None:
@@ -32,6 +32,15 @@ def test_zero_sum_basis_is_orthonormal_and_orthogonal_to_ones() -> None:
         assert torch.allclose(basis.T @ torch.ones(m), torch.zeros(m - 1), atol=1e-6)
         assert torch.allclose(basis @ basis.T, torch.eye(m) - torch.full((m, m), 1.0 / m), atol=1e-6)
     assert zero_sum_basis(2)[:, 0].tolist() == pytest.approx([-(0.5**0.5), 0.5**0.5])
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_pick_is_the_first_argmax_value(m: int) -> None:
+    scores = torch.randn(m, 300, 5, generator=torch.Generator().manual_seed(m))
+    scores[:, :40] = scores[:, :40].round()  # many exact ties: the first maximum wins, as in torch.max
+    scores[m - 1, 40:60] = scores[0, 40:60] = 9.0
+    values = torch.linspace(-1, 1, m)
+    assert torch.equal(first_argmax_value(scores, values), values[scores.max(dim=0).indices])
 
 
 def _search_with_random_logits(shape: tuple[int, ...], logits: str, **opts) -> SearchQuantizer:

@@ -19,6 +19,7 @@ from lowbit.quant.checks import as_rows, row_shape
 from lowbit.quant.em import fit_em, paper_iterations, warm_em
 from lowbit.quant.encoding import Encoding, affine_encoding, table_encoding
 from lowbit.quant.grad import through
+from lowbit.quant.versions import track_fused_optimizer_steps
 
 
 class Quantizer(nn.Module):
@@ -31,6 +32,7 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.channel_dim = channel_dim
+        track_fused_optimizer_steps()  # the caches keyed on parameter versions stay right
 
     def encode(self, x: torch.Tensor) -> Encoding:
         """Codes and codebook of ``x`` under the current state."""

@@ -36,6 +36,7 @@ from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
 from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowbit.train.optim import fused_if_supported
 
 CHECKPOINT_KIND = "lowbit-classifier"
 CROP_PAD = 4
@@ -320,9 +321,11 @@ def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay) or Adam over the trainable parameters (search logits, not the
     frozen float weights they replaced)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = fused_if_supported(params)
     if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                           fused=fused)
 
 
 class ClassifierTrainer:

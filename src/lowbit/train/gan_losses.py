@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import unknown_name_error
+from lowbit.train.optim import fused_if_supported
 
 
 def dcgan_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -96,6 +97,7 @@ def get_loss(name: str) -> GanLoss:
 
 def make_optimizer(loss: GanLoss, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """The optimiser family of ``loss`` (Adam or RMSprop) over ``params``."""
+    params = list(params)
     if loss.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr, betas=betas)
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused_if_supported(params))
