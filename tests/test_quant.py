@@ -10,6 +10,7 @@ import torch
 
 from lowbit.errors import ConfigError
 from lowbit.quant import METHODS, encode, levels, quantize
+from lowbit.quant.encoding import nearest_level
 from lowbit.quant.lq import fit_lq
 
 ONE_BIT_ONLY = {"bwn", "sign"}
@@ -236,3 +237,14 @@ def test_lq_basis_is_a_qem_fixed_point_and_moves_by_moving_average() -> None:
         target = _least_squares_basis(layer.weight[row].detach().double().numpy(), old[row].double().numpy())
         expected = 0.75 * old[row].double().numpy() + 0.25 * target
         assert np.allclose(quantizer.basis[row].double().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_levels", [2, 3, 4, 16, 32, 33, 64])
+def test_nearest_level_matches_searchsorted_on_midpoints(n_levels: int) -> None:
+    gen = torch.Generator().manual_seed(n_levels)
+    levels = torch.randn(6, n_levels, generator=gen).sort(dim=1).values
+    mids = (levels[:, 1:] + levels[:, :-1]) / 2
+    rows = torch.cat([torch.randn(6, 500, generator=gen), mids, levels], dim=1)  # exact midpoints: ties
+    expected = torch.tensor([[int((mid < value).sum()) for value in row]
+                             for row, mid in zip(rows, mids, strict=True)])
+    assert torch.equal(nearest_level(rows, levels), expected)

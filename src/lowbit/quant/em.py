@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant.checks import as_rows, reduce_dims
+from lowbit.quant.checks import as_rows, per_row
 from lowbit.quant.uniform import uniform_codes
 
 START_CLIPS = torch.logspace(-0.6, 1.0, 40, dtype=torch.float64)  # half-range in std units, 0.25 .. 10
@@ -178,14 +178,17 @@ def fit_em(x: torch.Tensor, bits: int, channel_dim: int | None = None, init: str
 def warm_em(x: torch.Tensor, bits: int, alpha: torch.Tensor, beta: torch.Tensor, channel_dim: int | None,
             steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``steps`` EM iterations on the raw tensor from a previous fit (the per-step training update)."""
-    n, dims = 2**bits - 1, reduce_dims(x, channel_dim)
-    data = x.detach()
-    mean_w = data.mean(dim=dims, keepdim=True)
+    n, data = 2**bits - 1, x.detach()
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return per_row(t, channel_dim, torch.Tensor.mean)
+
+    mean_w = mean(data)
     for _ in range(steps):
         z = uniform_codes(data, beta, alpha, n)
-        mean_z = z.mean(dim=dims, keepdim=True)
-        var_z = z.square().mean(dim=dims, keepdim=True) - mean_z.square()
-        cov = (data * z).mean(dim=dims, keepdim=True) - mean_w * mean_z
+        mean_z = mean(z)
+        var_z = mean(z.square()) - mean_z.square()
+        cov = mean(data * z) - mean_w * mean_z
         alpha = torch.where(var_z > 0, cov / torch.where(var_z > 0, var_z, 1.0), alpha).clamp_min(0)
         beta = mean_w - alpha * mean_z
     return alpha, beta

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.quant.checks import reduce_dims
+from lowbit.quant.checks import per_row
 from lowbit.quant.encoding import Encoding, affine_encoding
 from lowbit.quant.grad import straight_through, through
 
 
 def _row_min_max(x: torch.Tensor, channel_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = reduce_dims(x, channel_dim)
-    return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    return per_row(x, channel_dim, torch.Tensor.amin), per_row(x, channel_dim, torch.Tensor.amax)
 
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +59,8 @@ def encode_log(x: torch.Tensor, bits: int, channel_dim: int | None = None, eps: 
                                                                             device=x.device)
     mags = (torch.exp(log_levels.reshape(-1, n_mag)) - eps).clamp_min(0)
     codebook = torch.cat([-mags.flip(1), mags], dim=1)
-    codes = torch.where(data >= 0, n_mag + mag_codes, n_mag - 1 - mag_codes).long()
+    positive = (data >= 0).to(data.dtype)  # codes n_mag + mag for x >= 0, n_mag - 1 - mag below
+    codes = (positive * (2 * mag_codes + 1) + (n_mag - 1 - mag_codes)).long()
     return Encoding(codes, codebook, channel_dim)
 
 
@@ -81,7 +81,7 @@ def encode_tanh(x: torch.Tensor, bits: int, channel_dim: int | None = None) -> E
 
 def _tanh_and_peak(x: torch.Tensor, channel_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.tanh(x.detach())
-    return t, _nonzero(t.abs().amax(dim=reduce_dims(t, channel_dim), keepdim=True))
+    return t, _nonzero(per_row(t.abs(), channel_dim, torch.Tensor.amax))
 
 
 def _dorefa_encoding(t: torch.Tensor, peak: torch.Tensor, bits: int, channel_dim: int | None) -> Encoding:
@@ -109,7 +109,7 @@ def dorefa_value_and_factor(x: torch.Tensor, bits: int, channel_dim: int | None 
 def encode_bwn(x: torch.Tensor, bits: int = 1, channel_dim: int | None = None) -> Encoding:
     """BWN (000 §3.2 eq.2): ``Q = alpha·sign(W)``, ``alpha = ||W||_1 / n`` per channel or tensor."""
     data = x.detach()
-    alpha = data.abs().mean(dim=reduce_dims(data, channel_dim), keepdim=True)
+    alpha = per_row(data.abs(), channel_dim, torch.Tensor.mean)
     return affine_encoding((data >= 0).to(data.dtype), 2 * alpha, -alpha, 2, channel_dim)
 
 
