@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,14 @@ def affine_encoding(z: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, 
 
 
 def gather_levels(codebook: torch.Tensor, codes: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
-    """``codebook[row, codes]`` for integer codes laid out like the tensor (a ``gather`` along the
-    contiguous row layout: 3-4x faster on a CPU than indexing the flattened codebook)."""
-    return from_rows(codebook.gather(1, as_rows(codes, channel_dim)), codes, channel_dim).contiguous()
+    """``codebook[row, codes]`` for integer codes laid out like the tensor: a ``gather`` on the
+    ``[before, rows, after]`` view of the codes against the codebook broadcast over ``before``, so
+    no transposed copy is made (2-4x faster on a CPU than indexing the flattened codebook)."""
+    if channel_dim is None:
+        view = codes.reshape(1, 1, -1)
+    else:
+        view = codes.reshape(math.prod(codes.shape[:channel_dim]), codes.shape[channel_dim], -1)
+    return codebook[None].expand(view.shape[0], -1, -1).gather(2, view).reshape(codes.shape)
 
 
 COUNTED_LEVELS = 32

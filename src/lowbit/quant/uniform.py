@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.quant.checks import per_row
+from lowbit.quant.checks import as_rows, per_row, row_shape
 from lowbit.quant.encoding import Encoding, affine_encoding
 from lowbit.quant.grad import straight_through, through
 
 
 def _row_min_max(x: torch.Tensor, channel_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return per_row(x, channel_dim, torch.Tensor.amin), per_row(x, channel_dim, torch.Tensor.amax)
+    rows, shape = as_rows(x, channel_dim), row_shape(x, channel_dim)
+    return rows.amin(dim=1).reshape(shape), rows.amax(dim=1).reshape(shape)
 
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,7 @@ def _nonzero(t: torch.Tensor) -> torch.Tensor:
 
 def uniform_codes(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
     """``clamp(round((x - lo) / step), 0, n)``: the nearest point of the grid ``lo + step * j``."""
-    return torch.clamp(torch.round((x - lo) / _nonzero(step)), 0, n)
+    return (x - lo).div_(_nonzero(step)).round_().clamp_(0, n)
 
 
 def encode_minmax(x: torch.Tensor, bits: int, channel_dim: int | None = None) -> Encoding:
@@ -47,7 +48,7 @@ def encode_log(x: torch.Tensor, bits: int, channel_dim: int | None = None, eps: 
     """
     data = x.detach()
     n_mag = 2 ** (bits - 1)
-    logs = torch.log(data.abs() + eps)
+    logs = data.abs().add_(eps).log_()
     lo, hi = _row_min_max(logs, channel_dim)
     if n_mag == 1:
         mag_codes = torch.zeros_like(logs)
@@ -60,7 +61,7 @@ def encode_log(x: torch.Tensor, bits: int, channel_dim: int | None = None, eps: 
     mags = (torch.exp(log_levels.reshape(-1, n_mag)) - eps).clamp_min(0)
     codebook = torch.cat([-mags.flip(1), mags], dim=1)
     positive = (data >= 0).to(data.dtype)  # codes n_mag + mag for x >= 0, n_mag - 1 - mag below
-    codes = (positive * (2 * mag_codes + 1) + (n_mag - 1 - mag_codes)).long()
+    codes = (mag_codes * 2).add_(1).mul_(positive).add_(n_mag - 1).sub_(mag_codes).long()
     return Encoding(codes, codebook, channel_dim)
 
 
