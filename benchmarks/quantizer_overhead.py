@@ -5,13 +5,11 @@ weights of G and D quantized (weight-only QAT, the same setting for Brevitas's Q
 QuantConvTranspose2d).
 Time is the CPU time of the stepping thread (``time.thread_time``; run with one torch thread),
 which other jobs on a shared machine disturb far less than wall time; steps of all variants
-are interleaved round by round and the median is reported. Memory, two ways: the allocator
-peak (the most bytes live in torch's CPU allocator at any moment of one training step, from the
-profiler's allocation events, every tensor tracked from model construction on: what
-``torch.cuda.max_memory_allocated`` reports on a GPU), and the state + saved estimate (parameters +
-gradients + Adam state + buffers + the quantized weights a layer keeps + the distinct storages
-saved for backward, via ``torch.autograd.graph.saved_tensors_hooks``), which leaves out the
-transient tensors of the backward pass. Also reports the full EM fit time per million weights.
+are interleaved round by round and the median is reported. Memory is the allocator peak: the
+most bytes live in torch's CPU allocator at any moment of one training step, from the profiler's
+allocation events, with every tensor tracked from model construction on (what
+``torch.cuda.max_memory_allocated`` reports on a GPU). Also reports the full EM fit time per
+million weights.
 Not a test; run:
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/quantizer_overhead.py --threads 1
@@ -127,76 +125,20 @@ def gan_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return make_optimizer(get_loss("dcgan"), trainable, 2e-4, (0.5, 0.999))
 
 
-def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor, saved: list[int] | None = None
-               ) -> None:
-    """One DCGAN step (D on real + fake, then G); ``saved`` collects bytes saved for backward."""
+def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> None:
+    """One DCGAN step: D on real + fake, then G (the GAN trainer's order)."""
     generator, discriminator = variant.generator, variant.discriminator
     ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
-    known = {t.untyped_storage().data_ptr() for t in state_tensors(variant)}
-    with _count_saved(saved, known):
-        fake = generator(noise)
-        d_loss = (F.binary_cross_entropy_with_logits(discriminator(real).reshape(-1), ones)
-                  + F.binary_cross_entropy_with_logits(discriminator(fake.detach()).reshape(-1), zeros))
+    fake = generator(noise)
+    d_loss = (F.binary_cross_entropy_with_logits(discriminator(real).reshape(-1), ones)
+              + F.binary_cross_entropy_with_logits(discriminator(fake.detach()).reshape(-1), zeros))
     variant.d_opt.zero_grad(set_to_none=True)
     d_loss.backward()
     variant.d_opt.step()
-    with _count_saved(saved, known):
-        g_loss = F.binary_cross_entropy_with_logits(discriminator(fake).reshape(-1), ones)
+    g_loss = F.binary_cross_entropy_with_logits(discriminator(fake).reshape(-1), ones)
     variant.g_opt.zero_grad(set_to_none=True)
     g_loss.backward()
     variant.g_opt.step()
-
-
-class _count_saved:
-    """Context manager summing the distinct storages autograd saves for backward, leaving out
-    those already counted as model state (``known``: storage pointers)."""
-
-    def __init__(self, sink: list[int] | None, known: set[int] | None = None) -> None:
-        self.sink, self.seen, self.hooks = sink, set(known or ()), None
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.seen:
-            self.seen.add(storage.data_ptr())
-            self.sink.append(storage.nbytes())
-        return tensor
-
-    def __enter__(self):
-        if self.sink is not None:
-            self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-            self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.hooks is not None:
-            self.hooks.__exit__(*exc)
-
-
-def state_tensors(variant: Variant) -> list[torch.Tensor]:
-    """Parameters, buffers and the quantized weights a lowbit layer keeps between passes."""
-    tensors = []
-    for model in (variant.generator, variant.discriminator):
-        tensors += list(model.parameters()) + list(model.buffers())
-        for module in model.modules():
-            cached = module.__dict__.get("_quantized_cache")
-            tensors += [t for t in (cached or ())[1:] if isinstance(t, torch.Tensor)]
-    return tensors
-
-
-def state_bytes(variant: Variant) -> int:
-    """State tensors of G and D, plus a gradient and Adam's two moments per trainable parameter."""
-    total = 0
-    for tensor in state_tensors(variant):
-        trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
-        total += tensor.numel() * tensor.element_size() * (4 if trainable else 1)
-    return total
-
-
-def estimated_memory(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> int:
-    """State + saved-for-backward bytes of one training step (after ``prepare`` and warm-up)."""
-    saved: list[int] = []
-    train_step(variant, real, noise, saved)
-    return state_bytes(variant) + sum(saved)
 
 
 def allocator_peak(variant: Variant, real: torch.Tensor, noise: torch.Tensor, warmup: int = 2) -> int:
@@ -244,11 +186,9 @@ def run(bits: int, rounds: int, warmup: int) -> dict:
             train_step(variant, real, noise)
             spent.append(time.thread_time() - start)
     step = [statistics.median(spent) for spent in times]
-    estimate = [estimated_memory(v, real, noise) for v in chosen]
     peak = [allocator_peak(v, real, noise) for v in chosen]
     rows = [{"method": v.name, "bits": v.bits, "step_ms": 1e3 * step[i], "time_ratio": step[i] / step[0],
              "peak_mb": peak[i] / 2**20, "peak_ratio": peak[i] / peak[0],
-             "memory_mb": estimate[i] / 2**20, "memory_ratio": estimate[i] / estimate[0],
              "target_time": TARGETS.get(v.name)} for i, v in enumerate(chosen)]
     em_fit = {f"{'per-channel' if pc else 'per-tensor'} {k}-bit": em_fit_seconds_per_million(k, pc)
               for pc in (False, True) for k in (2, 4)}
@@ -257,14 +197,12 @@ def run(bits: int, rounds: int, warmup: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | weight bits | step (ms) | time / FP32 | target | allocator peak (MB) | peak / FP32 "
-             "| state + saved (MB) | estimate / FP32 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | weight bits | step (ms) | time / FP32 | target | peak memory (MB) | memory / FP32 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         target = f"<= {row['target_time']}x" if row["target_time"] else ""
         lines.append(f"| {row['method']} | {row['bits']} | {row['step_ms']:.1f} | {row['time_ratio']:.3f} | "
-                     f"{target} | {row['peak_mb']:.2f} | {row['peak_ratio']:.3f} | {row['memory_mb']:.2f} | "
-                     f"{row['memory_ratio']:.3f} |")
+                     f"{target} | {row['peak_mb']:.2f} | {row['peak_ratio']:.3f} |")
     lines += ["", "| EM full fit | seconds per million weights |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in result["em_fit_s_per_million"].items()]
     return "\n".join(lines)
