@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import lowbit
 from lowbit.models import create_model
 from lowbit.quant import fit_em
+from lowbit.train.gan import frozen
 from lowbit.train.gan_losses import get_loss, make_optimizer
 
 BATCH = 64
@@ -126,19 +127,20 @@ def gan_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> None:
-    """One DCGAN step: D on real + fake, then G (the GAN trainer's order)."""
+    """One DCGAN step in the GAN trainer's order: D on real + fake, then G through a frozen D;
+    gradients are freed right after each optimiser step."""
     generator, discriminator = variant.generator, variant.discriminator
     ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
     fake = generator(noise)
     d_loss = (F.binary_cross_entropy_with_logits(discriminator(real).reshape(-1), ones)
               + F.binary_cross_entropy_with_logits(discriminator(fake.detach()).reshape(-1), zeros))
-    variant.d_opt.zero_grad(set_to_none=True)
     d_loss.backward()
     variant.d_opt.step()
-    g_loss = F.binary_cross_entropy_with_logits(discriminator(fake).reshape(-1), ones)
-    variant.g_opt.zero_grad(set_to_none=True)
-    g_loss.backward()
+    variant.d_opt.zero_grad(set_to_none=True)
+    with frozen(discriminator):
+        F.binary_cross_entropy_with_logits(discriminator(fake).reshape(-1), ones).backward()
     variant.g_opt.step()
+    variant.g_opt.zero_grad(set_to_none=True)
 
 
 def allocator_peak(variant: Variant, real: torch.Tensor, noise: torch.Tensor, warmup: int = 2) -> int:

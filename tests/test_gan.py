@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from lowbit.train.gan import (
     GanConfig,
     GanTrainer,
     TrainingDivergedError,
+    latent,
     load_generator,
     seeded_generator,
     train_gan,
@@ -133,6 +135,29 @@ def test_each_player_lowers_its_own_loss(loss, disc):
     g_losses = [trainer.g_step(32, seeded_generator(2)) for _ in range(25)]
     assert sum(d_losses[-5:]) < sum(d_losses[:5])
     assert sum(g_losses[-5:]) < sum(g_losses[:5])
+
+
+def test_g_step_leaves_d_untouched_and_matches_the_unfrozen_gradient():
+    """G's update backpropagates through a frozen D: no D gradients are made, D's parameters are
+    trainable again afterwards, and G gets the same gradient as through a trainable D."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    trainer = GanTrainer(cfg, create_model("dcgan-g-16", width=8, latent_dim=16),
+                         create_model("dcgan-d-16", width=8), torch.device("cpu"))
+    reference_g = copy.deepcopy(trainer.G)
+    reference_d = copy.deepcopy(trainer.D)
+    z = latent(32, 16, seeded_generator(3), torch.device("cpu"))
+    trainer.loss.g_loss(reference_d(reference_g(z))).backward()
+    captured: list[torch.Tensor] = []
+    trainer.opt_g.register_step_pre_hook(
+        lambda opt, args, kwargs: captured.extend(p.grad.clone() for p in trainer.G.parameters()))
+    trainer.g_step(32, seeded_generator(3))
+    assert all(p.grad is None and p.requires_grad for p in trainer.D.parameters())
+    assert all(p.grad is None for p in trainer.G.parameters())  # freed right after the step
+    expected = [p.grad for p in reference_g.parameters()]
+    assert len(captured) == len(expected) > 0
+    for got, want in zip(captured, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def _mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float = 10.0) -> float:

@@ -18,7 +18,8 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its trainable parameters' ``requires_grad`` off inside the block. G's update
+    then backpropagates through D without computing (or, under DDP, all-reducing) D's weight
+    gradients, which G's step would only throw away."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 class GanTrainer:
     """The two players and their optimisers; ``d_step``/``g_step`` are one update of each."""
 
@@ -380,9 +396,9 @@ class GanTrainer:
         loss = self.loss.d_loss(self.D(real), self.D(fake))
         if self.gp_weight:
             loss = loss + self.gp_weight * gradient_penalty(_unwrap(self.D), real, fake, gen)
-        self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)  # gradients do not outlive the step (less memory)
         if self.clip:
             with torch.no_grad():
                 for p in self.D.parameters():
@@ -394,14 +410,15 @@ class GanTrainer:
         ``distill`` x mean |G(z) - teacher(z)| when a full-precision teacher is given (distillation)."""
         z = latent(n, self.latent_dim, gen, self.device)
         fake = self.G(z)
-        loss = self.loss.g_loss(self.D(fake))
-        if self.teacher is not None and self.distill:
-            with torch.no_grad():
-                target = self.teacher(z)
-            loss = loss + self.distill * (fake - target).abs().mean()
-        self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        with frozen(_unwrap(self.D)) as critic:
+            loss = self.loss.g_loss(critic(fake))
+            if self.teacher is not None and self.distill:
+                with torch.no_grad():
+                    target = self.teacher(z)
+                loss = loss + self.distill * (fake - target).abs().mean()
+            loss.backward()
         self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
         self._update_ema()
         return float(loss.detach())
 
