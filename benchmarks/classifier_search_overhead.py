@@ -2,7 +2,8 @@
 
 One ResNet-20 training step (32x32 single-channel inputs, SGD with momentum, cross-entropy) for the
 FP net and for 1/2/3-bit search over the ``binary`` / ``pow2-2`` / ``pow2-3`` value spaces in RDHS
-and SGT mode, first conv and last FC in full precision (the classifier trainer's rule). The
+and SGT mode, with the paper's m logits per weight and with centered logits (m - 1, the same
+trajectory under SGD), first conv and last FC in full precision (the classifier trainer's rule). The
 variants are stepped in turn, round by round, so that load changes hit them alike; the median step
 time is reported, both the wall time and the CPU time of the stepping thread (``time.thread_time``,
 run with one torch thread; other jobs on a shared machine disturb it far less). Memory is the one
@@ -35,19 +36,22 @@ from lowbit.train.classifier import (
 VALUE_SPACES = {1: "binary", 2: "pow2-2", 3: "pow2-3"}
 
 
-def search_spec(bits: int, mode: str) -> QuantSpec:
-    """The weight-search spec of the study configs (fixed scale 1, mu 0)."""
-    opts = {"values": VALUE_SPACES[bits], "scale": 1.0, "mode": mode}
+def search_spec(bits: int, mode: str, logits: str = "full") -> QuantSpec:
+    """The weight-search spec of the study configs (fixed scale 1, mu 0), in either logits layout."""
+    opts = {"values": VALUE_SPACES[bits], "scale": 1.0, "mode": mode, "logits": logits}
     return QuantSpec(weight="search", weight_bits=bits, weight_opts=opts)
 
 
 def build_variants(bits: list[int]) -> dict[str, nn.Module]:
-    """FP ResNet-20 and its RDHS / SGT conversions, all from the same initial weights."""
+    """FP ResNet-20 and its RDHS / SGT conversions with full and centered logits (exact under SGD),
+    all from the same initial weights."""
     base = create_model("resnet20", in_channels=1)
     variants: dict[str, nn.Module] = {"fp": base}
     for b in bits:
         for mode in ("rdhs", "sgt"):
-            variants[f"{mode}-w{b}"] = convert(base, classifier_spec(base, search_spec(b, mode), True))
+            for logits, suffix in (("full", ""), ("centered", "-centered")):
+                spec = classifier_spec(base, search_spec(b, mode, logits), True)
+                variants[f"{mode}-w{b}{suffix}"] = convert(base, spec)
     return variants
 
 
