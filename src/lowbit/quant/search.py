@@ -104,11 +104,12 @@ def first_argmax_value(scores: torch.Tensor, values: torch.Tensor) -> torch.Tens
     return values[m - first.long()]
 
 
-def _to_free(value_grad: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-    """dL/dlogits from dL/dtheta ([m, ...]): itself (full) or ``B^T dL/dtheta`` (centered)."""
+def _to_free(per_value: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """An [m, ...] tensor (logits, or dL/dtheta) in the parameter's layout: itself (full) or
+    ``B^T`` times it (centered, m - 1 rows)."""
     if basis is None:
-        return value_grad
-    return (basis.T @ value_grad.reshape(len(basis), -1)).reshape(-1, *value_grad.shape[1:])
+        return per_value
+    return (basis.T @ per_value.reshape(len(basis), -1)).reshape(-1, *per_value.shape[1:])
 
 
 class _StochasticGradientTransfer(torch.autograd.Function):
@@ -206,14 +207,8 @@ class SearchQuantizer(Quantizer):
         ratio = data / self._row_scale(data)
         gap = float((self.values[1:] - self.values[:-1]).min())
         nearest_first = -((ratio[None] - _along_first(self.values, ratio[None])) / gap).square()
-        self.logits.copy_(self._free_logits(nearest_first))
+        self.logits.copy_(_to_free(nearest_first, self.basis))  # B^T theta: the mean drops out
         self.fitted.fill_(True)
-
-    def _free_logits(self, value_logits: torch.Tensor) -> torch.Tensor:
-        """The stored parameter for m logits per weight: themselves, or ``B^T theta`` (centered)."""
-        if self.basis is None:
-            return value_logits
-        return (self.basis.T @ value_logits.reshape(len(self.basis), -1)).reshape(-1, *value_logits.shape[1:])
 
     def value_logits(self) -> torch.Tensor:
         """The m logits per weight, ``[m, *weight.shape]`` (with the gradient into ``logits``)."""
@@ -223,7 +218,7 @@ class SearchQuantizer(Quantizer):
         """Accept logits saved in the other layout (full <-> centered): an exact conversion."""
         stored, m = state_dict.get(prefix + "logits"), len(self.values)
         if stored is not None and self.centered and stored.shape[0] == m:
-            state_dict[prefix + "logits"] = self._free_logits(stored.to(self.basis))
+            state_dict[prefix + "logits"] = _to_free(stored.to(self.basis), self.basis)
         elif stored is not None and not self.centered and stored.shape[0] == m - 1:
             state_dict[prefix + "logits"] = _value_logits(stored, zero_sum_basis(m).to(stored))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -303,8 +298,7 @@ class SearchQuantizer(Quantizer):
         masks ``z`` as kernels; equals ``conv2d(x, scale·sum_k z_k q_k)``."""
         if not bool(self.fitted):
             self.refit(conv.weight)
-        noise = self._noise()
-        scores = self.value_logits() if noise is None else self.value_logits() + noise
+        scores = _noisy_scores(self.logits, self.basis, self._noise())
         soft = torch.softmax(scores / self.tau, dim=0)  # RDHS y (eq.2), [m, out, in/groups, kh, kw]
         hard = F.one_hot(scores.max(dim=0).indices, len(self.values)).movedim(-1, 0).to(soft.dtype)
         masks = straight_through(soft, hard)  # one-hot forward (eq.3), gradient of y (eq.4)
