@@ -43,6 +43,15 @@ def test_pick_is_the_first_argmax_value(m: int) -> None:
     assert torch.equal(first_argmax_value(scores, values), values[scores.max(dim=0).indices])
 
 
+def test_nan_logits_raise_a_clear_error() -> None:
+    quantizer = SearchQuantizer(2, shape=(4,), values="pow2-2", scale=1.0)
+    quantizer.refit(torch.randn(4))
+    with torch.no_grad():
+        quantizer.logits[:, 2] = float("nan")
+    with pytest.raises(ConfigError, match="logits hold NaN"):
+        quantizer(torch.zeros(4))
+
+
 def _search_with_random_logits(shape: tuple[int, ...], logits: str, **opts) -> SearchQuantizer:
     quantizer = SearchQuantizer(2, shape=shape, values="pow2-2", scale=1.0, logits=logits, **opts)
     quantizer.refit(torch.randn(*shape))

@@ -101,6 +101,9 @@ def first_argmax_value(scores: torch.Tensor, values: torch.Tensor) -> torch.Tens
     hits = (scores == scores.amax(dim=0)).to(torch.int8)
     rank = torch.arange(m, 0, -1, dtype=torch.int8, device=scores.device)  # m - k: the first hit wins
     first = (hits * _along_first(rank, hits)).amax(dim=0)
+    if not bool(first.all()):  # a weight with no maximum: its scores hold NaN
+        raise ConfigError("search: the logits hold NaN, so no value can be picked; training diverged - "
+                          "lower the learning rate or resume from the last good checkpoint")
     return values[m - first.long()]
 
 
