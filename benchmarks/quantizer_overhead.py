@@ -1,7 +1,9 @@
 """Training-step overhead of each lowbit weight quantizer vs FP32, with Brevitas as the peer column.
 
-One DCGAN G + D training step (28x28, batch 64, BCE, the GAN trainer's fused Adam 2e-4) on CPU,
-weights of G and D quantized (weight-only QAT, the same setting for Brevitas's QuantConv2d /
+One DCGAN G + D training step (28x28, batch 64, BCE, the GAN trainer's fused Adam 2e-4) on CPU:
+the classic step (one G forward feeds both updates; default) or, with ``--step trainer``, lowbit's
+own ``GanTrainer`` step (D's batch generated without a graph, G's update on fresh latents). Weights
+of G and D quantized (weight-only QAT, the same setting for Brevitas's QuantConv2d /
 QuantConvTranspose2d).
 Time is the CPU time of the stepping thread (``time.thread_time``; run with one torch thread),
 which other jobs on a shared machine disturb far less than wall time; steps of all variants
@@ -32,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import lowbit
 from lowbit.models import create_model
 from lowbit.quant import fit_em
-from lowbit.train.gan import frozen
+from lowbit.train.gan import GanConfig, GanTrainer, frozen, seeded_generator
 from lowbit.train.gan_losses import get_loss, make_optimizer
 
 BATCH = 64
@@ -49,6 +51,7 @@ class Variant:
     discriminator: nn.Module | None = None
     g_opt: torch.optim.Optimizer | None = None
     d_opt: torch.optim.Optimizer | None = None
+    step: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
 
 def lowbit_variant(name: str, method: str, bits: int, opts: dict | None = None) -> Variant:
@@ -106,7 +109,9 @@ def variants(bits: int) -> list[Variant]:
     ]
 
 
-def prepare(variant: Variant, seed: int) -> None:
+def prepare(variant: Variant, seed: int, kind: str = "classic") -> None:
+    """Build the variant's G and D and its step: ``classic`` (:func:`classic_step`) or ``trainer``
+    (lowbit's own ``GanTrainer.d_step`` + ``g_step``)."""
     torch.manual_seed(seed)
     generator = create_model("dcgan-g-28")
     discriminator = create_model("dcgan-d-28")
@@ -116,8 +121,13 @@ def prepare(variant: Variant, seed: int) -> None:
     else:
         variant.generator = variant.build(generator)
     variant.discriminator = variant.build(discriminator)
-    variant.g_opt = gan_optimizer(variant.generator)
-    variant.d_opt = gan_optimizer(variant.discriminator)
+    if kind == "trainer":
+        trainer = GanTrainer(GanConfig(), variant.generator, variant.discriminator, torch.device("cpu"))
+        variant.step = lambda real, noise: trainer_step(trainer, real)
+    else:
+        variant.g_opt = gan_optimizer(variant.generator)
+        variant.d_opt = gan_optimizer(variant.discriminator)
+        variant.step = lambda real, noise: classic_step(variant, real, noise)
 
 
 def gan_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -127,8 +137,20 @@ def gan_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> None:
-    """One DCGAN step in the GAN trainer's order: D on real + fake, then G through a frozen D;
-    gradients are freed right after each optimiser step."""
+    variant.step(real, noise)
+
+
+def trainer_step(trainer: GanTrainer, real: torch.Tensor) -> None:
+    """lowbit's GAN trainer step: D on real + a batch generated without a graph, then G on fresh
+    latents through a frozen D (two G forwards per step)."""
+    trainer.d_step(real, seeded_generator(1))
+    trainer.g_step(len(real), seeded_generator(2))
+
+
+def classic_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> None:
+    """The classic DCGAN step (the PyTorch DCGAN example's order): one G forward feeds D's update
+    (detached) and G's update, so G's graph stays alive through D's step; G's update runs through a
+    frozen D and gradients are freed after each optimiser step, as in the trainer."""
     generator, discriminator = variant.generator, variant.discriminator
     ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
     fake = generator(noise)
@@ -143,11 +165,12 @@ def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> Non
     variant.g_opt.zero_grad(set_to_none=True)
 
 
-def allocator_peak(variant: Variant, real: torch.Tensor, noise: torch.Tensor, warmup: int = 2) -> int:
+def allocator_peak(variant: Variant, real: torch.Tensor, noise: torch.Tensor, kind: str,
+                   warmup: int = 2) -> int:
     """The most bytes live in the CPU allocator during one training step, counting every tensor
     allocated since the models were built (the variant is re-prepared under the profiler)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        prepare(variant, seed=0)
+        prepare(variant, seed=0, kind=kind)
         for _ in range(warmup):  # Adam's moments exist from the first step on
             train_step(variant, real, noise)
         with record_function("measured_step"):
@@ -173,12 +196,12 @@ def em_fit_seconds_per_million(bits: int, per_channel: bool) -> float:
     return (time.thread_time() - start) / (weights.numel() / 1e6)
 
 
-def run(bits: int, rounds: int, warmup: int) -> dict:
+def run(bits: int, rounds: int, warmup: int, kind: str) -> dict:
     real = torch.rand(BATCH, 1, 28, 28) * 2 - 1
     noise = torch.randn(BATCH, create_model("dcgan-g-28").latent_dim)
     chosen = variants(bits)
     for variant in chosen:
-        prepare(variant, seed=0)
+        prepare(variant, seed=0, kind=kind)
         for _ in range(warmup):
             train_step(variant, real, noise)
     times: list[list[float]] = [[] for _ in chosen]
@@ -188,14 +211,14 @@ def run(bits: int, rounds: int, warmup: int) -> dict:
             train_step(variant, real, noise)
             spent.append(time.thread_time() - start)
     step = [statistics.median(spent) for spent in times]
-    peak = [allocator_peak(v, real, noise) for v in chosen]
+    peak = [allocator_peak(v, real, noise, kind) for v in chosen]
     rows = [{"method": v.name, "bits": v.bits, "step_ms": 1e3 * step[i], "time_ratio": step[i] / step[0],
              "peak_mb": peak[i] / 2**20, "peak_ratio": peak[i] / peak[0],
              "target_time": TARGETS.get(v.name)} for i, v in enumerate(chosen)]
     em_fit = {f"{'per-channel' if pc else 'per-tensor'} {k}-bit": em_fit_seconds_per_million(k, pc)
               for pc in (False, True) for k in (2, 4)}
     return {"rows": rows, "em_fit_s_per_million": em_fit, "threads": torch.get_num_threads(),
-            "rounds": rounds}
+            "rounds": rounds, "step": kind}
 
 
 def markdown(result: dict) -> str:
@@ -216,12 +239,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--step", choices=("classic", "trainer"), default="classic",
+                        help="classic DCGAN step (one G forward for both updates) or lowbit's trainer step")
     parser.add_argument("--json", help="also write the result as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.bits, args.rounds, args.warmup)
+    result = run(args.bits, args.rounds, args.warmup, args.step)
     print(markdown(result))
-    print(f"\nthreads={result['threads']} rounds={result['rounds']} batch={BATCH}")
+    print(f"\nthreads={result['threads']} rounds={result['rounds']} batch={BATCH} step={result['step']}")
     if args.json:
         lowbit.io.atomic_write_text(args.json, json.dumps(result, indent=2))
 
