@@ -81,6 +81,29 @@ def test_keep_full_precision_and_overrides() -> None:
     assert (q[0].quantized_weight() - w).abs().max() <= half_step * 1.001
 
 
+@pytest.mark.parametrize("logits", ["full", "centered"])
+def test_frozen_search_weights_equal_the_picks_after_training_moved_the_logits(logits: str) -> None:
+    """The exported codes (argmax of the logits) equal the values the forward picked (the cached,
+    comparison-based pick), in both logits layouts, once training has moved the logits off their start."""
+    torch.manual_seed(2)
+    build, shape = NETS["G"]
+    q = convert(build(), QuantSpec(weight="search", weight_bits=2, weight_opts={"logits": logits})).train()
+    layers = {name: m for name, m in q.named_modules() if hasattr(m, "quantized_weight")}
+    start = {name: m.weight_quantizer.value_logits().argmax(0) for name, m in layers.items()}
+    opt = torch.optim.Adam([p for p in q.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        q(_inputs(shape)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    picked = {name: m.quantized_weight().detach() for name, m in layers.items()}
+    assert any(not torch.equal(m.weight_quantizer.value_logits().argmax(0), start[name])
+               for name, m in layers.items())  # training changed some picks
+    frozen = {name: f for name, f in freeze(q).items() if isinstance(f, FrozenLayer)}
+    assert frozen.keys() == picked.keys()
+    for name, layer in frozen.items():
+        assert torch.equal(layer.dequantize(), picked[name]), name
+
+
 @pytest.mark.parametrize("net", sorted(NETS))
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
 def test_freeze_dequantize_reproduces_the_simulated_forward_exactly(method: str, net: str) -> None:
