@@ -243,3 +243,46 @@ def test_unknown_lr_decay_is_refused_with_a_suggestion():
 
     with pytest.raises(ConfigError, match="unknown lr_decay 'linar' \\(did you mean 'linear'\\?\\)"):
         from_dict(GanConfig, {**BASE, "lr_decay": "linar"})
+
+
+SEARCH_SPEC = {"weight": "search", "weight_bits": 2, "weight_opts": {"mode": "sgt", "logits": "centered"}}
+
+
+def test_search_sgd_trains_the_logits_with_sgd_and_the_rest_with_adam(fp_checkpoint):
+    from lowbit.quant.search import SearchQuantizer
+    from lowbit.train.gan import GanTrainer
+
+    cfg = qat_config(fp_checkpoint, SEARCH_SPEC, SEARCH_SPEC, search_sgd={"lr": 0.05, "momentum": 0.8})
+    G, D = build_networks(cfg)
+    trainer = GanTrainer(cfg, G, D, torch.device("cpu"))
+    for model, opt in ((G, trainer.opt_g), (D, trainer.opt_d)):
+        logits = {id(m.logits) for m in model.modules() if isinstance(m, SearchQuantizer)}
+        adam, sgd = opt.optimizers
+        assert isinstance(adam, torch.optim.Adam) and isinstance(sgd, torch.optim.SGD)
+        assert {id(p) for g in sgd.param_groups for p in g["params"]} == logits
+        assert not logits & {id(p) for g in adam.param_groups for p in g["params"]}
+        assert sgd.param_groups[0]["lr"] == 0.05 and sgd.param_groups[0]["momentum"] == 0.8
+    before = {n: p.detach().clone() for n, p in G.named_parameters() if n.endswith("logits")}
+    trainer.g_step(8, torch.Generator().manual_seed(0))
+    moved = [not torch.equal(before[n], p) for n, p in G.named_parameters() if n.endswith("logits")]
+    assert any(moved)
+    sgd = trainer.opt_g.optimizers[1]
+    assert all(sgd.state[p]["momentum_buffer"] is not None for p in sgd.param_groups[0]["params"])
+
+
+def test_search_sgd_resume_reproduces_an_uninterrupted_run(fp_checkpoint, tmp_path):
+    runs = {}
+    for name, steps, resume in (("full", 8, False), ("cut", 4, False), ("cut", 8, True)):
+        cfg = qat_config(fp_checkpoint, SEARCH_SPEC, SEARCH_SPEC, steps=steps, checkpoint_every=4,
+                         log_every=4, search_sgd={"lr": 0.1})
+        runs[name] = train_gan(cfg, tmp_path / name, resume=resume, progress=False)
+    assert runs["cut"].history == runs["full"].history
+
+
+def test_search_sgd_out_of_range_is_refused():
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search_sgd: need lr > 0"):
+        from_dict(GanConfig, {**BASE, "search_sgd": {"lr": 0.0}})
+    with pytest.raises(ConfigError, match="momentum"):
+        from_dict(GanConfig, {**BASE, "search_sgd": {"lr": 0.1, "momentum": 1.0}})

@@ -30,6 +30,7 @@ from lowbit.nn import QuantSpec
 from lowbit.report.html import HtmlReport
 from lowbit.train.gan import (
     GanConfig,
+    SearchSGD,
     TrainResult,
     build_networks,
     checkpoint_config,
@@ -53,6 +54,7 @@ class QatSettings:
     distill: float = 0.0
     ema: float = 0.0
     lr_decay: str = "constant"
+    search_sgd: SearchSGD | None = None
     data_limit: int | None = None
     eval_every: int = 0
     eval_samples: int = 1000
@@ -134,6 +136,7 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanCo
         distill=qat.distill,
         ema=qat.ema,
         lr_decay=qat.lr_decay,
+        search_sgd=qat.search_sgd,
         steps=qat.steps,
         batch_size=qat.batch_size or pretrained.batch_size,
         seed=qat.seed,

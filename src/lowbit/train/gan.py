@@ -36,8 +36,10 @@ from lowbit.errors import CheckpointError, ConfigError, LowbitError
 from lowbit.io import atomic_write_text
 from lowbit.models import create_model
 from lowbit.nn import QuantSpec, anneal, convert
+from lowbit.quant.search import SearchQuantizer
 from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
+from lowbit.train.optim import Optimizers, fused_if_supported
 
 #: a callback ``evaluator(generator, step) -> {"fid": ..., "is": ...}`` run on rank 0 (G in eval mode).
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
@@ -75,6 +77,21 @@ class NetSpec:
 
 
 @dataclass
+class SearchSGD:
+    """SGD with momentum for the search logits, as seed 002 §3.1 trains them; every other parameter
+    keeps the loss's optimiser. With ``logits: centered`` the logits' trajectory is then exactly
+    the full-logit one (docs/quantizers.md), and the logits carry one optimiser state, not two."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 0 <= self.momentum < 1):
+            raise ConfigError(f"search_sgd: need lr > 0 and 0 <= momentum < 1, got lr={self.lr}, "
+                              f"momentum={self.momentum}")
+
+
+@dataclass
 class GanConfig:
     """Everything ``train_gan`` needs; loss-dependent fields left None take the loss paper's default."""
 
@@ -93,6 +110,7 @@ class GanConfig:
     distill: float = 0.0
     ema: float = 0.0
     lr_decay: str = "constant"
+    search_sgd: SearchSGD | None = None
     seed: int = 0
     device: str = "cpu"
     threads: int = 0
@@ -323,6 +341,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],
+                      search_sgd: SearchSGD | None = None) -> torch.optim.Optimizer | Optimizers:
+    """The loss's optimiser over ``model``; with ``search_sgd``, its search logits go to a fused SGD
+    with momentum instead (seed 002 §3.1) and the rest stays with the loss's optimiser."""
+    logits = [m.logits for m in model.modules() if isinstance(m, SearchQuantizer)]
+    if search_sgd is None or not logits:
+        return make_optimizer(loss, model.parameters(), lr, betas)
+    chosen = {id(p) for p in logits}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    sgd = torch.optim.SGD(logits, lr=search_sgd.lr, momentum=search_sgd.momentum,
+                          fused=fused_if_supported(logits))
+    return Optimizers([make_optimizer(loss, rest, lr, betas), sgd])
+
+
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with its trainable parameters' ``requires_grad`` off inside the block. G's update
@@ -356,10 +388,9 @@ class GanTrainer:
         self.distill = cfg.distill
         self.latent_dim = int(_unwrap(generator).latent_dim)
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
-        self.opt_g = make_optimizer(self.loss, self.G.parameters(), cfg.generator.lr or self.loss.lr, betas)
-        self.opt_d = make_optimizer(
-            self.loss, self.D.parameters(), cfg.discriminator.lr or self.loss.lr, betas
-        )
+        g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
+        self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas, cfg.search_sgd)
+        self.opt_d = network_optimizer(self.loss, self.D, d_lr, betas, cfg.search_sgd)
         self.clip = cfg.clip if cfg.clip is not None else self.loss.clip
         self.gp_weight = cfg.gp_weight if cfg.gp_weight is not None else self.loss.gp_weight
         self.n_critic = cfg.n_critic or self.loss.n_critic
