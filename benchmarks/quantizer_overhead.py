@@ -34,12 +34,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import lowbit
 from lowbit.models import create_model
 from lowbit.quant import fit_em
-from lowbit.train.gan import GanConfig, GanTrainer, frozen, seeded_generator
-from lowbit.train.gan_losses import get_loss, make_optimizer
+from lowbit.train.gan import GanConfig, GanTrainer, SearchSGD, frozen, network_optimizer, seeded_generator
+from lowbit.train.gan_losses import get_loss
+from lowbit.train.optim import Optimizers
 
 BATCH = 64
 TARGETS = {"minmax": 1.15, "log": 1.15, "tanh": 1.15, "dorefa": 1.15, "bwn": 1.15, "em": 1.2, "lq": 1.4,
-           "search-sgt": 1.4, "search-rdhs": 1.8, "search-sgt-centered": 1.4, "search-rdhs-centered": 1.8}
+           "search-sgt": 1.4, "search-rdhs": 1.8, "search-sgt-centered": 1.4, "search-rdhs-centered": 1.8,
+           "search-sgt-centered-sgd": 1.4}
 
 
 @dataclass
@@ -52,11 +54,13 @@ class Variant:
     g_opt: torch.optim.Optimizer | None = None
     d_opt: torch.optim.Optimizer | None = None
     step: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    search_sgd: SearchSGD | None = None
 
 
-def lowbit_variant(name: str, method: str, bits: int, opts: dict | None = None) -> Variant:
+def lowbit_variant(name: str, method: str, bits: int, opts: dict | None = None,
+                   search_sgd: SearchSGD | None = None) -> Variant:
     spec = lowbit.QuantSpec(weight=method, weight_bits=bits, weight_opts=opts or {})
-    return Variant(name, bits, lambda model: lowbit.convert(model, spec))
+    return Variant(name, bits, lambda model: lowbit.convert(model, spec), search_sgd=search_sgd)
 
 
 def brevitas_variant(bits: int) -> Variant:
@@ -104,6 +108,10 @@ def variants(bits: int) -> list[Variant]:
         lowbit_variant("search-sgt", "search", 1, {"mode": "sgt"}),
         lowbit_variant("search-rdhs", "search", 1, {"mode": "rdhs"}),
         lowbit_variant("search-sgt-centered", "search", 1, {"mode": "sgt", "logits": "centered"}),
+        lowbit_variant("search-sgt-centered-sgd", "search", bits, {"mode": "sgt", "logits": "centered"},
+                       SearchSGD()),
+        lowbit_variant("search-sgt-centered-sgd", "search", 1, {"mode": "sgt", "logits": "centered"},
+                       SearchSGD()),
         lowbit_variant("search-rdhs-expand", "search", bits, {"mode": "rdhs", "form": "expand"}),
         brevitas_variant(bits),
     ]
@@ -122,18 +130,19 @@ def prepare(variant: Variant, seed: int, kind: str = "classic") -> None:
         variant.generator = variant.build(generator)
     variant.discriminator = variant.build(discriminator)
     if kind == "trainer":
-        trainer = GanTrainer(GanConfig(), variant.generator, variant.discriminator, torch.device("cpu"))
+        trainer = GanTrainer(GanConfig(search_sgd=variant.search_sgd), variant.generator,
+                             variant.discriminator, torch.device("cpu"))
         variant.step = lambda real, noise: trainer_step(trainer, real)
     else:
-        variant.g_opt = gan_optimizer(variant.generator)
-        variant.d_opt = gan_optimizer(variant.discriminator)
+        variant.g_opt = gan_optimizer(variant.generator, variant.search_sgd)
+        variant.d_opt = gan_optimizer(variant.discriminator, variant.search_sgd)
         variant.step = lambda real, noise: classic_step(variant, real, noise)
 
 
-def gan_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """The GAN trainer's optimiser (Adam 2e-4, betas 0.5/0.999, fused) over the trainable parameters."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return make_optimizer(get_loss("dcgan"), trainable, 2e-4, (0.5, 0.999))
+def gan_optimizer(model: nn.Module, search_sgd: SearchSGD | None) -> torch.optim.Optimizer | Optimizers:
+    """The GAN trainer's optimiser (Adam 2e-4, betas 0.5/0.999, fused; search logits on SGD with
+    ``search_sgd``)."""
+    return network_optimizer(get_loss("dcgan"), model, 2e-4, (0.5, 0.999), search_sgd)
 
 
 def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> None:

@@ -97,3 +97,23 @@ def test_run_with_a_corrupted_pretrained_checkpoint(pretrained, tmp_path, capsys
     assert main(["run", str(run_config(tmp_path / "bad.yaml", broken, out)), "--quiet"]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_run_and_pretrain_configs_load(path):
+    """Every top-level config is a valid `lowbit run` or `lowbit train` config; a run config's
+    networks build from the shipped checkpoint with its quantizer options (search layouts, ...)."""
+    from lowbit.config import load_config
+    from lowbit.pipeline import RunConfig, qat_config
+    from lowbit.train.gan import build_networks, checkpoint_config, resolve_checkpoint
+
+    if path.stem.startswith("pretrain-"):
+        assert load_config(GanConfig, path).steps >= 1
+        return
+    cfg = load_config(RunConfig, path)
+    checkpoint = resolve_checkpoint(cfg.pretrained)
+    networks = build_networks(qat_config(cfg, checkpoint_config(checkpoint), checkpoint))
+    for network, spec in zip(networks, (cfg.generator_quant, cfg.discriminator_quant), strict=True):
+        methods = {m.weight_quantizer.method for m in network.modules() if hasattr(m, "weight_quantizer")}
+        assert (spec.weight in methods) if spec is not None and spec.weight else not methods
