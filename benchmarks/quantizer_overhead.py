@@ -41,7 +41,7 @@ from lowbit.train.optim import Optimizers
 BATCH = 64
 TARGETS = {"minmax": 1.15, "log": 1.15, "tanh": 1.15, "dorefa": 1.15, "bwn": 1.15, "em": 1.2, "lq": 1.4,
            "search-sgt": 1.4, "search-rdhs": 1.8, "search-sgt-centered": 1.4, "search-rdhs-centered": 1.8,
-           "search-sgt-centered-sgd": 1.4}
+           "search-sgt-centered-sgd": 1.4, "search-rdhs-centered-sgd": 1.8}
 
 
 @dataclass
@@ -110,7 +110,11 @@ def variants(bits: int) -> list[Variant]:
         lowbit_variant("search-sgt-centered", "search", 1, {"mode": "sgt", "logits": "centered"}),
         lowbit_variant("search-sgt-centered-sgd", "search", bits, {"mode": "sgt", "logits": "centered"},
                        SearchSGD()),
+        lowbit_variant("search-rdhs-centered-sgd", "search", bits, {"mode": "rdhs", "logits": "centered"},
+                       SearchSGD()),
         lowbit_variant("search-sgt-centered-sgd", "search", 1, {"mode": "sgt", "logits": "centered"},
+                       SearchSGD()),
+        lowbit_variant("search-rdhs-centered-sgd", "search", 1, {"mode": "rdhs", "logits": "centered"},
                        SearchSGD()),
         lowbit_variant("search-rdhs-expand", "search", bits, {"mode": "rdhs", "form": "expand"}),
         brevitas_variant(bits),

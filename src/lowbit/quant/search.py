@@ -149,12 +149,15 @@ class _HardSampledSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         free, basis, noise, values, tau = ctx.saved_tensors
-        scores = _noisy_scores(free, basis, noise)
-        soft = (scores - scores.amax(dim=0)).div_(tau).exp_()
+        soft = _noisy_scores(free, basis, noise)
+        soft = soft - soft.amax(dim=0)  # never in place: without basis and noise it is the parameter
+        soft.div_(tau).exp_()
         soft.div_(soft.sum(dim=0))
-        column = _along_first(values, scores)
-        relaxed = (soft * column).sum(dim=0)
-        return _to_free((column - relaxed).mul_(soft).mul_(grad / tau), basis), None, None, None, None, None
+        relaxed = torch.tensordot(values, soft, dims=1)  # sum_i y_i q_i, no [m, N] product
+        # y_j (q_j - relaxed) = y_j q_j - y_j relaxed, built in two [m, N] buffers
+        weighted = soft * _along_first(values, soft)
+        weighted.sub_(soft.mul_(relaxed)).mul_(grad / tau)
+        return _to_free(weighted, basis), None, None, None, None, None
 
 
 def _noisy_scores(free: torch.Tensor, basis: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
