@@ -43,6 +43,27 @@ def test_pick_is_the_first_argmax_value(m: int) -> None:
     assert torch.equal(first_argmax_value(scores, values), values[scores.max(dim=0).indices])
 
 
+def test_the_pick_is_shared_while_alive_and_not_kept_after() -> None:
+    import gc
+    import pickle
+
+    quantizer = SearchQuantizer(2, shape=(6, 4), values="pow2-2", scale=1.0, mode="sgt").train()
+    quantizer.refit(torch.randn(6, 4))
+    first = quantizer.picked_values()
+    held = (first * 2).sum()  # a graph holds the pick, as a layer's forward does
+    second = quantizer.picked_values()
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # one pick, shared
+    del first, second, held
+    gc.collect()
+    assert quantizer.__dict__["_pick_cache"][1]() is None  # nothing held once the graphs are gone
+    with torch.no_grad():
+        quantizer.logits.add_(torch.randn(quantizer.logits.shape))
+    picked = quantizer.picked_values().detach()
+    assert torch.equal(picked, quantizer.values[quantizer.value_logits().argmax(0)])
+    clone = pickle.loads(pickle.dumps(quantizer))
+    assert torch.equal(clone.picked_values(), picked)
+
+
 def test_nan_logits_raise_a_clear_error() -> None:
     quantizer = SearchQuantizer(2, shape=(4,), values="pow2-2", scale=1.0)
     quantizer.refit(torch.randn(4))

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -264,29 +265,35 @@ class SearchQuantizer(Quantizer):
 
     def picked_values(self) -> torch.Tensor:
         """Unscaled selected values with the RDHS or SGT gradient into the logits. The pick is
-        reused while the logits are unchanged (a GAN step runs D three times on the same weights),
-        except when RDHS samples Gumbel noise."""
+        shared while the logits are unchanged and it is still alive (e.g. D(real) and D(fake) of
+        one GAN step), except when RDHS samples Gumbel noise."""
         noise = self._noise()
         if noise is not None:
             picked = first_argmax_value(_noisy_scores(self.logits.detach(), self.basis, noise), self.values)
         else:
-            picked = self._cached_pick()
+            picked = self._shared_pick()
         if self.mode == "sgt":
             return _StochasticGradientTransfer.apply(self.logits, self.basis, self.values, picked)
         return _HardSampledSoftmax.apply(self.logits, self.basis, noise, self.values, self.tau, picked)
 
-    def _cached_pick(self) -> torch.Tensor:
+    def _shared_pick(self) -> torch.Tensor:
+        """The pick of the current logits, reused through a weak reference: it lives exactly as long
+        as a graph (or caller) holds it, so sharing costs no memory between uses."""
         logits = self.logits
         key = (logits._version, logits.data_ptr(), logits.device, logits.dtype)
         cached = self.__dict__.get("_pick_cache")
-        if logits.is_inference() or cached is None or cached[0] != key:
+        picked = cached[1]() if cached is not None and cached[0] == key else None
+        if picked is None:
             with torch.no_grad():
                 picked = first_argmax_value(_value_logits(logits.detach(), self.basis), self.values)
-            if logits.is_inference():  # inference tensors have no version counter
-                return picked
-            cached = (key, picked)
-            self.__dict__["_pick_cache"] = cached
-        return cached[1]
+            if not logits.is_inference():  # inference tensors have no version counter
+                self.__dict__["_pick_cache"] = (key, weakref.ref(picked))
+        return picked
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_pick_cache", None)  # a weak reference does not pickle, and is only a cache
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.fitted):
