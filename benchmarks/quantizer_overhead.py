@@ -149,10 +149,6 @@ def gan_optimizer(model: nn.Module, search_sgd: SearchSGD | None) -> torch.optim
     return network_optimizer(get_loss("dcgan"), model, 2e-4, (0.5, 0.999), search_sgd)
 
 
-def train_step(variant: Variant, real: torch.Tensor, noise: torch.Tensor) -> None:
-    variant.step(real, noise)
-
-
 def trainer_step(trainer: GanTrainer, real: torch.Tensor) -> None:
     """lowbit's GAN trainer step: D on real + a batch generated without a graph, then G on fresh
     latents through a frozen D (two G forwards per step)."""
@@ -185,9 +181,9 @@ def allocator_peak(variant: Variant, real: torch.Tensor, noise: torch.Tensor, ki
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         prepare(variant, seed=0, kind=kind)
         for _ in range(warmup):  # Adam's moments exist from the first step on
-            train_step(variant, real, noise)
+            variant.step(real, noise)
         with record_function("measured_step"):
-            train_step(variant, real, noise)
+            variant.step(real, noise)
     events = prof.profiler.kineto_results.events()
     step = next(e for e in events if e.name() == "measured_step")
     allocations = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
@@ -216,12 +212,12 @@ def run(bits: int, rounds: int, warmup: int, kind: str) -> dict:
     for variant in chosen:
         prepare(variant, seed=0, kind=kind)
         for _ in range(warmup):
-            train_step(variant, real, noise)
+            variant.step(real, noise)
     times: list[list[float]] = [[] for _ in chosen]
     for _ in range(rounds):
         for variant, spent in zip(chosen, times, strict=True):
             start = time.thread_time()
-            train_step(variant, real, noise)
+            variant.step(real, noise)
             spent.append(time.thread_time() - start)
     step = [statistics.median(spent) for spent in times]
     peak = [allocator_peak(v, real, noise, kind) for v in chosen]

@@ -386,6 +386,26 @@ inline const uint64_t* patch_origin(const ConvArgs& a, int64_t i, int64_t qh, in
   return a.x + ((i * a.hp + qh * a.in_step_h) * a.wp + qw * a.in_step_w) * a.wc;
 }
 
+// One output pixel of the register kernels: its patch origin in the padded input, its base and output
+// rows, and the set bits of its patch words (the ``positives`` of the combine).
+struct Pixel {
+  const uint64_t* px;
+  const double* base;
+  float* out;
+  int64_t positives;
+};
+
+__attribute__((target("popcnt"))) inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f, int64_t i,
+                                                        int64_t qh, int64_t qw, int64_t oh) {
+  const int64_t ow = qw * a.out_step_w + f.pw;
+  Pixel p{patch_origin(a, i, qh, qw), a.base + (oh * a.wo + ow) * a.co,
+          a.out + ((i * a.ho + oh) * a.wo + ow) * a.co, 0};
+  for (const int64_t off : f.offs) {
+    for (int64_t k = 0; k < a.wc; ++k) p.positives += static_cast<int64_t>(_mm_popcnt_u64(p.px[off + k]));
+  }
+  return p;
+}
+
 // Generic per-row loop (any co, planes): gathers the patch, Rows() counts every (plane, channel) row.
 // Written once and inlined into each ISA's wrapper, so the compiler vectorizes the combine for that ISA.
 template <RowsFn Rows, WordsFn Words>
@@ -425,22 +445,15 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
   const int64_t* offs = f.offs.data();
   const int64_t blocks = co / (8 * CV);
   for (int64_t qw = 0; qw < f.n_qw; ++qw) {
-    const int64_t ow = qw * a.out_step_w + f.pw;
-    const uint64_t* px = patch_origin(a, i, qh, qw);
-    const double* base = a.base + (oh * a.wo + ow) * co;
-    float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
-    int64_t positives = 0;
-    for (int64_t t = 0; t < taps; ++t) {
-      for (int64_t k = 0; k < wc; ++k) positives += static_cast<int64_t>(_mm_popcnt_u64(px[offs[t] + k]));
-    }
-    const __m512d pos = _mm512_set1_pd(static_cast<double>(positives));
+    const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
+    const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const int64_t c0 = cb * 8 * CV;
       __m512i acc[P * CV];
       for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
       const uint64_t* wrow = f.w_t + c0;
       for (int64_t t = 0; t < taps; ++t) {
-        const uint64_t* src = px + offs[t];
+        const uint64_t* src = pixel.px + offs[t];
         for (int64_t k = 0; k < wc; ++k, wrow += rp) {
           const __m512i xv = _mm512_set1_epi64(static_cast<long long>(src[k]));
           for (int b = 0; b < P; ++b) {
@@ -453,11 +466,11 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
       }
       for (int v = 0; v < CV; ++v) {
         const int64_t c = c0 + 8 * v;
-        __m512d r = _mm512_add_pd(_mm512_loadu_pd(base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
+        __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
         for (int b = 0; b < P; ++b) {
           r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
         }
-        _mm256_storeu_ps(out + c, _mm512_cvtpd_ps(r));
+        _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
       }
     }
   }
@@ -480,15 +493,8 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
   const __m256i zero = _mm256_setzero_si256();
   const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
   for (int64_t qw = 0; qw < f.n_qw; ++qw) {
-    const int64_t ow = qw * a.out_step_w + f.pw;
-    const uint64_t* px = patch_origin(a, i, qh, qw);
-    const double* base = a.base + (oh * a.wo + ow) * co;
-    float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
-    int64_t positives = 0;
-    for (int64_t t = 0; t < taps; ++t) {
-      for (int64_t k = 0; k < wc; ++k) positives += static_cast<int64_t>(_mm_popcnt_u64(px[offs[t] + k]));
-    }
-    const __m256d pos = _mm256_set1_pd(static_cast<double>(positives));
+    const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
+    const __m256d pos = _mm256_set1_pd(static_cast<double>(pixel.positives));
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const int64_t c0 = cb * 4 * CV;
       __m256i acc[P * CV], bytes[P * CV];
@@ -496,7 +502,7 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
       const uint64_t* wrow = f.w_t + c0;
       int pending = 0;
       for (int64_t t = 0; t < taps; ++t) {
-        const uint64_t* src = px + offs[t];
+        const uint64_t* src = pixel.px + offs[t];
         for (int64_t k = 0; k < wc; ++k, wrow += rp) {
           const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(src[k]));
           for (int b = 0; b < P; ++b) {
@@ -519,14 +525,14 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
       }
       for (int v = 0; v < CV; ++v) {
         const int64_t c = c0 + 4 * v;
-        __m256d r = _mm256_add_pd(_mm256_loadu_pd(base + c), _mm256_mul_pd(_mm256_loadu_pd(a.offset2 + c), pos));
+        __m256d r = _mm256_add_pd(_mm256_loadu_pd(pixel.base + c), _mm256_mul_pd(_mm256_loadu_pd(a.offset2 + c), pos));
         for (int b = 0; b < P; ++b) {
           const __m256i count = _mm256_add_epi64(acc[b * CV + v], _mm256_sad_epu8(bytes[b * CV + v], zero));
           const __m256d cd = _mm256_cvtepi32_pd(
               _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(count, low_dwords)));
           r = _mm256_add_pd(r, _mm256_mul_pd(_mm256_loadu_pd(a.coef2 + b * co + c), cd));
         }
-        _mm_storeu_ps(out + c, _mm256_cvtpd_ps(r));
+        _mm_storeu_ps(pixel.out + c, _mm256_cvtpd_ps(r));
       }
     }
   }
