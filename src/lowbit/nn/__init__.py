@@ -5,9 +5,10 @@ See docs/quantizers.md for usage and the training hooks.
 
 from lowbit.nn.convert import HIDDEN_ACTIVATIONS, FrozenAct, FrozenLayer, convert, freeze
 from lowbit.nn.layers import QuantAct, QuantConv2d, QuantConvTranspose2d, QuantLinear
-from lowbit.nn.schedule import anneal, refit, set_temperature
+from lowbit.nn.rprelu import RPReLU
+from lowbit.nn.schedule import anneal, param_group, quantize_weights, refit, set_temperature
 from lowbit.nn.spec import QuantSpec
 
 __all__ = ["HIDDEN_ACTIVATIONS", "FrozenAct", "FrozenLayer", "QuantAct", "QuantConv2d",
-           "QuantConvTranspose2d", "QuantLinear", "QuantSpec", "anneal", "convert", "freeze", "refit",
-           "set_temperature"]
+           "QuantConvTranspose2d", "QuantLinear", "QuantSpec", "RPReLU", "anneal", "convert", "freeze",
+           "param_group", "quantize_weights", "refit", "set_temperature"]
