@@ -52,6 +52,8 @@ class QatSettings:
     lr_g: float | None = None
     lr_d: float | None = None
     distill: float = 0.0
+    distill_features: float = 0.0
+    weights_from_step: int = 0
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
@@ -134,6 +136,8 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanCo
         discriminator=discriminator,
         init_from=str(checkpoint),
         distill=qat.distill,
+        distill_features=qat.distill_features,
+        weights_from_step=qat.weights_from_step,
         ema=qat.ema,
         lr_decay=qat.lr_decay,
         search_sgd=qat.search_sgd,
@@ -348,7 +352,9 @@ def _spec_rows(cfg: RunConfig) -> list[dict[str, Any]]:
         weights = f"W{spec.weight_bits} {spec.weight}" if spec.quantizes_weights else "W32"
         acts = f"A{spec.act_bits} {spec.act}" if spec.quantizes_acts else "A32"
         kept = f", kept FP: {', '.join(spec.keep_full_precision)}" if spec.keep_full_precision else ""
-        return f"{weights} / {acts}{kept}"
+        rprelu = ", RPReLU before each quantized activation" if spec.rprelu else ""
+        layers = "".join(f"; layer {pattern}: {settings}" for pattern, settings in spec.overrides.items())
+        return f"{weights} / {acts}{rprelu}{kept}{layers}"
 
     return [
         {"network": "generator", "quantization": describe(cfg.generator_quant)},

@@ -25,7 +25,8 @@ class QuantSpec:
     ``per_channel``: one codebook per output channel. ``rprelu``: put a learned ``RPReLU`` (per-channel
     shifts and slope, ReActNet) before each quantized activation. ``keep_full_precision``: fnmatch patterns of
     module names left as they are. ``overrides``: pattern -> partial spec for matching modules,
-    applied in order, e.g. ``{"main.0": {"weight_bits": 8}}``.
+    applied in order, e.g. ``{"main.0": {"weight_bits": 8}}``; an override that names another
+    method starts from that method's default options.
     """
 
     weight: str = "minmax"
@@ -79,6 +80,9 @@ class QuantSpec:
     def with_override(self, pattern: str, partial: dict[str, Any]) -> QuantSpec:
         """This spec with ``partial`` layer settings applied (validated), without patterns."""
         base = {k: getattr(self, k) for k in LAYER_KEYS}
+        for method, opts in (("weight", "weight_opts"), ("act", "act_opts")):
+            if partial.get(method, base[method]) != base[method]:
+                base[opts] = {}  # another method: the base's options do not apply to it
         try:
             return from_dict(QuantSpec, {**base, **partial}, where=f"overrides['{pattern}']")
         except ConfigError as exc:
