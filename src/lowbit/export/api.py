@@ -19,6 +19,8 @@ from lowbit.export.runtime import PackedModel, plan_graph
 
 #: a pre-activation this close (relative) to a two-level activation's threshold counts as a tie.
 TIE_TOLERANCE = 1e-6
+#: warn when at least this fraction of an activation's inputs tie (isolated near-ties are chance, not a cause).
+TIE_FRACTION = 1e-3
 #: samples used at export to check the torch backend against the simulated model and to count ties.
 CHECK_SAMPLES = 16
 
@@ -59,7 +61,7 @@ def _tied_activations(graph: Graph, values: dict[str, torch.Tensor]) -> list[tup
         binary = x86.binary_input(node)
         gap = (pre - binary.threshold).abs()
         fraction = float((gap <= TIE_TOLERANCE * max(1.0, float(pre.abs().max()))).float().mean())
-        if fraction > 0:
+        if fraction >= TIE_FRACTION:
             tied.append((node.module or node.name, fraction))
     return tied
 

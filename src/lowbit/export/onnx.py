@@ -178,7 +178,7 @@ def _quant_act(b: _Builder, node: Node, x: str) -> str:
     step = (levels[-1] - levels[0]) / (len(levels) - 1)
     grid = levels[0] + step * np.arange(len(levels))
     zero = -levels[0] / step if step > 0 else 0.5
-    if step <= 0 or not np.allclose(levels, grid, rtol=0, atol=1e-5 * step) or abs(zero - round(zero)) > 1e-6 \
+    if step <= 0 or not np.allclose(levels, grid, rtol=0, atol=1e-4 * step) or abs(zero - round(zero)) > 1e-6 \
             or not 0 <= round(zero) <= 255 - (len(levels) - 1):
         raise ConfigError(f"activation '{node.module or node.name}' ({node.attrs.get('method')}, "
                           f"{node.attrs['bits']} bits) is not a uniform grid with an integer zero point; "
