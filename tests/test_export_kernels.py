@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.export import kernels
-from lowbit.export.layers import SIGN_INPUT, BinaryInput, QuantWeightLayer
+from lowbit.export.backends.x86 import build as kernels
+from lowbit.export.backends.x86.binary import SIGN_INPUT, BinaryInput, QuantWeightLayer
 from lowbit.export.pack import pack_codes, packed_nbytes, storage_bits, unpack_codes
 
 KERNEL_PATHS = [path for path in kernels.available_paths() if path != kernels.TORCH_PATH]
@@ -180,6 +180,7 @@ def test_kernel_equals_reference_layer_for_two_level_input(path, case_index, lev
     shape = (3, cin) if kind == "linear" else (3, cin, size, size)
     x = torch.randn(*shape, generator=gen)
     x[0].view(-1)[:5] = (low + high) / 2  # exact ties go to the low level
+
     def two_level(t):
         return torch.where(t > (low + high) / 2, torch.tensor(high), torch.tensor(low))
 

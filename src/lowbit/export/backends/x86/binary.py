@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.export import kernels
+from lowbit.export.backends.x86 import build as kernels
 
 WEIGHT_KINDS = ("conv2d", "conv_transpose2d", "linear")
 BITS_PER_WORD = 64
