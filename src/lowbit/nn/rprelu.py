@@ -25,13 +25,10 @@ class RPReLU(nn.Module):
         self.slope = nn.Parameter(torch.full((channels,), float(slope)))
         self.shift_out = nn.Parameter(torch.zeros(channels))
 
-    def _per_channel(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return p.reshape(1, -1, *([1] * (x.dim() - 2)))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x - self._per_channel(self.shift_in, x)
-        negative = self._per_channel(self.slope, x) * u
-        return torch.where(u >= 0, u, negative) + self._per_channel(self.shift_out, x)
+        last = x.transpose(1, -1)  # channels last, so the [C] parameters broadcast (any rank >= 2)
+        u = last - self.shift_in
+        return (torch.where(u >= 0, u, self.slope * u) + self.shift_out).transpose(1, -1)
 
     def extra_repr(self) -> str:
         return f"channels={self.shift_in.numel()}"
