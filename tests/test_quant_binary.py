@@ -278,3 +278,22 @@ def test_feature_distillation_is_the_mean_squared_gap_of_the_pre_activations() -
     assert float(taps.loss()) == 0.0
     student(z)  # outside recording: nothing is kept
     assert taps.features == {"student": {}, "teacher": {}}
+
+
+def test_packed_rsign_generator_equals_the_simulated_one(tmp_path) -> None:
+    """Threshold folding end to end: the packed file (torch backend) reproduces the simulated W1A1
+    generator with learned per-channel shifts bit for bit."""
+    from lowbit.export import export_packed, load
+
+    q = convert(_generator(), W1A1)
+    opt = torch.optim.Adam(q.parameters(), lr=0.05)
+    z = torch.randn(16, 8, 1, 1, generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        q(z).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    q.eval()
+    packed = load(export_packed(q, tmp_path / "g.lowbit", example_input=z), kernel_path="torch")
+    with torch.no_grad():
+        expected = q(z)
+        assert torch.equal(packed(z).reshape(expected.shape), expected)
