@@ -1,0 +1,409 @@
+"""The training loop every step-based lowbit trainer shares; each trainer supplies only its step.
+
+``run_training(cfg, out_dir, build_task, ...)`` owns what is common to the noise GAN and the
+image-to-image GAN (and whatever trains next): the run-directory guard, threads / device / seed,
+resume (config check, weights, optimisers, RNG, loss sums), data-parallel wrapping through
+``train/distributed.py``, the progress bar, ``log.csv`` + TensorBoard, evaluation, sample grids,
+the checkpoint cadence with its weight-finiteness check, the divergence check of every loss and
+the final model file. A ``Task`` supplies the networks, one training step and its sample grid.
+The config only needs the fields of ``LoopFields`` (name, steps, seed, device, threads, the
+``*_every`` intervals).
+
+Determinism: a task draws its batches and noise from generators seeded by (seed, step, ...),
+never from the global RNG during the loop, so ``resume=True`` reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.config import from_dict, to_dict
+from lowbit.errors import CheckpointError, ConfigError, LowbitError
+from lowbit.io import atomic_write_text
+from lowbit.train import distributed
+from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+#: a callback ``evaluator(model, step) -> {"fid": ..., ...}`` run on rank 0 (the model in eval mode).
+Evaluator = Callable[[nn.Module, int], dict[str, float]]
+#: config fields that may change when a run is resumed
+RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "threads",
+                     "device")
+
+
+class TrainingDivergedError(LowbitError):
+    """A loss (or a weight) became NaN or infinite; the last good checkpoint is kept."""
+
+
+class LoopFields(Protocol):
+    """The config fields the shared loop reads (GanConfig and I2IConfig have them)."""
+
+    name: str
+    steps: int
+    seed: int
+    device: str
+    threads: int
+    log_every: int
+    eval_every: int
+    sample_every: int
+    checkpoint_every: int
+
+
+class Task(Protocol):
+    """One trainer's part: networks, a step, checkpoint contents and a sample grid."""
+
+    #: checkpoint ``kind`` tag, e.g. ``lowbit-gan``
+    kind: str
+    #: readable names of the losses ``step`` returns, e.g. {"d_loss": "discriminator loss"}
+    loss_names: dict[str, str]
+
+    def step(self, step: int) -> dict[str, float]:
+        """Train one step (1-based); returns its losses."""
+
+    def models(self) -> list[nn.Module]:
+        """Every network the task updates."""
+
+    def state(self) -> dict[str, Any]:
+        """Weights and optimiser states, for a resumable checkpoint."""
+
+    def load_state(self, state: dict[str, Any], source: str) -> None:
+        """Restore what ``state`` saved."""
+
+    def model_state(self) -> dict[str, Any]:
+        """What the final model file holds (the networks users load)."""
+
+    def distribute(self, device: torch.device) -> None:
+        """Wrap the trained networks in DDP (called after a resume, only with several ranks)."""
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The network to evaluate and sample from."""
+
+    def save_samples(self, path: Path) -> Path:
+        """Write a sample grid of the sampler to ``path``."""
+
+
+# ----------------------------------------------------------------------------- small shared pieces
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (the module itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DDP (buffers such as BatchNorm statistics stay per rank)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+
+def select_device(name: str, rank: int) -> torch.device:
+    """``cpu``, or this rank's CUDA GPU for ``cuda``."""
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' asked for but no CUDA GPU is visible; set device: cpu")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    if name != "cpu":
+        raise ConfigError(f"unknown device '{name}'; use cpu or cuda")
+    return torch.device("cpu")
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU torch.Generator whose seed is a hash of ``key`` (e.g. seed, step, phase, rank)."""
+    seed = int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    """Where a run keeps its resumable checkpoint."""
+    return out_dir / "checkpoints" / "last.safetensors"
+
+
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """The run directory guard: resuming needs a checkpoint, starting over needs ``overwrite``."""
+    ckpt = checkpoint_path(out_dir)
+    if resume and not ckpt.is_file():
+        raise CheckpointError(f"nothing to resume: {ckpt} does not exist; run without --resume to start")
+    if not resume and not overwrite and ckpt.is_file():
+        raise ConfigError(
+            f"{out_dir} already holds a run ({ckpt.name}); pass --resume to continue it, "
+            "--force to start over, or choose another output directory"
+        )
+    return ckpt
+
+
+def check_finite(name: str, value: float, step: int, last_good: Path | None) -> None:
+    """The divergence check: a NaN/Inf ``value`` stops the run, naming the checkpoint that survives."""
+    if not math.isfinite(value):
+        kept = (f"the last good checkpoint {last_good} is kept" if last_good
+                else "no checkpoint was written yet")
+        raise TrainingDivergedError(
+            f"{name} became {value} at step {step}; {kept}; lower the learning rate "
+            "(or raise the bits) and resume or restart"
+        )
+
+
+def weights_finite(models: list[nn.Module]) -> bool:
+    """True when every parameter of ``models`` is finite (checked before a checkpoint is written)."""
+    return all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
+
+
+def drop_weight_caches(*models: nn.Module) -> None:
+    """Bump every parameter's version counter without changing its value (x * 1 is exact).
+
+    Quantized layers reuse their quantized weight while the weight's version is unchanged, and a
+    stateful quantizer (em, lq, kmeans) only warm-updates on a recompute. A resumed run starts
+    with no such cache, so the uninterrupted run drops its caches at every checkpoint as well:
+    both then continue identically (exact ``--resume``).
+    """
+    with torch.no_grad():
+        for model in models:
+            for param in model.parameters():
+                param.mul_(1)
+
+
+def resumable_fields(cfg: Any) -> dict[str, Any]:
+    """The config as a dict without the fields a resume may change."""
+    data = to_dict(cfg)
+    for key in RESUMABLE_CHANGES:
+        data.pop(key, None)
+    return data
+
+
+def check_resumable(cfg: Any, stored: dict[str, Any], path: Path) -> None:
+    """Refuse to resume ``path`` when ``cfg`` differs from its stored config in a fixed field."""
+    try:
+        theirs = resumable_fields(from_dict(type(cfg), stored))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: stored config is invalid ({exc}); retrain with this lowbit "
+                              "version") from None
+    own = resumable_fields(cfg)
+    changed = sorted(k for k in own if own[k] != theirs.get(k))
+    if changed:
+        raise ConfigError(
+            f"cannot resume {path}: config differs in {', '.join(changed)}; resume with the "
+            "config the run started with (only steps and logging intervals may change)"
+        )
+
+
+def run_model(model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
+    """``fn(model)`` with the model in eval mode, its training mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(model)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+@dataclass
+class Accumulator:
+    """Running sums of each loss since the last history row."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, losses: dict[str, float]) -> None:
+        """Add one step's losses."""
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def row(self, step: int) -> dict[str, float]:
+        """The mean losses since the last row, as a history row; resets the sums."""
+        row = {"step": step, **{k: v / self.count for k, v in self.sums.items()}}
+        self.sums, self.count = {}, 0
+        return row
+
+
+class RunLog:
+    """History rows -> log.csv (rewritten atomically) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, out_dir: Path, history: list[dict[str, float]], start_step: int,
+                 columns: list[str]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.csv_path = out_dir / "log.csv"
+        self.history, self.columns = history, ["step", *columns]
+        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+        self.flush()  # a resumed run's log.csv restarts from the checkpoint's history
+
+    def add(self, row: dict[str, float]) -> None:
+        """Append a history row and write it to log.csv and TensorBoard."""
+        self.history.append(row)
+        for key, value in row.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}", value, int(row["step"]))
+        self.flush()
+
+    def flush(self) -> None:
+        """Rewrite log.csv (all rows, atomically) and flush TensorBoard."""
+        columns = self.columns + sorted({k for row in self.history for k in row} - set(self.columns))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.csv_path, buffer.getvalue())
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer."""
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopResult:
+    """What a run produced: its history, the task and the files written."""
+
+    history: list[dict[str, float]]
+    task: Task
+    model_path: Path
+    checkpoint_path: Path
+    log_csv: Path
+    samples: Path | None
+
+
+class TrainLoop:
+    """Drives one ``Task`` from its start (or checkpoint) step to ``cfg.steps``."""
+
+    def __init__(self, cfg: LoopFields, task: Task, out_dir: Path, evaluator: Evaluator | None,
+                 ckpt_path: Path, ctx: distributed.DistContext) -> None:
+        self.cfg, self.task, self.out_dir, self.evaluator = cfg, task, out_dir, evaluator
+        self.ckpt_path, self.main = ckpt_path, ctx.is_main
+        self.start_step, self.history, self.acc = 0, [], Accumulator()
+        self.last_good: Path | None = None
+        self.samples: Path | None = None
+        self.postfix: dict[str, str] = {}
+        self.log: RunLog | None = None
+
+    def restore(self, read: Callable[[Path], dict[str, Any]]) -> None:
+        """Continue from the run's checkpoint: config check, weights, optimisers, RNG, history, sums."""
+        state = read(self.ckpt_path)
+        check_resumable(self.cfg, state["config"], self.ckpt_path)
+        self.task.load_state(state, str(self.ckpt_path))
+        set_rng_state(state["rng"])
+        self.start_step, self.history = int(state["step"]), list(state["history"])
+        self.acc = Accumulator(**state["accumulator"])
+        self.last_good = self.ckpt_path
+
+    def start(self, progress: bool) -> None:
+        """Open the logs and the progress bar (the first files this run writes)."""
+        if self.main:
+            self.log = RunLog(self.out_dir, self.history, self.start_step, list(self.task.loss_names))
+            if self.start_step == 0:
+                atomic_write_text(self.out_dir / "config.json", json.dumps(to_dict(self.cfg), indent=1))
+        self.bar = tqdm(total=self.cfg.steps, initial=self.start_step, desc=self.cfg.name,
+                        disable=not (self.main and progress), dynamic_ncols=True)
+
+    def step(self, step: int) -> None:
+        """The task's step, the divergence check, then logging / evaluation / samples / checkpoint."""
+        losses = self.task.step(step)
+        for key, value in losses.items():
+            check_finite(self.task.loss_names.get(key, key), value, step, self.last_good)
+        self.acc.add(losses)
+        self.bar.update(1)
+        if self.main:
+            self._bookkeeping(step)
+        if self._due(step, self.cfg.checkpoint_every):  # on every rank, as resumed ranks start cache-less
+            drop_weight_caches(*self.task.models())
+
+    def _due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.cfg.steps
+
+    def _bookkeeping(self, step: int) -> None:
+        cfg = self.cfg
+        evaluate_now = self.evaluator is not None and (
+            (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        )
+        if evaluate_now or self._due(step, cfg.log_every):
+            row = self.acc.row(step)
+            if evaluate_now:
+                scores = run_model(self.task.sampler, lambda m: self.evaluator(m, step))
+                row.update({k: float(v) for k, v in scores.items()})
+            self.log.add(row)
+            self.postfix.update({k: f"{v:.3g}" for k, v in row.items() if k != "step"})
+            self.bar.set_postfix(self.postfix, refresh=False)
+        if self._due(step, cfg.sample_every):
+            self.samples = self.task.save_samples(self.out_dir / "samples" / f"step_{step:06d}.png")
+        if self._due(step, cfg.checkpoint_every):
+            if not weights_finite(self.task.models()):
+                check_finite("a network weight", float("nan"), step, self.last_good)
+            self.last_good = self._save(self.ckpt_path, step, full=True)
+
+    def _save(self, path: Path, step: int, full: bool) -> Path:
+        state: dict[str, Any] = {"kind": self.task.kind, "config": to_dict(self.cfg), "step": step,
+                                 "history": self.history}
+        if full:
+            state.update(self.task.state(), rng=rng_state(),
+                         accumulator={"sums": self.acc.sums, "count": self.acc.count})
+        else:
+            state.update(self.task.model_state())
+        return save_checkpoint(path, state)
+
+    def close(self) -> None:
+        """Close the progress bar and the logs (also after an error)."""
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+    def finish(self) -> LoopResult:
+        """Write the final model file (rank 0) and describe what the run produced."""
+        model_path = self.out_dir / "model.safetensors"
+        if self.main:
+            self._save(model_path, self.cfg.steps, full=False)
+        return LoopResult(self.history, self.task, model_path, self.ckpt_path, self.out_dir / "log.csv",
+                          self.samples)
+
+
+def run_training(
+    cfg: LoopFields,
+    out_dir: str | Path,
+    build_task: Callable[[torch.device, distributed.DistContext], Task],
+    read_checkpoint: Callable[[Path], dict[str, Any]] = load_checkpoint,
+    evaluator: Evaluator | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LoopResult:
+    """Build the task and train it to ``cfg.steps`` into ``out_dir``; see the module docstring.
+
+    ``build_task(device, ctx)`` validates and loads everything before the first file is written,
+    so bad input leaves ``out_dir`` untouched; ``read_checkpoint`` reads (and checks) a checkpoint.
+    """
+    out_dir = Path(out_dir)
+    ckpt = prepare_run_dir(out_dir, resume, overwrite)
+    ctx = distributed.current()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device, ctx.rank)
+    torch.manual_seed(cfg.seed)
+    task = build_task(device, ctx)
+    loop = TrainLoop(cfg, task, out_dir, evaluator, ckpt, ctx)
+    if resume:
+        loop.restore(read_checkpoint)
+    if ctx.distributed:
+        task.distribute(device)
+    loop.start(progress)
+    try:
+        for step in range(loop.start_step + 1, cfg.steps + 1):
+            loop.step(step)
+    finally:
+        loop.close()
+    return loop.finish()
