@@ -2,9 +2,11 @@
 
 1. load the shipped (or given) full-precision GAN checkpoint and derive the QAT config from it;
 2. convert G (and D if asked) with their ``QuantSpec`` and fine-tune quantization-aware;
-3. evaluate FP and quantized generators with the same n, latents and feature extractor;
-4. write sample grids, weight histograms, compression metrics, the packed export (when
-   ``lowbit.export`` is importable) and ``report.html`` + ``results.json`` under the output directory.
+3. evaluate FP and quantized generators with the same n, latents (or, for an image-to-image GAN,
+   the same test inputs: PSNR / SSIM beside FID) and feature extractor;
+4. write sample grids (input | FP | quantized | target for image-to-image GANs), weight histograms,
+   compression metrics, the packed export (when ``lowbit.export`` is importable) and
+   ``report.html`` + ``results.json`` under the output directory.
 All inputs are validated before the first file is written.
 """
 
@@ -25,6 +27,7 @@ from torch import nn
 from lowbit import data as lowbit_data
 from lowbit import metrics
 from lowbit.config import to_dict
+from lowbit.errors import ConfigError
 from lowbit.io import atomic_path, atomic_write_text
 from lowbit.nn import QuantSpec
 from lowbit.report.html import HtmlReport
@@ -39,8 +42,13 @@ from lowbit.train.gan import (
     resolve_checkpoint,
     train_gan,
 )
+from lowbit.train.i2i import I2IConfig, sample_rows, train_i2i
 
 GRID = 64
+#: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
+GRID_PAIRS = 16
+#: QAT settings that only the noise-GAN trainer has
+GAN_ONLY_QAT = ("distill", "ema", "search_sgd")
 
 
 @dataclass
@@ -70,12 +78,13 @@ class QatSettings:
 
 @dataclass
 class EvalSettings:
-    """FID/IS/KID of FP vs quantized: same sample count, latents and extractor for both."""
+    """FID/IS/KID (and PSNR/SSIM for image-to-image GANs) of FP vs quantized: same sample count, inputs
+    and extractor for both. ``split`` None: train for noise GANs, test for image-to-image GANs."""
 
     samples: int = 5000
     batch_size: int = 500
     seed: int = 0
-    split: str = "train"
+    split: str | None = None
 
 
 @dataclass
@@ -105,7 +114,8 @@ class RunResult:
     def summary(self) -> list[str]:
         """One line per score and the packed size, for the terminal."""
         lines = [
-            f"{label}: FID {s['fid']:.3f}  IS {s['is']:.3f} KID {s['kid']:.4f} n={s['n']} ({s['extractor']})"
+            f"{label}: " + (f"PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  " if "psnr" in s else "")
+            + f"FID {s['fid']:.3f}  IS {s['is']:.3f} KID {s['kid']:.4f} n={s['n']} ({s['extractor']})"
             for label, s in self.results["scores"].items()
         ]
         last = self.results["compression"][-1]
@@ -120,14 +130,13 @@ def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.name
 
 
-def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanConfig:
+def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Path) -> GanConfig | I2IConfig:
     """The pretrained run's models, data and loss with this run's quant specs and fine-tune schedule."""
     qat = cfg.qat
     generator = dataclasses.replace(pretrained.generator, quant=cfg.generator_quant, lr=qat.lr_g)
     discriminator = dataclasses.replace(pretrained.discriminator, quant=cfg.discriminator_quant, lr=qat.lr_d)
     limit = qat.data_limit if qat.data_limit is not None else pretrained.data.limit
-    return dataclasses.replace(
-        pretrained,
+    updates = dict(
         name=f"{cfg.name}-qat",
         data=dataclasses.replace(pretrained.data, limit=limit),
         generator=generator,
@@ -147,6 +156,17 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanCo
         sample_every=qat.steps,
         checkpoint_every=qat.checkpoint_every,
     )
+    own = {f.name for f in dataclasses.fields(pretrained)}
+    unsupported = [k for k in GAN_ONLY_QAT if k not in own and updates[k]]
+    if unsupported:
+        raise ConfigError(f"qat.{unsupported[0]} applies to noise GANs only; remove it for the "
+                          f"image-to-image GAN {checkpoint}")
+    return dataclasses.replace(pretrained, **{k: v for k, v in updates.items() if k in own})
+
+
+def _train(qcfg: GanConfig | I2IConfig):
+    """The trainer of a config: the image-to-image GAN's or the noise GAN's."""
+    return train_i2i if isinstance(qcfg, I2IConfig) else train_gan
 
 
 def _score(generator: nn.Module, dataset: str, n: int, cfg: EvalSettings) -> dict[str, Any]:
@@ -158,6 +178,15 @@ def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> Path:
     with torch.no_grad():
         images = generator(z)
     return lowbit_data.save_image_grid(images, path)
+
+
+def _compare_grid(fp: nn.Module, quantized: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                  path: Path) -> Path:
+    """One row per test pair: input (enlarged) | FP output | quantized output | target."""
+    fp_rows = sample_rows(fp, inputs, targets).unflatten(0, (len(inputs), 3))
+    q_out = sample_rows(quantized, inputs, targets).unflatten(0, (len(inputs), 3))[:, 1:2]
+    grid = torch.cat([fp_rows[:, :2], q_out, fp_rows[:, 2:]], dim=1).flatten(0, 1)
+    return lowbit_data.save_image_grid(grid, path, nrow=4)
 
 
 def _export(model: nn.Module, path: Path) -> Path | None:
@@ -221,8 +250,8 @@ def _compression_rows(
 
 
 def _score_rows(scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("fid", "is", "is_std", "kid", "kid_std", "n", "extractor")
-    return [{"model": label, **{k: s.get(k, "") for k in keys}} for label, s in scores.items()]
+    keys = ("psnr", "ssim", "fid", "is", "is_std", "kid", "kid_std", "n", "extractor")
+    return [{"model": label, **{k: s[k] for k in keys if k in s}} for label, s in scores.items()]
 
 
 def _loss_curve(history: list[dict[str, float]], path: Path) -> Path:
@@ -256,16 +285,18 @@ def _validate(cfg: RunConfig) -> tuple[Path, GanConfig, GanConfig]:
     pretrained = checkpoint_config(checkpoint)
     qcfg = qat_config(cfg, pretrained, checkpoint)
     build_networks(qcfg)
-    metrics.resolve_extractor(pretrained.data.dataset)
+    from lowbit.data.paired import target_domain
+
+    metrics.resolve_extractor(target_domain(pretrained.data.dataset) or pretrained.data.dataset)
     return checkpoint, pretrained, qcfg
 
 
 def _fid_curve(cfg: RunConfig, dataset: str) -> Callable[[nn.Module, int], dict[str, float]]:
-    """The QAT evaluator: FID and IS of ``qat.eval_samples`` images (the curve in the report)."""
+    """The QAT evaluator: FID and IS (and PSNR) of ``qat.eval_samples`` images (the curve in the report)."""
 
     def curve(generator: nn.Module, step: int) -> dict[str, float]:
         scores = _score(generator, dataset, cfg.qat.eval_samples, cfg.eval)
-        return {"fid": scores["fid"], "is": scores["is"]}
+        return {k: scores[k] for k in ("fid", "is", "psnr") if k in scores}
 
     return curve
 
@@ -293,12 +324,17 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     dataset = pretrained.data.dataset
     fp_generator = load_generator(checkpoint)
     curve = _fid_curve(cfg, dataset) if cfg.qat.eval_every else None
-    qat = train_gan(qcfg, out / "qat", evaluator=curve, overwrite=True, progress=progress)
+    qat = _train(qcfg)(qcfg, out / "qat", evaluator=curve, overwrite=True, progress=progress)
     q_generator = load_generator(qat.model_path)
     pairs = (("full precision", "fp", fp_generator), ("quantized", "quantized", q_generator))
     scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval) for label, _, g in pairs}
-    z = torch.randn(GRID, fp_generator.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
-    images = {label: _save_grid(g, z, out / f"samples_{tag}.png") for label, tag, g in pairs}
+    if isinstance(pretrained, I2IConfig):
+        z, targets = lowbit_data.load_pairs(dataset, "test", pretrained.data.root, limit=GRID_PAIRS)
+        images = {"input | FP | quantized | target": _compare_grid(fp_generator, q_generator, z, targets,
+                                                                   out / "samples_compare.png")}
+    else:
+        z = torch.randn(GRID, fp_generator.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+        images = {label: _save_grid(g, z, out / f"samples_{tag}.png") for label, tag, g in pairs}
     images["QAT curves"] = _loss_curve(qat.history, out / "qat_curves.png")
     histograms, weight_rows = _weight_analysis(cfg, qat, q_generator, out)
     packed = _export(q_generator, out / "generator.lowbit.safetensors") if cfg.export else None

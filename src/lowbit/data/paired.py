@@ -161,6 +161,14 @@ _READERS: dict[str, Callable[..., Pairs]] = {
     "paired-folder": read_paired_folder,
 }
 PAIRED_DATASETS: tuple[str, ...] = tuple(_READERS)
+#: the single-image dataset whose images are the targets (its extractor scores FID of the outputs)
+_TARGET_DOMAINS = {"sr2-mnist": "mnist", "sr4-mnist": "mnist", "sr2-fashion-mnist": "fashion-mnist",
+                   "sr4-fashion-mnist": "fashion-mnist", "edges2fashion": "fashion-mnist"}
+
+
+def target_domain(name: str) -> str | None:
+    """The dataset the targets of paired dataset ``name`` come from (None for user folders)."""
+    return _TARGET_DOMAINS.get(name)
 
 
 def read_pairs(name: str, split: str = "train", root: str | Path | None = None, limit: int | None = None,

@@ -26,7 +26,7 @@ from torch import nn
 from lowbit import data as lowbit_data
 from lowbit.config import closest, from_dict
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.models import create_model
+from lowbit.models import create_model, hub
 from lowbit.nn import QuantSpec, anneal, convert
 from lowbit.quant.search import SearchQuantizer
 from lowbit.train.checkpoint import load_checkpoint
@@ -43,7 +43,6 @@ from lowbit.train.loop import (  # noqa: F401  (TrainingDivergedError and seeded
 )
 from lowbit.train.optim import Optimizers, fused_if_supported
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "pretrained"
 CHECKPOINT_KIND = "lowbit-gan"
 #: the image-to-image GAN's checkpoints (``lowbit.train.i2i``): the same layout, an I2IConfig inside
 I2I_KIND = "lowbit-i2i"
@@ -158,8 +157,8 @@ class TrainResult:
 
 
 def pretrained_names() -> list[str]:
-    """Names of the shipped full-precision checkpoints (``src/lowbit/assets/pretrained``)."""
-    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
+    """Names of the shipped full-precision checkpoints (the model hub's ``pretrained`` assets)."""
+    return hub.names("pretrained")
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
@@ -167,13 +166,13 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = PRETRAINED_DIR / f"{name_or_path}.safetensors"
-    if shipped.is_file():
-        return shipped
-    raise CheckpointError(
-        f"checkpoint not found: '{name_or_path}'; pass a .safetensors path or one of the "
-        f"shipped names: {', '.join(pretrained_names()) or '(none)'}"
-    )
+    try:
+        return hub.find("pretrained", name_or_path).weights
+    except CheckpointError:
+        raise CheckpointError(
+            f"checkpoint not found: '{name_or_path}'; pass a .safetensors path or one of the "
+            f"shipped names: {', '.join(pretrained_names()) or '(none)'}"
+        ) from None
 
 
 def create_network(spec: NetSpec) -> nn.Module:

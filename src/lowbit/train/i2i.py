@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ class I2IConfig:
     """Everything ``train_i2i`` needs; ``betas``/learning rates left None take the loss's defaults."""
 
     name: str = "i2i"
+    task: Literal["i2i"] = "i2i"
     data: PairedDataSpec = field(default_factory=PairedDataSpec)
     generator: NetSpec = field(default_factory=lambda: NetSpec("unet-g"))
     discriminator: NetSpec = field(default_factory=lambda: NetSpec("patchgan-d"))
