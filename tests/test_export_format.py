@@ -15,16 +15,23 @@ from torch import nn
 
 from lowbit.cli import main
 from lowbit.errors import CheckpointError, ChecksumError, ConfigError
-from lowbit.export import export_packed, load, sample
+from lowbit.export import available_paths, export_onnx, export_packed, load, sample
+from lowbit.export.backends import x86
 from lowbit.export.format import META_ARCH, META_CHECKSUM, META_VERSION, checksum
-from lowbit.export.layers import QuantWeightLayer
-from lowbit.export.onnx_export import export_onnx
+from lowbit.export.weights import codes, dequantized_weight
 from lowbit.models import create_model
 from lowbit.nn import QuantSpec, convert, freeze
 
-KERNEL_PATHS = [
-    p for p in __import__("lowbit.export.kernels", fromlist=["x"]).available_paths() if p != "torch"
-]
+KERNEL_PATHS = [p for p in available_paths() if p != "torch"]
+
+
+def _packed_nodes(packed):
+    return [n for n in packed.graph.nodes if n.attrs.get("weight", {}).get("format") == "packed"]
+
+
+def _kernel_layers(packed):
+    """The bit-serial layers of a planned packed model, in order."""
+    return [step for step in packed.steps if step.backend.startswith("x86")]
 
 
 def _generator(width: int, seed: int = 0) -> nn.Module:
@@ -57,11 +64,11 @@ def test_export_load_same_codes_and_images(tmp_path, bits):
     path = export_packed(model, tmp_path / "g.lowbit")
     packed = load(path, kernel_path="torch")
     frozen = [f for f in freeze(model).values() if hasattr(f, "codes")]
-    loaded = [m for m in packed.modules() if isinstance(m, QuantWeightLayer)]
+    loaded = _packed_nodes(packed)
     assert len(loaded) == len(frozen) == 4
-    for f, layer in zip(frozen, loaded, strict=True):
-        assert torch.equal(layer.codes, f.codes.to(torch.uint8))  # codes bit-exact
-        assert torch.equal(layer.weight, f.dequantize())  # codebook rebuilt exactly
+    for f, node in zip(frozen, loaded, strict=True):
+        assert torch.equal(codes(node), f.codes.to(torch.uint8))  # codes bit-exact
+        assert torch.equal(dequantized_weight(node), f.dequantize())  # codebook rebuilt exactly
     expected = sample(model, 32, seed=3)
     torch.testing.assert_close(sample(packed, 32, seed=3), expected, rtol=0, atol=1e-6)
 
@@ -79,13 +86,11 @@ def test_kernel_paths_reproduce_the_simulated_generator(tmp_path, path):
         for module in model:
             h = module(h)
             sim_acts.append(h)
-        quant_layers = [m for m in packed.body if isinstance(m, QuantWeightLayer)]
+        kernel_steps = _kernel_layers(packed)
         conv_inputs = [sim_acts[i - 1] for i in (3, 6, 9)]  # the BatchNorm outputs before each sign + conv
-        for layer, x, target in zip(
-            quant_layers[1:], conv_inputs, [sim_acts[i] for i in (3, 6, 9)], strict=True
-        ):
-            assert layer.binary_input
-            torch.testing.assert_close(layer(x), target, rtol=0, atol=1e-4 * target.abs().max().item())
+        assert [step.node.module for step in kernel_steps] == ["3", "6", "9"]
+        for step, x, target in zip(kernel_steps, conv_inputs, [sim_acts[i] for i in (3, 6, 9)], strict=True):
+            torch.testing.assert_close(step.run(x), target, rtol=0, atol=1e-4 * target.abs().max().item())
         # whole network: a pre-activation within rounding of 0 may flip a sign; allow a tiny fraction
         diff = (packed(z) - model(z)).abs()
     assert (diff > 1e-3).float().mean().item() < 0.01
@@ -99,10 +104,12 @@ def test_two_level_act_generator_runs_on_the_kernels(tmp_path, path):
     spec = QuantSpec(weight="dorefa", weight_bits=4, act="act", act_bits=1, act_opts={"learn_range": True})
     model = convert(_generator(16), spec).eval()
     packed = load(export_packed(model, tmp_path / "g.lowbit"), kernel_path=path)
-    quant_layers = [m for m in packed.body if isinstance(m, QuantWeightLayer)]
-    assert not any(type(m).__name__ == "LevelsAct" for m in packed.body)
-    for layer in quant_layers[1:]:
-        assert layer.binary_input is not None and layer.binary_input.low == 0.0 < layer.binary_input.high
+    producers = {n.name: n for n in packed.graph.nodes}
+    assert [step.node.module for step in _kernel_layers(packed)] == ["3", "6", "9"]
+    assert not any(step.node.op == "quant_act" for step in packed.steps)  # every act fused into packing
+    for step in _kernel_layers(packed):
+        binary = x86.binary_input(x86._source(step.node, producers)[0])
+        assert binary.low == 0.0 < binary.high
     z = torch.randn(32, 100, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (packed(z) - model(z)).abs()
@@ -156,8 +163,9 @@ def test_layers_kept_full_precision_are_stored_as_float(tmp_path):
     spec = QuantSpec(weight="minmax", weight_bits=1, act="sign", act_bits=1, keep_full_precision=["0", "9"])
     model = convert(_generator(width=8), spec).eval()
     packed = load(export_packed(model, tmp_path / "g.lowbit"), kernel_path="torch")
-    assert isinstance(packed.body[0], nn.ConvTranspose2d)
-    assert torch.equal(packed.body[0].weight, model[0].weight)
+    first = next(n for n in packed.graph.nodes if n.op != "reshape")
+    assert first.op == "conv_transpose2d" and first.attrs["weight"]["format"] == "float"
+    assert torch.equal(first.tensors["weight"], model[0].weight)
     torch.testing.assert_close(sample(packed, 8, seed=0), sample(model, 8, seed=0), rtol=0, atol=1e-6)
 
 
@@ -194,26 +202,27 @@ def test_tampered_file_fails_its_checksum(packed_file):
 
 def test_unknown_format_version_is_a_clear_error(packed_file):
     _rewrite(packed_file, lambda meta, tensors: meta.update({META_VERSION: "99"}))
-    with pytest.raises(CheckpointError, match="version '99'.*reads version 1"):
+    with pytest.raises(CheckpointError, match="version '99'.*reads versions 1, 2"):
         load(packed_file)
 
 
 def test_unknown_layer_type_in_file_is_a_clear_error(packed_file):
     def add_layer(meta, tensors):
         arch = json.loads(meta[META_ARCH])
-        arch["layers"].append({"name": "x", "type": "warp_drive"})
+        arch["nodes"].append({"name": "x", "op": "warp_drive", "inputs": [arch["output"]]})
         meta[META_ARCH] = json.dumps(arch)
         meta[META_CHECKSUM] = checksum(tensors, meta[META_ARCH])
 
     _rewrite(packed_file, add_layer)
-    with pytest.raises(CheckpointError, match="unknown type 'warp_drive'"):
+    with pytest.raises(CheckpointError, match="unknown op 'warp_drive'"):
         load(packed_file)
 
 
 def test_model_with_unknown_layer_type_is_refused(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.Flatten())
-    with pytest.raises(CheckpointError, match="layer '1' is a GELU"):
-        export_packed(convert(model, QuantSpec(weight="minmax", weight_bits=2)), tmp_path / "m.lowbit")
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softmax(dim=1), nn.Flatten())
+    with pytest.raises(CheckpointError, match=r"module Softmax \(node '_1' in module '1'\).*supported:.*Conv2d"):
+        export_packed(convert(model, QuantSpec(weight="minmax", weight_bits=2)), tmp_path / "m.lowbit",
+                      example_input=torch.zeros(1, 1, 8, 8))
     assert not (tmp_path / "m.lowbit").exists()
 
 
@@ -266,9 +275,26 @@ def test_onnx_sign_activations_match(tmp_path):
     assert (diff > 1e-3).float().mean().item() < 0.01
 
 
-def test_onnx_refuses_bit_widths_it_cannot_express(tmp_path):
-    with pytest.raises(ConfigError, match="2-bit weights.*packed format"):
-        export_onnx(_quantized(width=8, bits=2), tmp_path / "g.onnx")
+def test_onnx_stores_weights_qdq_cannot_express_as_float(tmp_path):
+    import onnx
+
+    model = _quantized(width=8, bits=2)
+    path = export_onnx(model, tmp_path / "g.onnx")
+    assert "DequantizeLinear" not in [node.op_type for node in onnx.load(str(path)).graph.node]
+    z = torch.randn(8, 100, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (_onnx_run(path, z) - model(z)).abs()
+    assert (diff > 1e-3).float().mean().item() < 0.01
+
+
+def test_onnx_refuses_bad_opsets_and_non_uniform_activation_grids(tmp_path):
+    with pytest.raises(ConfigError, match="opset must be an integer"):
+        export_onnx(_quantized(width=8, bits=4), tmp_path / "g.onnx", opset=0)
+    lq = convert(_generator(width=8), QuantSpec(weight="minmax", weight_bits=4, act="lq", act_bits=2))
+    with torch.no_grad():
+        lq.train()(torch.randn(16, 100))
+    with pytest.raises(ConfigError, match="not a uniform grid.*packed format"):
+        export_onnx(lq.eval(), tmp_path / "g.onnx")
     assert not (tmp_path / "g.onnx").exists()
 
 
@@ -309,5 +335,5 @@ def test_cli_export_then_generate(tmp_path, capsys):
     grid = np.asarray(Image.open(png))
     assert grid.shape[:2] == (28 + 4, 4 * (28 + 2) + 2)
     assert grid.std() > 0
-    assert main(["export", str(config), "--set", "format=onnx"]) == 2  # 1-bit cannot go to ONNX
-    assert "packed format" in capsys.readouterr().err
+    assert main(["export", str(config), "--set", "format=onnx", "--set", "opset=0"]) == 2
+    assert "opset must be" in capsys.readouterr().err

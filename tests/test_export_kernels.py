@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.export import kernels
-from lowbit.export.layers import SIGN_INPUT, BinaryInput, QuantWeightLayer
+from lowbit.export.backends.x86 import build as kernels
+from lowbit.export.backends.x86.binary import SIGN_INPUT, BinaryInput, QuantWeightLayer
 from lowbit.export.pack import pack_codes, packed_nbytes, storage_bits, unpack_codes
 
 KERNEL_PATHS = [path for path in kernels.available_paths() if path != kernels.TORCH_PATH]

@@ -1,60 +1,164 @@
-"""Public API of the packed format: export a converted model, load it back, sample from a generator."""
+"""Public API of the packed format: export any converted model, load it back, sample from a generator."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lowbit.errors import ConfigError
-from lowbit.export.format import (
-    PackedModel,
-    build_model,
-    encode_model,
-    read_packed,
-    set_kernel_path,
-    write_packed,
-)
+from lowbit.errors import CheckpointError, ConfigError
+from lowbit.export.backends import x86
+from lowbit.export.backends.x86 import build
+from lowbit.export.format import read_graph, write_graph
+from lowbit.export.ir import Graph, capture
+from lowbit.export.runtime import PackedModel, plan_graph
+
+#: a pre-activation this close (relative) to a two-level activation's threshold counts as a tie.
+TIE_TOLERANCE = 1e-6
+#: warn when at least this fraction of an activation's inputs tie (isolated near-ties are chance, not a cause).
+TIE_FRACTION = 1e-3
+#: samples used at export to check the torch backend against the simulated model and to count ties.
+CHECK_SAMPLES = 16
 
 
-def export_packed(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (a lowbit.convert-ed nn.Sequential) as a packed file; returns the path.
+class ExportWarning(UserWarning):
+    """Export succeeded, but the kernel backend may not reproduce the simulated model (reason in the text)."""
 
-    Quantized layers are frozen with ``lowbit.nn.freeze`` and stored as bit-packed codes + codebooks;
-    layers left in full precision (and batch norms) are stored as float32 tensors.
+
+def _check_input(graph: Graph) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(CHECK_SAMPLES, *graph.input_shape, generator=generator)
+
+
+def _values(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's output on the torch backend (for the export-time checks)."""
+    values = {"input": x}
+    with torch.no_grad():
+        for step in plan_graph(graph, build.TORCH_PATH):
+            values[step.node.name] = step.run(*(values[name] for name in step.inputs))
+    return values
+
+
+def _tied_activations(graph: Graph, values: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
+    """(module, fraction) of two-level activations feeding kernel layers whose inputs sit on the threshold.
+
+    There the simulated float32 model's outcome is decided by rounding noise of its accumulation order, while
+    the kernels count exactly, so each tie may flip a bit and flips cascade (e.g. a freshly converted binary
+    generator: BatchNorm at its initial statistics passes exact zeros of +-1 sums to sign)."""
+    producers = {node.name: node for node in graph.nodes}
+    acts = {x86._source(node, producers)[0].name for node in graph.nodes if x86.claims(node, producers)}
+    tied = []
+    for node in graph.nodes:
+        if node.name not in acts:
+            continue
+        pre = values[node.inputs[0]]
+        if "shift" in node.tensors:
+            pre = pre - node.tensors["shift"].reshape(1, -1, *([1] * (pre.dim() - 2)))
+        binary = x86.binary_input(node)
+        gap = (pre - binary.threshold).abs()
+        fraction = float((gap <= TIE_TOLERANCE * max(1.0, float(pre.abs().max()))).float().mean())
+        if fraction >= TIE_FRACTION:
+            tied.append((node.module or node.name, fraction))
+    return tied
+
+
+def _export_checks(graph: Graph, work: nn.Module) -> None:
+    """Warn when the torch backend differs from the simulated model, or when kernel parity cannot hold."""
+    x = _check_input(graph)
+    values = _values(graph, x)
+    with torch.no_grad():
+        expected = work(x.reshape(x.shape[0], *graph.input_shape))
+    got = values[graph.output].reshape(expected.shape)
+    if not torch.equal(got, expected):
+        warnings.warn(f"the exported graph differs from the model by up to {float((got - expected).abs().max()):.3g} "
+                      "on the torch backend; please report this model to lowbit", ExportWarning, stacklevel=3)
+    tied = _tied_activations(graph, values)
+    if tied:
+        listing = ", ".join(f"{name} ({100 * fraction:.1f}%)" for name, fraction in tied)
+        warnings.warn(
+            f"inputs of binary activations sit exactly on their threshold: {listing}. The kernels count these "
+            "exactly while the simulated float32 model rounds, so kernel outputs will differ from it (typical of "
+            "an untrained model whose BatchNorm still has its initial statistics). Train or calibrate the model "
+            "(a few forward passes in train mode) before export, or load it with kernel_path='torch' for "
+            "bit-exact outputs", ExportWarning, stacklevel=3)
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor | None = None) -> Path:
+    """Capture ``model`` (any nn.Module, converted by ``lowbit.convert`` or not) and write it as a packed file.
+
+    ``example_input`` (batch first) fixes the input layout; without it the model's ``latent_dim``,
+    ``input_shape`` or ``image_shape`` does. Quantized layers are stored as bit-packed codes + codebooks, the
+    rest as float32. The model itself is not touched (capture runs on a copy).
     """
-    from lowbit.nn import freeze
+    graph, work = capture(model, example_input)
+    _export_checks(graph, work)
+    return write_graph(graph, path)
 
-    architecture, tensors = encode_model(model, freeze(model))
-    return write_packed(architecture, tensors, path)
+
+def _dry_run(model: PackedModel, path: str | os.PathLike) -> None:
+    """Run the plan once on one zero sample so that a file whose shapes disagree fails at load, clearly."""
+    try:
+        model(torch.zeros(1, *model.input_shape))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: the graph does not run ({first[:200]}); the file is damaged, re-export "
+                              "it") from None
 
 
 def load(path: str | os.PathLike, kernel_path: str | None = None) -> PackedModel:
-    """Rebuild a packed model for inference (no training code, no pickle), in eval mode.
+    """A packed model ready for inference (no training code, no pickle), in eval mode.
 
-    ``kernel_path`` picks the binary-layer implementation: "auto" (default, or ``$LOWBIT_KERNEL_PATH``),
-    "avx512", "avx2", "scalar" or "torch" (pure-torch fallback, always available).
+    ``kernel_path`` picks the implementation of binary-input layers: "auto" (default, or
+    ``$LOWBIT_KERNEL_PATH``), "avx512", "avx2", "scalar" or "torch" (bit-exact fallback, always available).
     """
-    architecture, tensors = read_packed(path)
-    model = build_model(architecture, tensors)
-    set_kernel_path(model, kernel_path)
+    model = PackedModel(read_graph(path), build.TORCH_PATH)
+    _dry_run(model, path)
+    model.set_kernel_path(kernel_path)
     return model
 
 
-def sample(model: nn.Module, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """``n`` images from a generator (packed or not) for latents z ~ N(0, I) drawn with ``seed``."""
+def set_kernel_path(model: PackedModel, path: str | None = None) -> str:
+    """Re-plan ``model`` for ``path``; returns the concrete path."""
+    return model.set_kernel_path(path)
+
+
+def latent_shape(model: nn.Module) -> list[int]:
+    """The per-sample latent layout a noise generator takes: [d] or [d, 1, 1]."""
+    shape = getattr(model, "input_shape", None)
     latent = getattr(model, "latent_dim", None)
-    if not latent:
-        raise ConfigError(
-            "sampling needs a generator with a latent_dim; this model has none (is it a classifier?)"
-        )
+    if shape and (len(shape) == 1 or (len(shape) == 3 and list(shape[1:]) == [1, 1])):
+        return list(shape)
+    if latent:
+        return [int(latent)]
+    raise ConfigError(f"sampling needs a noise generator (a latent_dim, or an input_shape of [d] or [d, 1, 1]); "
+                      f"{type(model).__name__} has input_shape {shape}: for an image-to-image generator use "
+                      "`lowbit generate FILE --input IMAGE` or call the model on images")
+
+
+def sample(model: nn.Module, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """``n`` images from a noise generator (packed or not) for latents z ~ N(0, I) drawn with ``seed``."""
+    shape = latent_shape(model)
     if n < 1 or batch_size < 1:
         raise ConfigError(f"sample count and batch size must be positive, got n={n}, batch_size={batch_size}")
-    z = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))  # on the CPU: same z everywhere
+    z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))  # on the CPU: same z everywhere
     device = next(itertools.chain(model.parameters(), model.buffers()), z).device
+    was_training = {module: module.training for module in model.modules()}
     model.eval()
+    try:
+        with torch.inference_mode():
+            return torch.cat([model(chunk.to(device)).cpu() for chunk in z.split(batch_size)])
+    finally:
+        for module, mode in was_training.items():
+            module.train(mode)
+
+
+def run_images(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """An image-to-image model (packed or not) applied to ``images`` (N x C x H x W) in batches."""
+    if images.dim() != 4 or images.shape[0] < 1:
+        raise ConfigError(f"expected images as N x C x H x W, got shape {list(images.shape)}")
     with torch.inference_mode():
-        return torch.cat([model(chunk.to(device)).cpu() for chunk in z.split(batch_size)])
+        return torch.cat([model(chunk) for chunk in images.split(batch_size)])

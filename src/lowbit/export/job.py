@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.config import from_dict, unknown_name_error
 from lowbit.errors import ConfigError
 from lowbit.export.api import export_packed, load, sample
-from lowbit.export.onnx_export import DEFAULT_OPSET, export_onnx
+from lowbit.export.onnx import DEFAULT_OPSET, export_onnx
 
 FORMATS = ("packed", "onnx")
 

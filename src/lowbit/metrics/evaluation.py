@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +18,32 @@ from lowbit.metrics.scores import KID_SUBSETS, EvaluationError, GenerativeScores
 Generator = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _latent_size(generator: Generator, latent_dim: int | None) -> int:
+def _latent_shapes(generator: Generator, latent_dim: int | None, latent_shape: tuple[int, ...] | None
+                   ) -> list[tuple[int, ...]]:
+    """The latent layouts to try, in order: the one given, the model's recorded one, then N x d and N x d x 1 x 1."""
+    if latent_shape is not None:
+        return [tuple(int(v) for v in latent_shape)]
+    recorded = getattr(generator, "input_shape", None)
+    if recorded and (len(recorded) == 1 or (len(recorded) == 3 and list(recorded[1:]) == [1, 1])):
+        return [tuple(recorded)]
     size = getattr(generator, "latent_dim", None) or latent_dim
     if not isinstance(size, int) or size < 1:
-        raise ConfigError("the generator has no latent_dim attribute; pass latent_dim=<size of z>")
-    return size
+        raise ConfigError("the generator has no latent_dim attribute; pass latent_dim=<size of z> (and "
+                          "latent_shape=(d, 1, 1) if it wants z as N x d x 1 x 1)")
+    return [(size,), (size, 1, 1)]
+
+
+def _first_batch(generator: Generator, shapes: list[tuple[int, ...]], z: torch.Tensor) -> tuple[int, ...]:
+    """The first latent layout the generator accepts (tried on one real batch), or a clear error."""
+    errors = []
+    for shape in shapes:
+        try:
+            generator(z.reshape(z.shape[0], *shape))
+            return shape
+        except RuntimeError as exc:
+            errors.append(f"N x {' x '.join(map(str, shape))}: {str(exc).splitlines()[0][:120]}")
+    raise EvaluationError(f"the generator rejects every latent layout tried ({'; '.join(errors)}); pass "
+                          "latent_shape=<the per-sample shape of z it expects>")
 
 
 def _generator_device(generator: Generator) -> torch.device:
@@ -48,6 +70,7 @@ def evaluate(
     batch: int = 250,
     latent_dim: int | None = None,
     seed: int = 0,
+    latent_shape: tuple[int, ...] | None = None,
     split: str | None = None,
     extractor: Extractor | None = None,
     inception_weights: str | Path | None = None,
@@ -63,6 +86,7 @@ def evaluate(
     standard normal from a generator seeded with ``seed``; the feature network is ``extractor``,
     Inception-v3 from ``inception_weights``, or the dataset's shipped classifier. KID averages
     ``kid_subsets`` subsets of min(1000, n) samples. ``progress=False`` hides the progress bar.
+    ``latent_shape`` is z's per-sample shape (default: the model's input_shape, else N x d, else N x d x 1 x 1).
     """
     from lowbit.data.paired import PAIRED_DATASETS
 
@@ -75,22 +99,25 @@ def evaluate(
     if n < 10 or batch < 1 or kid_subsets < 1:
         raise ConfigError(f"need n >= 10, batch >= 1 and kid_subsets >= 1, got {n}, {batch}, {kid_subsets}")
     feature_net = resolve_extractor(dataset, extractor, inception_weights)
-    size = _latent_size(generator, latent_dim)
+    shapes = _latent_shapes(generator, latent_dim, latent_shape)
+    size = math.prod(shapes[0])
     reference = reference_features(dataset, feature_net, split, n, batch)
     scores = GenerativeScores(feature_net, reference, seed, kid_subsets)
     rng = torch.Generator().manual_seed(seed)
     gen_device, feat_device = _generator_device(generator), module_device(feature_net.module)
-    was_training = isinstance(generator, nn.Module) and generator.training
+    modes = {m: m.training for m in generator.modules()} if isinstance(generator, nn.Module) else {}
     if isinstance(generator, nn.Module):
         generator.eval()
     try:
         with tqdm(total=n, desc=f"evaluate ({feature_net.label})", unit="img", disable=not progress) as bar:
+            shape = None
             for start in range(0, n, batch):
                 count = min(batch, n - start)
                 z = torch.randn(count, size, generator=rng).to(gen_device)
-                scores.update(_checked_batch(generator(z), count).to(feat_device))
+                shape = shape or _first_batch(generator, shapes, z)
+                scores.update(_checked_batch(generator(z.reshape(count, *shape)), count).to(feat_device))
                 bar.update(count)
     finally:
-        if was_training:
-            generator.train()
+        for module, mode in modes.items():
+            module.train(mode)
     return scores.compute()

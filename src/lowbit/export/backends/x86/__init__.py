@@ -1,0 +1,111 @@
+"""The ``x86`` backend: conv, transposed conv and linear nodes whose input is a two-level activation run on
+the bit-serial kernels of ``csrc/bitserial.cpp`` (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
+
+A weight node is claimed when its input comes from a ``quant_act`` node with two levels, possibly through
+reflect / replicate pads and reshapes (which commute with an element-wise activation): the node then reads the
+activation's *input* and binarises it while packing, so the float activation tensor is never built when
+nothing else reads it. Everything else runs on the torch backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lowbit.export.backends import torch as torch_backend
+from lowbit.export.backends.x86 import build
+from lowbit.export.backends.x86.binary import SIGN_INPUT, BinaryInput, QuantWeightLayer
+from lowbit.export.ir import Node
+from lowbit.export.weights import codebook, codes
+
+NAME = "x86"
+WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
+#: ops that commute with an element-wise two-level activation, so the kernel may apply them before it.
+PASSTHROUGH = ("reshape",)
+
+
+def binary_input(act: Node) -> BinaryInput | None:
+    """The two levels of a ``quant_act`` node as the kernels see them, or None when it has more levels."""
+    if act.op != "quant_act" or act.tensors["levels"].numel() != 2:
+        return None
+    low, high = sorted(float(v) for v in act.tensors["levels"])
+    if high <= low:
+        return None
+    if (low, high) == (-1.0, 1.0):
+        return SIGN_INPUT
+    return BinaryInput(low, high, ties_up=False)
+
+
+def _commutes(node: Node) -> bool:
+    return node.op in PASSTHROUGH or (node.op == "pad" and node.attrs["mode"] in ("reflect", "replicate"))
+
+
+def _source(node: Node, producers: dict[str, Node]) -> tuple[Node, list[Node]] | None:
+    """The two-level activation feeding ``node`` and the commuting nodes in between (in order)."""
+    chain: list[Node] = []
+    current = producers.get(node.inputs[0])
+    while current is not None and _commutes(current):
+        chain.insert(0, current)
+        current = producers.get(current.inputs[0])
+    if current is None or binary_input(current) is None:
+        return None
+    return current, chain
+
+
+def _hyper(node: Node) -> dict:
+    a = node.attrs
+    if node.op == "linear":
+        return {}
+    hyper = {"stride": tuple(a["stride"]), "padding": tuple(a["padding"]), "dilation": tuple(a["dilation"]),
+             "groups": a["groups"]}
+    if node.op == "conv_transpose2d":
+        hyper["output_padding"] = tuple(a["output_padding"])
+    return hyper
+
+
+def kernel_layer(node: Node, binary: BinaryInput) -> QuantWeightLayer:
+    """The bit-serial layer of a packed weight node fed by ``binary``."""
+    weight = node.attrs["weight"]
+    return QuantWeightLayer(node.op, codes(node), codebook(node), weight["channel_dim"], node.tensors.get("bias"),
+                            _hyper(node), binary, affine=weight["codebook"] == "affine")
+
+
+def claims(node: Node, producers: dict[str, Node]) -> bool:
+    """Whether this backend runs ``node``: a packed, ungrouped weight layer fed by a two-level activation."""
+    if node.op not in WEIGHT_OPS or node.attrs["weight"]["format"] != "packed":
+        return False
+    if node.attrs.get("groups", 1) != 1 or node.attrs.get("pad_mode", "reflect") == "constant":
+        return False
+    found = _source(node, producers)
+    if found is None:
+        return False
+    chain = found[1]
+    return node.op == "linear" or not any(step.op == "reshape" for step in chain)
+
+
+def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..., torch.Tensor], list[str]]:
+    """(callable, inputs) running ``node`` on ``path``'s kernels from its activation's pre-activation input."""
+    act, chain = _source(node, producers)
+    binary = binary_input(act)
+    layer = kernel_layer(node, binary)
+    layer.kernel_path = path
+    shift = act.tensors.get("shift")
+    steps = [torch_backend.build(step) for step in chain]
+    pad = node.attrs.get("pad")
+    if pad is not None:
+        steps.append(lambda x: torch.nn.functional.pad(x, pad, mode=node.attrs["pad_mode"]))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if shift is not None:
+            x = x - shift.reshape(1, -1, *([1] * (x.dim() - 2)))
+        for step in steps:
+            x = step(x)
+        with torch.no_grad():
+            return layer(x)
+    return run, [act.inputs[0]]
+
+
+def available() -> list[str]:
+    """This machine's kernel paths, fastest first (empty without a C++ compiler)."""
+    return [path for path in build.available_paths() if path != build.TORCH_PATH]
