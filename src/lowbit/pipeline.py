@@ -42,7 +42,7 @@ from lowbit.train.gan import (
     resolve_checkpoint,
     train_gan,
 )
-from lowbit.train.i2i import I2IConfig, sample_rows, train_i2i
+from lowbit.train.i2i import I2IConfig, comparison_grid, train_i2i
 
 GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
@@ -178,15 +178,6 @@ def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> Path:
     with torch.no_grad():
         images = generator(z)
     return lowbit_data.save_image_grid(images, path)
-
-
-def _compare_grid(fp: nn.Module, quantized: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                  path: Path) -> Path:
-    """One row per test pair: input (enlarged) | FP output | quantized output | target."""
-    fp_rows = sample_rows(fp, inputs, targets).unflatten(0, (len(inputs), 3))
-    q_out = sample_rows(quantized, inputs, targets).unflatten(0, (len(inputs), 3))[:, 1:2]
-    grid = torch.cat([fp_rows[:, :2], q_out, fp_rows[:, 2:]], dim=1).flatten(0, 1)
-    return lowbit_data.save_image_grid(grid, path, nrow=4)
 
 
 def _export(model: nn.Module, path: Path) -> Path | None:
@@ -330,8 +321,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval) for label, _, g in pairs}
     if isinstance(pretrained, I2IConfig):
         z, targets = lowbit_data.load_pairs(dataset, "test", pretrained.data.root, limit=GRID_PAIRS)
-        images = {"input | FP | quantized | target": _compare_grid(fp_generator, q_generator, z, targets,
-                                                                   out / "samples_compare.png")}
+        images = {"input | FP | quantized | target": comparison_grid([fp_generator, q_generator], z, targets,
+                                                                     out / "samples_compare.png")}
     else:
         z = torch.randn(GRID, fp_generator.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
         images = {label: _save_grid(g, z, out / f"samples_{tag}.png") for label, tag, g in pairs}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.metrics.extractors import module_device
 from lowbit.train.distributed import DistContext
 from lowbit.train.gan import (
     I2I_KIND,
@@ -164,16 +165,19 @@ class I2ITrainer:
         self.opt_d.load_state_dict(state["optim_d"])
 
 
-def sample_rows(generator: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """input | output | target triples (inputs enlarged to the target size), for one image grid."""
-    outputs = run_model(generator, lambda g: _no_grad(g, inputs))
-    enlarged = nn.functional.interpolate(inputs, size=targets.shape[-2:], mode="nearest")
-    return torch.stack([enlarged, outputs.cpu(), targets], dim=1).flatten(0, 1)
+def comparison_grid(models: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, path: Path) -> Path:
+    """A PNG with one row per pair: input (enlarged to the target size) | each model's output | target."""
+    from lowbit.data import save_image_grid
+
+    outputs = [run_model(model, lambda g: _no_grad(g, inputs)) for model in models]
+    enlarged = nn.functional.interpolate(inputs.cpu(), size=targets.shape[-2:], mode="nearest")
+    rows = torch.stack([enlarged, *outputs, targets.cpu()], dim=1).flatten(0, 1)
+    return save_image_grid(rows, path, nrow=len(models) + 2)
 
 
 def _no_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x).cpu()
+        return model(x.to(module_device(model))).cpu()
 
 
 class I2ITask:
@@ -190,7 +194,7 @@ class I2ITask:
         self.stream = BatchStream(index, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
         order = torch.randperm(self.inputs.shape[0], generator=seeded_generator(cfg.seed, 0, 99))
         fixed = order[:SAMPLE_ROWS]
-        self.fixed = (self.inputs[fixed].to(device), self.targets[fixed])
+        self.fixed = (self.inputs[fixed], self.targets[fixed])
 
     def step(self, step: int) -> dict[str, float]:
         """One discriminator and one generator update on batch ``step - 1``."""
@@ -223,10 +227,7 @@ class I2ITask:
         return unwrap(self.trainer.G)
 
     def save_samples(self, path: Path) -> Path:
-        from lowbit.data import save_image_grid
-
-        save_image_grid(sample_rows(self.sampler, *self.fixed), path, nrow=3 * 4)
-        return path
+        return comparison_grid([self.sampler], *self.fixed, path)
 
 
 def train_i2i(
