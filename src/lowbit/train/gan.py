@@ -34,6 +34,7 @@ from lowbit.train.distributed import DistContext
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
 from lowbit.train.loop import (  # noqa: F401  (TrainingDivergedError and seeded_generator: public here)
     Evaluator,
+    LoopSettings,
     TrainingDivergedError,
     run_model,
     run_training,
@@ -571,8 +572,8 @@ def train_gan(
     Everything is validated and loaded before the first file is written, so bad input leaves
     ``out_dir`` untouched. A NaN/Inf loss raises TrainingDivergedError and keeps the last checkpoint.
     """
-    result = run_training(cfg, out_dir, lambda device, ctx: GanTask(cfg, device, ctx), read_gan_checkpoint,
-                          evaluator, resume, overwrite, progress)
+    result = run_training(cfg, LoopSettings.of(cfg), out_dir, lambda device, ctx: GanTask(cfg, device, ctx),
+                          read_gan_checkpoint, evaluator, resume, overwrite, progress)
     trainer = result.task.trainer
     return TrainResult(history=result.history, generator=trainer.sampler, discriminator=unwrap(trainer.D),
                        model_path=result.model_path, checkpoint_path=result.checkpoint_path,

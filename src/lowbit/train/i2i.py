@@ -35,7 +35,15 @@ from lowbit.train.gan import (
     read_gan_checkpoint,
 )
 from lowbit.train.gan_losses import GanLoss, get_loss
-from lowbit.train.loop import Evaluator, run_model, run_training, seeded_generator, unwrap, wrap_ddp
+from lowbit.train.loop import (
+    Evaluator,
+    LoopSettings,
+    run_model,
+    run_training,
+    seeded_generator,
+    unwrap,
+    wrap_ddp,
+)
 
 SAMPLE_ROWS = 16
 #: adversarial losses that suit a patch discriminator (BCE as pix2pix, or least squares as CycleGAN)
@@ -239,8 +247,8 @@ def train_i2i(
     progress: bool = True,
 ) -> TrainResult:
     """Train (or QAT fine-tune) the image-to-image GAN of ``cfg`` into ``out_dir``."""
-    result = run_training(cfg, out_dir, lambda device, ctx: I2ITask(cfg, device, ctx), read_gan_checkpoint,
-                          evaluator, resume, overwrite, progress)
+    result = run_training(cfg, LoopSettings.of(cfg), out_dir, lambda device, ctx: I2ITask(cfg, device, ctx),
+                          read_gan_checkpoint, evaluator, resume, overwrite, progress)
     trainer = result.task.trainer
     return TrainResult(history=result.history, generator=unwrap(trainer.G), discriminator=unwrap(trainer.D),
                        model_path=result.model_path, checkpoint_path=result.checkpoint_path,

@@ -5,9 +5,9 @@ image-to-image GAN (and whatever trains next): the run-directory guard, threads 
 resume (config check, weights, optimisers, RNG, loss sums), data-parallel wrapping through
 ``train/distributed.py``, the progress bar, ``log.csv`` + TensorBoard, evaluation, sample grids,
 the checkpoint cadence with its weight-finiteness check, the divergence check of every loss and
-the final model file. A ``Task`` supplies the networks, one training step and its sample grid.
-The config only needs the fields of ``LoopFields`` (name, steps, seed, device, threads, the
-``*_every`` intervals).
+the final model file. A ``Task`` supplies the networks, one training step and its sample grid;
+``LoopSettings`` says how long to train and how often to log, evaluate, sample and checkpoint (the
+classifier's step is a whole epoch, evaluated and checkpointed every time).
 
 Determinism: a task draws its batches and noise from generators seeded by (seed, step, ...),
 never from the global RNG during the loop, so ``resume=True`` reproduces an uninterrupted run.
@@ -46,18 +46,34 @@ class TrainingDivergedError(LowbitError):
     """A loss (or a weight) became NaN or infinite; the last good checkpoint is kept."""
 
 
-class LoopFields(Protocol):
-    """The config fields the shared loop reads (GanConfig and I2IConfig have them)."""
+class ResumeMismatchError(ConfigError, CheckpointError):
+    """``--resume`` with a config that differs from the one the checkpoint was saved with."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How long the loop runs and how often it logs, evaluates, samples and checkpoints (0 = only at
+    the end for evaluation, never for samples); ``unit`` names the step in the history (``step`` or
+    ``epoch``); ``volatile`` lists the config fields a resumed run may change."""
 
     name: str
     steps: int
-    seed: int
-    device: str
-    threads: int
-    log_every: int
-    eval_every: int
-    sample_every: int
-    checkpoint_every: int
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    sample_every: int = 0
+    checkpoint_every: int = 1
+    unit: str = "step"
+    volatile: tuple[str, ...] = RESUMABLE_CHANGES
+
+    @classmethod
+    def of(cls, cfg: Any) -> LoopSettings:
+        """The settings of a step-based config (GanConfig, I2IConfig) that carries these fields itself."""
+        names = ("name", "steps", "seed", "device", "threads", "log_every", "eval_every", "sample_every",
+                 "checkpoint_every")
+        return cls(**{key: getattr(cfg, key) for key in names})
 
 
 class Task(Protocol):
@@ -173,27 +189,25 @@ def drop_weight_caches(*models: nn.Module) -> None:
                 param.mul_(1)
 
 
-def resumable_fields(cfg: Any) -> dict[str, Any]:
-    """The config as a dict without the fields a resume may change."""
-    data = to_dict(cfg)
-    for key in RESUMABLE_CHANGES:
-        data.pop(key, None)
-    return data
+def resumable_fields(cfg: Any, volatile: tuple[str, ...]) -> dict[str, Any]:
+    """The config as a dict without the ``volatile`` fields (those a resume may change)."""
+    return {key: value for key, value in to_dict(cfg).items() if key not in volatile}
 
 
-def check_resumable(cfg: Any, stored: dict[str, Any], path: Path) -> None:
-    """Refuse to resume ``path`` when ``cfg`` differs from its stored config in a fixed field."""
+def check_resumable(cfg: Any, stored: Any, path: Path, volatile: tuple[str, ...]) -> None:
+    """Refuse to resume ``path`` when ``cfg`` differs from its stored config outside ``volatile``."""
     try:
-        theirs = resumable_fields(from_dict(type(cfg), stored))
+        theirs = resumable_fields(from_dict(type(cfg), stored), volatile)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: stored config is invalid ({exc}); retrain with this lowbit "
                               "version") from None
-    own = resumable_fields(cfg)
+    own = resumable_fields(cfg, volatile)
     changed = sorted(k for k in own if own[k] != theirs.get(k))
     if changed:
-        raise ConfigError(
-            f"cannot resume {path}: config differs in {', '.join(changed)}; resume with the "
-            "config the run started with (only steps and logging intervals may change)"
+        raise ResumeMismatchError(
+            f"cannot resume {path}: saved for another config (it differs in {', '.join(changed)}); resume "
+            f"with the config the run started with (only {', '.join(volatile)} may change), or --force to "
+            "start over"
         )
 
 
@@ -223,9 +237,9 @@ class Accumulator:
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
 
-    def row(self, step: int) -> dict[str, float]:
+    def row(self, step: int, unit: str = "step") -> dict[str, float]:
         """The mean losses since the last row, as a history row; resets the sums."""
-        row = {"step": step, **{k: v / self.count for k, v in self.sums.items()}}
+        row = {unit: step, **{k: v / self.count for k, v in self.sums.items()}}
         self.sums, self.count = {}, 0
         return row
 
@@ -234,11 +248,11 @@ class RunLog:
     """History rows -> log.csv (rewritten atomically) and TensorBoard scalars; rank 0 only."""
 
     def __init__(self, out_dir: Path, history: list[dict[str, float]], start_step: int,
-                 columns: list[str]) -> None:
+                 columns: list[str], unit: str = "step") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.csv_path = out_dir / "log.csv"
-        self.history, self.columns = history, ["step", *columns]
+        self.history, self.columns, self.unit = history, [unit, *columns], unit
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
         self.flush()  # a resumed run's log.csv restarts from the checkpoint's history
 
@@ -246,8 +260,8 @@ class RunLog:
         """Append a history row and write it to log.csv and TensorBoard."""
         self.history.append(row)
         for key, value in row.items():
-            if key != "step":
-                self.writer.add_scalar(f"train/{key}", value, int(row["step"]))
+            if key != self.unit:
+                self.writer.add_scalar(f"train/{key}", value, int(row[self.unit]))
         self.flush()
 
     def flush(self) -> None:
@@ -283,9 +297,10 @@ class LoopResult:
 class TrainLoop:
     """Drives one ``Task`` from its start (or checkpoint) step to ``cfg.steps``."""
 
-    def __init__(self, cfg: LoopFields, task: Task, out_dir: Path, evaluator: Evaluator | None,
-                 ckpt_path: Path, ctx: distributed.DistContext) -> None:
-        self.cfg, self.task, self.out_dir, self.evaluator = cfg, task, out_dir, evaluator
+    def __init__(self, cfg: Any, settings: LoopSettings, task: Task, out_dir: Path,
+                 evaluator: Evaluator | None, ckpt_path: Path, ctx: distributed.DistContext) -> None:
+        self.cfg, self.settings, self.task = cfg, settings, task
+        self.out_dir, self.evaluator = out_dir, evaluator
         self.ckpt_path, self.main = ckpt_path, ctx.is_main
         self.start_step, self.history, self.acc = 0, [], Accumulator()
         self.last_good: Path | None = None
@@ -296,7 +311,7 @@ class TrainLoop:
     def restore(self, read: Callable[[Path], dict[str, Any]]) -> None:
         """Continue from the run's checkpoint: config check, weights, optimisers, RNG, history, sums."""
         state = read(self.ckpt_path)
-        check_resumable(self.cfg, state["config"], self.ckpt_path)
+        check_resumable(self.cfg, state["config"], self.ckpt_path, self.settings.volatile)
         self.task.load_state(state, str(self.ckpt_path))
         set_rng_state(state["rng"])
         self.start_step, self.history = int(state["step"]), list(state["history"])
@@ -306,11 +321,12 @@ class TrainLoop:
     def start(self, progress: bool) -> None:
         """Open the logs and the progress bar (the first files this run writes)."""
         if self.main:
-            self.log = RunLog(self.out_dir, self.history, self.start_step, list(self.task.loss_names))
+            self.log = RunLog(self.out_dir, self.history, self.start_step, list(self.task.loss_names),
+                              self.settings.unit)
             if self.start_step == 0:
                 atomic_write_text(self.out_dir / "config.json", json.dumps(to_dict(self.cfg), indent=1))
-        self.bar = tqdm(total=self.cfg.steps, initial=self.start_step, desc=self.cfg.name,
-                        disable=not (self.main and progress), dynamic_ncols=True)
+        self.bar = tqdm(total=self.settings.steps, initial=self.start_step, desc=self.settings.name,
+                        disable=not (self.main and progress), dynamic_ncols=True, unit=self.settings.unit)
 
     def step(self, step: int) -> None:
         """The task's step, the divergence check, then logging / evaluation / samples / checkpoint."""
@@ -321,24 +337,25 @@ class TrainLoop:
         self.bar.update(1)
         if self.main:
             self._bookkeeping(step)
-        if self._due(step, self.cfg.checkpoint_every):  # on every rank, as resumed ranks start cache-less
+        if self._due(step, self.settings.checkpoint_every):  # on every rank: resumed ranks start cache-less
             drop_weight_caches(*self.task.models())
 
     def _due(self, step: int, every: int) -> bool:
-        return step % every == 0 or step == self.cfg.steps
+        """True every ``every`` steps and at the last one (never when ``every`` is 0)."""
+        return every > 0 and (step % every == 0 or step == self.settings.steps)
 
     def _bookkeeping(self, step: int) -> None:
-        cfg = self.cfg
+        cfg = self.settings
         evaluate_now = self.evaluator is not None and (
             (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
         )
         if evaluate_now or self._due(step, cfg.log_every):
-            row = self.acc.row(step)
+            row = self.acc.row(step, cfg.unit)
             if evaluate_now:
                 scores = run_model(self.task.sampler, lambda m: self.evaluator(m, step))
                 row.update({k: float(v) for k, v in scores.items()})
             self.log.add(row)
-            self.postfix.update({k: f"{v:.3g}" for k, v in row.items() if k != "step"})
+            self.postfix.update({k: f"{v:.3g}" for k, v in row.items() if k != cfg.unit})
             self.bar.set_postfix(self.postfix, refresh=False)
         if self._due(step, cfg.sample_every):
             self.samples = self.task.save_samples(self.out_dir / "samples" / f"step_{step:06d}.png")
@@ -367,13 +384,14 @@ class TrainLoop:
         """Write the final model file (rank 0) and describe what the run produced."""
         model_path = self.out_dir / "model.safetensors"
         if self.main:
-            self._save(model_path, self.cfg.steps, full=False)
+            self._save(model_path, self.settings.steps, full=False)
         return LoopResult(self.history, self.task, model_path, self.ckpt_path, self.out_dir / "log.csv",
                           self.samples)
 
 
 def run_training(
-    cfg: LoopFields,
+    cfg: Any,
+    settings: LoopSettings,
     out_dir: str | Path,
     build_task: Callable[[torch.device, distributed.DistContext], Task],
     read_checkpoint: Callable[[Path], dict[str, Any]] = load_checkpoint,
@@ -382,7 +400,8 @@ def run_training(
     overwrite: bool = False,
     progress: bool = True,
 ) -> LoopResult:
-    """Build the task and train it to ``cfg.steps`` into ``out_dir``; see the module docstring.
+    """Build the task of ``cfg`` (the config stored in every checkpoint) and train it for
+    ``settings.steps`` into ``out_dir``; see the module docstring.
 
     ``build_task(device, ctx)`` validates and loads everything before the first file is written,
     so bad input leaves ``out_dir`` untouched; ``read_checkpoint`` reads (and checks) a checkpoint.
@@ -390,19 +409,19 @@ def run_training(
     out_dir = Path(out_dir)
     ckpt = prepare_run_dir(out_dir, resume, overwrite)
     ctx = distributed.current()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device, ctx.rank)
-    torch.manual_seed(cfg.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = select_device(settings.device, ctx.rank)
+    torch.manual_seed(settings.seed)
     task = build_task(device, ctx)
-    loop = TrainLoop(cfg, task, out_dir, evaluator, ckpt, ctx)
+    loop = TrainLoop(cfg, settings, task, out_dir, evaluator, ckpt, ctx)
     if resume:
         loop.restore(read_checkpoint)
     if ctx.distributed:
         task.distribute(device)
     loop.start(progress)
     try:
-        for step in range(loop.start_step + 1, cfg.steps + 1):
+        for step in range(loop.start_step + 1, settings.steps + 1):
             loop.step(step)
     finally:
         loop.close()
