@@ -354,7 +354,7 @@ def _write_report(cfg: RunConfig, out: Path, results: dict[str, Any], images: di
         f"converted and fine-tuned quantization-aware for {cfg.qat.steps} steps."
     )
     report.table(_spec_rows(cfg))
-    report.heading("Scores: full precision vs quantized (same n, latents and extractor)")
+    report.heading("Scores: full precision vs quantized (same n, latents or test inputs, and extractor)")
     report.table(_score_rows(results["scores"]))
     report.heading("Compression (seed 004 §2: FLOPs, BOPs = FLOPs x wbits x abits, size, ratios)")
     report.table(results["compression"])
