@@ -220,9 +220,14 @@ def test_unknown_layer_type_in_file_is_a_clear_error(packed_file):
 
 def test_model_with_unknown_layer_type_is_refused(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softmax(dim=1), nn.Flatten())
-    with pytest.raises(CheckpointError, match=r"module Softmax \(node '_1' in module '1'\).*supported:.*Conv2d"):
-        export_packed(convert(model, QuantSpec(weight="minmax", weight_bits=2)), tmp_path / "m.lowbit",
-                      example_input=torch.zeros(1, 1, 8, 8))
+    with pytest.raises(
+        CheckpointError, match=r"module Softmax \(node '_1' in module '1'\).*supported:.*Conv2d"
+    ):
+        export_packed(
+            convert(model, QuantSpec(weight="minmax", weight_bits=2)),
+            tmp_path / "m.lowbit",
+            example_input=torch.zeros(1, 1, 8, 8),
+        )
     assert not (tmp_path / "m.lowbit").exists()
 
 

@@ -180,6 +180,7 @@ def test_kernel_equals_reference_layer_for_two_level_input(path, case_index, lev
     shape = (3, cin) if kind == "linear" else (3, cin, size, size)
     x = torch.randn(*shape, generator=gen)
     x[0].view(-1)[:5] = (low + high) / 2  # exact ties go to the low level
+
     def two_level(t):
         return torch.where(t > (low + high) / 2, torch.tensor(high), torch.tensor(low))
 

@@ -52,16 +52,22 @@ def write_graph(graph: Graph, path: str | os.PathLike) -> Path:
     """Write ``graph`` as a version-2 packed file, atomically (compact JSON keeps the metadata small)."""
     tensors = graph.tensors()
     arch_json = json.dumps(graph.to_json(), separators=(",", ":"), sort_keys=True)
-    metadata = {META_FORMAT: FORMAT_NAME, META_VERSION: str(FORMAT_VERSION), META_ARCH: arch_json,
-                META_CHECKSUM: checksum(tensors, arch_json)}
+    metadata = {
+        META_FORMAT: FORMAT_NAME,
+        META_VERSION: str(FORMAT_VERSION),
+        META_ARCH: arch_json,
+        META_CHECKSUM: checksum(tensors, arch_json),
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
 
 
 def _damaged(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path} is not a valid lowbit packed model ({what}); the file is truncated, damaged "
-                           "or not a lowbit export: re-export it with `lowbit export`")
+    return CheckpointError(
+        f"{path} is not a valid lowbit packed model ({what}); the file is truncated, damaged "
+        "or not a lowbit export: re-export it with `lowbit export`"
+    )
 
 
 def _header(path: Path, check_offsets: bool = True) -> dict[str, Any]:
@@ -86,23 +92,35 @@ def _header(path: Path, check_offsets: bool = True) -> dict[str, Any]:
         if name == "__metadata__" or not check_offsets:
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
             raise _damaged(path, f"tensor '{name}' lies outside the file")
     return header
 
 
 def _metadata(header: dict[str, Any], path: Path) -> dict[str, str]:
     metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or metadata.get(META_FORMAT) != FORMAT_NAME or META_ARCH not in metadata \
-            or META_CHECKSUM not in metadata:
-        raise CheckpointError(f"{path} is not a lowbit packed model (no '{FORMAT_NAME}' metadata); create one with "
-                              "`lowbit export` or lowbit.export.export_packed")
+    if (
+        not isinstance(metadata, dict)
+        or metadata.get(META_FORMAT) != FORMAT_NAME
+        or META_ARCH not in metadata
+        or META_CHECKSUM not in metadata
+    ):
+        raise CheckpointError(
+            f"{path} is not a lowbit packed model (no '{FORMAT_NAME}' metadata); create one with "
+            "`lowbit export` or lowbit.export.export_packed"
+        )
     version = metadata.get(META_VERSION, "")
     if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path} uses packed format version {version!r} but this lowbit reads versions "
-                              f"{', '.join(READABLE_VERSIONS)}; install a newer lowbit, or re-export the model "
-                              "with this one")
+        raise CheckpointError(
+            f"{path} uses packed format version {version!r} but this lowbit reads versions "
+            f"{', '.join(READABLE_VERSIONS)}; install a newer lowbit, or re-export the model "
+            "with this one"
+        )
     return metadata
 
 
@@ -139,8 +157,10 @@ def read_graph(path: str | os.PathLike) -> Graph:
         raise _damaged(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     arch_json = metadata[META_ARCH]
     if checksum(tensors, arch_json) != metadata[META_CHECKSUM]:
-        raise ChecksumError(f"{path} does not match its checksum: the file was modified or damaged after export; "
-                            "re-export it from the checkpoint")
+        raise ChecksumError(
+            f"{path} does not match its checksum: the file was modified or damaged after export; "
+            "re-export it from the checkpoint"
+        )
     architecture = _architecture(arch_json, path)
     try:
         if metadata[META_VERSION] == "1":
@@ -159,8 +179,13 @@ def _graph_v2(architecture: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
         raise CheckpointError("the architecture has no node list; re-export the model")
     nodes: list[Node] = [node_from_json(item, tensors) for item in nodes_json]
     meta = {key: architecture.get(key) for key in ("model", "model_kwargs", "image_shape", "class_name")}
-    return Graph(nodes, architecture.get("output"), architecture.get("input_shape"),
-                 architecture.get("output_shape"), meta)
+    return Graph(
+        nodes,
+        architecture.get("output"),
+        architecture.get("input_shape"),
+        architecture.get("output_shape"),
+        meta,
+    )
 
 
 def is_packed(path: str | os.PathLike) -> bool:

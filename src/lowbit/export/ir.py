@@ -1,4 +1,4 @@
-"""The lowbit IR: a converted model's ``forward`` captured with torch.fx as a list of nodes plus named tensors.
+"""The lowbit IR: a converted model's ``forward`` captured with torch.fx as nodes plus named tensors.
 
 A node is ``{"name", "op", "inputs", "attrs", "module"}``: ``inputs`` name the graph input or earlier nodes,
 ``attrs`` is JSON, and the node's tensors are stored as ``"{name}.{field}"``. Shapes are per sample (the
@@ -43,8 +43,13 @@ class Node:
     module: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "inputs": self.inputs, "attrs": _jsonable(self.attrs),
-                "module": self.module}
+        return {
+            "name": self.name,
+            "op": self.op,
+            "inputs": self.inputs,
+            "attrs": _jsonable(self.attrs),
+            "module": self.module,
+        }
 
 
 @dataclass
@@ -64,13 +69,22 @@ class Graph:
         return shape[0] if len(shape) == 1 or (len(shape) == 3 and shape[1:] == [1, 1]) else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{node.name}.{key}": value.detach().cpu().contiguous()
-                for node in self.nodes for key, value in node.tensors.items()}
+        return {
+            f"{node.name}.{key}": value.detach().cpu().contiguous()
+            for node in self.nodes
+            for key, value in node.tensors.items()
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {"ir_version": IR_VERSION, "nodes": [node.to_json() for node in self.nodes], "output": self.output,
-                "input_shape": self.input_shape, "output_shape": self.output_shape,
-                "latent_dim": self.latent_dim, **_jsonable(self.meta)}
+        return {
+            "ir_version": IR_VERSION,
+            "nodes": [node.to_json() for node in self.nodes],
+            "output": self.output,
+            "input_shape": self.input_shape,
+            "output_shape": self.output_shape,
+            "latent_dim": self.latent_dim,
+            **_jsonable(self.meta),
+        }
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,6 +100,7 @@ def _pair(value: Any) -> list[int]:
 
 
 # ----- weight layers -----
+
 
 def _conv_padding(module: nn.Module) -> dict[str, Any]:
     """Explicit padding: symmetric zero padding stays in the conv; 'same', reflect, replicate and circular
@@ -103,17 +118,24 @@ def _conv_padding(module: nn.Module) -> dict[str, Any]:
     if mode == "zeros" and sides[0] == sides[1] and sides[2] == sides[3] and module.padding != "same":
         return {"padding": [sides[2], sides[0]]}
     if mode == "circular":
-        raise ExportError(f"{type(module).__name__} with padding_mode='circular' is not supported; "
-                          "use zeros, reflect or replicate padding")
+        raise ExportError(
+            f"{type(module).__name__} with padding_mode='circular' is not supported; "
+            "use zeros, reflect or replicate padding"
+        )
     return {"padding": [0, 0], "pad": sides, "pad_mode": "constant" if mode == "zeros" else mode}
 
 
 def _weight_attrs(module: nn.Module, kind: str) -> dict[str, Any]:
     if kind == "linear":
         return {"in_features": module.in_features, "out_features": module.out_features}
-    attrs = {"stride": _pair(module.stride), "dilation": _pair(module.dilation), "groups": module.groups,
-             "in_channels": module.in_channels, "out_channels": module.out_channels,
-             "kernel_size": _pair(module.kernel_size)}
+    attrs = {
+        "stride": _pair(module.stride),
+        "dilation": _pair(module.dilation),
+        "groups": module.groups,
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": _pair(module.kernel_size),
+    }
     if kind == "conv_transpose2d":
         return {**attrs, "padding": _pair(module.padding), "output_padding": _pair(module.output_padding)}
     return {**attrs, **_conv_padding(module)}
@@ -136,9 +158,14 @@ def _affine_parts(frozen: Any) -> torch.Tensor | None:
 
 def _packed_weight(frozen: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The ``weight`` attrs and tensors of a quantized layer: bit-packed codes + affine rows or a table."""
-    attrs = {"format": "packed", "method": frozen.method, "bits": int(frozen.bits),
-             "shape": list(frozen.codes.shape), "channel_dim": int(frozen.channel_dim),
-             "levels": int(frozen.codebook.shape[1])}
+    attrs = {
+        "format": "packed",
+        "method": frozen.method,
+        "bits": int(frozen.bits),
+        "shape": list(frozen.codes.shape),
+        "channel_dim": int(frozen.channel_dim),
+        "levels": int(frozen.codebook.shape[1]),
+    }
     tensors = {"codes": pack_codes(frozen.codes, int(frozen.bits))}
     affine = _affine_parts(frozen)
     if affine is None:
@@ -160,10 +187,12 @@ def _weight_layer(kind: str) -> Callable[[nn.Module, Any], tuple[str, dict, dict
         if module.bias is not None:
             tensors["bias"] = module.bias.detach()
         return kind, {**attrs, "weight": weight_attrs, "bias": module.bias is not None}, tensors
+
     return translate
 
 
 # ----- normalisation, activations, shape ops given as modules -----
+
 
 def _norm_tensors(module: nn.Module, stats: bool) -> dict[str, torch.Tensor]:
     tensors = {}
@@ -178,8 +207,10 @@ def _norm_tensors(module: nn.Module, stats: bool) -> dict[str, torch.Tensor]:
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, frozen: Any) -> tuple[str, dict, dict]:
     if not module.track_running_stats or module.running_mean is None:
-        raise ExportError(f"{type(module).__name__} without running statistics normalises with the batch's own "
-                          "statistics, so its output depends on the batch; train it with track_running_stats=True")
+        raise ExportError(
+            f"{type(module).__name__} without running statistics normalises with the batch's own "
+            "statistics, so its output depends on the batch; train it with track_running_stats=True"
+        )
     return "batch_norm", {"eps": module.eps}, _norm_tensors(module, stats=True)
 
 
@@ -196,7 +227,9 @@ def _quant_act(module: nn.Module, frozen: Any) -> tuple[str, dict, dict]:
     return "quant_act", {"method": frozen.method, "bits": int(frozen.bits)}, tensors
 
 
-def _simple(op: str, **attrs: Callable[[nn.Module], Any]) -> Callable[[nn.Module, Any], tuple[str, dict, dict]]:
+def _simple(
+    op: str, **attrs: Callable[[nn.Module], Any]
+) -> Callable[[nn.Module, Any], tuple[str, dict, dict]]:
     return lambda module, frozen: (op, {key: get(module) for key, get in attrs.items()}, {})
 
 
@@ -204,19 +237,30 @@ def _pad_module(mode: str) -> Callable[[nn.Module, Any], tuple[str, dict, dict]]
     def translate(module: nn.Module, frozen: Any) -> tuple[str, dict, dict]:
         pad = [int(p) for p in module.padding]
         return "pad", {"pad": pad, "mode": mode, "value": float(getattr(module, "value", 0.0))}, {}
+
     return translate
 
 
 def _upsample(module: nn.Upsample, frozen: Any) -> tuple[str, dict, dict]:
-    return "interpolate", _interp_attrs(module.size, module.scale_factor, module.mode, module.align_corners,
-                                        module.recompute_scale_factor), {}
+    return (
+        "interpolate",
+        _interp_attrs(
+            module.size, module.scale_factor, module.mode, module.align_corners, module.recompute_scale_factor
+        ),
+        {},
+    )
 
 
 def _interp_attrs(size: Any, scale: Any, mode: str, align_corners: Any, recompute: Any) -> dict[str, Any]:
     if mode not in ("nearest", "bilinear"):
         raise ExportError(f"interpolation mode '{mode}' is not supported; use 'nearest' or 'bilinear'")
-    return {"size": size, "scale_factor": scale, "mode": mode, "align_corners": align_corners,
-            "recompute_scale_factor": recompute}
+    return {
+        "size": size,
+        "scale_factor": scale,
+        "mode": mode,
+        "align_corners": align_corners,
+        "recompute_scale_factor": recompute,
+    }
 
 
 def _identity(module: nn.Module, frozen: Any) -> tuple[str, dict, dict]:
@@ -226,33 +270,58 @@ def _identity(module: nn.Module, frozen: Any) -> tuple[str, dict, dict]:
 def _register_module_translators() -> dict[type, Callable[[nn.Module, Any], tuple[str, dict, dict]]]:
     from lowbit.nn.layers import QuantAct, QuantConv2d, QuantConvTranspose2d, QuantLinear
 
-    weight = {nn.Conv2d: "conv2d", nn.ConvTranspose2d: "conv_transpose2d", nn.Linear: "linear",
-              QuantConv2d: "conv2d", QuantConvTranspose2d: "conv_transpose2d", QuantLinear: "linear"}
+    weight = {
+        nn.Conv2d: "conv2d",
+        nn.ConvTranspose2d: "conv_transpose2d",
+        nn.Linear: "linear",
+        QuantConv2d: "conv2d",
+        QuantConvTranspose2d: "conv_transpose2d",
+        QuantLinear: "linear",
+    }
     table: dict[type, Callable[[nn.Module, Any], tuple[str, dict, dict]]] = {
-        cls: _weight_layer(kind) for cls, kind in weight.items()}
-    table.update({
-        nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm,
-        nn.InstanceNorm1d: _instance_norm, nn.InstanceNorm2d: _instance_norm,
-        nn.LayerNorm: lambda m, f: ("layer_norm", {"shape": list(m.normalized_shape), "eps": m.eps},
-                                    _norm_tensors(m, stats=False)),
-        nn.GroupNorm: lambda m, f: ("group_norm", {"groups": m.num_groups, "eps": m.eps},
-                                    _norm_tensors(m, stats=False)),
-        QuantAct: _quant_act,
-        nn.ReLU: _simple("relu"), nn.Tanh: _simple("tanh"), nn.Sigmoid: _simple("sigmoid"),
-        nn.SiLU: _simple("silu"),
-        nn.LeakyReLU: _simple("leaky_relu", negative_slope=lambda m: m.negative_slope),
-        nn.ELU: _simple("elu", alpha=lambda m: m.alpha),
-        nn.GELU: _simple("gelu", approximate=lambda m: m.approximate),
-        nn.Hardtanh: _simple("hardtanh", min_val=lambda m: m.min_val, max_val=lambda m: m.max_val),
-        nn.PReLU: lambda m, f: ("prelu", {}, {"weight": m.weight.detach()}),
-        nn.Identity: _identity, nn.Dropout: _identity, nn.Dropout1d: _identity, nn.Dropout2d: _identity,
-        nn.AlphaDropout: _identity,
-        nn.ZeroPad2d: _pad_module("constant"), nn.ConstantPad2d: _pad_module("constant"),
-        nn.ReflectionPad2d: _pad_module("reflect"), nn.ReplicationPad2d: _pad_module("replicate"),
-        nn.Upsample: _upsample,
-        nn.PixelShuffle: _simple("pixel_shuffle", factor=lambda m: m.upscale_factor),
-        nn.Flatten: _simple("reshape"), nn.Unflatten: _simple("reshape"),
-    })
+        cls: _weight_layer(kind) for cls, kind in weight.items()
+    }
+    table.update(
+        {
+            nn.BatchNorm1d: _batch_norm,
+            nn.BatchNorm2d: _batch_norm,
+            nn.InstanceNorm1d: _instance_norm,
+            nn.InstanceNorm2d: _instance_norm,
+            nn.LayerNorm: lambda m, f: (
+                "layer_norm",
+                {"shape": list(m.normalized_shape), "eps": m.eps},
+                _norm_tensors(m, stats=False),
+            ),
+            nn.GroupNorm: lambda m, f: (
+                "group_norm",
+                {"groups": m.num_groups, "eps": m.eps},
+                _norm_tensors(m, stats=False),
+            ),
+            QuantAct: _quant_act,
+            nn.ReLU: _simple("relu"),
+            nn.Tanh: _simple("tanh"),
+            nn.Sigmoid: _simple("sigmoid"),
+            nn.SiLU: _simple("silu"),
+            nn.LeakyReLU: _simple("leaky_relu", negative_slope=lambda m: m.negative_slope),
+            nn.ELU: _simple("elu", alpha=lambda m: m.alpha),
+            nn.GELU: _simple("gelu", approximate=lambda m: m.approximate),
+            nn.Hardtanh: _simple("hardtanh", min_val=lambda m: m.min_val, max_val=lambda m: m.max_val),
+            nn.PReLU: lambda m, f: ("prelu", {}, {"weight": m.weight.detach()}),
+            nn.Identity: _identity,
+            nn.Dropout: _identity,
+            nn.Dropout1d: _identity,
+            nn.Dropout2d: _identity,
+            nn.AlphaDropout: _identity,
+            nn.ZeroPad2d: _pad_module("constant"),
+            nn.ConstantPad2d: _pad_module("constant"),
+            nn.ReflectionPad2d: _pad_module("reflect"),
+            nn.ReplicationPad2d: _pad_module("replicate"),
+            nn.Upsample: _upsample,
+            nn.PixelShuffle: _simple("pixel_shuffle", factor=lambda m: m.upscale_factor),
+            nn.Flatten: _simple("reshape"),
+            nn.Unflatten: _simple("reshape"),
+        }
+    )
     table[nn.ReLU6] = _simple("hardtanh", min_val=lambda m: 0.0, max_val=lambda m: 6.0)
     return table
 
@@ -269,22 +338,62 @@ def module_translators() -> dict[type, Callable[[nn.Module, Any], tuple[str, dic
 
 # ----- functions and tensor methods seen in forward -----
 
-ELEMENTWISE = {operator.add: "add", torch.add: "add", "add": "add", operator.iadd: "add",
-               operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.isub: "sub",
-               operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.imul: "mul",
-               operator.truediv: "div", torch.div: "div", "div": "div"}
-ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", "relu": "relu", torch.tanh: "tanh", F.tanh: "tanh",
-               "tanh": "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
-               F.silu: "silu", F.gelu: "gelu", F.elu: "elu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
-               F.relu6: "relu6"}
-RESHAPES = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten",
-            "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+ELEMENTWISE = {
+    operator.add: "add",
+    torch.add: "add",
+    "add": "add",
+    operator.iadd: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    "sub": "sub",
+    operator.isub: "sub",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    "mul": "mul",
+    operator.imul: "mul",
+    operator.truediv: "div",
+    torch.div: "div",
+    "div": "div",
+}
+ACTIVATIONS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    "relu": "relu",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    "tanh": "tanh",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    "sigmoid": "sigmoid",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.elu: "elu",
+    F.leaky_relu: "leaky_relu",
+    F.hardtanh: "hardtanh",
+    F.relu6: "relu6",
+}
+RESHAPES = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+}
 IDENTITIES = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, "contiguous", "clone", "detach"}
 SHAPE_QUERIES = {"size", "dim"}
-SUPPORTED_FUNCTIONS = ("torch.cat / concat, + - * / (tensors or constants), mean, F.pad, F.interpolate, "
-                       "F.pixel_shuffle, view / reshape / flatten / unflatten / squeeze / unsqueeze / permute / "
-                       "transpose, relu / leaky_relu / elu / silu / gelu / tanh / sigmoid / hardtanh / relu6, "
-                       "dropout (no-op)")
+SUPPORTED_FUNCTIONS = (
+    "torch.cat / concat, + - * / (tensors or constants), mean, F.pad, F.interpolate, "
+    "F.pixel_shuffle, view / reshape / flatten / unflatten / squeeze / unsqueeze / permute / "
+    "transpose, relu / leaky_relu / elu / silu / gelu / tanh / sigmoid / hardtanh / relu6, "
+    "dropout (no-op)"
+)
 
 
 def _act_attrs(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict[str, Any]]:
@@ -296,8 +405,10 @@ def _act_attrs(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict[str, A
     if op == "gelu":
         return op, {"approximate": _arg(args, kwargs, 1, "approximate", "none")}
     if op == "hardtanh":
-        return op, {"min_val": float(_arg(args, kwargs, 1, "min_val", -1.0)),
-                    "max_val": float(_arg(args, kwargs, 2, "max_val", 1.0))}
+        return op, {
+            "min_val": float(_arg(args, kwargs, 1, "min_val", -1.0)),
+            "max_val": float(_arg(args, kwargs, 2, "max_val", 1.0)),
+        }
     if op == "relu6":
         return "hardtanh", {"min_val": 0.0, "max_val": 6.0}
     return op, {}
@@ -353,7 +464,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         where = tracer.path[-1] if tracer.path and tracer.path[-1] else "the top-level model"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
-            f"cannot capture {type(model).__name__}.forward with torch.fx (in {where}: {first}); make forward "
+            f"cannot capture {type(model).__name__}.forward with torch.fx (in {where}: {first}); "
+            "make forward "
             "free of Python control flow on tensor values (if/for on tensors, .item(), numpy) or export the "
             "sub-module that has a static graph"
         ) from None
@@ -362,17 +474,20 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 def _per_sample(value: Any, batch: int, node: fx.Node) -> list[int]:
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
-        raise ExportError(f"node '{node.name}' ({node.format_node()}) does not keep the batch as its first "
-                          "dimension, so it cannot run at another batch size; reshape with x.size(0) or -1 in "
-                          "the batch position only")
+        raise ExportError(
+            f"node '{node.name}' ({node.format_node()}) does not keep the batch as its first "
+            "dimension, so it cannot run at another batch size; reshape with x.size(0) or -1 in "
+            "the batch position only"
+        )
     return list(value.shape[1:])
 
 
 class _Capture:
     """Translates one traced graph into IR nodes, with the values recorded at two batch sizes."""
 
-    def __init__(self, gm: fx.GraphModule, frozen: dict[str, Any], values: dict, values2: dict,
-                 batch: int) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, frozen: dict[str, Any], values: dict, values2: dict, batch: int
+    ) -> None:
         self.gm, self.frozen, self.values, self.values2, self.batch = gm, frozen, values, values2, batch
         self.modules = dict(gm.named_modules())
         self.nodes: list[Node] = []
@@ -397,21 +512,34 @@ class _Capture:
     # ----- helpers -----
     def _placeholder(self, node: fx.Node) -> None:
         if self.alias:
-            raise ExportError(f"forward takes more than one input ('{node.name}'); export captures models with "
-                              "one tensor input (the latent or the image)")
+            raise ExportError(
+                f"forward takes more than one input ('{node.name}'); export captures models with "
+                "one tensor input (the latent or the image)"
+            )
         self.alias[node.name] = INPUT
 
     def _ref(self, arg: Any, user: fx.Node) -> str:
         if not isinstance(arg, fx.Node):
-            raise ExportError(f"node '{user.name}' ({user.format_node()}) returns or uses {type(arg).__name__}, "
-                              "not one tensor; forward must return a single tensor")
+            raise ExportError(
+                f"node '{user.name}' ({user.format_node()}) returns or uses {type(arg).__name__}, "
+                "not one tensor; forward must return a single tensor"
+            )
         if arg.name in self.shape_only:
-            raise ExportError(f"node '{user.name}' ({user.format_node()}) computes with a tensor's shape; only "
-                              "reshapes may use x.size()/x.shape")
+            raise ExportError(
+                f"node '{user.name}' ({user.format_node()}) computes with a tensor's shape; only "
+                "reshapes may use x.size()/x.shape"
+            )
         return self.alias[arg.name]
 
-    def _add(self, node: fx.Node, op: str, inputs: list[str], attrs: dict | None = None,
-             tensors: dict | None = None, module: str = "") -> None:
+    def _add(
+        self,
+        node: fx.Node,
+        op: str,
+        inputs: list[str],
+        attrs: dict | None = None,
+        tensors: dict | None = None,
+        module: str = "",
+    ) -> None:
         if op == "identity":
             self.alias[node.name] = inputs[0]
             return
@@ -420,9 +548,11 @@ class _Capture:
 
     def _unsupported(self, node: fx.Node, what: str, module: str = "") -> ExportError:
         where = f" in module '{module}'" if module else ""
-        return ExportError(f"{what} (node '{node.name}'{where}) cannot be exported; supported: "
-                           f"{supported_summary()}. Replace it with a supported op, or keep it outside the "
-                           "exported model")
+        return ExportError(
+            f"{what} (node '{node.name}'{where}) cannot be exported; supported: "
+            f"{supported_summary()}. Replace it with a supported op, or keep it outside the "
+            "exported model"
+        )
 
     def _constant(self, node: fx.Node) -> None:
         value = self.values[node.name]
@@ -447,15 +577,17 @@ class _Capture:
     def _function(self, node: fx.Node) -> None:
         target, args, kwargs = node.target, node.args, node.kwargs
         value = self.values[node.name]
-        if not isinstance(value, torch.Tensor) and (target in SHAPE_QUERIES or target == "shape"
-                                                     or target in (operator.getitem, getattr)):
+        if not isinstance(value, torch.Tensor) and (
+            target in SHAPE_QUERIES or target == "shape" or target in (operator.getitem, getattr)
+        ):
             self.shape_only.add(node.name)
             return
         if target in IDENTITIES:
             self._add(node, "identity", [self._ref(args[0], node)])
         elif target in RESHAPES:
-            self._add(node, "reshape", [self._ref(args[0], node)],
-                      {"shape": _per_sample(value, self.batch, node)})
+            self._add(
+                node, "reshape", [self._ref(args[0], node)], {"shape": _per_sample(value, self.batch, node)}
+            )
         elif target in ("permute", torch.permute, "transpose", torch.transpose):
             self._permute(node)
         elif target in ELEMENTWISE:
@@ -471,17 +603,28 @@ class _Capture:
             pad = [int(p) for p in _arg(args, kwargs, 1, "pad", ())]
             mode = _arg(args, kwargs, 2, "mode", "constant")
             value_attr = _arg(args, kwargs, 3, "value", None)
-            self._add(node, "pad", [self._ref(args[0], node)],
-                      {"pad": pad, "mode": mode, "value": 0.0 if value_attr is None else float(value_attr)})
+            self._add(
+                node,
+                "pad",
+                [self._ref(args[0], node)],
+                {"pad": pad, "mode": mode, "value": 0.0 if value_attr is None else float(value_attr)},
+            )
         elif target is F.interpolate:
-            attrs = _interp_attrs(_arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None),
-                                  _arg(args, kwargs, 3, "mode", "nearest"),
-                                  _arg(args, kwargs, 4, "align_corners", None),
-                                  _arg(args, kwargs, 5, "recompute_scale_factor", None))
+            attrs = _interp_attrs(
+                _arg(args, kwargs, 1, "size", None),
+                _arg(args, kwargs, 2, "scale_factor", None),
+                _arg(args, kwargs, 3, "mode", "nearest"),
+                _arg(args, kwargs, 4, "align_corners", None),
+                _arg(args, kwargs, 5, "recompute_scale_factor", None),
+            )
             self._add(node, "interpolate", [self._ref(args[0], node)], attrs)
         elif target in (F.pixel_shuffle, torch.pixel_shuffle):
-            self._add(node, "pixel_shuffle", [self._ref(args[0], node)],
-                      {"factor": int(_arg(args, kwargs, 1, "upscale_factor", 1))})
+            self._add(
+                node,
+                "pixel_shuffle",
+                [self._ref(args[0], node)],
+                {"factor": int(_arg(args, kwargs, 1, "upscale_factor", 1))},
+            )
         else:
             name = getattr(target, "__name__", str(target))
             raise self._unsupported(node, f"function or method '{name}'")
@@ -509,8 +652,12 @@ class _Capture:
         tensor, scalar = (a, b) if isinstance(a, fx.Node) else (b, a)
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             raise self._unsupported(node, f"{op} with a {type(scalar).__name__} operand")
-        self._add(node, op, [self._ref(tensor, node)],
-                  {"scalar": float(scalar), "scalar_first": not isinstance(a, fx.Node)})
+        self._add(
+            node,
+            op,
+            [self._ref(tensor, node)],
+            {"scalar": float(scalar), "scalar_first": not isinstance(a, fx.Node)},
+        )
 
     def _cat(self, node: fx.Node) -> None:
         parts = node.args[0]
@@ -540,9 +687,11 @@ def default_example(model: nn.Module) -> torch.Tensor:
     shape = getattr(model, "input_shape", None) or getattr(model, "image_shape", None)
     if shape:
         return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    raise ConfigError(f"{type(model).__name__} has no latent_dim, input_shape or image_shape, so the input layout is "
-                      "unknown; pass example_input, e.g. torch.randn(1, 100, 1, 1) for a DCGAN generator or "
-                      "torch.randn(1, 3, 64, 64) for an image-to-image generator")
+    raise ConfigError(
+        f"{type(model).__name__} has no latent_dim, input_shape or image_shape, so the input layout is "
+        "unknown; pass example_input, e.g. torch.randn(1, 100, 1, 1) for a DCGAN generator or "
+        "torch.randn(1, 3, 64, 64) for an image-to-image generator"
+    )
 
 
 def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, Any], Any]:
@@ -562,10 +711,14 @@ def capture(model: nn.Module, example_input: torch.Tensor | None = None) -> tupl
     eval-mode copy it was captured from (the simulated reference for parity checks)."""
     from lowbit.nn import freeze
 
-    example = default_example(model) if example_input is None else example_input.detach().to(torch.float32).cpu()
+    example = (
+        default_example(model) if example_input is None else example_input.detach().to(torch.float32).cpu()
+    )
     if example.dim() < 2:
-        raise ConfigError(f"example_input must have a batch dimension first, got shape {list(example.shape)}; "
-                          "add one with example_input[None]")
+        raise ConfigError(
+            f"example_input must have a batch dimension first, got shape {list(example.shape)}; "
+            "add one with example_input[None]"
+        )
     work = prepared_copy(model)
     frozen = freeze(work)
     gm = _trace(work)
@@ -573,18 +726,26 @@ def capture(model: nn.Module, example_input: torch.Tensor | None = None) -> tupl
         values, out = _record(gm, example)
         values2, _ = _record(gm, torch.cat([example, example]))
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ExportError(f"the captured graph cannot run on an input of shape {list(example.shape)} ({exc}); "
-                          "pass an example_input the model accepts") from None
+        raise ExportError(
+            f"the captured graph cannot run on an input of shape {list(example.shape)} ({exc}); "
+            "pass an example_input the model accepts"
+        ) from None
     capture_ = _Capture(gm, frozen, values, values2, example.shape[0])
     output = capture_.run()
     for node in gm.graph.nodes:
         value2 = values2.get(node.name)
-        if isinstance(value2, torch.Tensor) and node.name not in capture_.shape_only and node.op != "get_attr":
+        if (
+            isinstance(value2, torch.Tensor)
+            and node.name not in capture_.shape_only
+            and node.op != "get_attr"
+        ):
             _per_sample(value2, 2 * example.shape[0], node)
-    meta = {"model": getattr(model, "lowbit_name", None),
-            "model_kwargs": _jsonable(getattr(model, "lowbit_kwargs", {})),
-            "image_shape": _jsonable(getattr(model, "image_shape", None)),
-            "class_name": type(model).__name__}
+    meta = {
+        "model": getattr(model, "lowbit_name", None),
+        "model_kwargs": _jsonable(getattr(model, "lowbit_kwargs", {})),
+        "image_shape": _jsonable(getattr(model, "image_shape", None)),
+        "class_name": type(model).__name__,
+    }
     graph = Graph(_live(capture_.nodes, output), output, list(example.shape[1:]), list(out.shape[1:]), meta)
     return graph, work
 

@@ -71,7 +71,7 @@ class PackedModel(nn.Module):
         self.eval()
 
     def set_kernel_path(self, path: str | None = None) -> str:
-        """Re-plan the graph for ``path`` ("auto", "avx512", "avx2", "scalar", "torch"); returns the path used."""
+        """Re-plan the graph for ``path`` ("auto", "avx512", "avx2", "scalar", "torch"); returns the path."""
         self.kernel_path = build.resolve_path(path)
         self.steps = plan_graph(self.graph, self.kernel_path)
         return self.kernel_path
@@ -81,8 +81,10 @@ class PackedModel(nn.Module):
         for size in self.input_shape:
             per_sample *= size
         if x.dim() < 1 or x[0].numel() != per_sample:
-            raise ConfigError(f"this packed model takes inputs of shape N x {' x '.join(map(str, self.input_shape))} "
-                              f"({per_sample} values per sample), got {list(x.shape)}")
+            raise ConfigError(
+                f"this packed model takes inputs of shape N x {' x '.join(map(str, self.input_shape))} "
+                f"({per_sample} values per sample), got {list(x.shape)}"
+            )
         return x.reshape(x.shape[0], *self.input_shape).to(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +103,17 @@ class PackedModel(nn.Module):
             weight = node.attrs.get("weight", {})
             source = producers.get(node.inputs[0]) if node.inputs else None
             act_bits = _input_bits(source, producers)
-            rows.append({"name": node.name, "op": node.op, "module": node.module,
-                         "weight_bits": weight.get("bits", 32) if weight else None,
-                         "act_bits": act_bits if node.op in x86.WEIGHT_OPS else None,
-                         "backend": step.backend, "bytes": tensor_bytes(node)})
+            rows.append(
+                {
+                    "name": node.name,
+                    "op": node.op,
+                    "module": node.module,
+                    "weight_bits": weight.get("bits", 32) if weight else None,
+                    "act_bits": act_bits if node.op in x86.WEIGHT_OPS else None,
+                    "backend": step.backend,
+                    "bytes": tensor_bytes(node),
+                }
+            )
         return rows
 
 

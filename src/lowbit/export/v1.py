@@ -14,7 +14,7 @@ SIMPLE = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "identity": "ide
 
 def _layer_tensors(tensors: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     prefix = f"{index}."
-    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
 def _pair(value: Any) -> list[int]:
@@ -32,16 +32,27 @@ def _weight_node(name: str, layer: dict, own: dict[str, torch.Tensor]) -> Node:
     else:
         groups = int(hyper.get("groups", 1))
         transposed = kind == "conv_transpose2d"
-        attrs.update(stride=_pair(hyper.get("stride", 1)), padding=_pair(hyper.get("padding", 0)),
-                     dilation=_pair(hyper.get("dilation", 1)), groups=groups, kernel_size=list(shape[2:]),
-                     in_channels=shape[0] if transposed else shape[1] * groups,
-                     out_channels=shape[1] * groups if transposed else shape[0])
+        attrs.update(
+            stride=_pair(hyper.get("stride", 1)),
+            padding=_pair(hyper.get("padding", 0)),
+            dilation=_pair(hyper.get("dilation", 1)),
+            groups=groups,
+            kernel_size=list(shape[2:]),
+            in_channels=shape[0] if transposed else shape[1] * groups,
+            out_channels=shape[1] * groups if transposed else shape[0],
+        )
         if transposed:
             attrs["output_padding"] = _pair(hyper.get("output_padding", 0))
     if packed:
-        attrs["weight"] = {"format": "packed", "method": layer.get("method"), "bits": layer["bits"],
-                           "shape": shape, "channel_dim": layer["channel_dim"], "levels": layer["levels"],
-                           "codebook": layer["codebook"]}
+        attrs["weight"] = {
+            "format": "packed",
+            "method": layer.get("method"),
+            "bits": layer["bits"],
+            "shape": shape,
+            "channel_dim": layer["channel_dim"],
+            "levels": layer["levels"],
+            "codebook": layer["codebook"],
+        }
     else:
         attrs["weight"] = {"format": "float"}
     return Node(name, kind, [], attrs, own)
@@ -49,14 +60,28 @@ def _weight_node(name: str, layer: dict, own: dict[str, torch.Tensor]) -> Node:
 
 def _node(name: str, layer: dict, own: dict[str, torch.Tensor]) -> Node:
     kind = layer.get("type")
-    if kind in ("conv2d", "conv_transpose2d", "linear", "quant_conv2d", "quant_conv_transpose2d", "quant_linear"):
+    if kind in (
+        "conv2d",
+        "conv_transpose2d",
+        "linear",
+        "quant_conv2d",
+        "quant_conv_transpose2d",
+        "quant_linear",
+    ):
         return _weight_node(name, layer, own)
     if kind in ("batch_norm1d", "batch_norm2d"):
         weight, bias, mean, var = own["bn"]
-        return Node(name, "batch_norm", [], {"eps": layer["hyper"]["eps"]},
-                    {"weight": weight, "bias": bias, "running_mean": mean, "running_var": var})
+        return Node(
+            name,
+            "batch_norm",
+            [],
+            {"eps": layer["hyper"]["eps"]},
+            {"weight": weight, "bias": bias, "running_mean": mean, "running_var": var},
+        )
     if kind == "sign":
-        return Node(name, "quant_act", [], {"method": "sign", "bits": 1}, {"levels": torch.tensor([-1.0, 1.0])})
+        return Node(
+            name, "quant_act", [], {"method": "sign", "bits": 1}, {"levels": torch.tensor([-1.0, 1.0])}
+        )
     if kind == "quant_act":
         return Node(name, "quant_act", [], {"method": layer.get("method"), "bits": layer["bits"]}, own)
     if kind == "leaky_relu":

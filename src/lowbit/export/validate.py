@@ -1,4 +1,5 @@
-"""Checks of a decoded IR before it is planned: every node's op, inputs, attributes and tensors (names, dtypes,
+"""Checks of a decoded IR before it is planned: every node's op, inputs, attributes and tensors (names,
+dtypes,
 shapes against the declared sizes), so a damaged or hostile file ends in one CheckpointError naming the node
 and the field, never in a bare exception or a huge allocation."""
 
@@ -21,28 +22,50 @@ MAX_NODES = 100_000
 WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
 #: op -> (attributes it must have, tensors it must have, tensors it may have)
 SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "conv2d": (("stride", "padding", "dilation", "groups", "weight"), (), ("weight", "codes", "affine", "codebook",
-                                                                          "bias")),
-    "conv_transpose2d": (("stride", "padding", "output_padding", "dilation", "groups", "weight"), (),
-                         ("weight", "codes", "affine", "codebook", "bias")),
+    "conv2d": (
+        ("stride", "padding", "dilation", "groups", "weight"),
+        (),
+        ("weight", "codes", "affine", "codebook", "bias"),
+    ),
+    "conv_transpose2d": (
+        ("stride", "padding", "output_padding", "dilation", "groups", "weight"),
+        (),
+        ("weight", "codes", "affine", "codebook", "bias"),
+    ),
     "linear": (("weight",), (), ("weight", "codes", "affine", "codebook", "bias")),
     "batch_norm": (("eps",), ("running_mean", "running_var"), ("weight", "bias")),
     "instance_norm": (("eps", "running_stats"), (), ("running_mean", "running_var", "weight", "bias")),
     "layer_norm": (("shape", "eps"), (), ("weight", "bias")),
     "group_norm": (("groups", "eps"), (), ("weight", "bias")),
     "quant_act": (("bits",), ("levels",), ("shift",)),
-    "relu": ((), (), ()), "tanh": ((), (), ()), "sigmoid": ((), (), ()), "silu": ((), (), ()),
-    "leaky_relu": (("negative_slope",), (), ()), "elu": (("alpha",), (), ()), "gelu": (("approximate",), (), ()),
-    "hardtanh": (("min_val", "max_val"), (), ()), "prelu": ((), ("weight",), ()),
-    "pad": (("pad", "mode"), (), ()), "interpolate": (("mode",), (), ()), "pixel_shuffle": (("factor",), (), ()),
-    "reshape": (("shape",), (), ()), "permute": (("dims",), (), ()), "cat": (("dim",), (), ()),
-    "add": ((), (), ()), "sub": ((), (), ()), "mul": ((), (), ()), "div": ((), (), ()),
-    "mean": (("dims", "keepdim"), (), ()), "constant": (("shape",), ("value",), ()),
+    "relu": ((), (), ()),
+    "tanh": ((), (), ()),
+    "sigmoid": ((), (), ()),
+    "silu": ((), (), ()),
+    "leaky_relu": (("negative_slope",), (), ()),
+    "elu": (("alpha",), (), ()),
+    "gelu": (("approximate",), (), ()),
+    "hardtanh": (("min_val", "max_val"), (), ()),
+    "prelu": ((), ("weight",), ()),
+    "pad": (("pad", "mode"), (), ()),
+    "interpolate": (("mode",), (), ()),
+    "pixel_shuffle": (("factor",), (), ()),
+    "reshape": (("shape",), (), ()),
+    "permute": (("dims",), (), ()),
+    "cat": (("dim",), (), ()),
+    "add": ((), (), ()),
+    "sub": ((), (), ()),
+    "mul": ((), (), ()),
+    "div": ((), (), ()),
+    "mean": (("dims", "keepdim"), (), ()),
+    "constant": (("shape",), ("value",), ()),
 }
 
 
 def _fail(node: str, what: str) -> CheckpointError:
-    return CheckpointError(f"node '{node}': {what}; the file is damaged or written by another tool, re-export it")
+    return CheckpointError(
+        f"node '{node}': {what}; the file is damaged or written by another tool, re-export it"
+    )
 
 
 def node_from_json(item: Any, tensors: dict[str, torch.Tensor]) -> Node:
@@ -52,25 +75,37 @@ def node_from_json(item: Any, tensors: dict[str, torch.Tensor]) -> Node:
     name = item["name"]
     op, inputs, attrs = item.get("op"), item.get("inputs"), item.get("attrs", {})
     if op not in SCHEMA:
-        raise CheckpointError(f"node '{name}' has unknown op {op!r}; this file needs a newer lowbit (known ops: "
-                              f"{', '.join(sorted(SCHEMA))})")
-    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs) or not isinstance(attrs, dict):
+        raise CheckpointError(
+            f"node '{name}' has unknown op {op!r}; this file needs a newer lowbit (known ops: "
+            f"{', '.join(sorted(SCHEMA))})"
+        )
+    if (
+        not isinstance(inputs, list)
+        or not all(isinstance(i, str) for i in inputs)
+        or not isinstance(attrs, dict)
+    ):
         raise _fail(name, "inputs must be a list of names and attrs an object")
     prefix = f"{name}."
-    own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     return Node(name, op, inputs, attrs, own, str(item.get("module", "")))
 
 
 def _shape(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                              for v in value) or math.prod(value) > MAX_SAMPLE_VALUES:
-        raise CheckpointError(f"{what} must be a list of positive sizes with at most {MAX_SAMPLE_VALUES:,} values "
-                              f"per sample, got {str(value)[:80]}; re-export the model")
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or math.prod(value) > MAX_SAMPLE_VALUES
+    ):
+        raise CheckpointError(
+            f"{what} must be a list of positive sizes with at most {MAX_SAMPLE_VALUES:,} values "
+            f"per sample, got {str(value)[:80]}; re-export the model"
+        )
     return value
 
 
-def _check_tensor(node: Node, field: str, shape: list[int] | None = None, dtype: torch.dtype = torch.float32
-                  ) -> torch.Tensor:
+def _check_tensor(
+    node: Node, field: str, shape: list[int] | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     tensor = node.tensors.get(field)
     if tensor is None:
         raise _fail(node.name, f"tensor '{field}' is missing")
@@ -107,10 +142,19 @@ def _check_weight(node: Node) -> None:
         _check_tensor(node, "weight", shape)
         return
     bits, levels, channel_dim = weight.get("bits"), weight.get("levels"), weight.get("channel_dim")
-    if not isinstance(bits, int) or not 1 <= bits <= MAX_PACKED_BITS or not isinstance(levels, int) \
-            or not 1 <= levels <= 2**bits or channel_dim not in range(len(shape)) or weight.get("shape") != shape:
-        raise _fail(node.name, f"packed weight fields are inconsistent (bits {bits}, levels {levels}, channel_dim "
-                               f"{channel_dim}, shape {weight.get('shape')} vs {shape})")
+    if (
+        not isinstance(bits, int)
+        or not 1 <= bits <= MAX_PACKED_BITS
+        or not isinstance(levels, int)
+        or not 1 <= levels <= 2**bits
+        or channel_dim not in range(len(shape))
+        or weight.get("shape") != shape
+    ):
+        raise _fail(
+            node.name,
+            f"packed weight fields are inconsistent (bits {bits}, levels {levels}, channel_dim "
+            f"{channel_dim}, shape {weight.get('shape')} vs {shape})",
+        )
     _check_tensor(node, "codes", [packed_nbytes(math.prod(shape), bits)], torch.uint8)
     rows = shape[channel_dim]
     if weight.get("codebook") == "affine":
@@ -120,7 +164,9 @@ def _check_weight(node: Node) -> None:
     elif weight.get("codebook") == "table":
         table = _check_tensor(node, "codebook")
         if table.dim() != 2 or table.shape[0] not in (1, rows) or table.shape[1] != levels:
-            raise _fail(node.name, f"tensor 'codebook' has shape {list(table.shape)}, expected [{rows}, {levels}]")
+            raise _fail(
+                node.name, f"tensor 'codebook' has shape {list(table.shape)}, expected [{rows}, {levels}]"
+            )
     else:
         raise _fail(node.name, "packed weight needs codebook 'affine' or 'table'")
 
@@ -131,9 +177,13 @@ def _check_geometry(node: Node) -> None:
         ok = all(isinstance(a.get(k), int) and a[k] > 0 for k in ("in_features", "out_features"))
     else:
         pairs = ("stride", "dilation", "kernel_size")
-        ok = all(isinstance(a.get(k), list) and len(a[k]) == 2 and all(isinstance(v, int) and v > 0 for v in a[k])
-                 for k in pairs)
-        ok = ok and all(isinstance(a.get(k), int) and a[k] > 0 for k in ("groups", "in_channels", "out_channels"))
+        ok = all(
+            isinstance(a.get(k), list) and len(a[k]) == 2 and all(isinstance(v, int) and v > 0 for v in a[k])
+            for k in pairs
+        )
+        ok = ok and all(
+            isinstance(a.get(k), int) and a[k] > 0 for k in ("groups", "in_channels", "out_channels")
+        )
         ok = ok and a["in_channels"] % a["groups"] == 0 and a["out_channels"] % a["groups"] == 0
         ok = ok and all(isinstance(v, int) and 0 <= v < 4096 for v in a.get("padding", []))
     if not ok:
@@ -156,7 +206,9 @@ def _check_node(node: Node) -> None:
     elif node.op == "quant_act":
         levels = node.tensors["levels"]
         if levels.dim() != 1 or not 1 <= levels.numel() <= 256:
-            raise _fail(node.name, f"levels must be a list of 1 to 256 values, got shape {list(levels.shape)}")
+            raise _fail(
+                node.name, f"levels must be a list of 1 to 256 values, got shape {list(levels.shape)}"
+            )
         if "shift" in node.tensors:
             _check_tensor(node, "shift")
     elif node.op == "reshape" and node.attrs["shape"] != [-1]:
@@ -169,7 +221,9 @@ def check_graph(graph: Graph) -> None:
     if graph.output_shape:
         _shape(graph.output_shape, "output_shape")
     if len(graph.nodes) > MAX_NODES:
-        raise CheckpointError(f"the graph has {len(graph.nodes):,} nodes (limit {MAX_NODES:,}); re-export the model")
+        raise CheckpointError(
+            f"the graph has {len(graph.nodes):,} nodes (limit {MAX_NODES:,}); re-export the model"
+        )
     seen = {INPUT}
     for node in graph.nodes:
         if node.name in seen:

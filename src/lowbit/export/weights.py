@@ -1,4 +1,4 @@
-"""Quantized weights of an IR node: unpacked codes, the per-channel codebook and the float weight they give."""
+"""Quantized weights of an IR node: unpacked codes, the per-channel codebook and their float weight."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def codes(node: Node) -> torch.Tensor:
     weight = node.attrs["weight"]
     unpacked = unpack_codes(node.tensors["codes"], weight["bits"], weight["shape"])
     if unpacked.numel() and int(unpacked.max()) >= weight["levels"]:
-        raise CheckpointError(f"node '{node.name}' has codes beyond its {weight['levels']} levels; the file is "
-                              "damaged, re-export it")
+        raise CheckpointError(
+            f"node '{node.name}' has codes beyond its {weight['levels']} levels; the file is "
+            "damaged, re-export it"
+        )
     return unpacked
 
 

@@ -18,9 +18,10 @@ from lowbit.metrics.scores import KID_SUBSETS, EvaluationError, GenerativeScores
 Generator = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _latent_shapes(generator: Generator, latent_dim: int | None, latent_shape: tuple[int, ...] | None
-                   ) -> list[tuple[int, ...]]:
-    """The latent layouts to try, in order: the one given, the model's recorded one, then N x d and N x d x 1 x 1."""
+def _latent_shapes(
+    generator: Generator, latent_dim: int | None, latent_shape: tuple[int, ...] | None
+) -> list[tuple[int, ...]]:
+    """Latent layouts to try, in order: the one given, the model's recorded one, N x d, N x d x 1 x 1."""
     if latent_shape is not None:
         return [tuple(int(v) for v in latent_shape)]
     recorded = getattr(generator, "input_shape", None)
@@ -28,8 +29,10 @@ def _latent_shapes(generator: Generator, latent_dim: int | None, latent_shape: t
         return [tuple(recorded)]
     size = getattr(generator, "latent_dim", None) or latent_dim
     if not isinstance(size, int) or size < 1:
-        raise ConfigError("the generator has no latent_dim attribute; pass latent_dim=<size of z> (and "
-                          "latent_shape=(d, 1, 1) if it wants z as N x d x 1 x 1)")
+        raise ConfigError(
+            "the generator has no latent_dim attribute; pass latent_dim=<size of z> (and "
+            "latent_shape=(d, 1, 1) if it wants z as N x d x 1 x 1)"
+        )
     return [(size,), (size, 1, 1)]
 
 
@@ -42,8 +45,10 @@ def _first_batch(generator: Generator, shapes: list[tuple[int, ...]], z: torch.T
             return shape
         except RuntimeError as exc:
             errors.append(f"N x {' x '.join(map(str, shape))}: {str(exc).splitlines()[0][:120]}")
-    raise EvaluationError(f"the generator rejects every latent layout tried ({'; '.join(errors)}); pass "
-                          "latent_shape=<the per-sample shape of z it expects>")
+    raise EvaluationError(
+        f"the generator rejects every latent layout tried ({'; '.join(errors)}); pass "
+        "latent_shape=<the per-sample shape of z it expects>"
+    )
 
 
 def _generator_device(generator: Generator) -> torch.device:
@@ -86,7 +91,7 @@ def evaluate(
     standard normal from a generator seeded with ``seed``; the feature network is ``extractor``,
     Inception-v3 from ``inception_weights``, or the dataset's shipped classifier. KID averages
     ``kid_subsets`` subsets of min(1000, n) samples. ``progress=False`` hides the progress bar.
-    ``latent_shape`` is z's per-sample shape (default: the model's input_shape, else N x d, else N x d x 1 x 1).
+    ``latent_shape`` is z's per-sample shape (default: the model's input_shape, else N x d or N x d x 1 x 1).
     """
     from lowbit.data.paired import PAIRED_DATASETS
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from lowbit.export.ir import Node
 from lowbit.export.weights import dequantized_weight
 
@@ -29,13 +28,15 @@ def _conv2d(node: Node) -> Kernel:
         if pad is not None:
             x = F.pad(x, pad, mode=mode)
         return F.conv2d(x, weight, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+
     return run
 
 
 def _conv_transpose2d(node: Node) -> Kernel:
     a, weight, bias = node.attrs, _weight(node), node.tensors.get("bias")
-    return lambda x: F.conv_transpose2d(x, weight, bias, a["stride"], a["padding"], a["output_padding"],
-                                        a["groups"], a["dilation"])
+    return lambda x: F.conv_transpose2d(
+        x, weight, bias, a["stride"], a["padding"], a["output_padding"], a["groups"], a["dilation"]
+    )
 
 
 def _linear(node: Node) -> Kernel:
@@ -45,8 +46,9 @@ def _linear(node: Node) -> Kernel:
 
 def _batch_norm(node: Node) -> Kernel:
     t, eps = node.tensors, node.attrs["eps"]
-    return lambda x: F.batch_norm(x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"),
-                                  False, 0.0, eps)
+    return lambda x: F.batch_norm(
+        x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), False, 0.0, eps
+    )
 
 
 def _instance_norm(node: Node) -> Kernel:
@@ -68,6 +70,7 @@ def levels_activation(levels: torch.Tensor, shift: torch.Tensor | None) -> Kerne
         if sign:
             return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         return levels[torch.bucketize(x, midpoints)]
+
     return run
 
 
@@ -81,6 +84,7 @@ def _elementwise(fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Node], Ker
             return fn
         scalar = node.attrs["scalar"]
         return (lambda x: fn(scalar, x)) if node.attrs["scalar_first"] else (lambda x: fn(x, scalar))
+
     return build
 
 
@@ -99,7 +103,7 @@ def _pad(node: Node) -> Kernel:
 
 
 def _attr_fn(fn: Callable[..., torch.Tensor], *names: str) -> Callable[[Node], Kernel]:
-    return lambda node: (lambda x: fn(x, *(node.attrs[name] for name in names)))
+    return lambda node: lambda x: fn(x, *(node.attrs[name] for name in names))
 
 
 OPS: dict[str, Callable[[Node], Kernel]] = {
@@ -108,10 +112,16 @@ OPS: dict[str, Callable[[Node], Kernel]] = {
     "linear": _linear,
     "batch_norm": _batch_norm,
     "instance_norm": _instance_norm,
-    "layer_norm": lambda n: lambda x: F.layer_norm(x, n.attrs["shape"], n.tensors.get("weight"),
-                                                   n.tensors.get("bias"), n.attrs["eps"]),
-    "group_norm": lambda n: lambda x: F.group_norm(x, n.attrs["groups"], n.tensors.get("weight"),
-                                                   n.tensors.get("bias"), n.attrs["eps"]),
+    "layer_norm": lambda n: (
+        lambda x: F.layer_norm(
+            x, n.attrs["shape"], n.tensors.get("weight"), n.tensors.get("bias"), n.attrs["eps"]
+        )
+    ),
+    "group_norm": lambda n: (
+        lambda x: F.group_norm(
+            x, n.attrs["groups"], n.tensors.get("weight"), n.tensors.get("bias"), n.attrs["eps"]
+        )
+    ),
     "quant_act": _quant_act,
     "relu": lambda n: F.relu,
     "tanh": lambda n: torch.tanh,

@@ -2,7 +2,8 @@
 the bit-serial kernels of ``csrc/bitserial.cpp`` (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
 
 A weight node is claimed when its input comes from a ``quant_act`` node with two levels, possibly through
-reflect / replicate pads and reshapes (which commute with an element-wise activation): the node then reads the
+reflect / replicate pads, nearest up-sampling and reshapes (which commute with an element-wise activation):
+the node then reads the
 activation's *input* and binarises it while packing, so the float activation tensor is never built when
 nothing else reads it. Everything else runs on the torch backend.
 """
@@ -38,7 +39,11 @@ def binary_input(act: Node) -> BinaryInput | None:
 
 
 def _commutes(node: Node) -> bool:
-    return node.op in PASSTHROUGH or (node.op == "pad" and node.attrs["mode"] in ("reflect", "replicate"))
+    if node.op == "pad":
+        return node.attrs["mode"] in ("reflect", "replicate")
+    if node.op == "interpolate":
+        return node.attrs["mode"] == "nearest"
+    return node.op in PASSTHROUGH
 
 
 def _source(node: Node, producers: dict[str, Node]) -> tuple[Node, list[Node]] | None:
@@ -57,8 +62,12 @@ def _hyper(node: Node) -> dict:
     a = node.attrs
     if node.op == "linear":
         return {}
-    hyper = {"stride": tuple(a["stride"]), "padding": tuple(a["padding"]), "dilation": tuple(a["dilation"]),
-             "groups": a["groups"]}
+    hyper = {
+        "stride": tuple(a["stride"]),
+        "padding": tuple(a["padding"]),
+        "dilation": tuple(a["dilation"]),
+        "groups": a["groups"],
+    }
     if node.op == "conv_transpose2d":
         hyper["output_padding"] = tuple(a["output_padding"])
     return hyper
@@ -67,8 +76,16 @@ def _hyper(node: Node) -> dict:
 def kernel_layer(node: Node, binary: BinaryInput) -> QuantWeightLayer:
     """The bit-serial layer of a packed weight node fed by ``binary``."""
     weight = node.attrs["weight"]
-    return QuantWeightLayer(node.op, codes(node), codebook(node), weight["channel_dim"], node.tensors.get("bias"),
-                            _hyper(node), binary, affine=weight["codebook"] == "affine")
+    return QuantWeightLayer(
+        node.op,
+        codes(node),
+        codebook(node),
+        weight["channel_dim"],
+        node.tensors.get("bias"),
+        _hyper(node),
+        binary,
+        affine=weight["codebook"] == "affine",
+    )
 
 
 def claims(node: Node, producers: dict[str, Node]) -> bool:
@@ -85,7 +102,7 @@ def claims(node: Node, producers: dict[str, Node]) -> bool:
 
 
 def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..., torch.Tensor], list[str]]:
-    """(callable, inputs) running ``node`` on ``path``'s kernels from its activation's pre-activation input."""
+    """(callable, inputs) running ``node`` on ``path``'s kernels from its activation's input."""
     act, chain = _source(node, producers)
     binary = binary_input(act)
     layer = kernel_layer(node, binary)
@@ -103,6 +120,7 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
             x = step(x)
         with torch.no_grad():
             return layer(x)
+
     return run, [act.inputs[0]]
 
 
