@@ -94,7 +94,7 @@ class Task(Protocol):
         """Weights and optimiser states, for a resumable checkpoint."""
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
-        """Restore what ``state`` saved."""
+        """Restore what ``state`` saved (``state`` is the whole checkpoint: also step and history)."""
 
     def model_state(self) -> dict[str, Any]:
         """What the final model file holds (the networks users load)."""
@@ -107,7 +107,7 @@ class Task(Protocol):
         """The network to evaluate and sample from."""
 
     def save_samples(self, path: Path) -> Path:
-        """Write a sample grid of the sampler to ``path``."""
+        """Write a sample grid of the sampler to ``path`` (only called when ``sample_every`` > 0)."""
 
 
 # ----------------------------------------------------------------------------- small shared pieces
