@@ -1,5 +1,5 @@
 """The ``x86`` backend: conv, transposed conv and linear nodes whose input is a two-level activation run on
-the bit-serial kernels of ``csrc/bitserial.cpp`` (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
+the bit-serial kernels of ``csrc/``  (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
 
 A weight node is claimed when its input comes from a ``quant_act`` node with two levels, possibly through
 reflect / replicate pads, nearest up-sampling and reshapes (which commute with an element-wise activation):
