@@ -124,6 +124,36 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
     return run, [act.inputs[0]]
 
 
+def claims_latent(node: Node) -> bool:
+    """A transposed conv that a generator applies to its 1 x 1 latent (no padding, dilation or groups): on a
+    1 x 1 input it is one GEMM, which this backend runs instead of torch's slow transposed-conv dispatch."""
+    a = node.attrs
+    return (
+        node.op == "conv_transpose2d"
+        and a["padding"] == [0, 0]
+        and a["output_padding"] == [0, 0]
+        and a["dilation"] == [1, 1]
+        and a["groups"] == 1
+    )
+
+
+def plan_latent(node: Node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv)."""
+    fallback = torch_backend.build(node)
+    weight = torch_backend.weight_of(node)
+    in_channels, out_channels, kh, kw = weight.shape
+    matrix = weight.reshape(in_channels, -1).contiguous()
+    bias = node.tensors.get("bias")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != (1, 1):
+            return fallback(x)
+        out = (x.reshape(x.shape[0], in_channels) @ matrix).reshape(x.shape[0], out_channels, kh, kw)
+        return out if bias is None else out + bias[:, None, None]
+
+    return run
+
+
 def available() -> list[str]:
     """This machine's kernel paths, fastest first (empty without a C++ compiler)."""
     return [path for path in build.available_paths() if path != build.TORCH_PATH]
