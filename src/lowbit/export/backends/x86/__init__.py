@@ -1,5 +1,5 @@
 """The ``x86`` backend: conv, transposed conv and linear nodes whose input is a two-level activation run on
-the bit-serial kernels of ``csrc/bitserial.cpp`` (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
+the bit-serial kernels of ``csrc/``  (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
 
 A weight node is claimed when its input comes from a ``quant_act`` node with two levels, possibly through
 reflect / replicate pads, nearest up-sampling and reshapes (which commute with an element-wise activation):
@@ -122,6 +122,36 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
             return layer(x)
 
     return run, [act.inputs[0]]
+
+
+def claims_latent(node: Node) -> bool:
+    """A transposed conv that a generator applies to its 1 x 1 latent (no padding, dilation or groups): on a
+    1 x 1 input it is one GEMM, which this backend runs instead of torch's slow transposed-conv dispatch."""
+    a = node.attrs
+    return (
+        node.op == "conv_transpose2d"
+        and a["padding"] == [0, 0]
+        and a["output_padding"] == [0, 0]
+        and a["dilation"] == [1, 1]
+        and a["groups"] == 1
+    )
+
+
+def plan_latent(node: Node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv)."""
+    fallback = torch_backend.build(node)
+    weight = torch_backend.weight_of(node)
+    in_channels, out_channels, kh, kw = weight.shape
+    matrix = weight.reshape(in_channels, -1).contiguous()
+    bias = node.tensors.get("bias")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != (1, 1):
+            return fallback(x)
+        out = (x.reshape(x.shape[0], in_channels) @ matrix).reshape(x.shape[0], out_channels, kh, kw)
+        return out if bias is None else out + bias[:, None, None]
+
+    return run
 
 
 def available() -> list[str]:

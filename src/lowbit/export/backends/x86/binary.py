@@ -2,7 +2,7 @@
 
 A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a binary
 activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}) it binarises the
-input itself and, on a kernel path, runs ``csrc/bitserial.cpp`` (derivation in that file's header and
+input itself and, on a kernel path, runs the ``csrc/`` kernels (derivation in ``kernels.h``'s header and
 docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the
 reference the kernels are tested against.
 """
