@@ -169,8 +169,9 @@ def _train(qcfg: GanConfig | I2IConfig):
     return train_i2i if isinstance(qcfg, I2IConfig) else train_gan
 
 
-def _score(generator: nn.Module, dataset: str, n: int, cfg: EvalSettings) -> dict[str, Any]:
-    return metrics.evaluate(generator, dataset, n=n, batch=cfg.batch_size, seed=cfg.seed, split=cfg.split)
+def _score(generator: nn.Module, dataset: str, n: int, cfg: EvalSettings, progress: bool) -> dict[str, Any]:
+    return metrics.evaluate(generator, dataset, n=n, batch=cfg.batch_size, seed=cfg.seed, split=cfg.split,
+                            progress=progress)
 
 
 def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> Path:
@@ -282,11 +283,11 @@ def _validate(cfg: RunConfig) -> tuple[Path, GanConfig, GanConfig]:
     return checkpoint, pretrained, qcfg
 
 
-def _fid_curve(cfg: RunConfig, dataset: str) -> Callable[[nn.Module, int], dict[str, float]]:
+def _fid_curve(cfg: RunConfig, dataset: str, progress: bool) -> Callable[[nn.Module, int], dict[str, float]]:
     """The QAT evaluator: FID and IS (and PSNR) of ``qat.eval_samples`` images (the curve in the report)."""
 
     def curve(generator: nn.Module, step: int) -> dict[str, float]:
-        scores = _score(generator, dataset, cfg.qat.eval_samples, cfg.eval)
+        scores = _score(generator, dataset, cfg.qat.eval_samples, cfg.eval, progress)
         return {k: scores[k] for k in ("fid", "is", "psnr") if k in scores}
 
     return curve
@@ -314,11 +315,11 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     checkpoint, pretrained, qcfg = _validate(cfg)
     dataset = pretrained.data.dataset
     fp_generator = load_generator(checkpoint)
-    curve = _fid_curve(cfg, dataset) if cfg.qat.eval_every else None
+    curve = _fid_curve(cfg, dataset, progress) if cfg.qat.eval_every else None
     qat = _train(qcfg)(qcfg, out / "qat", evaluator=curve, overwrite=True, progress=progress)
     q_generator = load_generator(qat.model_path)
     pairs = (("full precision", "fp", fp_generator), ("quantized", "quantized", q_generator))
-    scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval) for label, _, g in pairs}
+    scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval, progress) for label, _, g in pairs}
     if isinstance(pretrained, I2IConfig):
         z, targets = lowbit_data.load_pairs(dataset, "test", pretrained.data.root, limit=GRID_PAIRS)
         images = {"input | FP | quantized | target": comparison_grid([fp_generator, q_generator], z, targets,

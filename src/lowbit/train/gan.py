@@ -7,7 +7,9 @@ fixed-noise sample grids (``samples/``), the resumable checkpoint ``checkpoints/
 (models, optimisers, RNG state) and the final model file ``model.safetensors`` (models + config).
 Batches and latent noise are derived from (seed, step), so ``resume=True`` reproduces the losses
 of an uninterrupted run. Under ``torch.distributed`` the networks are wrapped in DDP, each rank
-takes its slice of every batch and only rank 0 logs, evaluates and writes files.
+takes its slice of every batch and only rank 0 logs, evaluates and writes files. The loop itself
+(resume, logs, checkpoints, divergence check, DDP) is ``lowbit.train.loop``; this module supplies the
+GAN step (``GanTask``) and the checkpoint helpers the image-to-image GAN shares.
 """
 
 from __future__ import annotations
@@ -232,8 +234,9 @@ def _stored_config(state: dict[str, Any], path: str | Path) -> Any:
         ) from None
 
 
-def checkpoint_config(path: str | Path) -> GanConfig:
-    """The ``GanConfig`` a GAN checkpoint (path or shipped name) was trained with."""
+def checkpoint_config(path: str | Path) -> Any:
+    """The config a GAN checkpoint (path or shipped name) was trained with: a ``GanConfig``, or an
+    ``I2IConfig`` for an image-to-image GAN (``lowbit.train.i2i``)."""
     return _stored_config(read_gan_checkpoint(path), path)
 
 
