@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from lowbit.cli import main
 from lowbit.config import from_dict
 from lowbit.data.paired import area_downsample, edge_maps, load_pairs, read_pairs
 from lowbit.errors import ConfigError, DataError
+from lowbit.export import load as load_packed
 from lowbit.metrics.paired import psnr, ssim
 from lowbit.models import create_model
 from lowbit.train.checkpoint import load_checkpoint
@@ -252,3 +257,54 @@ def test_bad_image_to_image_configs_are_rejected_before_any_file(digits_pairs, t
         tiny_i2i(digits_pairs, l1_weight=-1)
     with pytest.raises(ConfigError, match="wgan"):
         tiny_i2i(digits_pairs, loss="wgan")
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+@pytest.fixture(scope="module")
+def tiny_sr_model(tmp_path_factory):
+    """`lowbit train` on a `task: i2i` config: a width-4 x4 super-resolution U-Net, 6 steps."""
+    root = tmp_path_factory.mktemp("tiny-sr")
+    config = root / "sr.yaml"
+    config.write_text(
+        "name: tiny-sr\ntask: i2i\ndata: {dataset: sr4-fashion-mnist, limit: 64}\n"
+        "generator: {model: unet-g, kwargs: {size: 28, scale: 4, width: 4, dropout: 0.0}}\n"
+        "discriminator: {model: patchgan-d, kwargs: {size: 28, scale: 4, width: 4}}\n"
+        "steps: 6\nbatch_size: 16\nlog_every: 3\nsample_every: 6\ncheckpoint_every: 6\n")
+    assert main(["train", str(config), "--out", str(root / "run"), "--quiet"]) == 0
+    return root / "run" / "model.safetensors"
+
+
+def test_eval_cli_scores_psnr_and_writes_the_comparison_grid(tiny_sr_model, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_sr_model), "--n", "20", "--batch", "10", "--kid-subsets", "2",
+                 "--out", str(out)]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["split"] == "test" and result["scores"]["n"] == 20 and "ssim" in result["scores"]
+    grid = Image.open(result["grid_png"])
+    assert grid.size == (3 * 30 + 2, 16 * 30 + 2)  # input | output | target, 16 test pairs
+
+
+def test_run_quantizes_an_image_to_image_checkpoint_end_to_end(tiny_sr_model, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny-sr-w4a1", "pretrained": str(tiny_sr_model), "out_dir": str(tmp_path / "run"),
+        "generator_quant": {"weight": "dorefa", "weight_bits": 4, "act": "act", "act_bits": 1,
+                            "keep_full_precision": ["model.1.model.0", "model.1.model.3"]},
+        "qat": {"steps": 4, "log_every": 2, "eval_every": 2, "eval_samples": 20},
+        "eval": {"samples": 20, "batch_size": 10}}))
+    assert main(["run", str(config), "--quiet"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    fp, q = results["scores"]["full precision"], results["scores"]["quantized"]
+    assert fp["n"] == q["n"] == 20 and {"psnr", "ssim", "fid"} <= set(fp) & set(q)
+    assert [row["step"] for row in results["qat_history"]] == [2, 4] and "psnr" in results["qat_history"][0]
+    assert (tmp_path / "run" / "samples_compare.png").is_file() and results["packed"]
+    packed = load_packed(results["packed"])
+    inputs, _ = load_pairs("sr4-fashion-mnist", "test", limit=2)
+    expected = load_generator(tmp_path / "run" / "qat" / "model.safetensors")(inputs)
+    torch.testing.assert_close(packed(inputs), expected, atol=1e-4, rtol=1e-4)
+    bad = yaml.safe_load(config.read_text()) | {"qat": {"steps": 4, "ema": 0.9}}
+    config.write_text(yaml.safe_dump(bad))
+    assert main(["run", str(config), "--quiet"]) == 2
