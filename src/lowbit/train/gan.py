@@ -38,13 +38,13 @@ from lowbit.train.loop import (  # noqa: F401  (TrainingDivergedError and seeded
     Evaluator,
     LoopSettings,
     TrainingDivergedError,
-    run_model,
+    predict,
     run_training,
     seeded_generator,
     unwrap,
     wrap_ddp,
 )
-from lowbit.train.optim import Optimizers, fused_if_supported
+from lowbit.train.optim import LrScale, Optimizers, fused_if_supported
 
 CHECKPOINT_KIND = "lowbit-gan"
 #: the image-to-image GAN's checkpoints (``lowbit.train.i2i``): the same layout, an I2IConfig inside
@@ -396,14 +396,7 @@ class GanTrainer:
         self.ema_decay = cfg.ema
         self.G_ema = copy.deepcopy(unwrap(self.G)).eval().requires_grad_(False) if cfg.ema else None
         self.epoch = -1
-        self.base_lrs = [group["lr"] for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-
-    def set_lr_scale(self, scale: float) -> None:
-        """Set every optimiser's learning rate to ``scale`` x its configured value (a pure function of
-        the step, so a resumed run follows the same schedule)."""
-        groups = [group for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-        for group, base in zip(groups, self.base_lrs, strict=True):
-            group["lr"] = base * scale
+        self.lr_scale = LrScale(self.opt_g, self.opt_d)
 
     @property
     def sampler(self) -> nn.Module:
@@ -496,14 +489,8 @@ class GanTrainer:
 
 def save_samples(generator: nn.Module, noise: torch.Tensor, path: Path) -> Path:
     """A grid of the generator's images for the fixed noise (G switched to eval mode for it)."""
-    images = run_model(generator, lambda g: _no_grad(g, noise)).cpu()
-    lowbit_data.save_image_grid(images, path)
+    lowbit_data.save_image_grid(predict(generator, noise), path)
     return path
-
-
-def _no_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
 
 
 class GanTask:
@@ -525,7 +512,7 @@ class GanTask:
         """n_critic discriminator updates, then one generator update; returns the last D and the G loss."""
         cfg, trainer = self.cfg, self.trainer
         if cfg.lr_decay == "linear":
-            trainer.set_lr_scale(1.0 - (step - 1) / cfg.steps)
+            trainer.lr_scale.set(1.0 - (step - 1) / cfg.steps)
         d_loss = 0.0
         for k in range(trainer.n_critic):
             draw = (step - 1) * trainer.n_critic + k

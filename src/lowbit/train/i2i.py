@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.metrics.extractors import module_device
 from lowbit.train.distributed import DistContext
 from lowbit.train.gan import (
     I2I_KIND,
@@ -38,12 +37,13 @@ from lowbit.train.gan_losses import GanLoss, get_loss
 from lowbit.train.loop import (
     Evaluator,
     LoopSettings,
-    run_model,
+    predict,
     run_training,
     seeded_generator,
     unwrap,
     wrap_ddp,
 )
+from lowbit.train.optim import LrScale
 
 SAMPLE_ROWS = 16
 #: adversarial losses that suit a patch discriminator (BCE as pix2pix, or least squares as CycleGAN)
@@ -131,13 +131,7 @@ class I2ITrainer:
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         self.opt_g = network_optimizer(self.loss, self.G, cfg.generator.lr or self.loss.lr, betas)
         self.opt_d = network_optimizer(self.loss, self.D, cfg.discriminator.lr or self.loss.lr, betas)
-        self.base_lrs = [group["lr"] for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-
-    def set_lr_scale(self, scale: float) -> None:
-        """Every learning rate at ``scale`` x its configured value (a pure function of the step)."""
-        groups = [group for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-        for group, base in zip(groups, self.base_lrs, strict=True):
-            group["lr"] = base * scale
+        self.lr_scale = LrScale(self.opt_g, self.opt_d)
 
     def d_step(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """One D update: real pair (a, b) vs fake pair (a, G(a)), the loss halved as in pix2pix."""
@@ -177,15 +171,10 @@ def comparison_grid(models: list[nn.Module], inputs: torch.Tensor, targets: torc
     """A PNG with one row per pair: input (enlarged to the target size) | each model's output | target."""
     from lowbit.data import save_image_grid
 
-    outputs = [run_model(model, lambda g: _no_grad(g, inputs)) for model in models]
+    outputs = [predict(model, inputs) for model in models]
     enlarged = nn.functional.interpolate(inputs.cpu(), size=targets.shape[-2:], mode="nearest")
     rows = torch.stack([enlarged, *outputs, targets.cpu()], dim=1).flatten(0, 1)
     return save_image_grid(rows, path, nrow=len(models) + 2)
-
-
-def _no_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x.to(module_device(model))).cpu()
 
 
 class I2ITask:
@@ -207,7 +196,7 @@ class I2ITask:
     def step(self, step: int) -> dict[str, float]:
         """One discriminator and one generator update on batch ``step - 1``."""
         if self.cfg.lr_decay == "linear":
-            self.trainer.set_lr_scale(1.0 - (step - 1) / self.cfg.steps)
+            self.trainer.lr_scale.set(1.0 - (step - 1) / self.cfg.steps)
         index = self.stream.batch(step - 1).flatten()
         a, b = self.inputs[index].to(self.device), self.targets[index].to(self.device)
         d_loss = self.trainer.d_step(a, b)

@@ -221,6 +221,18 @@ def run_model(model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
         model.train(was_training)
 
 
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in eval mode without autograd, ``x`` moved to the model's device, the result on the CPU
+    (sample grids)."""
+    device = next(model.parameters()).device
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(x.to(device)).cpu()
+
+    return run_model(model, forward)
+
+
 # ----------------------------------------------------------------------------- logging
 
 
