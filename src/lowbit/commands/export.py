@@ -60,9 +60,14 @@ def run_export_command(args: argparse.Namespace) -> int:
 def run_generate_command(args: argparse.Namespace) -> int:
     """Sample ``-n`` images and write the grid."""
     from lowbit.data.grid import save_image_grid
+    from lowbit.errors import ConfigError
     from lowbit.export.api import load, sample
     from lowbit.export.format import is_packed
+    from lowbit.limits import check_count
 
+    check_count("-n", args.n, "grid_samples")
+    if args.nrow < 1:
+        raise ConfigError(f"--nrow must be >= 1 (images per grid row), got {args.nrow}")
     if is_packed(args.model):
         model = load(args.model, kernel_path=args.kernel_path)
     else:

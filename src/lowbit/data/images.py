@@ -40,7 +40,7 @@ def decode_image(path: Path, size: int, crop: int | None, channels: int) -> np.n
             left, top = (picture.width - side) // 2, (picture.height - side) // 2
             picture = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
             array = np.asarray(picture, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc}); delete or replace the file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 

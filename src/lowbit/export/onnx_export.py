@@ -28,6 +28,8 @@ ONNX_BITS = (4, 8)
 #: first opset whose QuantizeLinear/DequantizeLinear accept 4-bit integer types.
 INT4_OPSET = 21
 DEFAULT_OPSET = 21
+#: first opset whose DequantizeLinear takes the per-channel ``axis`` attribute the exporter uses
+MIN_OPSET = 13
 PACKED_HINT = (
     "export it with the packed format instead "
     "(lowbit.export.export_packed, or `lowbit export` with format: packed)"
@@ -250,6 +252,9 @@ def export_onnx(
     """
     from lowbit.nn import freeze
 
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ConfigError(f"ONNX opset {opset} is not supported; use {MIN_OPSET} to "
+                          f"{onnx.defs.onnx_opset_version()} (default {DEFAULT_OPSET})")
     architecture, tensors = encode_model(model, freeze(model))
     if input_shape is None:
         latent = architecture.get("latent_dim")

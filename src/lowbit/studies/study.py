@@ -10,8 +10,10 @@ from lowbit.studies.runner import Backend, StudyRunner
 from lowbit.studies.search import PrecisionSearch
 from lowbit.studies.spec import StudyConfig, expand
 from lowbit.studies.store import dump_json
+from lowbit.train.rundir import locks_run_dir
 
 
+@locks_run_dir(lambda args: args["results_dir"] or args["study"].results_dir())
 def run_study(study: StudyConfig, results_dir: str | Path | None = None, workers: int | None = None,
               backend: Backend | None = None, address: str | None = None,
               progress: bool = True) -> list[dict[str, Any]]:
