@@ -87,9 +87,11 @@ def parse_yaml(text: str, where: str) -> Any:
             return None
         _expanded_size(node, where)
         return loader.construct_document(node)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); only plain values are allowed, "
+                          "no tags such as !!python/object") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); fix it (python tags such as "
-                          "!!python/object are not allowed)") from None
+        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); fix the syntax there") from None
     except RecursionError:
         raise LimitError(f"{where}: YAML nested too deeply; flatten it") from None
     finally:

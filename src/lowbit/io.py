@@ -21,7 +21,6 @@ _FIXES = {
     errno.EROFS: "write to a writable location",
     errno.EACCES: "write to a location you may write to",
     errno.EPERM: "write to a location you may write to",
-    errno.EEXIST: "a part of the path is a file, not a directory; choose another path",
     errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
     errno.EISDIR: "the output name is a directory; give a file name",
     errno.ENAMETOOLONG: "use a shorter path",
@@ -74,8 +73,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 def output_error(target: str | os.PathLike, exc: OSError) -> OutputError:
     """The one-line OutputError for an OS error met while writing ``target``."""
-    fix = _FIXES.get(exc.errno or 0, "check the path and the disk")
-    reason = exc.strerror or str(exc)
+    code = errno.ENOTDIR if exc.errno == errno.EEXIST else exc.errno  # mkdir over a file says "exists"
+    fix = _FIXES.get(code or 0, "check the path and the disk")
+    reason = os.strerror(code) if code else (exc.strerror or str(exc))
     return OutputError(f"cannot write {target}: {reason}; {fix}")
 
 
