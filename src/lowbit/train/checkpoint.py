@@ -160,10 +160,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
     try:
-        return _unflatten(meta["state"], tensors)
+        state = _unflatten(meta["state"], tensors)
+        if not isinstance(state, dict):
+            raise _Malformed(f"is a {type(state).__name__}, not a mapping")
     except _Malformed as exc:
         raise CheckpointError(f"{side}: field 'state' {exc}; the sidecar is damaged, restore it or "
                               "retrain") from None
+    return state
 
 
 @contextlib.contextmanager
