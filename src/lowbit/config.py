@@ -80,7 +80,10 @@ def parse_yaml(text: str, where: str) -> Any:
     if len(text) > limit("config_bytes"):
         raise LimitError(f"{where}: {len(text):,} characters of YAML exceed the limit of "
                          f"{limit('config_bytes'):,}; shorten it or raise {env_name('config_bytes')}")
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader already rejects control characters
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); remove that character") from None
     try:
         node = loader.get_single_node()
         if node is None:
