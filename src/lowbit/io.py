@@ -6,9 +6,12 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from lowbit.errors import OutputError
 
@@ -25,6 +28,7 @@ _FIXES = {
     errno.EISDIR: "the output name is a directory; give a file name",
     errno.ENAMETOOLONG: "use a shorter path",
 }
+_OS_ERROR_NUMBER = re.compile(r"os error (\d+)")
 
 
 def cache_dir() -> Path:
@@ -63,7 +67,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_current_umask())
     tmp_path = Path(tmp)
     try:
-        with output_errors(target, WRITE_ERRNOS):
+        with output_errors(target, WRITE_ERRNOS), _safetensors_write_errors(target):
             yield tmp_path
         with output_errors(target):
             os.replace(tmp_path, target)
@@ -88,6 +92,20 @@ def output_errors(target: str | os.PathLike, errnos: set[int] | None = None) -> 
         if errnos is not None and exc.errno not in errnos:
             raise
         raise output_error(target, exc) from None
+
+
+@contextlib.contextmanager
+def _safetensors_write_errors(target: str | os.PathLike) -> Iterator[None]:
+    """safetensors reports a failed write (disk full, ...) as a SafetensorError carrying the OS error
+    number: turn it into the OutputError an OSError would give."""
+    try:
+        yield
+    except SafetensorError as exc:
+        found = _OS_ERROR_NUMBER.search(str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise output_error(target, OSError(code, os.strerror(code))) from None
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import CheckpointError
-from lowbit.io import atomic_path, atomic_write_text, output_error, sha256_file
+from lowbit.io import atomic_path, atomic_write_text, sha256_file
 from lowbit.limits import env_name, limit
 
 FORMAT = "lowbit-checkpoint/1"
@@ -105,10 +105,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "", tensors)
     with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        except SafetensorError as exc:  # its I/O errors (disk full, ...) arrive as SafetensorError
-            raise output_error(path, OSError(0, " ".join(str(exc).split()))) from None
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
         digest = sha256_file(tmp)
     atomic_write_text(sidecar_path(path), json.dumps({"format": FORMAT, "sha256": digest, "state": skeleton},
                                                      indent=1))

@@ -47,12 +47,17 @@ def _floating(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torc
 
 
 def _model_tensors(models: Iterable[nn.Module]) -> list[tuple[str, torch.Tensor]]:
-    """Every floating parameter and buffer (BatchNorm statistics, quantizer state) of ``models``."""
+    """Every floating parameter and buffer (BatchNorm statistics, quantizer state) of ``models``, named."""
     named: list[tuple[str, torch.Tensor]] = []
     for index, model in enumerate(models):
         tag = getattr(model, "lowbit_name", f"model {index}")
         named += [(f"{tag}.{n}", t) for n, t in (*model.named_parameters(), *model.named_buffers())]
     return _floating(named)
+
+
+def _unnamed_model_tensors(models: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """The tensors of ``_model_tensors`` without building names (the per-step fast path)."""
+    return [t for m in models for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
 
 
 def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -69,11 +74,11 @@ def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
 
 def _max_abs(tensors: list[torch.Tensor]) -> float:
     """The largest |value| over ``tensors`` (NaN if any value is NaN), in one host sync."""
+    tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return 0.0
-    peaks = torch.stack([t.detach().abs().max().float().cpu() if t.numel() else t.new_zeros(()).float().cpu()
-                         for t in tensors])
-    return float(peaks.max())
+    device = tensors[0].device
+    return float(torch.stack([t.detach().abs().max().float().to(device) for t in tensors]).max())
 
 
 class DivergenceGuard:
@@ -102,9 +107,9 @@ class DivergenceGuard:
         """Every ``every`` steps: stop on a non-finite weight / buffer or one beyond ``max_weight``."""
         if step % self.spec.every:
             return
-        named = _model_tensors(models)
-        if _beyond(_max_abs([t for _, t in named]), self.spec.max_weight):
-            self._raise_first(when, named)
+        models = list(models)
+        if _beyond(_max_abs(_unnamed_model_tensors(models)), self.spec.max_weight):
+            self._raise_first(when, _model_tensors(models))
 
     def check_state(self, when: str, state: dict[str, Any]) -> None:
         """Before a checkpoint is written: every floating tensor in ``state`` must be finite and in bounds."""
