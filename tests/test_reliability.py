@@ -536,3 +536,20 @@ def test_study_config_cannot_run_an_import_path_by_default(tmp_path, capsys, mon
     with pytest.raises(ConfigError, match="registered trial"):
         run_study(load_study(config), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # no results dir, no PWNED
+
+
+# ------------------------------------------------------------------------------------------ a real process
+
+
+def test_a_real_lowbit_process_prints_one_line_and_exits_2(tmp_path):
+    """The console entry point as a user runs it: one stderr line, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"name: !!python/object/apply:os.system ['touch PWNED']\n")
+    done = subprocess.run([sys.executable, "-m", "lowbit.cli", "train", str(config), "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert_clean_error(done.returncode, done.stderr, "no tags such as !!python/object")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
