@@ -392,7 +392,7 @@ class ClassifierTrainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor, measure: bool) -> float:
         with SavedTensorMeter() as meter:
             loss = F.cross_entropy(self.model(images), labels)
-        self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss)})
+        self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss.detach())})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
