@@ -215,6 +215,20 @@ def test_run_config_sample_count_is_bounded_before_training(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_image_side_is_bounded(tmp_path, capsys):
+    from lowbit.train.classifier import pad_images
+
+    config = write_yaml(tmp_path / "c.yaml", {"name": "c", "model": "extractor-8", "epochs": 1,
+                                              "data": {"dataset": "digits", "limit": 64, "test_limit": 64,
+                                                       "pad_to": 100_000}})
+    assert_clean_error(*run_cli(capsys, "train-classifier", str(config), "--out", str(tmp_path / "run"),
+                                "--quiet"), "data.pad_to = 100,000 exceeds the limit of 4,096",
+                       "LOWBIT_MAX_IMAGE_SIZE")
+    with pytest.raises(LimitError, match="LOWBIT_MAX_IMAGE_SIZE"):
+        pad_images(torch.zeros(1, 1, 8, 8), 10**6)
+    assert not (tmp_path / "run").exists()
+
+
 def idx_gz(path: Path, shape: tuple[int, ...], payload: int) -> Path:
     """A gzipped IDX uint8 file whose header declares ``shape`` but holds ``payload`` zero bytes."""
     header = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)

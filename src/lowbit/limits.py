@@ -14,6 +14,7 @@ DEFAULTS = {
     "samples": 1_000_000,  # generated images scored by eval / a run (FID on 1M samples is ~2 GB of features)
     "grid_samples": 10_000,  # images in one `lowbit generate` grid (a 100 x 100 mosaic)
     "batch": 65_536,  # images per forward pass
+    "image_size": 4096,  # side of a resized / padded training image (CelebA runs use 64-128)
     "kid_subsets": 10_000,  # KID subsets (each one costs a kernel matrix of up to 1000 x 1000)
     "data_bytes": 4 << 30,  # decompressed bytes of one dataset file (MNIST train is 47 MB)
     "config_bytes": 1 << 20,  # bytes of a YAML config file

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lowbit.data.storage import derived_path, write_npz
 from lowbit.data.subset import subset_indices
 from lowbit.errors import ConfigError, DataError
+from lowbit.limits import check_count
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CELEBA_DIR = "img_align_celeba"
@@ -48,6 +49,7 @@ def decode_image(path: Path, size: int, crop: int | None, channels: int) -> np.n
 def _check_image_options(size: int, crop: int | None, channels: int) -> None:
     if not isinstance(size, int) or size < 4:
         raise ConfigError(f"image size must be an integer >= 4 (e.g. 64 or 128), got {size!r}")
+    check_count("image size", size, "image_size")
     if crop is not None and (not isinstance(crop, int) or crop < 1):
         raise ConfigError(f"crop must be a positive integer side length or omitted, got {crop!r}")
     if channels not in (1, 3):

@@ -31,6 +31,7 @@ from lowbit import data as lowbit_data
 from lowbit.config import from_dict, to_dict
 from lowbit.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lowbit.io import atomic_write_text
+from lowbit.limits import check_count
 from lowbit.models import create_model
 from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
@@ -128,6 +129,7 @@ class ClassifierConfig:
 
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre ``images`` on a black ``size`` x ``size`` canvas (e.g. 28x28 fashion-mnist -> 32x32)."""
+    check_count("data.pad_to", size, "image_size")
     height, width = images.shape[-2:]
     if size < max(height, width):
         raise ConfigError(f"data.pad_to={size} is smaller than the {height}x{width} images; "
