@@ -311,6 +311,29 @@ def test_damaged_sidecar_is_one_error_line(kind, trained, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_declared_tensor_size_beyond_the_file_is_refused(trained, tmp_path, capsys):
+    """A tensor file whose header declares a 4 TB tensor (checksum updated to match) is refused
+    without allocating it."""
+    import hashlib
+
+    data = (trained / "model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [10**12]
+    header[name]["data_offsets"] = [header[name]["data_offsets"][0], 4 * 10**12]
+    text = json.dumps(header).encode()
+    damaged = len(text).to_bytes(8, "little") + text + data[8 + size :]
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(damaged)
+    meta = json.loads((trained / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "sha256": hashlib.sha256(damaged).hexdigest()}))
+    with pytest.raises(CheckpointError, match="unreadable safetensors file"):
+        load_generator(model)
+    assert_clean_error(*run_cli(capsys, "generate", str(model), "-o", str(tmp_path / "g.png")),
+                       "unreadable safetensors file")
+
+
 def test_damaged_training_state_on_resume_is_one_error_line(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
