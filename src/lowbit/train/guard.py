@@ -3,7 +3,7 @@ checkpoint.
 
 A trainer makes one ``DivergenceGuard`` and calls ``check_losses`` after each update, ``check_models``
 after each optimiser step and ``check_state`` just before it writes a checkpoint (then ``saved``).
-Any non-finite value, a loss beyond ``max_loss`` or a weight / buffer beyond ``max_weight`` raises
+A non-finite value, a loss beyond ``max_loss`` or a weight / buffer beyond ``max_weight`` raises
 TrainingDivergedError (CLI: exit 2) naming the value, where it happened and the kept checkpoint.
 """
 
@@ -109,21 +109,22 @@ class DivergenceGuard:
             return
         models = list(models)
         if _beyond(_max_abs(_unnamed_model_tensors(models)), self.spec.max_weight):
-            self._raise_first(when, _model_tensors(models))
+            self._raise_first(when, _model_tensors(models), self.spec.max_weight)
 
     def check_state(self, when: str, state: dict[str, Any]) -> None:
-        """Before a checkpoint is written: every floating tensor in ``state`` must be finite and in bounds."""
+        """Before a checkpoint is written: every floating tensor in ``state`` (weights, buffers, optimiser
+        state) must be finite. Magnitudes are ``check_models``' job: optimiser state (second moments,
+        step counts) may legitimately exceed ``max_weight``."""
         named = _floating(_walk(state, ""))
-        if _beyond(_max_abs([t for _, t in named]), self.spec.max_weight):
-            self._raise_first(when, named)
+        if _beyond(_max_abs([t for _, t in named]), 0):
+            self._raise_first(when, named, 0)
 
-    def _raise_first(self, when: str, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Raise for the first tensor that breaks the bound (only run once the run has diverged)."""
+    def _raise_first(self, when: str, named: list[tuple[str, torch.Tensor]], bound: float) -> None:
+        """Raise for the first tensor beyond ``bound`` (only run once the run has diverged)."""
         for name, tensor in named:
             peak = _max_abs([tensor])
-            if _beyond(peak, self.spec.max_weight):
-                what = f"'{name}' (max |value|)"
-                raise self._diverged(what, peak, when, self.spec.max_weight, "max_weight")
+            if _beyond(peak, bound):
+                raise self._diverged(f"'{name}' (max |value|)", peak, when, bound, "max_weight")
 
     def saved(self, path: Path) -> Path:
         """Record ``path`` as the last good checkpoint (after ``check_state`` passed and it was written)."""
