@@ -26,6 +26,7 @@ from lowbit import data as lowbit_data
 from lowbit import metrics
 from lowbit.config import to_dict
 from lowbit.io import atomic_path, atomic_write_text
+from lowbit.limits import check_count
 from lowbit.nn import QuantSpec
 from lowbit.report.html import HtmlReport
 from lowbit.train.gan import (
@@ -39,6 +40,7 @@ from lowbit.train.gan import (
     resolve_checkpoint,
     train_gan,
 )
+from lowbit.train.rundir import locks_run_dir
 
 GRID = 64
 
@@ -66,6 +68,7 @@ class QatSettings:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"qat.steps must be >= 1, got {self.steps}")
+        check_count("qat.eval_samples", self.eval_samples, "samples", minimum=10)
 
 
 @dataclass
@@ -76,6 +79,10 @@ class EvalSettings:
     batch_size: int = 500
     seed: int = 0
     split: str = "train"
+
+    def __post_init__(self) -> None:
+        check_count("eval.samples", self.samples, "samples", minimum=10)
+        check_count("eval.batch_size", self.batch_size, "batch")
 
 
 @dataclass
@@ -286,6 +293,7 @@ def _weight_analysis(
     return histograms, rows
 
 
+@locks_run_dir(lambda args: output_dir(args["cfg"]))
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     """The whole main job; returns where the report is and the numbers in it."""
     out = output_dir(cfg)

@@ -29,22 +29,27 @@ from tqdm import tqdm
 
 from lowbit import data as lowbit_data
 from lowbit.config import from_dict, to_dict
-from lowbit.errors import CheckpointError, ConfigError, LowbitError
+from lowbit.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lowbit.io import atomic_write_text
+from lowbit.limits import check_count
 from lowbit.models import create_model
 from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
-from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowbit.train.checkpoint import (
+    checkpoint_content,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from lowbit.train.guard import DivergenceGuard, GuardSpec
 from lowbit.train.optim import fused_if_supported
+from lowbit.train.rundir import locks_run_dir
 
 CHECKPOINT_KIND = "lowbit-classifier"
 CROP_PAD = 4
 BACKGROUND = -1.0  # black in the [-1, 1] image range: the value used for every padding
-
-
-class TrainingDivergedError(LowbitError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -105,6 +110,7 @@ class ClassifierConfig:
     seed: int = 0
     threads: int = 0
     ship_extractor: str | None = None
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -123,6 +129,7 @@ class ClassifierConfig:
 
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre ``images`` on a black ``size`` x ``size`` canvas (e.g. 28x28 fashion-mnist -> 32x32)."""
+    check_count("data.pad_to", size, "image_size")
     height, width = images.shape[-2:]
     if size < max(height, width):
         raise ConfigError(f"data.pad_to={size} is smaller than the {height}x{width} images; "
@@ -194,10 +201,13 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     model = create_model(cfg.model, **cfg.kwargs)
     if cfg.init_from is not None:
         source = load_model_file(cfg.init_from)
-        if source["quant"] is not None or source["model"] != cfg.model:
-            raise ConfigError(f"init_from {cfg.init_from}: need a full-precision '{cfg.model}' run, got a "
-                              f"'{source['model']}' with quant={source['quant']}")
-        model.load_state_dict(source["state"])
+        kwargs = source.get("kwargs")
+        if source["quant"] is not None or source["model"] != cfg.model or kwargs != cfg.kwargs:
+            raise ConfigError(f"init_from {cfg.init_from}: need a full-precision '{cfg.model}' run with "
+                              f"kwargs {cfg.kwargs}, got a '{source['model']}' with kwargs {kwargs} and "
+                              f"quant={source['quant']}")
+        with checkpoint_content(cfg.init_from):
+            model.load_state_dict(source["state"])
     if cfg.quant is None:
         return model
     return convert(model, classifier_spec(model, cfg.quant, cfg.keep_first_last))
@@ -231,12 +241,13 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 def rebuild_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained classifier (eval mode) and its metrics from ``model.safetensors``."""
     state = load_model_file(path)
-    model = create_model(state["model"], **state["kwargs"])
-    if state["quant"] is not None:
-        spec = from_dict(QuantSpec, state["quant"])
-        model = convert(model, classifier_spec(model, spec, state["keep_first_last"]))
-    model.load_state_dict(state["state"])
-    return model.eval(), state["metrics"]
+    with checkpoint_content(path):
+        model = create_model(state["model"], **state["kwargs"])
+        if state["quant"] is not None:
+            spec = from_dict(QuantSpec, state["quant"])
+            model = convert(model, classifier_spec(model, spec, state["keep_first_last"]))
+        model.load_state_dict(state["state"])
+        return model.eval(), state["metrics"]
 
 
 def _is_power_of_two_or_zero(values: torch.Tensor) -> bool:
@@ -313,8 +324,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 # ---------------------------------------------------------------- training
 
-def _without_epochs(config: Any) -> Any:
-    return {k: v for k, v in config.items() if k != "epochs"} if isinstance(config, dict) else config
+def _resumable_part(config: Any) -> Any:
+    """The config fields a resumed run must share with its checkpoint (all but epochs and guard bounds)."""
+    if not isinstance(config, dict):
+        return config
+    return {k: v for k, v in config.items() if k not in ("epochs", "guard")}
 
 
 def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
@@ -345,6 +359,7 @@ class ClassifierTrainer:
         self.history: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self.peak_bytes = 0
+        self.guard = DivergenceGuard(cfg.guard, fix=f"lower optim.lr (now {cfg.optim.lr})")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -360,14 +375,16 @@ class ClassifierTrainer:
         for ``epochs``, which may be raised to train longer."""
         state = load_checkpoint(self.checkpoint_path)
         current = json.loads(json.dumps(to_dict(self.cfg)))
-        if _without_epochs(state.get("config")) != _without_epochs(current):
+        if _resumable_part(state.get("config")) != _resumable_part(current):
             raise CheckpointError(f"{self.checkpoint_path}: saved for another config; resume with the same "
                                   "config and overrides (only 'epochs' may grow), or --force to start over")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
-        set_rng_state(state["rng"])
-        self.epoch, self.history = state["epoch"], state["history"]
-        self.train_seconds, self.peak_bytes = state["train_seconds"], state["peak_bytes"]
+        with checkpoint_content(self.checkpoint_path):
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optim"])
+            set_rng_state(state["rng"])
+            self.epoch, self.history = int(state["epoch"]), list(state["history"])
+            self.train_seconds, self.peak_bytes = float(state["train_seconds"]), int(state["peak_bytes"])
+        self.guard.saved(self.checkpoint_path)
 
     def _batches(self, epoch: int) -> tuple[Any, torch.Generator]:
         seed = self.cfg.seed * 1_000_003 + epoch
@@ -377,9 +394,7 @@ class ClassifierTrainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor, measure: bool) -> float:
         with SavedTensorMeter() as meter:
             loss = F.cross_entropy(self.model(images), labels)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"loss became {float(loss)} at epoch {self.epoch}; lower optim.lr "
-                                        f"(now {self.cfg.optim.lr}) and resume from {self.checkpoint_path}")
+        self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss.detach())})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -403,6 +418,7 @@ class ClassifierTrainer:
             if self.augment:
                 images = random_crop_flip(images, generator)
             loss = self._step(images, labels, measure=index == 0)
+            self.guard.check_models(f"epoch {self.epoch + 1}", index, [self.model])
             total, count = total + loss * len(labels), count + len(labels)
             bar.set_postfix(loss=f"{total / count:.4f}")
         self.train_seconds += time.perf_counter() - start
@@ -419,7 +435,9 @@ class ClassifierTrainer:
                    **evaluate(self.model, self.test_x, self.test_y)}
             self.history.append(row)
             self.epoch += 1
-            save_checkpoint(self.checkpoint_path, self.state())
+            state = self.state()
+            self.guard.check_state(f"epoch {self.epoch}", state)
+            self.guard.saved(save_checkpoint(self.checkpoint_path, state))
             if self.progress:
                 tqdm.write(f"{self.cfg.name} epoch {row['epoch']}: loss {train_loss:.4f}, "
                            f"top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
@@ -472,6 +490,7 @@ def _ship(trainer: ClassifierTrainer, metrics: dict[str, Any], command: str | No
     save_extractor(trainer.model, cfg.data.dataset, card, Path(cfg.ship_extractor))
 
 
+@locks_run_dir(lambda args: args["out_dir"] or Path("runs") / args["cfg"].name)
 def train_classifier(cfg: ClassifierConfig, out_dir: str | Path | None = None, resume: bool = False,
                      overwrite: bool = False, progress: bool = True, command: str | None = None
                      ) -> dict[str, Any]:

@@ -32,14 +32,26 @@ from tqdm import tqdm
 
 from lowbit import data as lowbit_data
 from lowbit.config import closest, from_dict, to_dict
-from lowbit.errors import CheckpointError, ConfigError, LowbitError
+from lowbit.errors import (  # TrainingDivergedError: raised by the guard, importable here as before
+    CheckpointError,
+    ConfigError,
+    TrainingDivergedError,  # noqa: F401
+)
 from lowbit.io import atomic_write_text
 from lowbit.models import create_model
 from lowbit.nn import QuantSpec, anneal, convert
 from lowbit.quant.search import SearchQuantizer
-from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowbit.train.checkpoint import (
+    checkpoint_content,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
+from lowbit.train.guard import DivergenceGuard, GuardSpec
 from lowbit.train.optim import Optimizers, fused_if_supported
+from lowbit.train.rundir import locks_run_dir
 
 #: a callback ``evaluator(generator, step) -> {"fid": ..., "is": ...}`` run on rank 0 (G in eval mode).
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
@@ -49,10 +61,6 @@ CHECKPOINT_KIND = "lowbit-gan"
 SAMPLE_GRID = 64
 #: learning-rate schedules: constant, or linear decay to 0 at the last step
 LR_DECAYS = ("constant", "linear")
-
-
-class TrainingDivergedError(LowbitError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -74,6 +82,10 @@ class NetSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     quant: QuantSpec | None = None
     lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"{self.model}: lr must be a positive number (e.g. 2e-4), got {self.lr}")
 
 
 @dataclass
@@ -118,6 +130,7 @@ class GanConfig:
     eval_every: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
@@ -214,6 +227,10 @@ def read_gan_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a lowbit GAN checkpoint (no generator/config inside); "
             "pass a file written by `lowbit train`"
         )
+    for key in ("config", "generator", "discriminator"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: entry '{key}' is missing or not a mapping; the checkpoint is "
+                                  "damaged, restore it or retrain")
     return state
 
 
@@ -491,10 +508,6 @@ class GanTrainer:
         """Every network this trainer updates (G, D and the G average when ema is on)."""
         return [m for m in (self.G, self.D, self.G_ema) if m is not None]
 
-    def finite(self) -> bool:
-        """True when every parameter of both networks is finite (checked before a checkpoint is written)."""
-        return all(bool(torch.isfinite(p).all()) for m in (self.G, self.D) for p in m.parameters())
-
 
 # ----------------------------------------------------------------------------- logging
 
@@ -591,8 +604,9 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 def _comparable(cfg: GanConfig) -> dict[str, Any]:
     """The config fields that must not change when a run is resumed."""
     data = to_dict(cfg)
-    for key in ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "threads", "device"):
-        data.pop(key)
+    for key in ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "threads", "device",
+                "guard"):
+        data.pop(key, None)
     return data
 
 
@@ -604,17 +618,6 @@ def _check_resumable(cfg: GanConfig, state: dict[str, Any], path: Path) -> None:
         raise ConfigError(
             f"cannot resume {path}: config differs in {', '.join(changed)}; resume with the "
             "config the run started with (only steps and logging intervals may change)"
-        )
-
-
-def _check_loss(name: str, value: float, step: int, last_good: Path | None) -> None:
-    if not math.isfinite(value):
-        kept = (
-            f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
-        )
-        raise TrainingDivergedError(
-            f"{name} became {value} at step {step}; {kept}; lower the learning rate "
-            "(or raise the bits) and resume or restart"
         )
 
 
@@ -653,6 +656,7 @@ def _prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path:
     return ckpt
 
 
+@locks_run_dir(lambda args: args["out_dir"])
 def train_gan(
     cfg: GanConfig,
     out_dir: str | Path,
@@ -694,7 +698,7 @@ class _GanRun:
         self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher)
         images = load_images(cfg, _unwrap(self.trainer.G).image_shape)
         self.start_step, self.history, self.acc = 0, [], _Accumulator()
-        self.last_good: Path | None = None
+        self.guard = DivergenceGuard(cfg.guard)
         if resume:
             self._restore()
         if world > 1:
@@ -712,11 +716,12 @@ class _GanRun:
     def _restore(self) -> None:
         state = read_gan_checkpoint(self.ckpt_path)
         _check_resumable(self.cfg, state, self.ckpt_path)
-        self.trainer.load_state(state, str(self.ckpt_path))
-        set_rng_state(state["rng"])
-        self.start_step, self.history = int(state["step"]), list(state["history"])
-        self.acc = _Accumulator(**state["accumulator"])
-        self.last_good = self.ckpt_path
+        with checkpoint_content(self.ckpt_path):
+            self.trainer.load_state(state, str(self.ckpt_path))
+            set_rng_state(state["rng"])
+            self.start_step, self.history = int(state["step"]), list(state["history"])
+            self.acc = _Accumulator(**state["accumulator"])
+        self.guard.saved(self.ckpt_path)
 
     def start(self, progress: bool) -> None:
         """Open the logs and the progress bar (the first files this run writes)."""
@@ -743,9 +748,10 @@ class _GanRun:
             d_loss = trainer.d_step(
                 self.stream.batch(draw), seeded_generator(cfg.seed, step, 1 + k, self.rank)
             )
-            _check_loss("discriminator loss", d_loss, step, self.last_good)
+            self.guard.check_losses(f"step {step}", {"discriminator loss": d_loss})
         g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank))
-        _check_loss("generator loss", g_loss, step, self.last_good)
+        self.guard.check_losses(f"step {step}", {"generator loss": g_loss})
+        self.guard.check_models(f"step {step}", step, trainer.models())
         self.acc.add(d_loss, g_loss)
         self.bar.update(1)
         if self.main:
@@ -774,10 +780,9 @@ class _GanRun:
                 generator, self.fixed_noise, self.out_dir / "samples" / f"step_{step:06d}.png"
             )
         if self._due(step, cfg.checkpoint_every):
-            if not self.trainer.finite():
-                _check_loss("a network weight", float("nan"), step, self.last_good)
-            self.last_good = _save_state(
-                self.ckpt_path, self.trainer, cfg, step, self.history, self.acc, full=True
+            self.guard.check_state(f"step {step}", self.trainer.state())
+            self.guard.saved(
+                _save_state(self.ckpt_path, self.trainer, cfg, step, self.history, self.acc, full=True)
             )
 
     def close(self) -> None:
