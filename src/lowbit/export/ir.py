@@ -167,7 +167,7 @@ def _packed_weight(frozen: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         "channel_dim": int(frozen.channel_dim),
         "levels": int(frozen.codebook.shape[1]),
     }
-    if frozen.mask is None:
+    if frozen.mask is None or bool(frozen.mask.all()):
         tensors = {"codes": pack_codes(frozen.codes, int(frozen.bits))}
     else:  # pruned: a 1-bit keep map plus the kept codes only, so the file shrinks with the sparsity
         keep = frozen.mask.reshape(-1) != 0
