@@ -29,6 +29,7 @@ from lowbit import metrics
 from lowbit.config import to_dict
 from lowbit.errors import ConfigError
 from lowbit.io import atomic_path, atomic_write_text
+from lowbit.limits import check_count
 from lowbit.nn import QuantSpec
 from lowbit.report.html import HtmlReport
 from lowbit.train.gan import (
@@ -43,6 +44,7 @@ from lowbit.train.gan import (
     train_gan,
 )
 from lowbit.train.i2i import I2IConfig, comparison_grid, train_i2i
+from lowbit.train.rundir import locks_run_dir
 
 GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
@@ -74,6 +76,7 @@ class QatSettings:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"qat.steps must be >= 1, got {self.steps}")
+        check_count("qat.eval_samples", self.eval_samples, "samples", minimum=10)
 
 
 @dataclass
@@ -85,6 +88,10 @@ class EvalSettings:
     batch_size: int = 500
     seed: int = 0
     split: str | None = None
+
+    def __post_init__(self) -> None:
+        check_count("eval.samples", self.samples, "samples", minimum=10)
+        check_count("eval.batch_size", self.batch_size, "batch")
 
 
 @dataclass
@@ -309,6 +316,7 @@ def _weight_analysis(
     return histograms, rows
 
 
+@locks_run_dir(lambda args: output_dir(args["cfg"]))
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     """The whole main job; returns where the report is and the numbers in it."""
     out = output_dir(cfg)

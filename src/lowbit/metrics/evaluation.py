@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.errors import ConfigError
+from lowbit.limits import check_count
 from lowbit.metrics.extractors import Extractor, module_device, resolve_extractor
 from lowbit.metrics.reference import reference_features
 from lowbit.metrics.scores import KID_SUBSETS, EvaluationError, GenerativeScores
@@ -103,6 +104,9 @@ def evaluate(
     split = split or "train"
     if n < 10 or batch < 1 or kid_subsets < 1:
         raise ConfigError(f"need n >= 10, batch >= 1 and kid_subsets >= 1, got {n}, {batch}, {kid_subsets}")
+    for what, value, bound in (("n", n, "samples"), ("batch", batch, "batch"), ("kid_subsets", kid_subsets,
+                                                                                   "kid_subsets")):
+        check_count(what, value, bound)
     feature_net = resolve_extractor(dataset, extractor, inception_weights)
     shapes = _latent_shapes(generator, latent_dim, latent_shape)
     size = math.prod(shapes[0])

@@ -29,12 +29,14 @@ from lowbit import data as lowbit_data
 from lowbit.config import from_dict, to_dict
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write_text
+from lowbit.limits import check_count
 from lowbit.models import create_model
 from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
-from lowbit.train.checkpoint import load_checkpoint
-from lowbit.train.loop import LoopSettings, TrainingDivergedError, run_training
+from lowbit.train.checkpoint import checkpoint_content, load_checkpoint
+from lowbit.train.guard import DivergenceGuard, GuardSpec
+from lowbit.train.loop import LoopSettings, run_training
 from lowbit.train.optim import fused_if_supported
 
 CHECKPOINT_KIND = "lowbit-classifier"
@@ -100,6 +102,7 @@ class ClassifierConfig:
     seed: int = 0
     threads: int = 0
     ship_extractor: str | None = None
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -118,6 +121,7 @@ class ClassifierConfig:
 
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre ``images`` on a black ``size`` x ``size`` canvas (e.g. 28x28 fashion-mnist -> 32x32)."""
+    check_count("data.pad_to", size, "image_size")
     height, width = images.shape[-2:]
     if size < max(height, width):
         raise ConfigError(f"data.pad_to={size} is smaller than the {height}x{width} images; "
@@ -189,10 +193,13 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     model = create_model(cfg.model, **cfg.kwargs)
     if cfg.init_from is not None:
         source = load_model_file(cfg.init_from)
-        if source["quant"] is not None or source["model"] != cfg.model:
-            raise ConfigError(f"init_from {cfg.init_from}: need a full-precision '{cfg.model}' run, got a "
-                              f"'{source['model']}' with quant={source['quant']}")
-        model.load_state_dict(source["state"])
+        kwargs = source.get("kwargs")
+        if source["quant"] is not None or source["model"] != cfg.model or kwargs != cfg.kwargs:
+            raise ConfigError(f"init_from {cfg.init_from}: need a full-precision '{cfg.model}' run with "
+                              f"kwargs {cfg.kwargs}, got a '{source['model']}' with kwargs {kwargs} and "
+                              f"quant={source['quant']}")
+        with checkpoint_content(cfg.init_from):
+            model.load_state_dict(source["state"])
     if cfg.quant is None:
         return model
     return convert(model, classifier_spec(model, cfg.quant, cfg.keep_first_last))
@@ -226,12 +233,13 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 def rebuild_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained classifier (eval mode) and its metrics from ``model.safetensors``."""
     state = load_model_file(path)
-    model = create_model(state["model"], **state["kwargs"])
-    if state["quant"] is not None:
-        spec = from_dict(QuantSpec, state["quant"])
-        model = convert(model, classifier_spec(model, spec, state["keep_first_last"]))
-    model.load_state_dict(state["state"])
-    return model.eval(), state["metrics"]
+    with checkpoint_content(path):
+        model = create_model(state["model"], **state["kwargs"])
+        if state["quant"] is not None:
+            spec = from_dict(QuantSpec, state["quant"])
+            model = convert(model, classifier_spec(model, spec, state["keep_first_last"]))
+        model.load_state_dict(state["state"])
+        return model.eval(), state["metrics"]
 
 
 def _is_power_of_two_or_zero(values: torch.Tensor) -> bool:
@@ -308,10 +316,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 # ---------------------------------------------------------------- training
 
-def _without_epochs(config: Any) -> Any:
-    return {k: v for k, v in config.items() if k != "epochs"} if isinstance(config, dict) else config
-
-
 def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay) or Adam over the trainable parameters (search logits, not the
     frozen float weights they replaced)."""
@@ -332,8 +336,8 @@ class ClassifierTask:
     loss_names = {"train_loss": "training loss", "top1": "top-1 accuracy", "top5": "top-5 accuracy",
                   "test_loss": "test loss"}
 
-    def __init__(self, cfg: ClassifierConfig, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: ClassifierConfig, guard: DivergenceGuard, progress: bool = True) -> None:
+        self.cfg, self.guard, self.progress = cfg, guard, progress
         self.train_x, self.train_y = load_split(cfg.data, "train")
         self.test_x, self.test_y = load_split(cfg.data, "test")
         self.augment = uses_augmentation(cfg.data, self.train_x.shape[-1])
@@ -352,7 +356,7 @@ class ClassifierTask:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.epoch, self.last = int(state["step"]), dict(state["history"][-1])
-        self.train_seconds, self.peak_bytes = state["train_seconds"], state["peak_bytes"]
+        self.train_seconds, self.peak_bytes = float(state["train_seconds"]), int(state["peak_bytes"])
 
     def model_state(self) -> dict[str, Any]:
         """The finished run's model file: model name, kwargs, quant spec, weights and final metrics."""
@@ -380,9 +384,7 @@ class ClassifierTask:
     def _step(self, images: torch.Tensor, labels: torch.Tensor, measure: bool) -> float:
         with SavedTensorMeter() as meter:
             loss = F.cross_entropy(self.model(images), labels)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"loss became {float(loss)} at epoch {self.epoch}; lower optim.lr "
-                                        f"(now {self.cfg.optim.lr}) and resume the run")
+        self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss.detach())})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -406,6 +408,7 @@ class ClassifierTask:
             if self.augment:
                 images = random_crop_flip(images, generator)
             loss = self._step(images, labels, measure=index == 0)
+            self.guard.check_models(f"epoch {self.epoch + 1}", index, [self.model])
             total, count = total + loss * len(labels), count + len(labels)
             bar.set_postfix(loss=f"{total / count:.4f}")
         self.train_seconds += time.perf_counter() - start
@@ -467,8 +470,10 @@ def train_classifier(cfg: ClassifierConfig, out_dir: str | Path | None = None, r
     """
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
     settings = LoopSettings(cfg.name, cfg.epochs, cfg.seed, threads=cfg.threads, unit="epoch",
-                            volatile=("epochs",))
-    result = run_training(cfg, settings, out_dir, lambda device, ctx: ClassifierTask(cfg, progress),
+                            volatile=("epochs", "guard"), guard=cfg.guard,
+                            fix=f"lower optim.lr (now {cfg.optim.lr})")
+    result = run_training(cfg, settings, out_dir,
+                          lambda device, ctx, guard: ClassifierTask(cfg, guard, progress),
                           resume=resume, overwrite=overwrite, progress=progress)
     task: ClassifierTask = result.task
     metrics = task.metrics()

@@ -27,17 +27,21 @@ from torch import nn
 
 from lowbit import data as lowbit_data
 from lowbit.config import closest, from_dict
-from lowbit.errors import CheckpointError, ConfigError
+from lowbit.errors import (  # TrainingDivergedError: raised by the guard, importable here as before
+    CheckpointError,
+    ConfigError,
+    TrainingDivergedError,  # noqa: F401
+)
 from lowbit.models import create_model, hub
 from lowbit.nn import QuantSpec, anneal, convert
 from lowbit.quant.search import SearchQuantizer
 from lowbit.train.checkpoint import load_checkpoint
 from lowbit.train.distributed import DistContext
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
-from lowbit.train.loop import (  # noqa: F401  (TrainingDivergedError and seeded_generator: public here)
+from lowbit.train.guard import GuardSpec
+from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
     Evaluator,
     LoopSettings,
-    TrainingDivergedError,
     predict,
     run_training,
     seeded_generator,
@@ -73,6 +77,10 @@ class NetSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     quant: QuantSpec | None = None
     lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"{self.model}: lr must be a positive number (e.g. 2e-4), got {self.lr}")
 
 
 @dataclass
@@ -117,6 +125,7 @@ class GanConfig:
     eval_every: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
@@ -213,6 +222,10 @@ def read_gan_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a lowbit GAN checkpoint (no generator/config inside); "
             "pass a file written by `lowbit train`"
         )
+    for key in ("config", "generator", "discriminator"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: entry '{key}' is missing or not a mapping; the checkpoint is "
+                                  "damaged, restore it or retrain")
     return state
 
 
@@ -562,8 +575,11 @@ def train_gan(
     Everything is validated and loaded before the first file is written, so bad input leaves
     ``out_dir`` untouched. A NaN/Inf loss raises TrainingDivergedError and keeps the last checkpoint.
     """
-    result = run_training(cfg, LoopSettings.of(cfg), out_dir, lambda device, ctx: GanTask(cfg, device, ctx),
-                          read_gan_checkpoint, evaluator, resume, overwrite, progress)
+    def build(device: torch.device, ctx: DistContext, guard: object) -> GanTask:
+        return GanTask(cfg, device, ctx)
+
+    result = run_training(cfg, LoopSettings.of(cfg), out_dir, build, read_gan_checkpoint, evaluator, resume,
+                          overwrite, progress)
     trainer = result.task.trainer
     return TrainResult(history=result.history, generator=trainer.sampler, discriminator=unwrap(trainer.D),
                        model_path=result.model_path, checkpoint_path=result.checkpoint_path,

@@ -34,6 +34,7 @@ from lowbit.train.gan import (
     read_gan_checkpoint,
 )
 from lowbit.train.gan_losses import GanLoss, get_loss
+from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (
     Evaluator,
     LoopSettings,
@@ -84,6 +85,7 @@ class I2IConfig:
     eval_every: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
@@ -236,8 +238,11 @@ def train_i2i(
     progress: bool = True,
 ) -> TrainResult:
     """Train (or QAT fine-tune) the image-to-image GAN of ``cfg`` into ``out_dir``."""
-    result = run_training(cfg, LoopSettings.of(cfg), out_dir, lambda device, ctx: I2ITask(cfg, device, ctx),
-                          read_gan_checkpoint, evaluator, resume, overwrite, progress)
+    def build(device: torch.device, ctx: DistContext, guard: object) -> I2ITask:
+        return I2ITask(cfg, device, ctx)
+
+    result = run_training(cfg, LoopSettings.of(cfg), out_dir, build, read_gan_checkpoint, evaluator, resume,
+                          overwrite, progress)
     trainer = result.task.trainer
     return TrainResult(history=result.history, generator=unwrap(trainer.G), discriminator=unwrap(trainer.D),
                        model_path=result.model_path, checkpoint_path=result.checkpoint_path,

@@ -1,13 +1,15 @@
 """The training loop every step-based lowbit trainer shares; each trainer supplies only its step.
 
-``run_training(cfg, out_dir, build_task, ...)`` owns what is common to the noise GAN and the
-image-to-image GAN (and whatever trains next): the run-directory guard, threads / device / seed,
-resume (config check, weights, optimisers, RNG, loss sums), data-parallel wrapping through
-``train/distributed.py``, the progress bar, ``log.csv`` + TensorBoard, evaluation, sample grids,
-the checkpoint cadence with its weight-finiteness check, the divergence check of every loss and
-the final model file. A ``Task`` supplies the networks, one training step and its sample grid;
-``LoopSettings`` says how long to train and how often to log, evaluate, sample and checkpoint (the
-classifier's step is a whole epoch, evaluated and checkpointed every time).
+``run_training(cfg, settings, out_dir, build_task, ...)`` owns what is common to the noise GAN, the
+image-to-image GAN and the classifier (and whatever trains next): the run-directory guard,
+threads / device / seed, resume (config check, weights, optimisers, RNG, loss sums), DDP through
+``train/distributed.py``, the run-directory lock (``train/rundir.py``), the progress bar,
+``log.csv`` + TensorBoard, evaluation, sample grids, the checkpoint cadence, the divergence guard
+(``train/guard.py``: every loss and, every ``guard.every`` steps, every weight; the whole state
+before a checkpoint is written) and the final model file. A ``Task`` supplies the networks, one
+training step and its sample grid; ``LoopSettings`` says how long to train and how often to log,
+evaluate, sample and checkpoint (the classifier's step is a whole epoch, evaluated and
+checkpointed every time).
 
 Determinism: a task draws its batches and noise from generators seeded by (seed, step, ...),
 never from the global RNG during the loop, so ``resume=True`` reproduces an uninterrupted run.
@@ -18,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +31,24 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.config import from_dict, to_dict
-from lowbit.errors import CheckpointError, ConfigError, LowbitError
+from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write_text
 from lowbit.train import distributed
-from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowbit.train.checkpoint import (
+    checkpoint_content,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from lowbit.train.guard import DivergenceGuard, GuardSpec
+from lowbit.train.rundir import locks_run_dir
 
 #: a callback ``evaluator(model, step) -> {"fid": ..., ...}`` run on rank 0 (the model in eval mode).
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
 #: config fields that may change when a run is resumed
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "threads",
-                     "device")
-
-
-class TrainingDivergedError(LowbitError):
-    """A loss (or a weight) became NaN or infinite; the last good checkpoint is kept."""
+                     "device", "guard")
 
 
 class ResumeMismatchError(ConfigError, CheckpointError):
@@ -54,7 +59,8 @@ class ResumeMismatchError(ConfigError, CheckpointError):
 class LoopSettings:
     """How long the loop runs and how often it logs, evaluates, samples and checkpoints (0 = only at
     the end for evaluation, never for samples); ``unit`` names the step in the history (``step`` or
-    ``epoch``); ``volatile`` lists the config fields a resumed run may change."""
+    ``epoch``); ``volatile`` lists the config fields a resumed run may change; ``guard`` bounds the
+    divergence guard and ``fix`` is the advice its error gives."""
 
     name: str
     steps: int
@@ -67,12 +73,14 @@ class LoopSettings:
     checkpoint_every: int = 1
     unit: str = "step"
     volatile: tuple[str, ...] = RESUMABLE_CHANGES
+    guard: GuardSpec = field(default_factory=GuardSpec)
+    fix: str = "lower the learning rate"
 
     @classmethod
     def of(cls, cfg: Any) -> LoopSettings:
         """The settings of a step-based config (GanConfig, I2IConfig) that carries these fields itself."""
         names = ("name", "steps", "seed", "device", "threads", "log_every", "eval_every", "sample_every",
-                 "checkpoint_every")
+                 "checkpoint_every", "guard")
         return cls(**{key: getattr(cfg, key) for key in names})
 
 
@@ -157,22 +165,6 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path:
             "--force to start over, or choose another output directory"
         )
     return ckpt
-
-
-def check_finite(name: str, value: float, step: int, last_good: Path | None) -> None:
-    """The divergence check: a NaN/Inf ``value`` stops the run, naming the checkpoint that survives."""
-    if not math.isfinite(value):
-        kept = (f"the last good checkpoint {last_good} is kept" if last_good
-                else "no checkpoint was written yet")
-        raise TrainingDivergedError(
-            f"{name} became {value} at step {step}; {kept}; lower the learning rate "
-            "(or raise the bits) and resume or restart"
-        )
-
-
-def weights_finite(models: list[nn.Module]) -> bool:
-    """True when every parameter of ``models`` is finite (checked before a checkpoint is written)."""
-    return all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
 
 
 def drop_weight_caches(*models: nn.Module) -> None:
@@ -310,12 +302,12 @@ class TrainLoop:
     """Drives one ``Task`` from its start (or checkpoint) step to ``cfg.steps``."""
 
     def __init__(self, cfg: Any, settings: LoopSettings, task: Task, out_dir: Path,
-                 evaluator: Evaluator | None, ckpt_path: Path, ctx: distributed.DistContext) -> None:
-        self.cfg, self.settings, self.task = cfg, settings, task
+                 evaluator: Evaluator | None, ckpt_path: Path, ctx: distributed.DistContext,
+                 guard: DivergenceGuard) -> None:
+        self.cfg, self.settings, self.task, self.guard = cfg, settings, task, guard
         self.out_dir, self.evaluator = out_dir, evaluator
         self.ckpt_path, self.main = ckpt_path, ctx.is_main
         self.start_step, self.history, self.acc = 0, [], Accumulator()
-        self.last_good: Path | None = None
         self.samples: Path | None = None
         self.postfix: dict[str, str] = {}
         self.log: RunLog | None = None
@@ -324,11 +316,12 @@ class TrainLoop:
         """Continue from the run's checkpoint: config check, weights, optimisers, RNG, history, sums."""
         state = read(self.ckpt_path)
         check_resumable(self.cfg, state["config"], self.ckpt_path, self.settings.volatile)
-        self.task.load_state(state, str(self.ckpt_path))
-        set_rng_state(state["rng"])
-        self.start_step, self.history = int(state["step"]), list(state["history"])
-        self.acc = Accumulator(**state["accumulator"])
-        self.last_good = self.ckpt_path
+        with checkpoint_content(self.ckpt_path):
+            self.task.load_state(state, str(self.ckpt_path))
+            set_rng_state(state["rng"])
+            self.start_step, self.history = int(state["step"]), list(state["history"])
+            self.acc = Accumulator(**state["accumulator"])
+        self.guard.saved(self.ckpt_path)
 
     def start(self, progress: bool) -> None:
         """Open the logs and the progress bar (the first files this run writes)."""
@@ -341,10 +334,11 @@ class TrainLoop:
                         disable=not (self.main and progress), dynamic_ncols=True, unit=self.settings.unit)
 
     def step(self, step: int) -> None:
-        """The task's step, the divergence check, then logging / evaluation / samples / checkpoint."""
+        """The task's step, the divergence guard, then logging / evaluation / samples / checkpoint."""
         losses = self.task.step(step)
-        for key, value in losses.items():
-            check_finite(self.task.loss_names.get(key, key), value, step, self.last_good)
+        when = f"{self.settings.unit} {step}"
+        self.guard.check_losses(when, {self.task.loss_names.get(k, k): v for k, v in losses.items()})
+        self.guard.check_models(when, step, self.task.models())
         self.acc.add(losses)
         self.bar.update(1)
         if self.main:
@@ -372,9 +366,8 @@ class TrainLoop:
         if self._due(step, cfg.sample_every):
             self.samples = self.task.save_samples(self.out_dir / "samples" / f"step_{step:06d}.png")
         if self._due(step, cfg.checkpoint_every):
-            if not weights_finite(self.task.models()):
-                check_finite("a network weight", float("nan"), step, self.last_good)
-            self.last_good = self._save(self.ckpt_path, step, full=True)
+            self.guard.check_state(f"{cfg.unit} {step}", self.task.state())
+            self.guard.saved(self._save(self.ckpt_path, step, full=True))
 
     def _save(self, path: Path, step: int, full: bool) -> Path:
         state: dict[str, Any] = {"kind": self.task.kind, "config": to_dict(self.cfg), "step": step,
@@ -401,11 +394,12 @@ class TrainLoop:
                           self.samples)
 
 
+@locks_run_dir(lambda args: args["out_dir"])
 def run_training(
     cfg: Any,
     settings: LoopSettings,
     out_dir: str | Path,
-    build_task: Callable[[torch.device, distributed.DistContext], Task],
+    build_task: Callable[[torch.device, distributed.DistContext, DivergenceGuard], Task],
     read_checkpoint: Callable[[Path], dict[str, Any]] = load_checkpoint,
     evaluator: Evaluator | None = None,
     resume: bool = False,
@@ -415,8 +409,10 @@ def run_training(
     """Build the task of ``cfg`` (the config stored in every checkpoint) and train it for
     ``settings.steps`` into ``out_dir``; see the module docstring.
 
-    ``build_task(device, ctx)`` validates and loads everything before the first file is written,
-    so bad input leaves ``out_dir`` untouched; ``read_checkpoint`` reads (and checks) a checkpoint.
+    ``build_task(device, ctx, guard)`` validates and loads everything before the first file is
+    written, so bad input leaves ``out_dir`` untouched (a task may check its inner steps with the
+    run's ``guard``); ``read_checkpoint`` reads (and checks) a checkpoint. The whole call holds the
+    lock of ``out_dir`` (rank 0).
     """
     out_dir = Path(out_dir)
     ckpt = prepare_run_dir(out_dir, resume, overwrite)
@@ -425,8 +421,9 @@ def run_training(
         torch.set_num_threads(settings.threads)
     device = select_device(settings.device, ctx.rank)
     torch.manual_seed(settings.seed)
-    task = build_task(device, ctx)
-    loop = TrainLoop(cfg, settings, task, out_dir, evaluator, ckpt, ctx)
+    guard = DivergenceGuard(settings.guard, settings.fix)
+    task = build_task(device, ctx, guard)
+    loop = TrainLoop(cfg, settings, task, out_dir, evaluator, ckpt, ctx, guard)
     if resume:
         loop.restore(read_checkpoint)
     if ctx.distributed:

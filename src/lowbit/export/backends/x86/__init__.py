@@ -18,7 +18,7 @@ from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends.x86 import build
 from lowbit.export.backends.x86.binary import SIGN_INPUT, BinaryInput, QuantWeightLayer
 from lowbit.export.ir import Node
-from lowbit.export.weights import codebook, codes
+from lowbit.export.weights import codebook, codes, mask
 
 NAME = "x86"
 WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
@@ -85,6 +85,7 @@ def kernel_layer(node: Node, binary: BinaryInput) -> QuantWeightLayer:
         _hyper(node),
         binary,
         affine=weight["codebook"] == "affine",
+        mask=mask(node),
     )
 
 
