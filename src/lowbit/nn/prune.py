@@ -170,12 +170,6 @@ class Pruning:
         else:
             apply_masks(model)
 
-    def after_epoch(self, model: nn.Module, epoch: int) -> None:
-        """Nothing: the schedule counts optimiser steps."""
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return None
-
 
 def prune_unstructured(model: nn.Module, spec: PruneSpec) -> Pruning:
     """Add masks to the target layers and prune them to the schedule's first sparsity."""

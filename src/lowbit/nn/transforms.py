@@ -2,9 +2,8 @@
 (torchao's ``register_quantize_module_handler`` pattern), so a new transform plugs in without name checks.
 
 A handler returns the transformed model and, when the transform acts during training, a hook object; the
-hooks are kept on the model (``transform_hooks``) and the trainers call them through one interface:
-``after_step(model, step)`` after every optimiser step, ``after_epoch(model, epoch)``, and ``penalty(model)``
-(an extra loss term or None).
+hooks are kept on the model (``transform_hooks``) and the shared training loop calls them through one
+interface, ``after_step(model, step)`` after every optimiser step, for every model it trains.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import torch
 from torch import nn
 
 from lowbit.config import from_dict
@@ -29,10 +27,6 @@ class TransformHooks(Protocol):
     """What a training-time transform does during training."""
 
     def after_step(self, model: nn.Module, step: int) -> None: ...
-
-    def after_epoch(self, model: nn.Module, epoch: int) -> None: ...
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
 
 
 Handler = Callable[[nn.Module, Any], tuple[nn.Module, TransformHooks | None]]

@@ -33,7 +33,8 @@ from lowbit.errors import (  # TrainingDivergedError: raised by the guard, impor
     TrainingDivergedError,  # noqa: F401
 )
 from lowbit.models import create_model, hub
-from lowbit.nn import QuantSpec, anneal, convert
+from lowbit.nn import QuantSpec, anneal, compress
+from lowbit.nn.transforms import spec_from_dict
 from lowbit.quant.search import SearchQuantizer
 from lowbit.train.checkpoint import load_checkpoint
 from lowbit.train.distributed import DistContext
@@ -77,10 +78,17 @@ class NetSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     quant: QuantSpec | None = None
     lr: float | None = None
+    transforms: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.lr is not None and not 0 < self.lr < math.inf:
             raise ConfigError(f"{self.model}: lr must be a positive number (e.g. 2e-4), got {self.lr}")
+        self.transform_specs()
+
+    def transform_specs(self) -> list[Any]:
+        """The model transforms in order (``lowbit.compress``): ``transforms``, then ``quant`` if given."""
+        specs = [spec_from_dict(entry) for entry in self.transforms]
+        return specs + ([self.quant] if self.quant is not None else [])
 
 
 @dataclass
@@ -198,8 +206,9 @@ def create_network(spec: NetSpec) -> nn.Module:
 
 
 def quantize_network(model: nn.Module, spec: NetSpec) -> nn.Module:
-    """``model`` converted to quantized layers by the spec's QuantSpec (unchanged when it has none)."""
-    return model if spec.quant is None else convert(model, spec.quant)
+    """``model`` with the spec's transforms applied (pruning, quantization; unchanged when it has none)."""
+    specs = spec.transform_specs()
+    return compress(model, specs, inplace=True) if specs else model
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -290,9 +299,9 @@ def build_networks(cfg: GanConfig) -> tuple[nn.Module, nn.Module]:
         for role, model in nets.items():
             own, theirs = getattr(cfg, role), getattr(stored, role)
             _check_same_architecture(own, theirs, role, cfg.init_from)
-            if theirs.quant is not None:
+            if theirs.transform_specs():
                 raise CheckpointError(
-                    f"init_from {cfg.init_from}: its {role} is already quantized; start QAT "
+                    f"init_from {cfg.init_from}: its {role} is already quantized or pruned; start QAT "
                     "from a full-precision checkpoint (or continue that run with --resume)"
                 )
             load_weights(model, state[role], f"{cfg.init_from} ({role})")

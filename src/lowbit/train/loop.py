@@ -33,6 +33,7 @@ from tqdm import tqdm
 from lowbit.config import from_dict, to_dict
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write_text
+from lowbit.nn.transforms import transform_hooks
 from lowbit.train import distributed
 from lowbit.train.checkpoint import (
     checkpoint_content,
@@ -336,6 +337,9 @@ class TrainLoop:
     def step(self, step: int) -> None:
         """The task's step, the divergence guard, then logging / evaluation / samples / checkpoint."""
         losses = self.task.step(step)
+        for model in self.task.models():  # pruning masks and schedules (lowbit.compress transforms)
+            for hook in transform_hooks(unwrap(model)):
+                hook.after_step(unwrap(model), step)
         when = f"{self.settings.unit} {step}"
         self.guard.check_losses(when, {self.task.loss_names.get(k, k): v for k, v in losses.items()})
         self.guard.check_models(when, step, self.task.models())
