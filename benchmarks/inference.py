@@ -1,4 +1,4 @@
-"""Inference speed of packed low-bit DCGAN generators vs FP32 PyTorch, side by side (one run, same threads).
+"""Inference speed of packed low-bit generators vs FP32 PyTorch and onnxruntime, side by side (one run).
 
 For W1A1, W2A1 and W4A1 generators (all layers quantized, sign activations, or with ``--act act`` the main
 job's 1-bit ``act`` {0, a}; first/last layer as the model has them) it times: the whole generator (latency
@@ -10,7 +10,13 @@ machine load hits them alike; the default clock is process CPU time (``--clock w
 which a busy shared machine inflates far less than wall time. Ratios are FP32 time / packed time
 (higher is better).
 
+``--zoo`` times the test zoo's CycleGAN ResNet generator (6 blocks) and pix2pix U-Net (6 levels) on
+3 x 64 x 64 images instead (first and last layers 8-bit weights, every hidden layer W1A1 with sign
+activations): FP32 PyTorch, onnxruntime FP32 (the FP32 model exported with lowbit's ONNX exporter) and the
+packed model per backend, at batch 1 and 16.
+
     python benchmarks/inference.py --threads 1 --repeats 30 [--act sign|act] [--clock cpu|wall] [--json F]
+    python benchmarks/inference.py --zoo --threads 1 --repeats 10
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,10 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.export import available_paths, export_packed, load
-from lowbit.export.layers import QuantWeightLayer
+from lowbit.export import available_paths, export_onnx, export_packed, load
+from lowbit.export.backends import x86
 from lowbit.models import create_model
 from lowbit.nn import QuantSpec, convert
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def best_times(
@@ -75,8 +84,27 @@ def _binary_layer_inputs(fp32: nn.Module, z: torch.Tensor) -> dict[int, torch.Te
     return inputs
 
 
-def _run_layers(layers: list[nn.Module], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _run_layers(layers: list[Callable], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [layer(x) for layer, x in zip(layers, inputs, strict=True)]
+
+
+def _binary_steps(packed: nn.Module) -> list[Callable]:
+    """The planned weight layers fed by two-level activations (kernels, or torch on the torch path)."""
+    producers = {node.name: node for node in packed.graph.nodes}
+    claimed = {node.name for node in packed.graph.nodes if x86.claims(node, producers)}
+    return [step.run for step in packed.steps if step.node.name in claimed]
+
+
+def _onnx_session(model: nn.Module, example: torch.Tensor, folder: Path, threads: int) -> Callable:
+    """onnxruntime FP32 on ``model`` exported by lowbit, with ``threads`` intra-op threads."""
+    import onnxruntime
+
+    path = export_onnx(model, folder / "fp32.onnx", example_input=example)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x.numpy()})
 
 
 #: the 1-bit activations the benchmark can quantize with: sign ({-1, +1}) or the main job's `act` ({0, a})
@@ -108,7 +136,7 @@ def bench(
         path = export_packed(convert(fp32, spec).eval(), folder / f"w{bits}a1.lowbit")
         for kernel_path in available_paths():
             packed = load(path, kernel_path=kernel_path)
-            binary = [m for m in packed.body if isinstance(m, QuantWeightLayer) and m.binary_input]
+            binary = _binary_steps(packed)
             key = f"W{bits}A1|{kernel_path}"
             sizes[key] = path.stat().st_size
             workloads["b1"][key] = partial(packed, z1)
@@ -123,6 +151,74 @@ def bench(
             row[f"fp32_ms_{name}"], row[f"packed_ms_{name}"] = 1e3 * best[name]["FP32"], 1e3 * best[name][key]
         rows.append(row)
     return rows
+
+
+def _zoo_models() -> dict[str, tuple[nn.Module, QuantSpec]]:
+    """The zoo's ResNet and U-Net generators at 3 x 64 x 64, calibrated, with their W1A1 specs."""
+    from gan_zoo import ResnetGenerator, UnetGenerator
+
+    models = {
+        "cyclegan-resnet-6": ResnetGenerator(ngf=32, n_blocks=6),
+        "pix2pix-unet-6": UnetGenerator(num_downs=6, ngf=32),
+    }
+    edges = {
+        "cyclegan-resnet-6": ["model.1", "model.23"],
+        "pix2pix-unet-6": ["model.model.0", "model.model.3"],
+    }
+    result = {}
+    for name, model in models.items():
+        torch.manual_seed(0)
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(4, 3, 64, 64))
+        w8 = {"weight": "minmax", "weight_bits": 8}
+        spec = QuantSpec(
+            weight="bwn",
+            weight_bits=1,
+            act="sign",
+            act_bits=1,
+            overrides={layer: w8 for layer in edges[name]},
+        )
+        result[name] = (model.eval(), spec)
+    return result
+
+
+def bench_zoo(repeats: int, folder: Path, clock: Callable[[], float], threads: int) -> list[dict]:
+    """FP32 torch, onnxruntime FP32 and the packed model per path at batch 1 and 16 for each zoo model."""
+    rows = []
+    for name, (fp32, spec) in _zoo_models().items():
+        x1, x16 = torch.randn(1, 3, 64, 64), torch.randn(16, 3, 64, 64)
+        ort = _onnx_session(fp32, x1, folder, threads)
+        path = export_packed(convert(fp32, spec).eval(), folder / f"{name}.lowbit", example_input=x1)
+        contestants = {"FP32 torch": fp32, "ORT FP32": ort}
+        contestants.update({f"packed {p}": load(path, kernel_path=p) for p in available_paths()})
+        for batch, x in (("b1", x1), ("b16", x16)):
+            best = best_times({key: partial(fn, x) for key, fn in contestants.items()}, repeats, clock)
+            for key, seconds in best.items():
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": batch,
+                        "contestant": key,
+                        "ms": 1e3 * seconds,
+                        "vs_torch": best["FP32 torch"] / seconds,
+                        "vs_ort": best["ORT FP32"] / seconds,
+                        "bytes": path.stat().st_size if key.startswith("packed") else None,
+                    }
+                )
+    return rows
+
+
+def format_zoo_table(rows: list[dict]) -> str:
+    """Markdown table of the zoo rows: time and speed-up over FP32 torch and over onnxruntime."""
+    lines = ["| model | batch | contestant | ms | x FP32 torch | x ORT FP32 | file bytes |", "|" + "---|" * 7]
+    for r in rows:
+        size = f"{r['bytes']:,}" if r["bytes"] else ""
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['contestant']} | {r['ms']:.2f} | {r['vs_torch']:.2f} | "
+            f"{r['vs_ort']:.2f} | {size} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -172,8 +268,23 @@ def main() -> None:
         help="cpu: process CPU time (robust on a shared machine; equals latency when idle and "
         "single-threaded); wall: elapsed time",
     )
+    parser.add_argument(
+        "--zoo", action="store_true", help="time the zoo's ResNet and U-Net generators instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.zoo:
+        with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
+            rows = bench_zoo(args.repeats, Path(folder), CLOCKS[args.clock], args.threads)
+        print(
+            f"zoo generators, 3 x 64 x 64, on {_cpu_model()}, torch {torch.__version__}, "
+            f"threads {args.threads}, "
+            f"{args.clock} clock, best of {args.repeats}; first/last layers W8, hidden layers W1A1 (sign)"
+        )
+        print(format_zoo_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     fp32 = _generator(args.model, args.width)
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
         rows = bench(fp32, args.bits, args.repeats, Path(folder), CLOCKS[args.clock], args.act)

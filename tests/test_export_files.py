@@ -199,3 +199,16 @@ def test_cli_generate_on_a_truncated_packed_file_names_the_real_problem(tmp_path
     assert main(["generate", str(path), "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "not a valid lowbit packed model" in err and ".json" not in err
+
+
+def test_sample_counts_are_bounded(tmp_path, monkeypatch):
+    from lowbit.errors import LimitError
+    from lowbit.export import sample
+
+    model = load(DATA / "v1-dcgan16-w1a1.lowbit", kernel_path="torch")
+    monkeypatch.setenv("LOWBIT_MAX_SAMPLES", "8")
+    with pytest.raises(LimitError, match="exceeds the limit of 8.*LOWBIT_MAX_SAMPLES"):
+        sample(model, 9)
+    with pytest.raises(LimitError, match="must be >= 1"):
+        sample(model, 4, batch_size=0)
+    assert sample(model, 8).shape == (8, 1, 16, 16)

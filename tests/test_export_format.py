@@ -31,7 +31,7 @@ def _packed_nodes(packed):
 
 def _kernel_layers(packed):
     """The bit-serial layers of a planned packed model, in order."""
-    return [step for step in packed.steps if step.backend.startswith("x86")]
+    return [step for step in packed.steps if step.backend == f"x86:{packed.kernel_path}"]
 
 
 def _generator(width: int, seed: int = 0) -> nn.Module:

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gan_zoo import ZOO, calibrated
@@ -229,3 +230,51 @@ def test_freshly_converted_binary_generator_warns_about_ties(tmp_path):
     x = torch.randn(8, *shape)
     with torch.no_grad():
         assert torch.equal(load(path, kernel_path="torch")(x), model(x))
+
+
+class KitchenSink(nn.Module):
+    """Every op of the coverage list not already in the zoo: grouped / dilated / strided convs, InstanceNorm
+    with running statistics, Hardtanh, ReLU6, ZeroPad2d, ConstantPad2d, F.pad replicate, permute, transpose,
+    unflatten / squeeze / unsqueeze, constant sub / div / rsub, a buffer used in forward, Flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_g = nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.inorm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.hard = nn.Hardtanh(-0.5, 0.5)
+        self.pad = nn.ZeroPad2d((1, 0, 1, 0))
+        self.cpad = nn.ConstantPad2d(1, 0.25)
+        self.conv_same = nn.Conv2d(8, 6, 2, padding="same", bias=False)
+        self.relu6 = nn.ReLU6()
+        self.up = nn.Upsample(size=(12, 12), mode="bilinear", align_corners=True)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(6 * 12 * 12, 10)
+        self.register_buffer("offset", torch.linspace(-1, 1, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.hard(self.inorm(self.conv_g(x)))
+        y = self.cpad(self.pad(y))
+        y = F.pad(y, (0, 1, 0, 1), mode="replicate")
+        y = self.relu6(self.conv_same(y)) / 2.0
+        y = y.permute(0, 2, 3, 1).transpose(1, 2).permute(0, 3, 2, 1)
+        y = self.up(y).unsqueeze(1).squeeze(1)
+        z = self.fc(self.flat(y)) - self.offset
+        return (1.0 - z).unflatten(1, (2, 5))
+
+
+def test_every_remaining_coverage_op_exports_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = KitchenSink()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 4, 16, 16))  # InstanceNorm running statistics move off their initial values
+    model = convert(model.eval(), SPECS["w4"]).eval()
+    x = torch.randn(5, 4, 16, 16)
+    path = export_packed(model, tmp_path / "k.lowbit", example_input=x[:1])
+    ops = {node.op for node in load(path).graph.nodes}
+    assert {"instance_norm", "hardtanh", "pad", "permute", "interpolate", "constant", "sub", "div"} <= ops
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(load(path, kernel_path="torch")(x), expected)
+    onnx_out = _onnx_run(export_onnx(model, tmp_path / "k.onnx", example_input=x[:1]), x)
+    torch.testing.assert_close(onnx_out, expected, rtol=1e-4, atol=1e-4)

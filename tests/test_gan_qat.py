@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_init_from_a_quantized_checkpoint_is_refused(fp_checkpoint, tmp_path):
     from lowbit.errors import CheckpointError
 
     with pytest.raises(
-        CheckpointError, match="already quantized; start QAT from a full-precision checkpoint"
+        CheckpointError, match="already quantized or pruned; start QAT from a full-precision checkpoint"
     ):
         build_networks(qat_config(quantized.model_path, G_SPEC, None))
 
@@ -185,7 +186,7 @@ def test_ema_generator_is_the_running_average_of_the_trained_weights(fp_checkpoi
 
     def g_step_and_track(self, n, gen):
         loss = original(self, n, gen)
-        for name, value in gan_module._unwrap(self.G).named_parameters():
+        for name, value in gan_module.unwrap(self.G).named_parameters():
             expected[name] = decay * expected[name] + (1 - decay) * value.detach()
         return loss
 
@@ -230,7 +231,7 @@ def test_linear_lr_decay_follows_the_step_and_survives_resume(fp_checkpoint, tmp
     steps, base = 8, 2e-4  # the DCGAN default learning rate of both players
     for run_steps, resume in ((4, False), (8, True)):
         cfg = qat_config(fp_checkpoint, G_SPEC, None, steps=steps, checkpoint_every=4, lr_decay="linear")
-        cfg = gan_module.dataclasses.replace(cfg, steps=run_steps) if run_steps != steps else cfg
+        cfg = dataclasses.replace(cfg, steps=run_steps) if run_steps != steps else cfg
         train_gan(cfg, tmp_path / "run", resume=resume, progress=False)
     expected_first_half = [base * (1 - (s - 1) / 4) for s in range(1, 5)]
     expected_second_half = [base * (1 - (s - 1) / 8) for s in range(5, 9)]

@@ -252,7 +252,9 @@ class FourDimensionalLatent(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.main = nn.Sequential(nn.ConvTranspose2d(8, 4, 4, 1, 0), nn.Tanh(), nn.ConvTranspose2d(4, 1, 4, 2, 1))
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(8, 4, 4, 1, 0), nn.Tanh(), nn.ConvTranspose2d(4, 1, 4, 2, 1)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.main(z)
@@ -261,8 +263,18 @@ class FourDimensionalLatent(nn.Module):
 def test_evaluate_finds_the_latent_layout_or_says_which_it_needs(digits, extractor, cache):
     model = FourDimensionalLatent()
     found = evaluate(model, "digits", n=100, batch=50, latent_dim=8, extractor=extractor, kid_subsets=2)
-    given = evaluate(model, "digits", n=100, batch=50, latent_dim=8, latent_shape=(8, 1, 1), extractor=extractor,
-                     kid_subsets=2)
+    given = evaluate(
+        model,
+        "digits",
+        n=100,
+        batch=50,
+        latent_dim=8,
+        latent_shape=(8, 1, 1),
+        extractor=extractor,
+        kid_subsets=2,
+    )
     assert found == given  # the same latents, reshaped to N x 8 x 1 x 1
-    with pytest.raises(EvaluationError, match=r"rejects every latent layout tried.*N x 8 x 1 x 1.*latent_shape"):
+    with pytest.raises(
+        EvaluationError, match=r"rejects every latent layout tried.*N x 8 x 1 x 1.*latent_shape"
+    ):
         evaluate(nn.Linear(3, 3), "digits", n=100, latent_dim=8, extractor=extractor)

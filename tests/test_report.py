@@ -45,7 +45,8 @@ def test_study_cli_then_report_renders_every_image(tmp_path, capsys):
     config = tmp_path / "study.yaml"
     config.write_text(STUDY)
     out = tmp_path / "results"
-    assert main(["study", str(config), "--workers", "2", "--quiet", "--out", str(out)]) == 0
+    argv = ["study", str(config), "--workers", "2", "--quiet", "--allow-import-trials", "--out", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 trials ok, 2 failed" in printed and "RuntimeError: boom on purpose" in printed
     assert main(["report", str(out)]) == 0

@@ -132,7 +132,7 @@ def test_core_groups_split_cores_evenly():
 
 def test_pool_runs_pinned_trials_records_failures_and_resumes(tmp_path):
     study = _study(tmp_path)
-    records = run_study(study, workers=2, progress=False)
+    records = run_study(study, workers=2, progress=False, allow_imports=True)
     results_dir = tmp_path / "digits"
     by_name = {r["name"]: r for r in records}
     assert len(records) == 4
@@ -159,7 +159,7 @@ def test_pool_runs_pinned_trials_records_failures_and_resumes(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
     assert json.loads((results_dir / "results.json").read_text())[0]["history"][0]["step"] == 0
 
-    again = run_study(study, workers=2, progress=False)
+    again = run_study(study, workers=2, progress=False, allow_imports=True)
     assert [r["status"] for r in again] == [r["status"] for r in records]
     for record in again:
         assert _calls(results_dir, record) == (1 if record["status"] == "ok" else 2)
@@ -171,7 +171,7 @@ def test_ray_backend_matches_pool(tmp_path):
     study = StudyConfig(name="ray", trial=TRIAL, base=base.base, state_metric="loss",
                         axes=[Axis("variant", {"plain": {}, "crash": {"crash": True}})],
                         out_dir=str(tmp_path / "ray"))
-    records = run_study(study, workers=2, backend="ray", progress=False)
+    records = run_study(study, workers=2, backend="ray", progress=False, allow_imports=True)
     assert [r["status"] for r in records] == ["ok", "failed"]
     assert records[1]["error"] == "RuntimeError: boom on purpose"
     expected = digits_trial(expand(study)[0].config, tmp_path)["accuracy"]

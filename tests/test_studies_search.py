@@ -57,7 +57,7 @@ def test_weight_bytes_and_bops_follow_their_formulas():
 
 def test_search_finds_the_known_lowest_bits_and_layer_mix(tmp_path):
     target, candidates = 20.0, [1, 2, 3, 4, 5, 6, 7, 8]
-    records = run_study(_study(tmp_path, target, candidates), workers=2, progress=False)
+    records = run_study(_study(tmp_path, target, candidates), workers=2, progress=False, allow_imports=True)
     summary = json.loads((tmp_path / "search" / "search.json").read_text())
 
     expected_d = min(b for b in candidates if mock_fid(b, 32, {}) <= target)
@@ -90,7 +90,7 @@ def test_search_finds_the_known_lowest_bits_and_layer_mix(tmp_path):
     assert f"<td>mixed</td><td>{weight_bytes(LAYERS, smallest):.4g}</td>" in html
     assert html.count("<img ") == 2  # FID against D / G bits, FID curves
 
-    again = run_study(_study(tmp_path, target, candidates), workers=2, progress=False)
+    again = run_study(_study(tmp_path, target, candidates), workers=2, progress=False, allow_imports=True)
     assert len(again) == len(records)
     for record in again:
         calls = tmp_path / "search" / "trials" / record["id"] / "calls.txt"
@@ -98,7 +98,7 @@ def test_search_finds_the_known_lowest_bits_and_layer_mix(tmp_path):
 
 
 def test_search_keeps_full_precision_when_no_bits_meet_the_target(tmp_path):
-    run_study(_study(tmp_path, target=50.0, bits=[1, 2]), workers=1, progress=False)
+    run_study(_study(tmp_path, target=50.0, bits=[1, 2]), workers=1, progress=False, allow_imports=True)
     summary = json.loads((tmp_path / "search" / "search.json").read_text())
     assert summary["d_bits"] is None
     assert summary["g_bits"] == 2  # searched with D at full precision: 10 + 5 <= 50

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("QuantSpec", "convert", "freeze"):
+    if name in ("QuantSpec", "PruneSpec", "compress", "convert", "freeze"):
         from lowbit import nn
 
         return getattr(nn, name)

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, LimitError
+from lowbit.limits import env_name, limit
 
 T = TypeVar("T")
 
@@ -33,15 +34,88 @@ def unknown_name_error(kind: str, name: str, valid: typing.Iterable[str]) -> Con
     return ConfigError(f"unknown {kind} '{name}'{closest(name, valid)}; valid: {', '.join(valid)}")
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML error: the problem and where it is."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{exc.problem or exc.context}{where}"
+    return " ".join(str(exc).split())
+
+
+def _expanded_size(root: yaml.Node, where: str) -> int:
+    """Nodes of ``root`` with every alias expanded (bounded), rejecting recursive aliases and deep nesting."""
+    sizes: dict[int, int] = {}
+    max_nodes, max_depth = limit("yaml_nodes"), limit("yaml_depth")
+
+    def visit(node: yaml.Node, depth: int, active: frozenset[int]) -> int:
+        if depth > max_depth:
+            raise LimitError(f"{where}: YAML nested deeper than {max_depth} levels; flatten it "
+                             f"(or raise {env_name('yaml_depth')})")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise ConfigError(f"{where}: a YAML alias refers to itself (recursive anchor); remove it")
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        inner = active | {id(node)}
+        size = 1 + sum(visit(child, depth + 1, inner) for child in children)
+        if size > max_nodes:
+            raise LimitError(f"{where}: YAML expands to more than {max_nodes:,} values (an alias bomb?); "
+                             f"simplify it or raise {env_name('yaml_nodes')}")
+        sizes[id(node)] = size
+        return size
+
+    return visit(root, 0, frozenset())
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse one YAML document with the safe loader, bounded in size, alias expansion and depth.
+
+    Python tags, syntax errors, recursive anchors and alias bombs become one-line ConfigErrors.
+    """
+    if len(text) > limit("config_bytes"):
+        raise LimitError(f"{where}: {len(text):,} characters of YAML exceed the limit of "
+                         f"{limit('config_bytes'):,}; shorten it or raise {env_name('config_bytes')}")
+    try:
+        loader = yaml.SafeLoader(text)  # its reader already rejects control characters
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); remove that character") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, where)
+        return loader.construct_document(node)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); only plain values are allowed, "
+                          "no tags such as !!python/object") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); fix the syntax there") from None
+    except RecursionError:
+        raise LimitError(f"{where}: YAML nested too deeply; flatten it") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping from ``path`` with a clear error for a missing file or bad syntax."""
+    """Read a YAML mapping from ``path`` with a clear error for a missing file, bad encoding or bad syntax."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}; pass the path of an existing YAML file")
+    if path.stat().st_size > limit("config_bytes"):
+        raise LimitError(f"{path}: {path.stat().st_size:,} bytes exceed the config size limit of "
+                         f"{limit('config_bytes'):,}; shorten it or raise {env_name('config_bytes')}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc}); fix the syntax at the position shown") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -55,9 +129,11 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw, f"override '{key}'") if raw != "" else ""
         node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key part; write key.sub=value")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:

@@ -19,3 +19,19 @@ class ChecksumError(DataError):
 
 class CheckpointError(LowbitError):
     """A checkpoint or exported model is missing, corrupted or from another architecture."""
+
+
+class OutputError(LowbitError):
+    """An output file or directory cannot be written (not a directory, read-only, disk full, ...)."""
+
+
+class LimitError(ConfigError):
+    """A request exceeds a resource bound (sample count, decompressed size, YAML expansion)."""
+
+
+class RunDirLockedError(LowbitError):
+    """Another live process is writing the same run directory."""
+
+
+class TrainingDivergedError(LowbitError):
+    """Training diverged (non-finite or out-of-bound loss/weight); the last good checkpoint is kept."""

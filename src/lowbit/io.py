@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from lowbit.errors import OutputError
+
+#: errors a write into an already-created temporary file can hit (others pass through unchanged)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+_FIXES = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EFBIG: "write to a file system that allows larger files",
+    errno.EROFS: "write to a writable location",
+    errno.EACCES: "write to a location you may write to",
+    errno.EPERM: "write to a location you may write to",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EISDIR: "the output name is a directory; give a file name",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+_OS_ERROR_NUMBER = re.compile(r"os error (\d+)")
 
 
 def cache_dir() -> Path:
@@ -31,19 +52,60 @@ def _current_umask() -> int:
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
 
-    Readers never see a half-written file, and a failure leaves the previous file untouched.
+    Readers never see a half-written file, and a failure leaves the previous file untouched and no
+    temporary file behind. Any OS error of the helper itself (making the directory, the temporary file,
+    the rename), and a disk-full / read-only / I/O error inside the block, becomes one OutputError
+    naming ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_current_umask())
+    with output_errors(target):
+        if target.is_dir():
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_current_umask())
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        with output_errors(target, WRITE_ERRNOS), _safetensors_write_errors(target):
+            yield tmp_path
+        with output_errors(target):
+            os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def output_error(target: str | os.PathLike, exc: OSError) -> OutputError:
+    """The one-line OutputError for an OS error met while writing ``target``."""
+    code = errno.ENOTDIR if exc.errno == errno.EEXIST else exc.errno  # mkdir over a file says "exists"
+    fix = _FIXES.get(code or 0, "check the path and the disk")
+    reason = os.strerror(code) if code else (exc.strerror or str(exc))
+    return OutputError(f"cannot write {target}: {reason}; {fix}")
+
+
+@contextlib.contextmanager
+def output_errors(target: str | os.PathLike, errnos: set[int] | None = None) -> Iterator[None]:
+    """Turn an OSError (with an errno in ``errnos``; any when None) into an OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        if errnos is not None and exc.errno not in errnos:
+            raise
+        raise output_error(target, exc) from None
+
+
+@contextlib.contextmanager
+def _safetensors_write_errors(target: str | os.PathLike) -> Iterator[None]:
+    """safetensors reports a failed write (disk full, ...) as a SafetensorError carrying the OS error
+    number: turn it into the OutputError an OSError would give."""
+    try:
+        yield
+    except SafetensorError as exc:
+        found = _OS_ERROR_NUMBER.search(str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise output_error(target, OSError(code, os.strerror(code))) from None
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:

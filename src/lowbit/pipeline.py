@@ -2,9 +2,11 @@
 
 1. load the shipped (or given) full-precision GAN checkpoint and derive the QAT config from it;
 2. convert G (and D if asked) with their ``QuantSpec`` and fine-tune quantization-aware;
-3. evaluate FP and quantized generators with the same n, latents and feature extractor;
-4. write sample grids, weight histograms, compression metrics, the packed export (when
-   ``lowbit.export`` is importable) and ``report.html`` + ``results.json`` under the output directory.
+3. evaluate FP and quantized generators with the same n, latents (or, for an image-to-image GAN,
+   the same test inputs: PSNR / SSIM beside FID) and feature extractor;
+4. write sample grids (input | FP | quantized | target for image-to-image GANs), weight histograms,
+   compression metrics, the packed export (when ``lowbit.export`` is importable) and
+   ``report.html`` + ``results.json`` under the output directory.
 All inputs are validated before the first file is written.
 """
 
@@ -25,7 +27,9 @@ from torch import nn
 from lowbit import data as lowbit_data
 from lowbit import metrics
 from lowbit.config import to_dict
+from lowbit.errors import ConfigError
 from lowbit.io import atomic_path, atomic_write_text
+from lowbit.limits import check_count
 from lowbit.nn import QuantSpec
 from lowbit.report.html import HtmlReport
 from lowbit.train.gan import (
@@ -39,8 +43,14 @@ from lowbit.train.gan import (
     resolve_checkpoint,
     train_gan,
 )
+from lowbit.train.i2i import I2IConfig, comparison_grid, train_i2i
+from lowbit.train.rundir import locks_run_dir
 
 GRID = 64
+#: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
+GRID_PAIRS = 16
+#: QAT settings that only the noise-GAN trainer has
+GAN_ONLY_QAT = ("distill", "distill_features", "weights_from_step", "ema", "search_sgd")
 
 
 @dataclass
@@ -68,16 +78,22 @@ class QatSettings:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"qat.steps must be >= 1, got {self.steps}")
+        check_count("qat.eval_samples", self.eval_samples, "samples", minimum=10)
 
 
 @dataclass
 class EvalSettings:
-    """FID/IS/KID of FP vs quantized: same sample count, latents and extractor for both."""
+    """FID/IS/KID (and PSNR/SSIM for image-to-image GANs) of FP vs quantized: same sample count, inputs
+    and extractor for both. ``split`` None: train for noise GANs, test for image-to-image GANs."""
 
     samples: int = 5000
     batch_size: int = 500
     seed: int = 0
-    split: str = "train"
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        check_count("eval.samples", self.samples, "samples", minimum=10)
+        check_count("eval.batch_size", self.batch_size, "batch")
 
 
 @dataclass
@@ -107,7 +123,8 @@ class RunResult:
     def summary(self) -> list[str]:
         """One line per score and the packed size, for the terminal."""
         lines = [
-            f"{label}: FID {s['fid']:.3f}  IS {s['is']:.3f} KID {s['kid']:.4f} n={s['n']} ({s['extractor']})"
+            f"{label}: " + (f"PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  " if "psnr" in s else "")
+            + f"FID {s['fid']:.3f}  IS {s['is']:.3f} KID {s['kid']:.4f} n={s['n']} ({s['extractor']})"
             for label, s in self.results["scores"].items()
         ]
         last = self.results["compression"][-1]
@@ -122,14 +139,13 @@ def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.name
 
 
-def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanConfig:
+def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Path) -> GanConfig | I2IConfig:
     """The pretrained run's models, data and loss with this run's quant specs and fine-tune schedule."""
     qat = cfg.qat
     generator = dataclasses.replace(pretrained.generator, quant=cfg.generator_quant, lr=qat.lr_g)
     discriminator = dataclasses.replace(pretrained.discriminator, quant=cfg.discriminator_quant, lr=qat.lr_d)
     limit = qat.data_limit if qat.data_limit is not None else pretrained.data.limit
-    return dataclasses.replace(
-        pretrained,
+    updates = dict(
         name=f"{cfg.name}-qat",
         data=dataclasses.replace(pretrained.data, limit=limit),
         generator=generator,
@@ -151,10 +167,22 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig, checkpoint: Path) -> GanCo
         sample_every=qat.steps,
         checkpoint_every=qat.checkpoint_every,
     )
+    own = {f.name for f in dataclasses.fields(pretrained)}
+    unsupported = [k for k in GAN_ONLY_QAT if k not in own and updates[k]]
+    if unsupported:
+        raise ConfigError(f"qat.{unsupported[0]} applies to noise GANs only; remove it for the "
+                          f"image-to-image GAN {checkpoint}")
+    return dataclasses.replace(pretrained, **{k: v for k, v in updates.items() if k in own})
 
 
-def _score(generator: nn.Module, dataset: str, n: int, cfg: EvalSettings) -> dict[str, Any]:
-    return metrics.evaluate(generator, dataset, n=n, batch=cfg.batch_size, seed=cfg.seed, split=cfg.split)
+def _train(qcfg: GanConfig | I2IConfig):
+    """The trainer of a config: the image-to-image GAN's or the noise GAN's."""
+    return train_i2i if isinstance(qcfg, I2IConfig) else train_gan
+
+
+def _score(generator: nn.Module, dataset: str, n: int, cfg: EvalSettings, progress: bool) -> dict[str, Any]:
+    return metrics.evaluate(generator, dataset, n=n, batch=cfg.batch_size, seed=cfg.seed, split=cfg.split,
+                            progress=progress)
 
 
 def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> Path:
@@ -225,8 +253,8 @@ def _compression_rows(
 
 
 def _score_rows(scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("fid", "is", "is_std", "kid", "kid_std", "n", "extractor")
-    return [{"model": label, **{k: s.get(k, "") for k in keys}} for label, s in scores.items()]
+    keys = ("psnr", "ssim", "fid", "is", "is_std", "kid", "kid_std", "n", "extractor")
+    return [{"model": label, **{k: s[k] for k in keys if k in s}} for label, s in scores.items()]
 
 
 def _loss_curve(history: list[dict[str, float]], path: Path) -> Path:
@@ -260,16 +288,18 @@ def _validate(cfg: RunConfig) -> tuple[Path, GanConfig, GanConfig]:
     pretrained = checkpoint_config(checkpoint)
     qcfg = qat_config(cfg, pretrained, checkpoint)
     build_networks(qcfg)
-    metrics.resolve_extractor(pretrained.data.dataset)
+    from lowbit.data.paired import target_domain
+
+    metrics.resolve_extractor(target_domain(pretrained.data.dataset) or pretrained.data.dataset)
     return checkpoint, pretrained, qcfg
 
 
-def _fid_curve(cfg: RunConfig, dataset: str) -> Callable[[nn.Module, int], dict[str, float]]:
-    """The QAT evaluator: FID and IS of ``qat.eval_samples`` images (the curve in the report)."""
+def _fid_curve(cfg: RunConfig, dataset: str, progress: bool) -> Callable[[nn.Module, int], dict[str, float]]:
+    """The QAT evaluator: FID and IS (and PSNR) of ``qat.eval_samples`` images (the curve in the report)."""
 
     def curve(generator: nn.Module, step: int) -> dict[str, float]:
-        scores = _score(generator, dataset, cfg.qat.eval_samples, cfg.eval)
-        return {"fid": scores["fid"], "is": scores["is"]}
+        scores = _score(generator, dataset, cfg.qat.eval_samples, cfg.eval, progress)
+        return {k: scores[k] for k in ("fid", "is", "psnr") if k in scores}
 
     return curve
 
@@ -290,19 +320,25 @@ def _weight_analysis(
     return histograms, rows
 
 
+@locks_run_dir(lambda args: output_dir(args["cfg"]))
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     """The whole main job; returns where the report is and the numbers in it."""
     out = output_dir(cfg)
     checkpoint, pretrained, qcfg = _validate(cfg)
     dataset = pretrained.data.dataset
     fp_generator = load_generator(checkpoint)
-    curve = _fid_curve(cfg, dataset) if cfg.qat.eval_every else None
-    qat = train_gan(qcfg, out / "qat", evaluator=curve, overwrite=True, progress=progress)
+    curve = _fid_curve(cfg, dataset, progress) if cfg.qat.eval_every else None
+    qat = _train(qcfg)(qcfg, out / "qat", evaluator=curve, overwrite=True, progress=progress)
     q_generator = load_generator(qat.model_path)
     pairs = (("full precision", "fp", fp_generator), ("quantized", "quantized", q_generator))
-    scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval) for label, _, g in pairs}
-    z = torch.randn(GRID, fp_generator.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
-    images = {label: _save_grid(g, z, out / f"samples_{tag}.png") for label, tag, g in pairs}
+    scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval, progress) for label, _, g in pairs}
+    if isinstance(pretrained, I2IConfig):
+        z, targets = lowbit_data.load_pairs(dataset, "test", pretrained.data.root, limit=GRID_PAIRS)
+        images = {"input | FP | quantized | target": comparison_grid([fp_generator, q_generator], z, targets,
+                                                                     out / "samples_compare.png")}
+    else:
+        z = torch.randn(GRID, fp_generator.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+        images = {label: _save_grid(g, z, out / f"samples_{tag}.png") for label, tag, g in pairs}
     images["QAT curves"] = _loss_curve(qat.history, out / "qat_curves.png")
     histograms, weight_rows = _weight_analysis(cfg, qat, q_generator, out)
     packed = _export(q_generator, out / "generator.lowbit.safetensors") if cfg.export else None
@@ -331,7 +367,7 @@ def _write_report(cfg: RunConfig, out: Path, results: dict[str, Any], images: di
         f"converted and fine-tuned quantization-aware for {cfg.qat.steps} steps."
     )
     report.table(_spec_rows(cfg))
-    report.heading("Scores: full precision vs quantized (same n, latents and extractor)")
+    report.heading("Scores: full precision vs quantized (same n, latents or test inputs, and extractor)")
     report.table(_score_rows(results["scores"]))
     report.heading("Compression (seed 004 §2: FLOPs, BOPs = FLOPs x wbits x abits, size, ratios)")
     report.table(results["compression"])

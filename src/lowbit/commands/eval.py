@@ -24,7 +24,8 @@ def register(sub) -> None:
         "--dataset", default=None, help="real dataset to compare with (default: the training one)"
     )
     parser.add_argument(
-        "--split", default="train", choices=("train", "test"), help="real split (default train)"
+        "--split", default=None, choices=("train", "test"),
+        help="real split (default: train; test for image-to-image checkpoints)"
     )
     parser.add_argument("--n", type=int, default=10_000, help="generated and real samples (default 10000)")
     parser.add_argument("--batch", type=int, default=250, help="generation batch size")
@@ -43,6 +44,12 @@ def register(sub) -> None:
         metavar="PNG",
         help="weight histogram plot (default: beside --out as <out>.weights.png)",
     )
+    parser.add_argument(
+        "--grid",
+        default=None,
+        metavar="PNG",
+        help="image-to-image checkpoints: input | FP | quantized | target grid (default: <out>.grid.png)",
+    )
     parser.set_defaults(func=run_eval)
 
 
@@ -50,6 +57,12 @@ def _histogram_path(args: argparse.Namespace) -> Path | None:
     if args.histograms:
         return Path(args.histograms)
     return Path(args.out).with_suffix(".weights.png") if args.out else None
+
+
+def _grid_path(args: argparse.Namespace) -> Path | None:
+    if args.grid:
+        return Path(args.grid)
+    return Path(args.out).with_suffix(".grid.png") if args.out else None
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -67,6 +80,7 @@ def run_eval(args: argparse.Namespace) -> int:
         kid_subsets=args.kid_subsets,
         inception_weights=args.inception_weights,
         histogram_png=_histogram_path(args),
+        grid_png=_grid_path(args),
     )
     print(format_report(result))
     if args.out:

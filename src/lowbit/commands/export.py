@@ -144,9 +144,14 @@ def _input_images(path: str, shape: list[int]):
 def run_generate_command(args: argparse.Namespace) -> int:
     """Sample ``-n`` images (or translate ``--input`` images) and write the grid."""
     from lowbit.data.grid import save_image_grid
+    from lowbit.errors import ConfigError
     from lowbit.export.api import load, run_images, sample
     from lowbit.export.format import is_packed
+    from lowbit.limits import check_count
 
+    check_count("-n", args.n, "grid_samples")
+    if args.nrow < 1:
+        raise ConfigError(f"--nrow must be >= 1 (images per grid row), got {args.nrow}")
     if is_packed(args.model) or args.model.endswith(".lowbit"):
         model = load(args.model, kernel_path=args.kernel_path)
     else:

@@ -22,6 +22,9 @@ def register(sub) -> None:
                         "else results/<name>)")
     parser.add_argument("--report", action="store_true", help="write the HTML report when the study ends")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-import-trials", action="store_true",
+                        help="let the config's 'trial' be an import path module:function (runs that code; "
+                        "only for configs you trust); default: registered trials (gan, classifier) only")
     parser.set_defaults(func=run_study_command)
 
 
@@ -31,7 +34,8 @@ def run_study_command(args) -> int:
 
     study = load_study(args.config, args.overrides)
     records = run_study(study, results_dir=args.out, workers=args.workers, backend=args.backend,
-                        address=args.address, progress=not args.quiet)
+                        address=args.address, progress=not args.quiet,
+                        allow_imports=args.allow_import_trials)
     results_dir = args.out or study.results_dir()
     failed = [r for r in records if r["status"] != "ok"]
     print(f"{study.name}: {len(records) - len(failed)} trials ok, {len(failed)} failed; "

@@ -1,4 +1,5 @@
-"""``lowbit train CONFIG``: train a GAN from scratch or fine-tune it quantization-aware."""
+"""``lowbit train CONFIG``: train a GAN (noise or image-to-image, ``task: i2i``) from scratch or fine-tune it
+quantization-aware."""
 
 from __future__ import annotations
 
@@ -40,14 +41,25 @@ def worker_argv(args, out_dir: Path) -> list[str]:
     return argv
 
 
+def training_job(config: str, overrides: list[str]):
+    """The config and train function of a YAML file: ``task: i2i`` selects the image-to-image GAN
+    (``lowbit.train.i2i``), anything else the noise GAN."""
+    from lowbit.config import apply_overrides, from_dict, read_yaml
+    from lowbit.train.gan import GanConfig, train_gan
+    from lowbit.train.i2i import I2IConfig, train_i2i
+
+    data = apply_overrides(read_yaml(config), overrides)
+    if data.get("task") == "i2i":
+        return from_dict(I2IConfig, data, where=""), train_i2i
+    return from_dict(GanConfig, data, where=""), train_gan
+
+
 def run_train(args) -> int:
     """Validate the config, then train in this process (one torchrun rank, or alone) or launch workers."""
-    from lowbit.config import load_config
     from lowbit.errors import ConfigError
     from lowbit.train import distributed
-    from lowbit.train.gan import GanConfig, train_gan
 
-    cfg = load_config(GanConfig, args.config, args.overrides)
+    cfg, train = training_job(args.config, args.overrides)
     out_dir = Path(args.out) if args.out else default_out_dir(args.config)
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
@@ -55,7 +67,7 @@ def run_train(args) -> int:
         return distributed.launch(args.nproc, worker_argv(args, out_dir))
     ctx = distributed.setup()
     try:
-        result = train_gan(cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet)
+        result = train(cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet)
     except BaseException:
         distributed.cleanup(synchronize=False)
         raise

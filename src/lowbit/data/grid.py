@@ -9,12 +9,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lowbit.errors import DataError
+from lowbit.errors import ConfigError, DataError
 from lowbit.io import atomic_path
 
 
 def tile_images(images: torch.Tensor | np.ndarray, nrow: int = 8, padding: int = 2) -> np.ndarray:
     """A uint8 H x W x C mosaic of ``images`` (values in [-1, 1]), ``nrow`` images per row, black gaps."""
+    if nrow < 1 or padding < 0:
+        raise ConfigError(f"image grid: need nrow >= 1 (images per row) and padding >= 0, got {nrow}, "
+                          f"{padding}")
     batch = torch.as_tensor(images).detach().to("cpu", torch.float32)
     if batch.ndim != 4 or batch.shape[1] not in (1, 3) or batch.shape[0] == 0:
         raise DataError(f"image grid needs a non-empty N x C x H x W batch with 1 or 3 channels, "

@@ -1,7 +1,9 @@
 """Reader for the IDX format of MNIST and Fashion-MNIST (``*-idx3-ubyte[.gz]``).
 
 Layout (LeCun's MNIST page): two zero bytes, a type byte (0x08 = uint8), the number of
-dimensions, one big-endian uint32 per dimension, then the row-major payload.
+dimensions, one big-endian uint32 per dimension, then the row-major payload. Reading is bounded:
+the header's declared size must stay within ``$LOWBIT_MAX_DATA_BYTES`` and no more than the
+declared payload (+1 byte, to detect excess) is ever decompressed, so a gzip bomb cannot exhaust memory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.errors import DataError
+from lowbit.errors import DataError, LimitError
+from lowbit.limits import env_name, limit
 
 UINT8_TYPE = 0x08
 
@@ -28,13 +31,27 @@ def find_idx_file(root: Path, stem: str) -> Path:
     )
 
 
+def _declared_size(head: bytes, path: Path) -> int:
+    """Payload bytes the IDX header ``head`` declares, bounded by the data-size limit."""
+    if head[:3] != bytes([0, 0, UINT8_TYPE]) or len(head) < 4:
+        return 0  # not an IDX header: parse_idx names the bad magic number
+    ndim = head[3]
+    shape = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(shape, dtype=object)) if shape else 0
+    if size > limit("data_bytes"):
+        raise LimitError(f"{path}: the IDX header declares {size:,} bytes of data, beyond the limit of "
+                         f"{limit('data_bytes'):,}; is it a damaged file? (raise {env_name('data_bytes')})")
+    return size
+
+
 def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when the name ends in .gz."""
+    """The file's bytes (gunzipped when the name ends in .gz), read no further than the header's declared
+    payload plus one byte."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            head = handle.read(4)
+            head += handle.read(4 * head[3]) if len(head) == 4 else b""
+            return head + handle.read(_declared_size(head, path) + 1)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; check the path or pass --root DIR") from None
     except (OSError, EOFError, zlib.error) as exc:

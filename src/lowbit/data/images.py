@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lowbit.data.storage import derived_path, write_npz
 from lowbit.data.subset import subset_indices
 from lowbit.errors import ConfigError, DataError
+from lowbit.limits import check_count
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CELEBA_DIR = "img_align_celeba"
@@ -40,7 +41,7 @@ def decode_image(path: Path, size: int, crop: int | None, channels: int) -> np.n
             left, top = (picture.width - side) // 2, (picture.height - side) // 2
             picture = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
             array = np.asarray(picture, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc}); delete or replace the file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
@@ -48,6 +49,7 @@ def decode_image(path: Path, size: int, crop: int | None, channels: int) -> np.n
 def _check_image_options(size: int, crop: int | None, channels: int) -> None:
     if not isinstance(size, int) or size < 4:
         raise ConfigError(f"image size must be an integer >= 4 (e.g. 64 or 128), got {size!r}")
+    check_count("image size", size, "image_size")
     if crop is not None and (not isinstance(crop, int) or crop < 1):
         raise ConfigError(f"crop must be a positive integer side length or omitted, got {crop!r}")
     if channels not in (1, 3):

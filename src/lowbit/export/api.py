@@ -16,6 +16,7 @@ from lowbit.export.backends.x86 import build
 from lowbit.export.format import read_graph, write_graph
 from lowbit.export.ir import Graph, capture
 from lowbit.export.runtime import PackedModel, plan_graph
+from lowbit.limits import check_count
 
 #: a pre-activation this close (relative) to a two-level activation's threshold counts as a tie.
 TIE_TOLERANCE = 1e-6
@@ -183,8 +184,8 @@ def latent_shape(model: nn.Module) -> list[int]:
 def sample(model: nn.Module, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
     """``n`` images from a noise generator (packed or not) for latents z ~ N(0, I) drawn with ``seed``."""
     shape = latent_shape(model)
-    if n < 1 or batch_size < 1:
-        raise ConfigError(f"sample count and batch size must be positive, got n={n}, batch_size={batch_size}")
+    check_count("sample count n", n, "samples")
+    check_count("batch_size", batch_size, "batch")
     z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))  # on the CPU: same z everywhere
     device = next(itertools.chain(model.parameters(), model.buffers()), z).device
     was_training = {module: module.training for module in model.modules()}

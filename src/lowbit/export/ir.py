@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.export.pack import pack_codes
+from lowbit.nn.inputs import default_example
 
 IR_VERSION = 2
 INPUT = "input"
@@ -166,7 +167,15 @@ def _packed_weight(frozen: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         "channel_dim": int(frozen.channel_dim),
         "levels": int(frozen.codebook.shape[1]),
     }
-    tensors = {"codes": pack_codes(frozen.codes, int(frozen.bits))}
+    if frozen.mask is None or bool(frozen.mask.all()):
+        tensors = {"codes": pack_codes(frozen.codes, int(frozen.bits))}
+    else:  # pruned: a 1-bit keep map plus the kept codes only, so the file shrinks with the sparsity
+        keep = frozen.mask.reshape(-1) != 0
+        attrs["sparse"] = True
+        tensors = {
+            "mask": pack_codes(keep.to(torch.uint8), 1),
+            "codes": pack_codes(frozen.codes.reshape(-1)[keep], int(frozen.bits)),
+        }
     affine = _affine_parts(frozen)
     if affine is None:
         attrs["codebook"] = "table"
@@ -677,21 +686,6 @@ class _Capture:
             raise self._unsupported(node, "a mean over the batch dimension")
         keepdim = bool(_arg(node.args, node.kwargs, 2, "keepdim", False))
         self._add(node, "mean", [self._ref(node.args[0], node)], {"dims": dims, "keepdim": keepdim})
-
-
-def default_example(model: nn.Module) -> torch.Tensor:
-    """A one-sample input from the model's recorded ``latent_dim``, ``input_shape`` or ``image_shape``."""
-    latent = getattr(model, "latent_dim", None)
-    if latent:
-        return torch.randn(1, int(latent), generator=torch.Generator().manual_seed(0))
-    shape = getattr(model, "input_shape", None) or getattr(model, "image_shape", None)
-    if shape:
-        return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    raise ConfigError(
-        f"{type(model).__name__} has no latent_dim, input_shape or image_shape, so the input layout is "
-        "unknown; pass example_input, e.g. torch.randn(1, 100, 1, 1) for a DCGAN generator or "
-        "torch.randn(1, 3, 64, 64) for an image-to-image generator"
-    )
 
 
 def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, Any], Any]:

@@ -252,7 +252,7 @@ def _interpolate(b: _Builder, node: Node, x: str, shapes: dict[str, list[int]]) 
                 [b.node("Shape", [x], "shape"), b.const("s0", [0], np.int64), b.const("s1", [2], np.int64)],
                 "nc",
             ),
-            b.const("hw", out[1:], np.int64),
+            b.const("hw", out[2:], np.int64),
         ],
         "sizes",
         axis=0,

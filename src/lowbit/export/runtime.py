@@ -43,6 +43,8 @@ def plan_graph(graph: Graph, kernel_path: str) -> list[Step]:
         if kernel_path != build.TORCH_PATH and x86.claims(node, producers):
             run, inputs = x86.plan(node, producers, kernel_path)
             steps.append(Step(node, run, inputs, f"{x86.NAME}:{kernel_path}"))
+        elif kernel_path != build.TORCH_PATH and x86.claims_latent(node):
+            steps.append(Step(node, x86.plan_latent(node), list(node.inputs), f"{x86.NAME}:gemm"))
         else:
             steps.append(Step(node, torch_backend.build(node), list(node.inputs), torch_backend.NAME))
     needed, kept = {graph.output}, []

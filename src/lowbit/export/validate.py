@@ -14,25 +14,27 @@ import torch
 from lowbit.errors import CheckpointError
 from lowbit.export.ir import INPUT, MAX_PACKED_BITS, Graph, Node
 from lowbit.export.pack import packed_nbytes
+from lowbit.export.weights import kept_count
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 #: values per sample of the input or output; a 1024 x 1024 RGB image is 3.1 M.
 MAX_SAMPLE_VALUES = 2**26
 MAX_NODES = 100_000
 WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
+WEIGHT_TENSORS = ("weight", "codes", "mask", "affine", "codebook", "bias")
 #: op -> (attributes it must have, tensors it must have, tensors it may have)
 SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "conv2d": (
         ("stride", "padding", "dilation", "groups", "weight"),
         (),
-        ("weight", "codes", "affine", "codebook", "bias"),
+        WEIGHT_TENSORS,
     ),
     "conv_transpose2d": (
         ("stride", "padding", "output_padding", "dilation", "groups", "weight"),
         (),
-        ("weight", "codes", "affine", "codebook", "bias"),
+        WEIGHT_TENSORS,
     ),
-    "linear": (("weight",), (), ("weight", "codes", "affine", "codebook", "bias")),
+    "linear": (("weight",), (), WEIGHT_TENSORS),
     "batch_norm": (("eps",), ("running_mean", "running_var"), ("weight", "bias")),
     "instance_norm": (("eps", "running_stats"), (), ("running_mean", "running_var", "weight", "bias")),
     "layer_norm": (("shape", "eps"), (), ("weight", "bias")),
@@ -155,7 +157,11 @@ def _check_weight(node: Node) -> None:
             f"packed weight fields are inconsistent (bits {bits}, levels {levels}, channel_dim "
             f"{channel_dim}, shape {weight.get('shape')} vs {shape})",
         )
-    _check_tensor(node, "codes", [packed_nbytes(math.prod(shape), bits)], torch.uint8)
+    count = math.prod(shape)
+    if weight.get("sparse"):
+        _check_tensor(node, "mask", [packed_nbytes(count, 1)], torch.uint8)
+        count = kept_count(node)
+    _check_tensor(node, "codes", [packed_nbytes(count, bits)], torch.uint8)
     rows = shape[channel_dim]
     if weight.get("codebook") == "affine":
         affine = _check_tensor(node, "affine")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowbit.errors import CheckpointError
@@ -9,10 +11,29 @@ from lowbit.export.ir import Node, _affine_codebook
 from lowbit.export.pack import unpack_codes
 
 
-def codes(node: Node) -> torch.Tensor:
-    """The integer codes (uint8, the weight's shape), checked against the codebook size."""
+def mask(node: Node) -> torch.Tensor | None:
+    """The 0/1 keep map (float32, the weight's shape) of a pruned (sparse) weight, else None."""
     weight = node.attrs["weight"]
-    unpacked = unpack_codes(node.tensors["codes"], weight["bits"], weight["shape"])
+    if not weight.get("sparse"):
+        return None
+    return unpack_codes(node.tensors["mask"], 1, weight["shape"]).to(torch.float32)
+
+
+def kept_count(node: Node) -> int:
+    """How many codes a sparse weight stores (the ones of its keep map)."""
+    keep = mask(node)
+    return int(keep.sum()) if keep is not None else math.prod(node.attrs["weight"]["shape"])
+
+
+def codes(node: Node) -> torch.Tensor:
+    """The integer codes (uint8, the weight's shape; 0 where pruned), checked against the codebook size."""
+    weight = node.attrs["weight"]
+    keep = mask(node)
+    if keep is None:
+        unpacked = unpack_codes(node.tensors["codes"], weight["bits"], weight["shape"])
+    else:
+        unpacked = torch.zeros(weight["shape"], dtype=torch.uint8)
+        unpacked[keep.bool()] = unpack_codes(node.tensors["codes"], weight["bits"], [int(keep.sum())])
     if unpacked.numel() and int(unpacked.max()) >= weight["levels"]:
         raise CheckpointError(
             f"node '{node.name}' has codes beyond its {weight['levels']} levels; the file is "
@@ -43,4 +64,6 @@ def dequantized_weight(node: Node) -> torch.Tensor:
     book = codebook(node)
     channel_dim = node.attrs["weight"]["channel_dim"]
     book = book.expand(unpacked.shape[channel_dim], -1)
-    return book[row_index(unpacked.shape, channel_dim), unpacked.long()]
+    weight = book[row_index(unpacked.shape, channel_dim), unpacked.long()]
+    keep = mask(node)
+    return weight if keep is None else weight * keep

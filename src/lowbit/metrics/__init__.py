@@ -11,6 +11,9 @@ import importlib
 
 _EXPORTS = {
     "evaluate": "lowbit.metrics.evaluation",
+    "evaluate_pairs": "lowbit.metrics.paired",
+    "psnr": "lowbit.metrics.paired",
+    "ssim": "lowbit.metrics.paired",
     "Extractor": "lowbit.metrics.extractors",
     "extractor_from_module": "lowbit.metrics.extractors",
     "domain_extractor": "lowbit.metrics.extractors",

@@ -20,24 +20,33 @@ def evaluate_checkpoint(
     n: int = 10_000,
     batch: int = 250,
     seed: int = 0,
-    split: str = "train",
+    split: str | None = None,
     kid_subsets: int = KID_SUBSETS,
     inception_weights: str | Path | None = None,
     histogram_png: str | Path | None = None,
+    grid_png: str | Path | None = None,
 ) -> dict[str, Any]:
     """Scores, compression metrics and weight statistics of a GAN checkpoint's generator.
 
-    ``dataset`` defaults to the one the checkpoint was trained on; ``histogram_png`` (if given and
-    the generator has quantized layers) receives the FP-vs-quantized weight histograms.
+    ``dataset`` defaults to the one the checkpoint was trained on (``split``: train for noise GANs,
+    test for image-to-image GANs, whose scores add PSNR / SSIM); ``histogram_png`` (if given and the
+    generator has quantized layers) receives the FP-vs-quantized weight histograms; ``grid_png`` (an
+    image-to-image checkpoint only) receives the input | FP | quantized | target grid, FP being the
+    checkpoint it was fine-tuned from.
     """
+    from lowbit.data.paired import PAIRED_DATASETS, target_domain
     from lowbit.train.gan import checkpoint_config, load_generator
 
     generator = load_generator(path)
-    dataset = dataset or checkpoint_config(path).data.dataset
-    extractor = resolve_extractor(dataset, inception_weights=inception_weights)
+    cfg = checkpoint_config(path)
+    dataset = dataset or cfg.data.dataset
+    split = split or ("test" if dataset in PAIRED_DATASETS else "train")
+    extractor = resolve_extractor(target_domain(dataset) or dataset, inception_weights=inception_weights)
     options = {"n": n, "batch": batch, "seed": seed, "split": split, "kid_subsets": kid_subsets}
     scores = evaluate(generator, dataset, extractor=extractor, **options)
-    example = torch.randn(1, generator.latent_dim, device=module_device(generator))
+    shape = getattr(generator, "input_shape", None) or (generator.latent_dim,)
+    example = torch.randn(1, *shape, device=module_device(generator))
+    grid = _comparison(generator, cfg, dataset, grid_png) if grid_png and "psnr" in scores else None
     plot = (
         plot_weight_histograms(generator, histogram_png, title=f"{Path(path).name}: weights")
         if histogram_png is not None
@@ -53,7 +62,19 @@ def evaluate_checkpoint(
         "compression": compression_report(generator, example).to_dict(),
         "weights": weight_stats(generator),
         "histogram_png": None if plot is None else str(plot),
+        "grid_png": None if grid is None else str(grid),
     }
+
+
+def _comparison(generator: torch.nn.Module, cfg: Any, dataset: str, path: str | Path) -> Path:
+    """input | FP (the ``init_from`` checkpoint, when there is one) | this generator | target (16 pairs)."""
+    from lowbit.data import load_pairs
+    from lowbit.train.gan import load_generator
+    from lowbit.train.i2i import comparison_grid
+
+    inputs, targets = load_pairs(dataset, "test", cfg.data.root, limit=16)
+    models = ([load_generator(cfg.init_from)] if cfg.init_from else []) + [generator]
+    return comparison_grid(models, inputs, targets, Path(path))
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -61,6 +82,8 @@ def format_report(result: dict[str, Any]) -> str:
     s = result["scores"]
     lines = [
         f"{result['checkpoint']}  vs {result['dataset']}/{result['split']}  extractor {s['extractor']}",
+        *([f"  PSNR {s['psnr']:.3f} dB ± {s['psnr_std']:.3f}   SSIM {s['ssim']:.4f} ± {s['ssim_std']:.4f}"]
+          if "psnr" in s else []),
         f"  FID {s['fid']:.3f}   IS {s['is']:.3f} ± {s['is_std']:.3f}"
         f"   KID {s['kid']:.5g} ± {s['kid_std']:.3g}   (n={s['n']} generated, {s['n_real']} real)",
         "",

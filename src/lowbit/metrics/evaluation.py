@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.errors import ConfigError
+from lowbit.limits import check_count
 from lowbit.metrics.extractors import Extractor, module_device, resolve_extractor
 from lowbit.metrics.reference import reference_features
 from lowbit.metrics.scores import KID_SUBSETS, EvaluationError, GenerativeScores
@@ -76,13 +77,16 @@ def evaluate(
     latent_dim: int | None = None,
     seed: int = 0,
     latent_shape: tuple[int, ...] | None = None,
-    split: str = "train",
+    split: str | None = None,
     extractor: Extractor | None = None,
     inception_weights: str | Path | None = None,
     kid_subsets: int = KID_SUBSETS,
     progress: bool = True,
 ) -> dict[str, float | int | str]:
-    """FID, IS, KID of ``n`` images of ``generator`` against ``dataset``/``split``.
+    """FID, IS, KID of ``n`` images of ``generator`` against ``dataset``/``split`` (default train).
+
+    A paired dataset (``lowbit.data.PAIRED_DATASETS``) makes ``generator`` an image-to-image model: it
+    runs on the inputs of ``split`` (default test) and PSNR / SSIM join the scores (``evaluate_pairs``).
 
     Returns ``{"fid", "is", "is_std", "kid", "kid_std", "n", "n_real", "extractor"}``. Latents are
     standard normal from a generator seeded with ``seed``; the feature network is ``extractor``,
@@ -90,8 +94,19 @@ def evaluate(
     ``kid_subsets`` subsets of min(1000, n) samples. ``progress=False`` hides the progress bar.
     ``latent_shape`` is z's per-sample shape (default: the model's input_shape, else N x d or N x d x 1 x 1).
     """
+    from lowbit.data.paired import PAIRED_DATASETS
+
+    if dataset in PAIRED_DATASETS:
+        from lowbit.metrics.paired import evaluate_pairs
+
+        return evaluate_pairs(generator, dataset, n, batch, split or "test", seed=seed, extractor=extractor,
+                              inception_weights=inception_weights, kid_subsets=kid_subsets, progress=progress)
+    split = split or "train"
     if n < 10 or batch < 1 or kid_subsets < 1:
         raise ConfigError(f"need n >= 10, batch >= 1 and kid_subsets >= 1, got {n}, {batch}, {kid_subsets}")
+    for what, value, bound in (("n", n, "samples"), ("batch", batch, "batch"), ("kid_subsets", kid_subsets,
+                                                                                   "kid_subsets")):
+        check_count(what, value, bound)
     feature_net = resolve_extractor(dataset, extractor, inception_weights)
     shapes = _latent_shapes(generator, latent_dim, latent_shape)
     size = math.prod(shapes[0])

@@ -19,10 +19,11 @@ from torch import nn
 from lowbit.config import closest
 from lowbit.errors import CheckpointError, ChecksumError, ConfigError
 from lowbit.io import atomic_path, atomic_write_text, sha256_file
+from lowbit.models import hub
 from lowbit.models.classifiers import FeatureClassifier, check_positive, conv_bn_relu
 from lowbit.models.registry import create_model, register_model
 
-EXTRACTOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "extractors"
+EXTRACTOR_DIR = hub.asset_dir("extractors")
 FEATURE_DIM = 128
 
 
@@ -56,7 +57,7 @@ def extractor_8(in_channels: int = 1, num_classes: int = 10, feature_dim: int = 
 
 def available_extractors(directory: Path = EXTRACTOR_DIR) -> list[str]:
     """Datasets that have a shipped extractor (a weights file and its card)."""
-    return sorted(p.stem for p in directory.glob("*.json") if p.with_suffix(".safetensors").is_file())
+    return hub.names("extractors", directory)
 
 
 def save_extractor(model: FeatureClassifier, dataset: str, card: dict[str, Any],
@@ -78,14 +79,14 @@ def save_extractor(model: FeatureClassifier, dataset: str, card: dict[str, Any],
 
 def load_extractor(dataset: str, directory: Path = EXTRACTOR_DIR) -> tuple[nn.Module, dict[str, Any]]:
     """The shipped extractor for ``dataset`` in eval mode, and its card; the weights' SHA-256 is checked."""
-    card_path = directory / f"{dataset}.json"
-    weights = directory / f"{dataset}.safetensors"
-    if not (card_path.is_file() and weights.is_file()):
+    try:
+        asset = hub.find("extractors", dataset, directory)
+    except CheckpointError:
         available = available_extractors(directory)
         raise ConfigError(f"no feature extractor for dataset '{dataset}'{closest(dataset, available)}; "
                           f"available: {', '.join(available) or 'none'}; train one with "
-                          "`lowbit train-classifier` and ship_extractor (docs/classifiers.md)")
-    card = json.loads(card_path.read_text(encoding="utf-8"))
+                          "`lowbit train-classifier` and ship_extractor (docs/classifiers.md)") from None
+    weights, card, card_path = asset.weights, asset.card, asset.weights.with_suffix(".json")
     if sha256_file(weights) != card["sha256"]:
         raise ChecksumError(f"{weights}: SHA-256 differs from its card {card_path.name}; the file is "
                             "damaged, reinstall lowbit or retrain the extractor")

@@ -42,20 +42,24 @@ class FrozenLayer:
     hyper: dict[str, Any]
     scale: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def n_levels(self) -> int:
         return self.codebook.shape[1]
 
     def dequantize(self) -> torch.Tensor:
-        """The float weight ``codebook[row, codes]`` (exactly the weight of the simulated forward)."""
+        """The float weight ``codebook[row, codes]``, times the pruning mask if any (exactly the weight of the
+        simulated forward)."""
         codes = self.codes.long()
         if self.codebook.shape[0] == 1:
-            return self.codebook[0][codes]
-        shape = [1] * codes.dim()
-        shape[self.channel_dim] = -1
-        rows = torch.arange(self.codebook.shape[0], device=codes.device).reshape(shape)
-        return self.codebook[rows, codes]
+            weight = self.codebook[0][codes]
+        else:
+            shape = [1] * codes.dim()
+            shape[self.channel_dim] = -1
+            rows = torch.arange(self.codebook.shape[0], device=codes.device).reshape(shape)
+            weight = self.codebook[rows, codes]
+        return weight if self.mask is None else weight * self.mask
 
 
 @dataclass
@@ -157,7 +161,13 @@ def _frozen_layer(name: str, layer: QuantLayerMixin) -> FrozenLayer:
     return FrozenLayer(name, layer.kind, layer.method, layer.bits, encoding.integer_codes(),
                        encoding.codebook.float(), layer.default_channel_dim, bias, layer.hyper(),
                        None if encoding.scale is None else encoding.scale.float(),
-                       None if encoding.offset is None else encoding.offset.float())
+                       None if encoding.offset is None else encoding.offset.float(),
+                       _mask_of(layer))
+
+
+def _mask_of(layer: nn.Module) -> torch.Tensor | None:
+    mask = getattr(layer, "weight_mask", None)
+    return None if mask is None else mask.detach().clone()
 
 
 def freeze(model: nn.Module) -> dict[str, FrozenLayer | FrozenAct]:

@@ -65,6 +65,11 @@ class QuantLayerMixin:
         unchanged (same tensor version, storage and train/eval mode), e.g. across the D(real) and
         D(fake) passes of one GAN step; the gradient rule is the same either way.
         """
+        weight = self._unmasked_quantized_weight()
+        mask = getattr(self, "weight_mask", None)  # pruned weights stay exactly 0 (lowbit.nn.prune)
+        return weight if mask is None else weight * mask
+
+    def _unmasked_quantized_weight(self) -> torch.Tensor:
         if not self.weights_quantized:
             return self.weight
         quantizer = self.weight_quantizer
@@ -92,6 +97,8 @@ class QuantLayerMixin:
         quant = cls(**cls.float_args(layer), bias=layer.bias is not None, method=method, bits=bits, opts=opts,
                     per_channel=per_channel, device=layer.weight.device, dtype=layer.weight.dtype)
         quant.weight, quant.bias = layer.weight, layer.bias
+        if getattr(layer, "weight_mask", None) is not None:  # a pruned layer keeps its mask
+            quant.register_buffer("weight_mask", layer.weight_mask)
         quant._freeze_unused_weight()
         quant.train(layer.training)
         quant.weight_quantizer.refit(quant.weight.detach())

@@ -36,11 +36,24 @@ def trial_module(ref: str) -> str:
     return TRIALS.get(ref, ref).split(":", 1)[0]
 
 
-def resolve_trial(ref: str) -> TrialFn:
-    """A trial function by registered name (``gan``, ``classifier``) or import path ``module:function``."""
-    path = TRIALS.get(ref, ref)
-    if ":" not in path:
+def check_trial_ref(ref: str, allow_imports: bool = False) -> None:
+    """A study config may name a registered trial kind; an import path only with ``allow_imports``
+    (``lowbit study --allow-import-trials``), since importing and calling it runs arbitrary code."""
+    if ref in TRIALS:
+        return
+    if ":" not in ref:
         raise unknown_name_error("trial", ref, list(TRIALS) + ["<module>:<function>"])
+    if not allow_imports:
+        raise ConfigError(f"trial '{ref}' is an import path, which would run code named by the config; "
+                          f"use a registered trial ({', '.join(TRIALS)}), or pass --allow-import-trials "
+                          "(Python: allow_imports=True) if you trust this config")
+
+
+def resolve_trial(ref: str, allow_imports: bool = False) -> TrialFn:
+    """A trial function by registered name (``gan``, ``classifier``) or, with ``allow_imports``, by import
+    path ``module:function``."""
+    check_trial_ref(ref, allow_imports)
+    path = TRIALS.get(ref, ref)
     module_name, func_name = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
@@ -66,7 +79,9 @@ def _check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def execute_trial(trial_ref: str, trial: Trial, results_dir: str | Path, threads: int,
                   state_metric: str) -> dict[str, Any]:
-    """Run one trial with ``threads`` torch threads; return (and store) its record, never raising."""
+    """Run one trial with ``threads`` torch threads; return (and store) its record, never raising.
+
+    ``trial_ref`` was checked by the StudyRunner (``check_trial_ref``) before any worker started."""
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -75,7 +90,7 @@ def execute_trial(trial_ref: str, trial: Trial, results_dir: str | Path, threads
     record = _base_record(trial)
     start = time.perf_counter()
     try:
-        result = dict(resolve_trial(trial_ref)(trial.config, out_dir))
+        result = dict(resolve_trial(trial_ref, allow_imports=True)(trial.config, out_dir))
         extras = {key: result.pop(key) for key in EXTRA_KEYS if key in result}
         history = list(extras.get("history", []))
         reference = extras.get("reference", {}).get(state_metric)

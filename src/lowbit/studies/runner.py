@@ -25,7 +25,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from lowbit.errors import ConfigError
-from lowbit.studies.execute import execute_trial, failed_record, trial_module
+from lowbit.studies.execute import check_trial_ref, execute_trial, failed_record, trial_module
 from lowbit.studies.spec import Trial
 from lowbit.studies.store import read_record, trial_dir, write_record, write_table
 
@@ -85,13 +85,15 @@ class StudyRunner:
 
     def __init__(self, results_dir: str | Path, trial_ref: str, workers: int = 1, backend: Backend = "pool",
                  address: str | None = None, state_metric: str = "fid", progress: bool = True,
-                 desc: str = "study") -> None:
+                 desc: str = "study", allow_imports: bool = False) -> None:
+        check_trial_ref(trial_ref, allow_imports)
         if workers < 1:
             raise ConfigError(f"workers={workers}: give at least 1 worker")
         if backend not in ("pool", "ray"):
             raise ConfigError(f"unknown backend '{backend}'; valid: pool, ray")
         self.results_dir = Path(results_dir)
         self.trial_ref = trial_ref
+        self.allow_imports = allow_imports
         self.workers = workers
         self.backend = backend
         self.address = address

@@ -47,12 +47,13 @@ def bops(layers: Sequence[LayerCost], bits: dict[str, int]) -> float:
     return float(sum(layer.flops * bits[layer.name] * layer.act_bits for layer in layers))
 
 
-def describer(study: StudyConfig) -> Callable[[dict[str, Any]], list[LayerCost]]:
-    """The function listing the generator's weight layers for the trial kind of this study."""
+def describer(study: StudyConfig, allow_imports: bool = False) -> Callable[[dict[str, Any]], list[LayerCost]]:
+    """The function listing the generator's weight layers for the trial kind of this study (an import-path
+    trial's ``<function>_layers`` only with ``allow_imports``)."""
     ref = DESCRIBERS.get(study.trial, f"{study.trial}_layers" if ":" in study.trial else "")
     if not ref:
         raise unknown_name_error("layer describer for trial", study.trial, DESCRIBERS)
-    return resolve_trial(ref)
+    return resolve_trial(ref, allow_imports)
 
 
 def _config_key(trial: Trial) -> str:
@@ -129,7 +130,7 @@ class PrecisionSearch:
     def mixed(self, mixed: MixedSpec, d_bits: int, g_bits: int, base_score: float) -> dict[str, Any]:
         """Per-layer mode: lower the least sensitive G layers below ``g_bits`` while the target holds."""
         lower = sorted(b for b in mixed.bits if b < g_bits)
-        layers = describer(self.study)(self.make_base_config(d_bits, g_bits))
+        layers = describer(self.study, self.runner.allow_imports)(self.make_base_config(d_bits, g_bits))
         uniform = {layer.name: g_bits for layer in layers}
         if not lower:
             return self._mixed_summary(layers, uniform, uniform, [], None)

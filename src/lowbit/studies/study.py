@@ -10,18 +10,24 @@ from lowbit.studies.runner import Backend, StudyRunner
 from lowbit.studies.search import PrecisionSearch
 from lowbit.studies.spec import StudyConfig, expand
 from lowbit.studies.store import dump_json
+from lowbit.train.rundir import locks_run_dir
 
 
+@locks_run_dir(lambda args: args["results_dir"] or args["study"].results_dir())
 def run_study(study: StudyConfig, results_dir: str | Path | None = None, workers: int | None = None,
               backend: Backend | None = None, address: str | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Run every trial of ``study`` not yet finished; return all records (arguments override the config)."""
+              progress: bool = True, allow_imports: bool = False) -> list[dict[str, Any]]:
+    """Run every trial of ``study`` not yet finished; return all records (arguments override the config).
+
+    ``allow_imports`` lets the study's ``trial`` be an import path (``module:function``): code the config
+    names is then imported and run, so pass it only for configs you trust."""
     results_dir = Path(results_dir or study.results_dir())
-    dump_json(results_dir / "study.json", {"name": study.name, "kind": "search" if study.search else "grid",
-                                           "config": to_dict(study)})
     runner = StudyRunner(results_dir, study.trial, workers=workers or study.workers,
                          backend=backend or study.backend, address=address or study.address,
-                         state_metric=study.state_metric, progress=progress, desc=study.name)
+                         state_metric=study.state_metric, progress=progress, desc=study.name,
+                         allow_imports=allow_imports)
+    dump_json(results_dir / "study.json", {"name": study.name, "kind": "search" if study.search else "grid",
+                                           "config": to_dict(study)})
     if study.search is not None:
         PrecisionSearch(study, runner).run()
         return runner.finished()

@@ -8,8 +8,10 @@ sidecar last and carrying the SHA-256 of the tensor file, so a torn or tampered 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,18 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.errors import CheckpointError
 from lowbit.io import atomic_path, atomic_write_text, sha256_file
+from lowbit.limits import env_name, limit
 
 FORMAT = "lowbit-checkpoint/1"
 _TENSOR = "__tensor__"
+#: deepest nesting a sidecar's state may have (a real checkpoint has < 10 levels)
+MAX_DEPTH = 64
+#: what a damaged checkpoint's content raises when a reader uses it (turned into CheckpointError)
+CONTENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError)
+
+
+class _Malformed(Exception):
+    """A sidecar's state does not follow the checkpoint schema (internal; becomes a CheckpointError)."""
 
 
 def _flatten(node: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -42,18 +53,41 @@ def _flatten(node: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     raise CheckpointError(f"cannot store a {type(node).__name__} in a checkpoint at '{prefix}'")
 
 
-def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _unflatten(node: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    """Rebuild the nested state from its JSON skeleton, checking the schema as it goes."""
+    if depth > MAX_DEPTH:
+        raise _Malformed(f"state nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, dict):
         if _TENSOR in node:
-            return tensors[node[_TENSOR]]
+            name = node[_TENSOR]
+            if not isinstance(name, str) or name not in tensors:
+                raise _Malformed(f"names tensor {name!r}, which is not in the tensor file")
+            return tensors[name]
         if "__dict__" in node:
-            return {_key(_unflatten(k, tensors)): _unflatten(v, tensors) for k, v in node["__dict__"]}
+            return _unflatten_dict(node["__dict__"], tensors, depth)
         if "__tuple__" in node:
-            return tuple(_unflatten(v, tensors) for v in node["__tuple__"])
-        return {k: _unflatten(v, tensors) for k, v in node.items()}
+            if not isinstance(node["__tuple__"], list):
+                raise _Malformed("a '__tuple__' entry is not a list")
+            return tuple(_unflatten(v, tensors, depth + 1) for v in node["__tuple__"])
+        return {k: _unflatten(v, tensors, depth + 1) for k, v in node.items()}
     if isinstance(node, list):
-        return [_unflatten(v, tensors) for v in node]
+        return [_unflatten(v, tensors, depth + 1) for v in node]
     return node
+
+
+def _unflatten_dict(pairs: Any, tensors: dict[str, torch.Tensor], depth: int) -> dict[Any, Any]:
+    """A ``__dict__`` entry: a list of [key, value] pairs with hashable keys."""
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise _Malformed("a '__dict__' entry is not a list of [key, value] pairs")
+    result = {}
+    for raw_key, raw_value in pairs:
+        key = _key(_unflatten(raw_key, tensors, depth + 1))
+        try:
+            hash(key)
+        except TypeError:
+            raise _Malformed(f"a '__dict__' key {key!r} is not a plain value") from None
+        result[key] = _unflatten(raw_value, tensors, depth + 1)
+    return result
 
 
 def _key(value: Any) -> Any:
@@ -78,30 +112,70 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def _read_sidecar(side: Path) -> dict[str, Any]:
+    """The sidecar's JSON, checked for size, syntax, nesting and its top-level schema."""
+    bound = limit("sidecar_bytes")
+    if side.stat().st_size > bound:
+        raise CheckpointError(f"{side}: {side.stat().st_size:,} bytes exceed the sidecar limit of {bound:,}; "
+                              f"is this a lowbit checkpoint? (raise it with {env_name('sidecar_bytes')})")
+    try:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{side}: corrupted checkpoint sidecar ({exc}); restore it or "
+                              "retrain") from None
+    except RecursionError:
+        raise CheckpointError(f"{side}: corrupted checkpoint sidecar (nested too deeply); restore it or "
+                              "retrain") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{side}: not a {FORMAT} sidecar; was this file written by lowbit?")
+    for key, kind in (("sha256", str), ("state", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{side}: field '{key}' is missing or not a {kind.__name__}; the "
+                                  "sidecar is damaged, restore it or retrain")
+    return meta
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``; any damage is a CheckpointError naming the file."""
+    """Read a checkpoint written by ``save_checkpoint``; any damage is a CheckpointError naming the file.
+
+    The sidecar is checked against the schema (top-level fields and types, nesting depth, every tensor
+    it names present in the tensor file) and the tensor file against the sidecar's SHA-256; the
+    safetensors reader bounds every declared tensor size by the file's real size.
+    """
     path = Path(path)
     side = sidecar_path(path)
     for need in (path, side):
         if not need.is_file():
             raise CheckpointError(f"checkpoint file missing: {need}; pass the .safetensors file of a "
                                   "lowbit checkpoint (its .json sidecar must lie beside it)")
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"{side}: corrupted checkpoint sidecar ({exc}); restore it or retrain"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{side}: not a {FORMAT} sidecar; was this file written by lowbit?")
-    if sha256_file(path) != meta.get("sha256"):
+    meta = _read_sidecar(side)
+    if sha256_file(path) != meta["sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch with {side.name} (truncated or modified); "
                               "restore the file or retrain")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-    return _unflatten(meta["state"], tensors)
+    try:
+        state = _unflatten(meta["state"], tensors)
+        if not isinstance(state, dict):
+            raise _Malformed(f"is a {type(state).__name__}, not a mapping")
+    except _Malformed as exc:
+        raise CheckpointError(f"{side}: field 'state' {exc}; the sidecar is damaged, restore it or "
+                              "retrain") from None
+    return state
+
+
+@contextlib.contextmanager
+def checkpoint_content(path: str | Path) -> Iterator[None]:
+    """Turn a failure while using a loaded checkpoint's content (a missing entry, a wrong type or
+    shape) into one CheckpointError naming ``path``, instead of a KeyError/TypeError traceback."""
+    try:
+        yield
+    except CONTENT_ERRORS as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise CheckpointError(f"{path}: checkpoint content does not fit ({detail}); use a checkpoint "
+                              "written by this lowbit version for the same config") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,18 +5,16 @@ dataset with SGD + momentum and step decay (or Adam), pad-4 random crop + horizo
 32x32 inputs, and an optional ``lowbit.nn.QuantSpec``: the first and last weight layers stay full
 precision unless ``keep_first_last`` is false. Search quantizers get the per-epoch temperature
 schedule (``lowbit.nn.anneal``). Each epoch ends with the top-1/top-5 test accuracy and a resumable
-checkpoint; batches and augmentation are derived from (seed, epoch), so a resumed run equals an
-uninterrupted one. Files under ``out_dir``: ``checkpoints/last.safetensors``, ``model.safetensors``
-(model name, kwargs, quant spec, weights, metrics), ``metrics.json`` and ``log.csv``.
+checkpoint (one epoch is one step of the shared loop in ``lowbit.train.loop``); batches and
+augmentation are derived from (seed, epoch), so a resumed run equals an uninterrupted one. Files
+under ``out_dir``: ``checkpoints/last.safetensors``, ``model.safetensors`` (model name, kwargs,
+quant spec, weights, metrics), ``metrics.json`` and ``log.csv``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,23 +27,22 @@ from tqdm import tqdm
 
 from lowbit import data as lowbit_data
 from lowbit.config import from_dict, to_dict
-from lowbit.errors import CheckpointError, ConfigError, LowbitError
+from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write_text
+from lowbit.limits import check_count
 from lowbit.models import create_model
 from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
 from lowbit.quant.registry import get_method
-from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowbit.train.checkpoint import checkpoint_content, load_checkpoint
+from lowbit.train.guard import DivergenceGuard, GuardSpec
+from lowbit.train.loop import LoopSettings, run_training
 from lowbit.train.optim import fused_if_supported
 
 CHECKPOINT_KIND = "lowbit-classifier"
 CROP_PAD = 4
 BACKGROUND = -1.0  # black in the [-1, 1] image range: the value used for every padding
-
-
-class TrainingDivergedError(LowbitError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -106,6 +103,7 @@ class ClassifierConfig:
     seed: int = 0
     threads: int = 0
     ship_extractor: str | None = None
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -124,6 +122,7 @@ class ClassifierConfig:
 
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre ``images`` on a black ``size`` x ``size`` canvas (e.g. 28x28 fashion-mnist -> 32x32)."""
+    check_count("data.pad_to", size, "image_size")
     height, width = images.shape[-2:]
     if size < max(height, width):
         raise ConfigError(f"data.pad_to={size} is smaller than the {height}x{width} images; "
@@ -195,10 +194,13 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     model = create_model(cfg.model, **cfg.kwargs)
     if cfg.init_from is not None:
         source = load_model_file(cfg.init_from)
-        if source["quant"] is not None or source["model"] != cfg.model:
-            raise ConfigError(f"init_from {cfg.init_from}: need a full-precision '{cfg.model}' run, got a "
-                              f"'{source['model']}' with quant={source['quant']}")
-        model.load_state_dict(source["state"])
+        kwargs = source.get("kwargs")
+        if source["quant"] is not None or source["model"] != cfg.model or kwargs != cfg.kwargs:
+            raise ConfigError(f"init_from {cfg.init_from}: need a full-precision '{cfg.model}' run with "
+                              f"kwargs {cfg.kwargs}, got a '{source['model']}' with kwargs {kwargs} and "
+                              f"quant={source['quant']}")
+        with checkpoint_content(cfg.init_from):
+            model.load_state_dict(source["state"])
     if cfg.quant is None:
         return model
     return convert(model, classifier_spec(model, cfg.quant, cfg.keep_first_last))
@@ -232,12 +234,13 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 def rebuild_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained classifier (eval mode) and its metrics from ``model.safetensors``."""
     state = load_model_file(path)
-    model = create_model(state["model"], **state["kwargs"])
-    if state["quant"] is not None:
-        spec = from_dict(QuantSpec, state["quant"])
-        model = convert(model, classifier_spec(model, spec, state["keep_first_last"]))
-    model.load_state_dict(state["state"])
-    return model.eval(), state["metrics"]
+    with checkpoint_content(path):
+        model = create_model(state["model"], **state["kwargs"])
+        if state["quant"] is not None:
+            spec = from_dict(QuantSpec, state["quant"])
+            model = convert(model, classifier_spec(model, spec, state["keep_first_last"]))
+        model.load_state_dict(state["state"])
+        return model.eval(), state["metrics"]
 
 
 def _is_power_of_two_or_zero(values: torch.Tensor) -> bool:
@@ -314,10 +317,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 # ---------------------------------------------------------------- training
 
-def _without_epochs(config: Any) -> Any:
-    return {k: v for k, v in config.items() if k != "epochs"} if isinstance(config, dict) else config
-
-
 def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay) or Adam over the trainable parameters (search logits, not the
     frozen float weights they replaced)."""
@@ -329,46 +328,54 @@ def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
                            fused=fused)
 
 
-class ClassifierTrainer:
-    """One training run; ``run()`` trains the remaining epochs and returns the final metrics."""
+class ClassifierTask:
+    """The classifier's part of the shared training loop (``lowbit.train.loop``): one step is one
+    epoch (step-decayed learning rate, search temperature, augmented batches), then the optional
+    BatchNorm recalibration and the test-split accuracy, returned beside the training loss."""
 
-    def __init__(self, cfg: ClassifierConfig, out_dir: Path, progress: bool = True) -> None:
-        self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
+    kind = CHECKPOINT_KIND
+    loss_names = {"train_loss": "training loss", "top1": "top-1 accuracy", "top5": "top-5 accuracy",
+                  "test_loss": "test loss"}
+
+    def __init__(self, cfg: ClassifierConfig, guard: DivergenceGuard, progress: bool = True) -> None:
+        self.cfg, self.guard, self.progress = cfg, guard, progress
         self.train_x, self.train_y = load_split(cfg.data, "train")
         self.test_x, self.test_y = load_split(cfg.data, "test")
         self.augment = uses_augmentation(cfg.data, self.train_x.shape[-1])
         self.model = build_classifier(cfg)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.epoch = 0
-        self.history: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
         self.train_seconds = 0.0
         self.peak_bytes = 0
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoints" / "last.safetensors"
-
     def state(self) -> dict[str, Any]:
-        return {"kind": CHECKPOINT_KIND, "config": to_dict(self.cfg), "epoch": self.epoch,
-                "model": self.model.state_dict(), "optim": self.optimizer.state_dict(), "rng": rng_state(),
-                "history": self.history, "train_seconds": self.train_seconds, "peak_bytes": self.peak_bytes}
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
+                "train_seconds": self.train_seconds, "peak_bytes": self.peak_bytes}
 
-    def resume(self) -> None:
-        """Continue from ``checkpoints/last.safetensors``; the config must match the saved one except
-        for ``epochs``, which may be raised to train longer."""
-        state = load_checkpoint(self.checkpoint_path)
-        current = json.loads(json.dumps(to_dict(self.cfg)))
-        if _without_epochs(state.get("config")) != _without_epochs(current):
-            raise CheckpointError(f"{self.checkpoint_path}: saved for another config; resume with the same "
-                                  "config and overrides (only 'epochs' may grow), or --force to start over")
+    def load_state(self, state: dict[str, Any], source: str) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
-        set_rng_state(state["rng"])
-        self.epoch, self.history = state["epoch"], state["history"]
-        self.train_seconds, self.peak_bytes = state["train_seconds"], state["peak_bytes"]
+        self.epoch, self.last = int(state["step"]), dict(state["history"][-1])
+        self.train_seconds, self.peak_bytes = float(state["train_seconds"]), int(state["peak_bytes"])
+
+    def model_state(self) -> dict[str, Any]:
+        """The finished run's model file: model name, kwargs, quant spec, weights and final metrics."""
+        cfg = self.cfg
+        quant = None if cfg.quant is None else cfg.quant.to_dict()
+        return {"model": cfg.model, "kwargs": cfg.kwargs, "quant": quant,
+                "keep_first_last": cfg.keep_first_last, "state": self.model.state_dict(),
+                "metrics": self.metrics()}
+
+    def models(self) -> list[nn.Module]:
+        return [self.model]
+
+    @property
+    def sampler(self) -> nn.Module:
+        return self.model
+
+    def distribute(self, device: torch.device) -> None:
+        raise ConfigError("train-classifier runs in one process; drop --nproc / torchrun")
 
     def _batches(self, epoch: int) -> tuple[Any, torch.Generator]:
         seed = self.cfg.seed * 1_000_003 + epoch
@@ -378,9 +385,7 @@ class ClassifierTrainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor, measure: bool) -> float:
         with SavedTensorMeter() as meter:
             loss = F.cross_entropy(self.model(images), labels)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"loss became {float(loss)} at epoch {self.epoch}; lower optim.lr "
-                                        f"(now {self.cfg.optim.lr}) and resume from {self.checkpoint_path}")
+        self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss.detach())})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -404,31 +409,26 @@ class ClassifierTrainer:
             if self.augment:
                 images = random_crop_flip(images, generator)
             loss = self._step(images, labels, measure=index == 0)
+            self.guard.check_models(f"epoch {self.epoch + 1}", index, [self.model])
             total, count = total + loss * len(labels), count + len(labels)
             bar.set_postfix(loss=f"{total / count:.4f}")
         self.train_seconds += time.perf_counter() - start
         return total / count
 
-    def run(self) -> dict[str, Any]:
-        """Train until ``cfg.epochs``, checkpointing after every epoch; returns ``metrics()``."""
-        while self.epoch < self.cfg.epochs:
-            train_loss = self.train_epoch()
-            if self.cfg.recalibrate_bn:
-                calibration = self.train_x[:self.cfg.recalibrate_bn * self.cfg.batch_size]
-                recalibrate_batchnorm(self.model, calibration, self.cfg.batch_size)
-            row = {"epoch": self.epoch + 1, "train_loss": train_loss,
-                   **evaluate(self.model, self.test_x, self.test_y)}
-            self.history.append(row)
-            self.epoch += 1
-            save_checkpoint(self.checkpoint_path, self.state())
-            if self.progress:
-                tqdm.write(f"{self.cfg.name} epoch {row['epoch']}: loss {train_loss:.4f}, "
-                           f"top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
-        return self.metrics()
+    def step(self, step: int) -> dict[str, float]:
+        """Epoch ``step`` (1-based): train, recalibrate BatchNorm if asked, evaluate on the test split."""
+        self.epoch = step - 1
+        train_loss = self.train_epoch()
+        if self.cfg.recalibrate_bn:
+            calibration = self.train_x[:self.cfg.recalibrate_bn * self.cfg.batch_size]
+            recalibrate_batchnorm(self.model, calibration, self.cfg.batch_size)
+        self.last = {"train_loss": train_loss, **evaluate(self.model, self.test_x, self.test_y)}
+        self.epoch = step
+        return self.last
 
     def metrics(self) -> dict[str, Any]:
         """Final accuracy, loss, cost (time, peak training memory) and the multiplication-free flag."""
-        last = self.history[-1]
+        last = self.last
         return {"name": self.cfg.name, "model": self.cfg.model, "dataset": self.cfg.data.dataset,
                 "method": describe_method(self.cfg.quant), "seed": self.cfg.seed, "epochs": self.epoch,
                 "top1": last["top1"], "top5": last["top5"], "test_loss": last["test_loss"],
@@ -450,21 +450,7 @@ def describe_method(spec: QuantSpec | None) -> str:
     return f"{name} {weight}" + (f"a{spec.act_bits}" if spec.quantizes_acts else "")
 
 
-def _write_outputs(trainer: ClassifierTrainer, metrics: dict[str, Any], out_dir: Path) -> None:
-    cfg = trainer.cfg
-    save_checkpoint(out_dir / "model.safetensors", {
-        "kind": CHECKPOINT_KIND, "model": cfg.model, "kwargs": cfg.kwargs,
-        "quant": None if cfg.quant is None else cfg.quant.to_dict(), "keep_first_last": cfg.keep_first_last,
-        "state": trainer.model.state_dict(), "metrics": metrics, "config": to_dict(cfg)})
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(trainer.history[0]))
-    writer.writeheader()
-    writer.writerows(trainer.history)
-    atomic_write_text(out_dir / "log.csv", buffer.getvalue())
-
-
-def _ship(trainer: ClassifierTrainer, metrics: dict[str, Any], command: str | None) -> None:
+def _ship(trainer: ClassifierTask, metrics: dict[str, Any], command: str | None) -> None:
     cfg = trainer.cfg
     card = {"test_accuracy": metrics["top1"], "test_top5": metrics["top5"],
             "test_split_size": metrics["n_test"], "train_split_size": metrics["n_train"],
@@ -479,20 +465,21 @@ def train_classifier(cfg: ClassifierConfig, out_dir: str | Path | None = None, r
                      ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (default ``runs/<name>``) and return its final metrics.
 
-    ``resume`` continues from the last checkpoint; an existing run is an error unless ``overwrite``.
-    ``command`` (the CLI line) is recorded in a shipped extractor's card.
+    The shared training loop (``lowbit.train.loop``) runs one epoch per step, checkpoints after each
+    and writes ``log.csv`` and ``model.safetensors``; ``resume`` continues from the last checkpoint
+    (only ``epochs`` may change), an existing run is an error unless ``overwrite``. ``metrics.json``
+    holds the final metrics; ``command`` (the CLI line) is recorded in a shipped extractor's card.
     """
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    trainer = ClassifierTrainer(cfg, out_dir, progress)
-    if resume:
-        trainer.resume()
-    elif trainer.checkpoint_path.exists() and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or --force to "
-                          "start over")
-    metrics = trainer.run()
-    if not math.isfinite(metrics["test_loss"]):
-        raise TrainingDivergedError(f"{cfg.name}: test loss is {metrics['test_loss']}; lower optim.lr")
-    _write_outputs(trainer, metrics, out_dir)
+    settings = LoopSettings(cfg.name, cfg.epochs, cfg.seed, threads=cfg.threads, unit="epoch",
+                            volatile=("epochs", "guard"), guard=cfg.guard,
+                            fix=f"lower optim.lr (now {cfg.optim.lr})")
+    result = run_training(cfg, settings, out_dir,
+                          lambda device, ctx, guard: ClassifierTask(cfg, guard, progress),
+                          resume=resume, overwrite=overwrite, progress=progress)
+    task: ClassifierTask = result.task
+    metrics = task.metrics()
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if cfg.ship_extractor is not None:
-        _ship(trainer, metrics, command)
+        _ship(task, metrics, command)
     return metrics

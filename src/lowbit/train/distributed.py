@@ -64,6 +64,14 @@ def setup(backend: str | None = None) -> DistContext:
                        device=device)
 
 
+def current() -> DistContext:
+    """This process's place in the process group it already joined (a single-process context otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def cleanup(synchronize: bool = True) -> None:
     """Leave the process group (a no-op when none was joined).
 

@@ -7,54 +7,58 @@ fixed-noise sample grids (``samples/``), the resumable checkpoint ``checkpoints/
 (models, optimisers, RNG state) and the final model file ``model.safetensors`` (models + config).
 Batches and latent noise are derived from (seed, step), so ``resume=True`` reproduces the losses
 of an uninterrupted run. Under ``torch.distributed`` the networks are wrapped in DDP, each rank
-takes its slice of every batch and only rank 0 logs, evaluates and writes files.
+takes its slice of every batch and only rank 0 logs, evaluates and writes files. The loop itself
+(resume, logs, checkpoints, divergence check, DDP) is ``lowbit.train.loop``; this module supplies the
+GAN step (``GanTask``) and the checkpoint helpers the image-to-image GAN shares.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import dataclasses
-import io
-import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from lowbit import data as lowbit_data
-from lowbit.config import closest, from_dict, to_dict
-from lowbit.errors import CheckpointError, ConfigError, LowbitError
-from lowbit.io import atomic_write_text
-from lowbit.models import create_model
-from lowbit.nn import QuantSpec, anneal, convert, param_group, quantize_weights
+from lowbit.config import closest, from_dict
+from lowbit.errors import (  # TrainingDivergedError: raised by the guard, importable here as before
+    CheckpointError,
+    ConfigError,
+    TrainingDivergedError,  # noqa: F401
+)
+from lowbit.models import create_model, hub
+from lowbit.nn import QuantSpec, anneal, compress, param_group, quantize_weights
+from lowbit.nn.transforms import spec_from_dict
 from lowbit.quant.search import SEARCH_LOGITS
-from lowbit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowbit.train.checkpoint import load_checkpoint
 from lowbit.train.distill import FeatureTaps
+from lowbit.train.distributed import DistContext
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
-from lowbit.train.optim import Optimizers, fused_if_supported
+from lowbit.train.guard import GuardSpec
+from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
+    Evaluator,
+    LoopSettings,
+    predict,
+    run_training,
+    seeded_generator,
+    unwrap,
+    wrap_ddp,
+)
+from lowbit.train.optim import LrScale, Optimizers, fused_if_supported
 
-#: a callback ``evaluator(generator, step) -> {"fid": ..., "is": ...}`` run on rank 0 (G in eval mode).
-Evaluator = Callable[[nn.Module, int], dict[str, float]]
-
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "pretrained"
 CHECKPOINT_KIND = "lowbit-gan"
+#: the image-to-image GAN's checkpoints (``lowbit.train.i2i``): the same layout, an I2IConfig inside
+I2I_KIND = "lowbit-i2i"
 SAMPLE_GRID = 64
 #: learning-rate schedules: constant, or linear decay to 0 at the last step
 LR_DECAYS = ("constant", "linear")
-
-
-class TrainingDivergedError(LowbitError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -76,6 +80,17 @@ class NetSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     quant: QuantSpec | None = None
     lr: float | None = None
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"{self.model}: lr must be a positive number (e.g. 2e-4), got {self.lr}")
+        self.transform_specs()
+
+    def transform_specs(self) -> list[Any]:
+        """The model transforms in order (``lowbit.compress``): ``transforms``, then ``quant`` if given."""
+        specs = [spec_from_dict(entry) for entry in self.transforms]
+        return specs + ([self.quant] if self.quant is not None else [])
 
 
 @dataclass
@@ -122,6 +137,7 @@ class GanConfig:
     eval_every: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
+    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
@@ -168,8 +184,8 @@ class TrainResult:
 
 
 def pretrained_names() -> list[str]:
-    """Names of the shipped full-precision checkpoints (``src/lowbit/assets/pretrained``)."""
-    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
+    """Names of the shipped full-precision checkpoints (the model hub's ``pretrained`` assets)."""
+    return hub.names("pretrained")
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
@@ -177,13 +193,13 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = PRETRAINED_DIR / f"{name_or_path}.safetensors"
-    if shipped.is_file():
-        return shipped
-    raise CheckpointError(
-        f"checkpoint not found: '{name_or_path}'; pass a .safetensors path or one of the "
-        f"shipped names: {', '.join(pretrained_names()) or '(none)'}"
-    )
+    try:
+        return hub.find("pretrained", name_or_path).weights
+    except CheckpointError:
+        raise CheckpointError(
+            f"checkpoint not found: '{name_or_path}'; pass a .safetensors path or one of the "
+            f"shipped names: {', '.join(pretrained_names()) or '(none)'}"
+        ) from None
 
 
 def create_network(spec: NetSpec) -> nn.Module:
@@ -197,8 +213,9 @@ def create_network(spec: NetSpec) -> nn.Module:
 
 
 def quantize_network(model: nn.Module, spec: NetSpec) -> nn.Module:
-    """``model`` converted to quantized layers by the spec's QuantSpec (unchanged when it has none)."""
-    return model if spec.quant is None else convert(model, spec.quant)
+    """``model`` with the spec's transforms applied (pruning, quantization; unchanged when it has none)."""
+    specs = spec.transform_specs()
+    return compress(model, specs, inplace=True) if specs else model
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -216,25 +233,39 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 def read_gan_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a GAN checkpoint (training state or model file) and check that it is one."""
     state = load_checkpoint(resolve_checkpoint(str(path)))
-    if state.get("kind") != CHECKPOINT_KIND or "config" not in state:
+    if state.get("kind") not in (CHECKPOINT_KIND, I2I_KIND) or "config" not in state:
         raise CheckpointError(
             f"{path} is not a lowbit GAN checkpoint (no generator/config inside); "
             "pass a file written by `lowbit train`"
         )
+    for key in ("config", "generator", "discriminator"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: entry '{key}' is missing or not a mapping; the checkpoint is "
+                                  "damaged, restore it or retrain")
     return state
 
 
-def _stored_config(state: dict[str, Any], path: str | Path) -> GanConfig:
+def config_class(kind: str) -> type:
+    """The config dataclass stored in a checkpoint of ``kind`` (noise GAN or image-to-image GAN)."""
+    if kind == I2I_KIND:
+        from lowbit.train.i2i import I2IConfig
+
+        return I2IConfig
+    return GanConfig
+
+
+def _stored_config(state: dict[str, Any], path: str | Path) -> Any:
     try:
-        return from_dict(GanConfig, state["config"])
+        return from_dict(config_class(state["kind"]), state["config"])
     except ConfigError as exc:
         raise CheckpointError(
             f"{path}: stored config is invalid ({exc}); retrain with this lowbit version"
         ) from None
 
 
-def checkpoint_config(path: str | Path) -> GanConfig:
-    """The ``GanConfig`` a GAN checkpoint (path or shipped name) was trained with."""
+def checkpoint_config(path: str | Path) -> Any:
+    """The config a GAN checkpoint (path or shipped name) was trained with: a ``GanConfig``, or an
+    ``I2IConfig`` for an image-to-image GAN (``lowbit.train.i2i``)."""
     return _stored_config(read_gan_checkpoint(path), path)
 
 
@@ -275,9 +306,9 @@ def build_networks(cfg: GanConfig) -> tuple[nn.Module, nn.Module]:
         for role, model in nets.items():
             own, theirs = getattr(cfg, role), getattr(stored, role)
             _check_same_architecture(own, theirs, role, cfg.init_from)
-            if theirs.quant is not None:
+            if theirs.transform_specs():
                 raise CheckpointError(
-                    f"init_from {cfg.init_from}: its {role} is already quantized; start QAT "
+                    f"init_from {cfg.init_from}: its {role} is already quantized or pruned; start QAT "
                     "from a full-precision checkpoint (or continue that run with --resume)"
                 )
             load_weights(model, state[role], f"{cfg.init_from} ({role})")
@@ -308,12 +339,6 @@ def load_images(cfg: GanConfig, image_shape: tuple[int, ...]) -> torch.Tensor:
     return images
 
 
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU torch.Generator whose seed is a hash of ``key`` (e.g. seed, step, phase, rank)."""
-    seed = int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
-
-
 class BatchStream:
     """Batch ``i`` of a seeded epoch-wise shuffle, so a resumed run draws exactly the same batches."""
 
@@ -342,10 +367,6 @@ def latent(n: int, dim: int, gen: torch.Generator, device: torch.device) -> torc
 
 
 # ----------------------------------------------------------------------------- the update rules
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],
@@ -395,8 +416,8 @@ class GanTrainer:
         self.distill = cfg.distill
         self.distill_features = cfg.distill_features
         use_taps = self.teacher is not None and cfg.distill_features
-        self.taps = FeatureTaps(_unwrap(self.G), self.teacher) if use_taps else None
-        self.latent_dim = int(_unwrap(generator).latent_dim)
+        self.taps = FeatureTaps(unwrap(self.G), self.teacher) if use_taps else None
+        self.latent_dim = int(unwrap(generator).latent_dim)
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
         self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas, cfg.search_sgd)
@@ -405,27 +426,20 @@ class GanTrainer:
         self.gp_weight = cfg.gp_weight if cfg.gp_weight is not None else self.loss.gp_weight
         self.n_critic = cfg.n_critic or self.loss.n_critic
         self.ema_decay = cfg.ema
-        self.G_ema = copy.deepcopy(_unwrap(self.G)).eval().requires_grad_(False) if cfg.ema else None
+        self.G_ema = copy.deepcopy(unwrap(self.G)).eval().requires_grad_(False) if cfg.ema else None
         self.epoch = -1
-        self.base_lrs = [group["lr"] for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-
-    def set_lr_scale(self, scale: float) -> None:
-        """Set every optimiser's learning rate to ``scale`` x its configured value (a pure function of
-        the step, so a resumed run follows the same schedule)."""
-        groups = [group for opt in (self.opt_g, self.opt_d) for group in opt.param_groups]
-        for group, base in zip(groups, self.base_lrs, strict=True):
-            group["lr"] = base * scale
+        self.lr_scale = LrScale(self.opt_g, self.opt_d)
 
     @property
     def sampler(self) -> nn.Module:
         """The generator to evaluate, sample and save: the weight average when ``ema`` is on, else G."""
-        return self.G_ema if self.G_ema is not None else _unwrap(self.G)
+        return self.G_ema if self.G_ema is not None else unwrap(self.G)
 
     def set_epoch(self, epoch: int) -> None:
         """Apply the per-epoch quantizer schedule (search temperature, 002 §3.1) when the epoch changes."""
         if epoch != self.epoch:
             self.epoch = epoch
-            for model in (_unwrap(self.G), _unwrap(self.D), self.G_ema):
+            for model in (unwrap(self.G), unwrap(self.D), self.G_ema):
                 if model is not None:
                     anneal(model, epoch)
 
@@ -436,7 +450,7 @@ class GanTrainer:
             fake = self.G(latent(real.shape[0], self.latent_dim, gen, self.device))
         loss = self.loss.d_loss(self.D(real), self.D(fake))
         if self.gp_weight:
-            loss = loss + self.gp_weight * gradient_penalty(_unwrap(self.D), real, fake, gen)
+            loss = loss + self.gp_weight * gradient_penalty(unwrap(self.D), real, fake, gen)
         loss.backward()
         self.opt_d.step()
         self.opt_d.zero_grad(set_to_none=True)  # gradients do not outlive the step (less memory)
@@ -457,7 +471,7 @@ class GanTrainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     target = self.teacher(z)
-        with frozen(_unwrap(self.D)) as critic:
+        with frozen(unwrap(self.D)) as critic:
             loss = self.loss.g_loss(critic(fake))
             if target is not None and self.distill:
                 loss = loss + self.distill * (fake - target).abs().mean()
@@ -475,7 +489,7 @@ class GanTrainer:
     def set_weight_quantization(self, enabled: bool) -> None:
         """Quantized (True) or float (False) weights in every network (the staged schedule)."""
         for model in self.models():
-            quantize_weights(_unwrap(model), enabled)
+            quantize_weights(unwrap(model), enabled)
 
     def _update_ema(self) -> None:
         """``theta_ema <- decay·theta_ema + (1-decay)·theta`` for G's parameters; buffers (BatchNorm
@@ -484,7 +498,7 @@ class GanTrainer:
         if self.G_ema is None:
             return
         with torch.no_grad():
-            live = _unwrap(self.G)
+            live = unwrap(self.G)
             for avg, param in zip(self.G_ema.parameters(), live.parameters(), strict=True):
                 avg.lerp_(param, 1.0 - self.ema_decay)
             for avg, buf in zip(self.G_ema.buffers(), live.buffers(), strict=True):
@@ -493,8 +507,8 @@ class GanTrainer:
     def state(self) -> dict[str, Any]:
         """Both networks' weights and both optimisers' states (for a checkpoint)."""
         state = {
-            "generator": _unwrap(self.G).state_dict(),
-            "discriminator": _unwrap(self.D).state_dict(),
+            "generator": unwrap(self.G).state_dict(),
+            "discriminator": unwrap(self.D).state_dict(),
             "optim_g": self.opt_g.state_dict(),
             "optim_d": self.opt_d.state_dict(),
         }
@@ -504,8 +518,8 @@ class GanTrainer:
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
         """Restore what ``state()`` saved; a mismatch names ``source``."""
-        load_weights(_unwrap(self.G), state["generator"], f"{source} (generator)")
-        load_weights(_unwrap(self.D), state["discriminator"], f"{source} (discriminator)")
+        load_weights(unwrap(self.G), state["generator"], f"{source} (generator)")
+        load_weights(unwrap(self.D), state["discriminator"], f"{source} (discriminator)")
         self.opt_g.load_state_dict(state["optim_g"])
         self.opt_d.load_state_dict(state["optim_d"])
         if self.G_ema is not None:
@@ -515,166 +529,72 @@ class GanTrainer:
         """Every network this trainer updates (G, D and the G average when ema is on)."""
         return [m for m in (self.G, self.D, self.G_ema) if m is not None]
 
-    def finite(self) -> bool:
-        """True when every parameter of both networks is finite (checked before a checkpoint is written)."""
-        return all(bool(torch.isfinite(p).all()) for m in (self.G, self.D) for p in m.parameters())
 
-
-# ----------------------------------------------------------------------------- logging
-
-
-class RunLog:
-    """History rows -> log.csv (rewritten atomically) and TensorBoard scalars; rank 0 only."""
-
-    def __init__(self, out_dir: Path, history: list[dict[str, float]], start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.csv_path = out_dir / "log.csv"
-        self.history = history
-        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
-        self.flush()  # a resumed run's log.csv restarts from the checkpoint's history
-
-    def add(self, row: dict[str, float]) -> None:
-        """Append a history row and write it to log.csv and TensorBoard."""
-        self.history.append(row)
-        for key, value in row.items():
-            if key != "step":
-                self.writer.add_scalar(f"train/{key}", value, int(row["step"]))
-        self.flush()
-
-    def flush(self) -> None:
-        """Rewrite log.csv (all rows, atomically) and flush TensorBoard."""
-        columns = ["step", "d_loss", "g_loss"]
-        columns += sorted({k for row in self.history for k in row} - set(columns))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.csv_path, buffer.getvalue())
-        self.writer.flush()
-
-    def close(self) -> None:
-        """Close the TensorBoard writer."""
-        self.writer.close()
+# ----------------------------------------------------------------------------- the task
 
 
 def save_samples(generator: nn.Module, noise: torch.Tensor, path: Path) -> Path:
     """A grid of the generator's images for the fixed noise (G switched to eval mode for it)."""
-    was_training = generator.training
-    generator.eval()
-    with torch.no_grad():
-        images = generator(noise).cpu()
-    generator.train(was_training)
-    lowbit_data.save_image_grid(images, path)
+    lowbit_data.save_image_grid(predict(generator, noise), path)
     return path
 
 
-# ----------------------------------------------------------------------------- the loop
+class GanTask:
+    """The noise GAN's part of the shared loop: n_critic D updates and one G update per step."""
 
+    kind = CHECKPOINT_KIND
+    loss_names = {"d_loss": "discriminator loss", "g_loss": "generator loss"}
 
-@dataclass
-class _Accumulator:
-    """Running sums of the losses since the last history row."""
+    def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
+        self.cfg, self.rank = cfg, ctx.rank
+        teacher = load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
+        self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher)
+        images = load_images(cfg, unwrap(self.trainer.G).image_shape)
+        self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+        noise_rng = seeded_generator(cfg.seed, 0, 99)
+        self.fixed_noise = latent(SAMPLE_GRID, self.trainer.latent_dim, noise_rng, device)
 
-    d_sum: float = 0.0
-    g_sum: float = 0.0
-    count: int = 0
+    def step(self, step: int) -> dict[str, float]:
+        """n_critic discriminator updates, then one generator update; returns the last D and the G loss."""
+        cfg, trainer = self.cfg, self.trainer
+        if cfg.lr_decay == "linear":
+            trainer.lr_scale.set(1.0 - (step - 1) / cfg.steps)
+        if cfg.weights_from_step:
+            trainer.set_weight_quantization(step > cfg.weights_from_step)
+        d_loss = 0.0
+        for k in range(trainer.n_critic):
+            draw = (step - 1) * trainer.n_critic + k
+            trainer.set_epoch(draw // self.stream.per_epoch)
+            noise_rng = seeded_generator(cfg.seed, step, 1 + k, self.rank)
+            d_loss = trainer.d_step(self.stream.batch(draw), noise_rng)
+            if not math.isfinite(d_loss):
+                return {"d_loss": d_loss}  # the loop stops the run; a G step would only spread the NaN
+        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank))
+        return {"d_loss": d_loss, "g_loss": g_loss}
 
-    def add(self, d_loss: float, g_loss: float) -> None:
-        """Add one step's losses."""
-        self.d_sum, self.g_sum, self.count = self.d_sum + d_loss, self.g_sum + g_loss, self.count + 1
+    def models(self) -> list[nn.Module]:
+        return self.trainer.models()
 
-    def row(self, step: int) -> dict[str, float]:
-        """The mean losses since the last row, as a history row; resets the sums."""
-        row = {"step": step, "d_loss": self.d_sum / self.count, "g_loss": self.g_sum / self.count}
-        self.d_sum, self.g_sum, self.count = 0.0, 0.0, 0
-        return row
+    def state(self) -> dict[str, Any]:
+        return self.trainer.state()
 
+    def load_state(self, state: dict[str, Any], source: str) -> None:
+        self.trainer.load_state(state, source)
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    def model_state(self) -> dict[str, Any]:
+        """The generator users should sample from (the average when ema is on) and D."""
+        return {"generator": self.trainer.sampler.state_dict(),
+                "discriminator": unwrap(self.trainer.D).state_dict()}
 
+    def distribute(self, device: torch.device) -> None:
+        self.trainer.G, self.trainer.D = wrap_ddp(self.trainer.G, device), wrap_ddp(self.trainer.D, device)
 
-def _device(cfg: GanConfig, rank: int) -> torch.device:
-    if cfg.device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' asked for but no CUDA GPU is visible; set device: cpu")
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    if cfg.device != "cpu":
-        raise ConfigError(f"unknown device '{cfg.device}'; use cpu or cuda")
-    return torch.device("cpu")
+    @property
+    def sampler(self) -> nn.Module:
+        return self.trainer.sampler
 
-
-def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-
-
-def _comparable(cfg: GanConfig) -> dict[str, Any]:
-    """The config fields that must not change when a run is resumed."""
-    data = to_dict(cfg)
-    for key in ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "threads", "device"):
-        data.pop(key)
-    return data
-
-
-def _check_resumable(cfg: GanConfig, state: dict[str, Any], path: Path) -> None:
-    stored = _comparable(_stored_config(state, path))
-    own = _comparable(cfg)
-    changed = sorted(k for k in own if own[k] != stored.get(k))
-    if changed:
-        raise ConfigError(
-            f"cannot resume {path}: config differs in {', '.join(changed)}; resume with the "
-            "config the run started with (only steps and logging intervals may change)"
-        )
-
-
-def _check_loss(name: str, value: float, step: int, last_good: Path | None) -> None:
-    if not math.isfinite(value):
-        kept = (
-            f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
-        )
-        raise TrainingDivergedError(
-            f"{name} became {value} at step {step}; {kept}; lower the learning rate "
-            "(or raise the bits) and resume or restart"
-        )
-
-
-def _save_state(
-    path: Path,
-    trainer: GanTrainer,
-    cfg: GanConfig,
-    step: int,
-    history: list[dict[str, float]],
-    acc: _Accumulator,
-    full: bool,
-) -> Path:
-    state: dict[str, Any] = {
-        "kind": CHECKPOINT_KIND,
-        "config": to_dict(cfg),
-        "step": step,
-        "history": history,
-    }
-    models = trainer.state()
-    if full:
-        state.update(models, rng=rng_state(), accumulator=dataclasses.asdict(acc))
-    else:  # the model file holds the generator users should sample from: the average when ema is on
-        state.update(generator=trainer.sampler.state_dict(), discriminator=models["discriminator"])
-    return save_checkpoint(path, state)
-
-
-def _prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path:
-    ckpt = out_dir / "checkpoints" / "last.safetensors"
-    if resume and not ckpt.is_file():
-        raise CheckpointError(f"nothing to resume: {ckpt} does not exist; run without --resume to start")
-    if not resume and not overwrite and ckpt.is_file():
-        raise ConfigError(
-            f"{out_dir} already holds a run ({ckpt.name}); pass --resume to continue it, "
-            "--force to start over, or choose another output directory"
-        )
-    return ckpt
+    def save_samples(self, path: Path) -> Path:
+        return save_samples(self.trainer.sampler, self.fixed_noise, path)
 
 
 def train_gan(
@@ -690,165 +610,12 @@ def train_gan(
     Everything is validated and loaded before the first file is written, so bad input leaves
     ``out_dir`` untouched. A NaN/Inf loss raises TrainingDivergedError and keeps the last checkpoint.
     """
-    run = _GanRun(cfg, Path(out_dir), evaluator, resume, overwrite)
-    run.start(progress)
-    try:
-        for step in range(run.start_step + 1, cfg.steps + 1):
-            run.step(step)
-    finally:
-        run.close()
-    return run.finish()
+    def build(device: torch.device, ctx: DistContext, guard: object) -> GanTask:
+        return GanTask(cfg, device, ctx)
 
-
-class _GanRun:
-    """The state of one ``train_gan`` call: trainer, data stream, logs and checkpoint bookkeeping."""
-
-    def __init__(
-        self, cfg: GanConfig, out_dir: Path, evaluator: Evaluator | None, resume: bool, overwrite: bool
-    ) -> None:
-        self.cfg, self.out_dir, self.evaluator = cfg, out_dir, evaluator
-        self.rank, world = _distributed()
-        self.main = self.rank == 0
-        self.ckpt_path = _prepare_out_dir(out_dir, resume, overwrite)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = _device(cfg, self.rank)
-        torch.manual_seed(cfg.seed)
-        teacher = load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
-        self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher)
-        images = load_images(cfg, _unwrap(self.trainer.G).image_shape)
-        self.start_step, self.history, self.acc = 0, [], _Accumulator()
-        self.last_good: Path | None = None
-        if resume:
-            self._restore()
-        if world > 1:
-            self.trainer.G, self.trainer.D = (
-                _wrap_ddp(self.trainer.G, device),
-                _wrap_ddp(self.trainer.D, device),
-            )
-        self.stream = BatchStream(images, cfg.batch_size, cfg.seed, self.rank, world)
-        self.fixed_noise = latent(
-            SAMPLE_GRID, self.trainer.latent_dim, seeded_generator(cfg.seed, 0, 99), device
-        )
-        self.samples: Path | None = None
-        self.postfix: dict[str, str] = {}
-
-    def _restore(self) -> None:
-        state = read_gan_checkpoint(self.ckpt_path)
-        _check_resumable(self.cfg, state, self.ckpt_path)
-        self.trainer.load_state(state, str(self.ckpt_path))
-        set_rng_state(state["rng"])
-        self.start_step, self.history = int(state["step"]), list(state["history"])
-        self.acc = _Accumulator(**state["accumulator"])
-        self.last_good = self.ckpt_path
-
-    def start(self, progress: bool) -> None:
-        """Open the logs and the progress bar (the first files this run writes)."""
-        self.log = RunLog(self.out_dir, self.history, self.start_step) if self.main else None
-        if self.main and self.start_step == 0:
-            atomic_write_text(self.out_dir / "config.json", json.dumps(to_dict(self.cfg), indent=1))
-        self.bar = tqdm(
-            total=self.cfg.steps,
-            initial=self.start_step,
-            desc=self.cfg.name,
-            disable=not (self.main and progress),
-            dynamic_ncols=True,
-        )
-
-    def step(self, step: int) -> None:
-        """n_critic discriminator updates, one generator update, then logging/eval/samples/checkpoint."""
-        cfg, trainer = self.cfg, self.trainer
-        if cfg.lr_decay == "linear":
-            trainer.set_lr_scale(1.0 - (step - 1) / cfg.steps)
-        if cfg.weights_from_step:
-            trainer.set_weight_quantization(step > cfg.weights_from_step)
-        d_loss = 0.0
-        for k in range(trainer.n_critic):
-            draw = (step - 1) * trainer.n_critic + k
-            trainer.set_epoch(draw // self.stream.per_epoch)
-            d_loss = trainer.d_step(
-                self.stream.batch(draw), seeded_generator(cfg.seed, step, 1 + k, self.rank)
-            )
-            _check_loss("discriminator loss", d_loss, step, self.last_good)
-        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank))
-        _check_loss("generator loss", g_loss, step, self.last_good)
-        self.acc.add(d_loss, g_loss)
-        self.bar.update(1)
-        if self.main:
-            self._bookkeeping(step)
-        if self._due(step, self.cfg.checkpoint_every):  # on every rank, as resumed ranks start cache-less
-            _drop_weight_caches(*self.trainer.models())
-
-    def _due(self, step: int, every: int) -> bool:
-        return step % every == 0 or step == self.cfg.steps
-
-    def _bookkeeping(self, step: int) -> None:
-        cfg = self.cfg
-        evaluate_now = self.evaluator is not None and (
-            (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
-        )
-        generator = self.trainer.sampler
-        if evaluate_now or self._due(step, cfg.log_every):
-            row = self.acc.row(step)
-            if evaluate_now:
-                row.update(_evaluate(self.evaluator, generator, step))
-            self.log.add(row)
-            self.postfix.update({k: f"{v:.3g}" for k, v in row.items() if k != "step"})
-            self.bar.set_postfix(self.postfix, refresh=False)
-        if self._due(step, cfg.sample_every):
-            self.samples = save_samples(
-                generator, self.fixed_noise, self.out_dir / "samples" / f"step_{step:06d}.png"
-            )
-        if self._due(step, cfg.checkpoint_every):
-            if not self.trainer.finite():
-                _check_loss("a network weight", float("nan"), step, self.last_good)
-            self.last_good = _save_state(
-                self.ckpt_path, self.trainer, cfg, step, self.history, self.acc, full=True
-            )
-
-    def close(self) -> None:
-        """Close the progress bar and the logs (also after an error)."""
-        self.bar.close()
-        if self.log is not None:
-            self.log.close()
-
-    def finish(self) -> TrainResult:
-        """Write the final model file (rank 0) and describe what the run produced."""
-        model_path = self.out_dir / "model.safetensors"
-        if self.main:
-            _save_state(
-                model_path, self.trainer, self.cfg, self.cfg.steps, self.history, self.acc, full=False
-            )
-        return TrainResult(
-            history=self.history,
-            generator=self.trainer.sampler,
-            discriminator=_unwrap(self.trainer.D),
-            model_path=model_path,
-            checkpoint_path=self.ckpt_path,
-            log_csv=self.out_dir / "log.csv",
-            samples=self.samples,
-        )
-
-
-def _drop_weight_caches(*models: nn.Module) -> None:
-    """Bump every parameter's version counter without changing its value (x * 1 is exact).
-
-    Quantized layers reuse their quantized weight while the weight's version is unchanged, and a
-    stateful quantizer (em, lq, kmeans) only warm-updates on a recompute. A resumed run starts
-    with no such cache, so the uninterrupted run drops its caches at every checkpoint as well:
-    both then continue identically (exact ``--resume``).
-    """
-    with torch.no_grad():
-        for model in models:
-            for param in model.parameters():
-                param.mul_(1)
-
-
-def _evaluate(evaluator: Evaluator, generator: nn.Module, step: int) -> dict[str, float]:
-    was_training = generator.training
-    generator.eval()
-    try:
-        scores = evaluator(generator, step)
-    finally:
-        generator.train(was_training)
-    return {k: float(v) for k, v in scores.items()}
+    result = run_training(cfg, LoopSettings.of(cfg), out_dir, build, read_gan_checkpoint, evaluator, resume,
+                          overwrite, progress)
+    trainer = result.task.trainer
+    return TrainResult(history=result.history, generator=trainer.sampler, discriminator=unwrap(trainer.D),
+                       model_path=result.model_path, checkpoint_path=result.checkpoint_path,
+                       log_csv=result.log_csv, samples=result.samples)

@@ -43,3 +43,21 @@ class Optimizers:
                              "the run started with")
         for opt, opt_state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(opt_state)
+
+
+class LrScale:
+    """Scales the learning rates of several optimisers together: ``set(scale)`` puts every parameter
+    group at ``scale`` x the rate it had when the LrScale was made (a pure function of the step, so a
+    resumed run follows the same schedule)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer | Optimizers) -> None:
+        self.optimizers = optimizers
+        self.base = [group["lr"] for group in self._groups()]
+
+    def _groups(self) -> list[dict]:
+        """The current parameter groups (loading an optimiser state replaces the group dicts)."""
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def set(self, scale: float) -> None:
+        for group, base in zip(self._groups(), self.base, strict=True):
+            group["lr"] = base * scale

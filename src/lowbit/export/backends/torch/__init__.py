@@ -16,12 +16,13 @@ Kernel = Callable[..., torch.Tensor]
 NAME = "torch"
 
 
-def _weight(node: Node) -> torch.Tensor:
+def weight_of(node: Node) -> torch.Tensor:
+    """The float weight of a weight node: stored, or rebuilt from its codes and codebook."""
     return dequantized_weight(node) if node.attrs["weight"]["format"] == "packed" else node.tensors["weight"]
 
 
 def _conv2d(node: Node) -> Kernel:
-    a, weight, bias = node.attrs, _weight(node), node.tensors.get("bias")
+    a, weight, bias = node.attrs, weight_of(node), node.tensors.get("bias")
     pad, mode = a.get("pad"), a.get("pad_mode", "constant")
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -33,14 +34,14 @@ def _conv2d(node: Node) -> Kernel:
 
 
 def _conv_transpose2d(node: Node) -> Kernel:
-    a, weight, bias = node.attrs, _weight(node), node.tensors.get("bias")
+    a, weight, bias = node.attrs, weight_of(node), node.tensors.get("bias")
     return lambda x: F.conv_transpose2d(
         x, weight, bias, a["stride"], a["padding"], a["output_padding"], a["groups"], a["dilation"]
     )
 
 
 def _linear(node: Node) -> Kernel:
-    weight, bias = _weight(node), node.tensors.get("bias")
+    weight, bias = weight_of(node), node.tensors.get("bias")
     return lambda x: F.linear(x, weight, bias)
 
 

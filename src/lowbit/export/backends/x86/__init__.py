@@ -1,5 +1,5 @@
 """The ``x86`` backend: conv, transposed conv and linear nodes whose input is a two-level activation run on
-the bit-serial kernels of ``csrc/bitserial.cpp`` (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
+the bit-serial kernels of ``csrc/``  (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
 
 A weight node is claimed when its input comes from a ``quant_act`` node with two levels, possibly through
 reflect / replicate pads, nearest up-sampling and reshapes (which commute with an element-wise activation):
@@ -18,7 +18,7 @@ from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends.x86 import build
 from lowbit.export.backends.x86.binary import SIGN_INPUT, BinaryInput, QuantWeightLayer
 from lowbit.export.ir import Node
-from lowbit.export.weights import codebook, codes
+from lowbit.export.weights import codebook, codes, mask
 
 NAME = "x86"
 WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
@@ -85,6 +85,7 @@ def kernel_layer(node: Node, binary: BinaryInput) -> QuantWeightLayer:
         _hyper(node),
         binary,
         affine=weight["codebook"] == "affine",
+        mask=mask(node),
     )
 
 
@@ -122,6 +123,36 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
             return layer(x)
 
     return run, [act.inputs[0]]
+
+
+def claims_latent(node: Node) -> bool:
+    """A transposed conv that a generator applies to its 1 x 1 latent (no padding, dilation or groups): on a
+    1 x 1 input it is one GEMM, which this backend runs instead of torch's slow transposed-conv dispatch."""
+    a = node.attrs
+    return (
+        node.op == "conv_transpose2d"
+        and a["padding"] == [0, 0]
+        and a["output_padding"] == [0, 0]
+        and a["dilation"] == [1, 1]
+        and a["groups"] == 1
+    )
+
+
+def plan_latent(node: Node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv)."""
+    fallback = torch_backend.build(node)
+    weight = torch_backend.weight_of(node)
+    in_channels, out_channels, kh, kw = weight.shape
+    matrix = weight.reshape(in_channels, -1).contiguous()
+    bias = node.tensors.get("bias")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != (1, 1):
+            return fallback(x)
+        out = (x.reshape(x.shape[0], in_channels) @ matrix).reshape(x.shape[0], out_channels, kh, kw)
+        return out if bias is None else out + bias[:, None, None]
+
+    return run
 
 
 def available() -> list[str]:

@@ -2,7 +2,7 @@
 
 A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a binary
 activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}) it binarises the
-input itself and, on a kernel path, runs ``csrc/bitserial.cpp`` (derivation in that file's header and
+input itself and, on a kernel path, runs the ``csrc/`` kernels (derivation in ``kernels.h``'s header and
 docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the
 reference the kernels are tested against.
 """
@@ -135,6 +135,7 @@ class QuantWeightLayer(nn.Module):
         hyper: dict,
         binary_input: BinaryInput | None,
         affine: bool,
+        mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if kind not in WEIGHT_KINDS:
@@ -145,7 +146,9 @@ class QuantWeightLayer(nn.Module):
         channels = codes.shape[channel_dim]
         self.codebook = codebook.to(torch.float32).expand(channels, -1).contiguous()
         self.codes = codes.to(torch.uint8)
-        self.register_buffer("weight", self.codebook[_row_index(codes.shape, channel_dim), codes.long()])
+        self.mask = None if mask is None else mask.to(torch.float32)
+        weight = self.codebook[_row_index(codes.shape, channel_dim), codes.long()]
+        self.register_buffer("weight", weight if self.mask is None else weight * self.mask)
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
         self._plan: _Plan | None = None
         self._base_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -203,10 +206,26 @@ class QuantWeightLayer(nn.Module):
     # ----- bit-serial kernel path -----
     def _conv_codes(self) -> torch.Tensor:
         """Codes as (Co, Ci, Kh, Kw): conv layout (a transposed conv's weight is (Ci, Co, Kh, Kw))."""
-        codes = self.codes
+        return self._conv_layout(self.codes)
+
+    def _conv_layout(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
-            return codes[:, :, None, None]
-        return codes.transpose(0, 1) if self.kind == "conv_transpose2d" else codes
+            return tensor[:, :, None, None]
+        return tensor.transpose(0, 1) if self.kind == "conv_transpose2d" else tensor
+
+    def _masked(
+        self, planes: torch.Tensor, coef: torch.Tensor, offset: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pruned layer: w = mask * (offset + sum coef plane) = offset * mask + sum coef (plane & mask),
+        so the mask becomes one more plane with coefficient ``offset`` and the offset becomes 0 (exact)."""
+        if self.mask is None:
+            return planes, coef, offset
+        keep = self._conv_layout(self.mask).bool()
+        return (
+            torch.cat([planes & keep, keep[None]]),
+            torch.cat([coef, offset[None]]),
+            torch.zeros_like(offset),
+        )
 
     def _planes(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bit planes (P, Co, Ci, Kh, Kw), coefficients (P, Co) and offsets (Co,) with
@@ -265,7 +284,7 @@ class QuantWeightLayer(nn.Module):
         factor 2 for sign input, exact) and the input/output steps, all in the form ``binary_conv`` takes."""
         bit_weight = self.binary_input.terms[0]
         codes = self._conv_codes()
-        planes, coef, offset = self._planes(codes)
+        planes, coef, offset = self._masked(*self._planes(codes))
         n_planes, out_channels, in_channels = planes.shape[:3]
         w_ts, phase_list = [], []
         for ph, pw, kh, kw, th, tw in self._phase_taps(tuple(codes.shape[2:])):

@@ -1,9 +1,10 @@
 """The bit-serial C++ kernels: compiled on first use into the lowbit cache, dispatched per CPU at run time.
 
-``csrc/bitserial.cpp`` is one translation unit built with ``-O3`` and no ``-march`` flag; its AVX-512
-VPOPCNTDQ and AVX2 loops carry function-level target attributes and are only called when cpuid says the
-CPU has them. When no C++ compiler is available the packed model runs on the pure-torch path instead
-(unpacked weights, float convolutions) and says so once.
+``csrc/`` holds the shared ``kernels.h``, one file per ISA (``scalar.cpp``, ``avx2.cpp``, ``avx512.cpp``)
+and the torch binding ``bitserial.cpp``, built with ``-O3`` and no ``-march`` flag; the AVX-512 VPOPCNTDQ
+and AVX2 loops carry function-level target attributes and are only called when cpuid says the CPU has them.
+When no C++ compiler is available the packed model runs on the pure-torch path instead (unpacked weights,
+float convolutions) and says so once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from lowbit.io import cache_dir
 #: kernel paths by their id in the C++ code (index = id); "torch" is the compiler-free fallback.
 KERNEL_PATHS = ("scalar", "avx2", "avx512")
 TORCH_PATH = "torch"
-SOURCE = Path(__file__).parent / "csrc" / "bitserial.cpp"
+CSRC = Path(__file__).parent / "csrc"
+#: the torch binding first, then one file per ISA; kernels.h is shared by all.
+SOURCES = ("bitserial.cpp", "scalar.cpp", "avx2.cpp", "avx512.cpp")
 #: environment variable that picks the default path ("auto", "avx512", "avx2", "scalar", "torch").
 PATH_ENV = "LOWBIT_KERNEL_PATH"
 #: a build lock older than this (seconds) was left by a killed build.
@@ -38,7 +41,7 @@ _LOADED: dict[str, Any] = {}
 
 def _build_directory() -> Path:
     """A cache folder keyed by the source hash and the torch version, so edits and upgrades rebuild."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()))).hexdigest()[:12]
     folder = cache_dir() / "kernels" / f"bitserial-{digest}-torch{torch.__version__.replace('+', '_')}"
     folder.mkdir(parents=True, exist_ok=True)
     _drop_stale_lock(folder / "lock")
@@ -59,13 +62,18 @@ def _compile() -> Any:
 
     load(
         name="lowbit_bitserial",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off"],
+        sources=[str(CSRC / name) for name in SOURCES],
+        extra_cflags=["-O3", "-ffp-contract=off", *path_defines()],
         build_directory=str(_build_directory()),
         is_python_module=False,
         verbose=False,
     )
     return torch.ops.lowbit_bitserial
+
+
+def path_defines() -> list[str]:
+    """The kernel-path ids as compiler defines: KERNEL_PATHS is their one definition."""
+    return [f"-DLOWBIT_PATH_{name.upper()}={index}" for index, name in enumerate(KERNEL_PATHS)]
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:

@@ -1,0 +1,63 @@
+"""Inference speed of a packed image-to-image generator (a ``lowbit run`` output) vs its FP32 model in
+PyTorch and in onnxruntime, at batch 1 and 16 (issue 17: the packed W4A1 U-Net at 28 x 28, batch 16,
+against onnxruntime FP32 on the same model).
+
+    python benchmarks/i2i_inference.py runs/sr4-fashion-w4a1 --threads 1 --repeats 30
+
+Reads the run's ``results.json`` (the pretrained FP checkpoint) and ``generator.lowbit.safetensors``;
+timing as ``benchmarks/inference.py`` (best of ``--repeats``, round-robin, process CPU clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from inference import CLOCKS, _cpu_model, _onnx_session, best_times
+
+from lowbit.export import available_paths, load
+from lowbit.train.gan import load_generator
+
+
+def bench_run(run_dir: Path, repeats: int, threads: int, clock: str) -> list[dict]:
+    """Times of FP32 torch, ORT FP32 and the packed file on every kernel path, batch 1 and 16."""
+    results = json.loads((run_dir / "results.json").read_text())
+    fp32 = load_generator(results["pretrained"])
+    packed = run_dir / "generator.lowbit.safetensors"
+    x1 = torch.randn(1, *fp32.input_shape, generator=torch.Generator().manual_seed(0))
+    x16 = torch.randn(16, *fp32.input_shape, generator=torch.Generator().manual_seed(1))
+    rows = []
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
+        contestants = {"FP32 torch": fp32, "ORT FP32": _onnx_session(fp32, x1, Path(folder), threads)}
+        contestants.update({f"packed {p}": load(packed, kernel_path=p) for p in available_paths()})
+        for batch, x in (("b1", x1), ("b16", x16)):
+            timed = {key: partial(fn, x) for key, fn in contestants.items()}
+            best = best_times(timed, repeats, CLOCKS[clock])
+            rows += [{"batch": batch, "contestant": key, "ms": 1e3 * s, "vs_torch": best["FP32 torch"] / s,
+                      "vs_ort": best["ORT FP32"] / s} for key, s in best.items()]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="output directory of `lowbit run` (with export: true)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--clock", choices=CLOCKS, default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = bench_run(args.run_dir, args.repeats, args.threads, args.clock)
+    print(f"{args.run_dir.name} on {_cpu_model()}, torch {torch.__version__}, threads {args.threads}, "
+          f"{args.clock} clock, best of {args.repeats}")
+    print("| batch | contestant | ms | x FP32 torch | x ORT FP32 |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['contestant']} | {r['ms']:.3f} | {r['vs_torch']:.2f} | "
+              f"{r['vs_ort']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

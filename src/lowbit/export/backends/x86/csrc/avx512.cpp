@@ -1,0 +1,237 @@
+// The AVX-512 path (F, DQ, VPOPCNTDQ): vector popcounts, 8 rows per register, masked-OR sign packing.
+#include "kernels.h"
+
+namespace lowbit {
+namespace {
+
+
+__attribute__((target("avx512f,avx512vpopcntdq"))) void rows_avx512(const uint64_t* w_t, const uint64_t* patch,
+                                                                    int64_t words, int64_t rows, int64_t* counts) {
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t r = 0;
+  for (; r + 32 <= rows; r += 32) {
+    __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+    for (int64_t w = 0; w < words; ++w) {
+      const __m512i x = _mm512_set1_epi64(static_cast<long long>(patch[w]));
+      const uint64_t* row = w_t + w * rows + r;
+      a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(row), x)));
+      a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(row + 8), x)));
+      a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(row + 16), x)));
+      a3 = _mm512_add_epi64(a3, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(row + 24), x)));
+    }
+    _mm512_storeu_si512(counts + r, a0);
+    _mm512_storeu_si512(counts + r + 8, a1);
+    _mm512_storeu_si512(counts + r + 16, a2);
+    _mm512_storeu_si512(counts + r + 24, a3);
+  }
+  for (; r < rows; r += 8) {
+    __m512i acc = zero;
+    for (int64_t w = 0; w < words; ++w) {
+      const __m512i x = _mm512_set1_epi64(static_cast<long long>(patch[w]));
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(w_t + w * rows + r), x)));
+    }
+    _mm512_storeu_si512(counts + r, acc);
+  }
+}
+
+// 16 pixels at a time: one compare gives their sign bits for channel k, which masked ORs set as bit k of
+// the 16 pixels' words (two 8-lane registers), so no bit transposition loop is needed.
+__attribute__((target("avx512f"))) void pack_nchw_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                         int64_t c, int64_t hw, int64_t wc, int64_t p0,
+                                                         int64_t total) {
+  const __m512 zero = _mm512_setzero_ps();
+  alignas(64) uint64_t lanes[16];
+  for (int64_t j0 = 0; j0 < total; j0 += 16) {
+    const int64_t count = total - j0 < 16 ? total - j0 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
+      const float* plane = src + cw * 64 * hw + p0 + j0;
+      for (int64_t k = 0; k < channels; ++k, plane += hw) {
+        const __mmask16 positive =
+            count == 16 ? _mm512_cmp_ps_mask(_mm512_loadu_ps(plane), zero, _CMP_GE_OQ)
+                        : _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, plane), zero, _CMP_GE_OQ);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << k));
+        acc0 = _mm512_mask_or_epi64(acc0, static_cast<__mmask8>(positive & 0xff), acc0, bit);
+        acc1 = _mm512_mask_or_epi64(acc1, static_cast<__mmask8>(positive >> 8), acc1, bit);
+      }
+      _mm512_store_si512(lanes, acc0);
+      _mm512_store_si512(lanes + 8, acc1);
+      for (int64_t j = 0; j < count; ++j) dst[at[j0 + j] + cw] = lanes[j];
+    }
+  }
+}
+
+// One compare yields the sign bits of 16 consecutive channels; four of them make a 64-bit word.
+__attribute__((target("avx512f"))) void pack_nhwc_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                         int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
+                                                         int64_t count) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const float* pixel = src + (p0 + j) * c;
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      uint64_t word = 0;
+      for (int64_t s = 0; s < 4; ++s) {
+        const int64_t first = cw * 64 + s * 16;
+        if (first >= c) break;
+        const int64_t n = c - first < 16 ? c - first : 16;
+        const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(valid, pixel + first);
+        word |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_GE_OQ)) << (16 * s);
+      }
+      dst[at[j] + cw] = word;
+    }
+  }
+}
+
+// AVX-512, co a multiple of 8: the counts of P planes x CV channel vectors (8 channels each) stay in
+// registers, the patch words are broadcast straight from the padded input (no patch buffer), and the
+// combine runs on 8 doubles at a time in the same order as row_generic. Channels go in blocks of 8*CV.
+template <int P, int CV>
+__attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_regs(
+    const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
+  const int64_t co = a.co, wc = a.wc, rp = a.rows_padded, taps = static_cast<int64_t>(f.offs.size());
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  const int64_t* offs = f.offs.data();
+  const int64_t blocks = co / (8 * CV);
+  for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+    const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
+    const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const int64_t c0 = cb * 8 * CV;
+      __m512i acc[P * CV];
+      for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
+      const uint64_t* wrow = f.w_t + c0;
+      for (int64_t t = 0; t < taps; ++t) {
+        const uint64_t* src = pixel.px + offs[t];
+        for (int64_t k = 0; k < wc; ++k, wrow += rp) {
+          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(src[k]));
+          for (int b = 0; b < P; ++b) {
+            for (int v = 0; v < CV; ++v) {
+              const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
+              acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+            }
+          }
+        }
+      }
+      for (int v = 0; v < CV; ++v) {
+        const int64_t c = c0 + 8 * v;
+        __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
+        for (int b = 0; b < P; ++b) {
+          r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
+        }
+        _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512vpopcntdq"))) void lane_counts_avx512(const uint64_t* patch,
+                                                                           const uint64_t* w_t, int64_t words,
+                                                                           int64_t rows_padded, int64_t rows,
+                                                                           int64_t (*counts)[kLanes],
+                                                                           int64_t* positives) {
+  __m512i acc[kMaxLaneRows];
+  __m512i pos = _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t wd = 0; wd < words; ++wd) {
+    const __m512i x = _mm512_loadu_si512(patch + wd * kLanes);
+    pos = _mm512_add_epi64(pos, _mm512_popcnt_epi64(x));
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512i wbits = _mm512_set1_epi64(static_cast<long long>(w_t[wd * rows_padded + r]));
+      acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(x, wbits)));
+    }
+  }
+  _mm512_storeu_si512(positives, pos);
+  for (int64_t r = 0; r < rows; ++r) _mm512_storeu_si512(counts[r], acc[r]);
+}
+
+// AVX-512 lanes with one input word per pixel and unit input step: a tap's 8 lanes are 8 consecutive
+// words of the padded input, one (masked) load; R = rows (planes * co).
+template <int R>
+__attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_lanes(
+    const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
+  const int64_t taps = static_cast<int64_t>(f.offs.size()), rp = a.rows_padded;
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  const int64_t* offs = f.offs.data();
+  for (int64_t q0 = 0; q0 < f.n_qw; q0 += kLanes) {
+    const int64_t lanes = f.n_qw - q0 < kLanes ? f.n_qw - q0 : kLanes;
+    const __mmask8 valid = static_cast<__mmask8>((1u << lanes) - 1u);
+    const uint64_t* px = patch_origin(a, i, qh, q0);
+    __m512i pos = _mm512_setzero_si512();
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < taps; ++t) {
+      const __m512i xv = _mm512_maskz_loadu_epi64(valid, px + offs[t]);
+      pos = _mm512_add_epi64(pos, _mm512_popcnt_epi64(xv));
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_set1_epi64(static_cast<long long>(f.w_t[t * rp + r]));
+        acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+      }
+    }
+    // The combine of lanes_combine on 8 lanes at once: base gathered, outputs scattered (lane stride
+    // out_step_w * co), same double operations in the same order.
+    const int64_t co = a.co, ow0 = q0 * a.out_step_w + f.pw;
+    const __m512i lane_index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                                                  _mm512_set1_epi64(a.out_step_w * co));
+    const __m512d pos_d = _mm512_cvtepi64_pd(pos);
+    __m512d counts[R];
+    for (int r = 0; r < R; ++r) counts[r] = _mm512_cvtepi64_pd(acc[r]);
+    for (int64_t c = 0; c < co; ++c) {
+      const double* base = a.base + (oh * a.wo + ow0) * co + c;
+      float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
+      __m512d r = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), valid, lane_index, base, 8);
+      r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_set1_pd(a.offset2[c]), pos_d));
+      for (int64_t b = 0; b < a.planes; ++b) {
+        r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_set1_pd(a.coef2[b * co + c]), counts[b * co + c]));
+      }
+      _mm512_mask_i64scatter_ps(out, valid, lane_index, _mm512_cvtpd_ps(r), 4);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void generic_avx512(
+    const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& s) {
+  row_generic<rows_avx512, words_popcnt>(a, f, i, qh, s);
+}
+
+__attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void lanes_avx512(
+    const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& s) {
+  row_lanes<lane_counts_avx512>(a, f, i, qh, s);
+}
+
+// The AVX-512 register kernel: 8-channel vectors, P * CV <= 16 accumulators; nullptr when co is not
+// a multiple of 8 or planes > 4.
+RowFn pick_avx512_regs(int64_t planes, int64_t co) {
+  if (co % 8 != 0) return nullptr;
+  const int64_t vectors = co / 8;
+  LOWBIT_PICK_REGS(row_avx512_regs, 16)
+  return nullptr;
+}
+
+RowFn pick_avx512_lanes(int64_t rows) {
+  switch (rows) {
+    case 1: return row_avx512_lanes<1>;
+    case 2: return row_avx512_lanes<2>;
+    case 3: return row_avx512_lanes<3>;
+    case 4: return row_avx512_lanes<4>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
+
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
+  const int64_t rows = planes * co;
+  if (rows <= kMaxLaneRows) {
+    RowFn fn = wc == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
+    return fn != nullptr ? fn : lanes_avx512;
+  }
+  RowFn fn = pick_avx512_regs(planes, co);
+  return fn != nullptr ? fn : generic_avx512;
+}
+
+}  // namespace lowbit

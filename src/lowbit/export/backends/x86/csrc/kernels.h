@@ -1,0 +1,295 @@
+// Shared declarations of the bit-serial kernels: one copy, compiled into every translation unit that needs
+// them (the per-ISA files scalar.cpp, avx2.cpp, avx512.cpp and the torch binding bitserial.cpp).
+// Nothing here depends on torch, so the same sources can serve a runtime without it.
+//
+// Bit-serial kernels for layers whose input is binary (sign activations, x in {-1, +1}) and whose
+// weights are k-bit codes with a per-output-channel codebook.
+//
+// Derivation (lowbit docs/export.md "Kernels"). Let xpos_i = 1 if x_i = +1 else 0, so x_i = 2*xpos_i - 1
+// on the taps that fall inside the input (padding and the holes of a transposed conv contribute 0).
+// For an output channel c:
+//   sum_i w_i x_i = 2 * sum_i w_i xpos_i - sum_{i valid} w_i                                  (1)
+// The last term does not depend on the input: it is the layer applied to an all-ones input ("corr",
+// computed once per input size in Python). With an affine codebook w_i = scale_c * z_i + offset_c and
+// z_i = sum_b 2^b z_i^(b):
+//   sum_i w_i xpos_i = sum_b (scale_c 2^b) * popcount(z^(b) & xpos) + offset_c * popcount(xpos)    (2)
+// A general codebook uses one-hot planes instead: sum_l codebook[c, l] * popcount(onehot_l & xpos).
+// So each output pixel needs popcount(plane_row & patch) for every (plane, channel) row, plus
+// popcount(patch) once. Rows are stored transposed (word-major, rows padded to a multiple of 8) so a
+// broadcast patch word meets 8 rows in one AVX-512 register (4 in AVX2) and no horizontal sums are needed.
+//
+// Convolutions are described by "phases": an output pixel (oh, ow) = (qh*out_step_h + ph, qw*out_step_w + pw)
+// reads input (qh*in_step_h + tap_h[t], qw*in_step_w + tap_w[u]). A Conv2d is one phase (in_step = stride);
+// a ConvTranspose2d with stride s is s*s phases with in_step 1, each keeping only the taps that hit input
+// pixels (the sub-pixel decomposition), so no multiply-by-zero holes are computed.
+//
+// One call per layer (binary_conv): the input is sign-packed into a zero-padded bit image (a per-thread
+// buffer reused across calls) wide enough that every tap of every phase lands inside it, so the pixel
+// loops have no bounds checks; then every phase's output rows run. Per pixel, by shape:
+//   * Co a multiple of 8 (4 on AVX2), <= 4 planes: register kernels (row_avx512_regs / row_avx2_regs) keep
+//     the counts of a block of channels in registers, broadcast patch words straight from the bit image
+//     and combine 8 (4) channels at a time;
+//   * at most 16 rows (planes * Co, e.g. a generator's 1- or 3-channel output layer): AVX-512 vectorizes
+//     over 8 neighbouring output pixels (one masked load per tap when a pixel is one word), the other
+//     paths go pixel by pixel with scalar popcounts (<= 4 rows) or the generic lane loop;
+//   * anything else: the generic loop (gather the patch, count all rows, combine).
+// Every path accumulates the same exact integer counts and combines them in float64 in the same order
+// (see binary_conv), so all paths give bit-identical outputs.
+//
+// Dispatch: the hot loops are compiled three times with function-level target attributes (AVX-512
+// VPOPCNTDQ, AVX2, portable scalar) in this one translation unit, built without any -march flag; the
+// caller passes the path id and supported_paths() reads cpuid. Sign packing has AVX-512, AVX2 and
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+#if !defined(LOWBIT_PATH_SCALAR) || !defined(LOWBIT_PATH_AVX2) || !defined(LOWBIT_PATH_AVX512)
+#error "build with -DLOWBIT_PATH_SCALAR=.. -DLOWBIT_PATH_AVX2=.. -DLOWBIT_PATH_AVX512=.. (lowbit/export/backends/x86/build.py)"
+#endif
+
+namespace lowbit {
+
+constexpr int64_t kScalar = LOWBIT_PATH_SCALAR;
+constexpr int64_t kAvx2 = LOWBIT_PATH_AVX2;
+constexpr int64_t kAvx512 = LOWBIT_PATH_AVX512;
+
+using RowsFn = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, int64_t*);
+using WordsFn = int64_t (*)(const uint64_t*, int64_t);
+
+// ----- sign packing into bits: bit c of a pixel's word(s) set iff x[c, pixel] >= 0 -----
+// NCHW input: a channel's plane is contiguous, so bits are gathered across planes; channels-last (NHWC)
+// input: a pixel's channels are contiguous, so each 64-bit word is built from consecutive floats.
+// Pixels are packed in chunks of up to kChunk; at[j] is the word index of chunk pixel j in the destination
+// (which may be a zero-padded image, see PackGeometry), so the packers never divide.
+
+constexpr int64_t kChunk = 64;
+
+// sum_w popcount(patch[w]) with the popcnt instruction (the AVX2 and AVX-512 paths).
+__attribute__((target("popcnt"))) inline int64_t words_popcnt(const uint64_t* patch, int64_t words) {
+  int64_t total = 0;
+  for (int64_t w = 0; w < words; ++w) total += static_cast<int64_t>(_mm_popcnt_u64(patch[w]));
+  return total;
+}
+
+using PackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+// ----- binary-input conv: all phases of one layer in one call -----
+//
+// Output value (eq. 1-2 with the factor 2 folded into coef2 = 2*coef and offset2 = 2*offset, exact in
+// floating point): out[c] = float(base[c] + offset2[c] * popcount(patch) + sum_b coef2[b, c] * count[b, c]),
+// accumulated in double in exactly this order on every path, so all paths agree bit for bit.
+
+struct ConvArgs {
+  const uint64_t* x;     // zero-padded bits (N, hp, wp, wc)
+  const double* coef2;   // (planes, co)
+  const double* offset2; // (co)
+  const double* base;    // (Ho, Wo, co): bias - layer(all-ones input)
+  float* out;            // (N, Ho, Wo, co): channels-last, one contiguous store per pixel
+  int64_t hp, wp, wc, ho, wo, co, planes, rows_padded;
+  int64_t in_step_h, in_step_w, out_step_h, out_step_w;
+};
+
+struct PhaseInfo {
+  const uint64_t* w_t;        // (words, rows_padded), rows = plane * co + channel
+  std::vector<int64_t> offs;  // word offset of every tap (t, u) from the patch's top-left padded pixel
+  int64_t ph, pw, n_qh, n_qw, words;
+};
+
+struct Scratch {
+  std::vector<uint64_t> patch;
+  std::vector<int64_t> counts;
+};
+
+// The output pixel (qh, qw) of phase f reads the padded input from here on (plus f.offs).
+inline const uint64_t* patch_origin(const ConvArgs& a, int64_t i, int64_t qh, int64_t qw) {
+  return a.x + ((i * a.hp + qh * a.in_step_h) * a.wp + qw * a.in_step_w) * a.wc;
+}
+
+// One output pixel of the register kernels: its patch origin in the padded input, its base and output
+// rows, and the set bits of its patch words (the ``positives`` of the combine).
+struct Pixel {
+  const uint64_t* px;
+  const double* base;
+  float* out;
+  int64_t positives;
+};
+
+__attribute__((target("popcnt"))) inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f, int64_t i,
+                                                        int64_t qh, int64_t qw, int64_t oh) {
+  const int64_t ow = qw * a.out_step_w + f.pw;
+  Pixel p{patch_origin(a, i, qh, qw), a.base + (oh * a.wo + ow) * a.co,
+          a.out + ((i * a.ho + oh) * a.wo + ow) * a.co, 0};
+  for (const int64_t off : f.offs) {
+    for (int64_t k = 0; k < a.wc; ++k) p.positives += static_cast<int64_t>(_mm_popcnt_u64(p.px[off + k]));
+  }
+  return p;
+}
+
+// Generic per-row loop (any co, planes): gathers the patch, Rows() counts every (plane, channel) row.
+// Written once and inlined into each ISA's wrapper, so the compiler vectorizes the combine for that ISA.
+template <RowsFn Rows, WordsFn Words>
+__attribute__((always_inline)) inline void row_generic(const ConvArgs& a, const PhaseInfo& f, int64_t i,
+                                                       int64_t qh, Scratch& s) {
+  const int64_t co = a.co, wc = a.wc, taps = static_cast<int64_t>(f.offs.size());
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  uint64_t* patch = s.patch.data();
+  const int64_t* cnt = s.counts.data();
+  for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+    const int64_t ow = qw * a.out_step_w + f.pw;
+    const uint64_t* px = patch_origin(a, i, qh, qw);
+    uint64_t* p = patch;
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t k = 0; k < wc; ++k) *p++ = px[f.offs[t] + k];
+    }
+    const double positives = static_cast<double>(Words(patch, f.words));
+    Rows(f.w_t, patch, f.words, a.rows_padded, s.counts.data());
+    const double* base = a.base + (oh * a.wo + ow) * co;
+    float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
+    for (int64_t c = 0; c < co; ++c) {
+      double r = base[c] + a.offset2[c] * positives;
+      for (int64_t b = 0; b < a.planes; ++b) r = r + a.coef2[b * co + c] * static_cast<double>(cnt[b * co + c]);
+      out[c] = static_cast<float>(r);
+    }
+  }
+}
+
+// Few rows (R = planes * co <= 4) on the scalar and AVX2 paths: one output pixel at a time, its patch
+// words read straight from the padded input, R + 1 scalar popcounts per word (the popcnt instruction
+// where the wrapper's target has it).
+template <int R>
+__attribute__((always_inline)) inline void row_pixels(const ConvArgs& a, const PhaseInfo& f, int64_t i,
+                                                      int64_t qh) {
+  const int64_t co = a.co, wc = a.wc, rp = a.rows_padded, taps = static_cast<int64_t>(f.offs.size());
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  const int64_t* offs = f.offs.data();
+  for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+    const int64_t ow = qw * a.out_step_w + f.pw;
+    const uint64_t* px = patch_origin(a, i, qh, qw);
+    int64_t positives = 0, counts[R] = {};
+    const uint64_t* wrow = f.w_t;
+    if (wc == 1) {  // one word per tap: the common case, without the inner loop
+      for (int64_t t = 0; t < taps; ++t, wrow += rp) {
+        const uint64_t x = px[offs[t]];
+        positives += __builtin_popcountll(x);
+        for (int r = 0; r < R; ++r) counts[r] += __builtin_popcountll(x & wrow[r]);
+      }
+    } else {
+      for (int64_t t = 0; t < taps; ++t) {
+        for (int64_t k = 0; k < wc; ++k, wrow += rp) {
+          const uint64_t x = px[offs[t] + k];
+          positives += __builtin_popcountll(x);
+          for (int r = 0; r < R; ++r) counts[r] += __builtin_popcountll(x & wrow[r]);
+        }
+      }
+    }
+    const double* base = a.base + (oh * a.wo + ow) * co;
+    float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
+    if (R == 1) {  // one channel, one plane
+      out[0] = static_cast<float>(base[0] + a.offset2[0] * static_cast<double>(positives) +
+                                  a.coef2[0] * static_cast<double>(counts[0]));
+      continue;
+    }
+    for (int64_t c = 0; c < co; ++c) {
+      double r = base[c] + a.offset2[c] * static_cast<double>(positives);
+      for (int64_t b = 0; b < a.planes; ++b) r = r + a.coef2[b * co + c] * static_cast<double>(counts[b * co + c]);
+      out[c] = static_cast<float>(r);
+    }
+  }
+}
+
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMaxLaneRows = 16;
+
+// Layers with few rows (e.g. the RGB/grey output layer of a generator) vectorize over 8 neighbouring
+// output pixels of a phase row instead of over rows: counts[r][l] = sum_wd popcount(w_t[wd, r] &
+// patch[wd][l]), positives[l] = sum_wd popcount(patch[wd][l]) (patch stored word-major, 8 lanes a word).
+using LanesFn = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, int64_t, int64_t (*)[kLanes],
+                         int64_t*);
+
+// always_inline: compiled inside each path's wrapper, so the avx2 path gets the popcnt instruction.
+__attribute__((always_inline)) inline void lane_counts_portable(const uint64_t* patch, const uint64_t* w_t,
+                                                                int64_t words, int64_t rows_padded, int64_t rows,
+                                                                int64_t (*counts)[kLanes], int64_t* positives) {
+  for (int64_t l = 0; l < kLanes; ++l) positives[l] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t l = 0; l < kLanes; ++l) counts[r][l] = 0;
+  }
+  for (int64_t wd = 0; wd < words; ++wd) {
+    const uint64_t* x = patch + wd * kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) positives[l] += __builtin_popcountll(x[l]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint64_t wbits = w_t[wd * rows_padded + r];
+      for (int64_t l = 0; l < kLanes; ++l) counts[r][l] += __builtin_popcountll(wbits & x[l]);
+    }
+  }
+}
+
+// Combine of the lane paths: the same double arithmetic, in the same order, as row_generic.
+__attribute__((always_inline)) inline void lanes_combine(const ConvArgs& a, int64_t i, int64_t oh, int64_t ow0,
+                                                         int64_t lanes, const int64_t (*counts)[kLanes],
+                                                         const int64_t* positives) {
+  const int64_t co = a.co, stride = a.out_step_w * co;
+  for (int64_t c = 0; c < co; ++c) {
+    const double* base = a.base + (oh * a.wo + ow0) * co + c;
+    float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
+    for (int64_t l = 0; l < lanes; ++l) {
+      double r = base[l * stride] + a.offset2[c] * static_cast<double>(positives[l]);
+      for (int64_t b = 0; b < a.planes; ++b) {
+        r = r + a.coef2[b * co + c] * static_cast<double>(counts[b * co + c][l]);
+      }
+      out[l * stride] = static_cast<float>(r);
+    }
+  }
+}
+
+template <LanesFn Counts>
+__attribute__((always_inline)) inline void row_lanes(const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh,
+                                                     Scratch& s) {
+  const int64_t wc = a.wc, taps = static_cast<int64_t>(f.offs.size()), rows = a.planes * a.co;
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  uint64_t* patch = s.patch.data();
+  for (int64_t q0 = 0; q0 < f.n_qw; q0 += kLanes) {
+    const int64_t lanes = f.n_qw - q0 < kLanes ? f.n_qw - q0 : kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const uint64_t* px = patch_origin(a, i, qh, q0 + (l < lanes ? l : 0));
+      for (int64_t t = 0; t < taps; ++t) {
+        for (int64_t k = 0; k < wc; ++k) patch[(t * wc + k) * kLanes + l] = l < lanes ? px[f.offs[t] + k] : 0;
+      }
+    }
+    int64_t positives[kLanes];
+    int64_t counts[kMaxLaneRows][kLanes];
+    Counts(patch, f.w_t, f.words, a.rows_padded, rows, counts, positives);
+    lanes_combine(a, i, oh, q0 * a.out_step_w + f.pw, lanes, counts, positives);
+  }
+}
+
+using RowFn = void (*)(const ConvArgs&, const PhaseInfo&, int64_t, int64_t, Scratch&);
+
+// The packer and the per-pixel kernel of each path: pack_fn(nchw) and pick_row(planes, co, rows, wc,
+// in_step_w) for the layer shape (see the header comment for which kernel serves which shape).
+PackFn pack_fn_scalar(bool nchw);
+PackFn pack_fn_avx2(bool nchw);
+PackFn pack_fn_avx512(bool nchw);
+RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
+RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
+
+// A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
+// P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1..4.
+#define LOWBIT_PICK_REGS(KERNEL, ACC)                                                        \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 1)                                                            \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 2)                                                            \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 3)                                                            \
+  LOWBIT_REGS_FOR(KERNEL, ACC, 4)
+#define LOWBIT_REGS_FOR(KERNEL, ACC, P)                                                      \
+  if (planes == P) {                                                                         \
+    if ((ACC / P) >= 8 && vectors % 8 == 0) return KERNEL<P, (ACC / P >= 8 ? 8 : 1)>;        \
+    if ((ACC / P) >= 4 && vectors % 4 == 0) return KERNEL<P, (ACC / P >= 4 ? 4 : 1)>;        \
+    if ((ACC / P) >= 2 && vectors % 2 == 0) return KERNEL<P, (ACC / P >= 2 ? 2 : 1)>;        \
+    return KERNEL<P, 1>;                                                                     \
+  }
+
+}  // namespace lowbit
