@@ -207,8 +207,8 @@ def test_gan_training_keeps_masks_exact_through_steps_and_resume(tmp_path):
 
     def config(steps):
         cfg = tiny_gan(steps=steps)
-        cfg["generator"]["transforms"] = [{"type": "prune", "ratio": 0.6, "schedule": "gradual", "start_step": 0,
-                                           "end_step": 12, "every": 4}]
+        gradual = {"schedule": "gradual", "start_step": 0, "end_step": 12, "every": 4}
+        cfg["generator"]["transforms"] = [{"type": "prune", "ratio": 0.6, **gradual}]
         cfg["generator"]["quant"] = {"weight": "minmax", "weight_bits": 4}
         return from_dict(GanConfig, cfg)
 
