@@ -89,17 +89,19 @@ def format_report(result: dict[str, Any]) -> str:
         "",
     ]
     comp = result["compression"]
+    width = max([14] + [len(row["name"]) + 2 for row in comp["layers"]])  # nested names (U-Net) are long
     header = (
-        f"  {'layer':<14}{'kind':<18}{'params':>10}{'FLOPs':>14}{'W':>4}{'A':>4}{'BOPs':>18}{'bytes':>12}"
+        f"  {'layer':<{width}}{'kind':<18}{'params':>10}{'FLOPs':>14}{'W':>4}{'A':>4}{'BOPs':>18}"
+        f"{'bytes':>12}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for row in comp["layers"]:
         lines.append(
-            f"  {row['name']:<14}{row['kind']:<18}{row['params']:>10,}{row['flops']:>14,}"
+            f"  {row['name']:<{width}}{row['kind']:<18}{row['params']:>10,}{row['flops']:>14,}"
             f"{row['weight_bits']:>4}{row['act_bits']:>4}{row['bops']:>18,}{row['size_bytes']:>12,}"
         )
     lines.append(
-        f"  {'total':<32}{comp['params']:>10,}{comp['flops']:>14,}{'':>8}{comp['bops']:>18,}"
+        f"  {'total':<{width + 18}}{comp['params']:>10,}{comp['flops']:>14,}{'':>8}{comp['bops']:>18,}"
         f"{comp['size_bytes']:>12,}"
     )
     lines.append(
@@ -108,7 +110,7 @@ def format_report(result: dict[str, Any]) -> str:
     )
     for row in result["weights"]:
         lines.append(
-            f"  {row['layer']:<14}{row['method']} {row['bits']}-bit: utilisation "
+            f"  {row['layer']:<{width}}{row['method']} {row['bits']}-bit: utilisation "
             f"{row['utilisation']:.3f}, code entropy {row['entropy_bits']:.3f} bits"
         )
     return "\n".join(lines)

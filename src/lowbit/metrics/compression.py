@@ -116,9 +116,15 @@ def _bytes(bits: int) -> int:
 
 
 def frozen_bits(layer: FrozenLayer) -> int:
-    """Bits to store a quantized layer: codes at ``bits``, codebook (or scale/offset) and bias at 32."""
+    """Bits to store a quantized layer: codes at ``bits``, codebook (or scale/offset) and bias at 32; a
+    pruned layer stores a 1-bit keep map and only its kept codes (the packed file's sparse form)."""
     table = [layer.scale, layer.offset] if layer.scale is not None else [layer.codebook]
-    return layer.codes.numel() * layer.bits + _bits_of([*table, layer.bias])
+    count = layer.codes.numel()
+    if layer.mask is not None and not bool(layer.mask.all()):
+        codes = count + int(layer.mask.count_nonzero()) * layer.bits  # keep map + kept codes
+    else:
+        codes = count * layer.bits
+    return codes + _bits_of([*table, layer.bias])
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -85,6 +85,18 @@ def _histograms(model_path: Path, out_dir: Path) -> dict[str, str]:
     return artifacts
 
 
+def _costs(model_path: Path) -> dict[str, float]:
+    """Parameters, FLOPs, BOPs and stored bytes of the trained generator (seed 004 §2; sparse layers at their
+    packed size), so a study can draw quality against cost."""
+    from lowbit.metrics import compression_report
+    from lowbit.nn.inputs import default_example
+    from lowbit.train.gan import load_generator
+
+    generator = load_generator(model_path)
+    report = compression_report(generator, default_example(generator))
+    return {"params": report.params, "flops": report.flops, "bops": report.bops, "bytes": report.size_bytes}
+
+
 def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train / fine-tune the GAN of ``config['train']`` in ``out_dir/run`` and score it (FID, IS)."""
     from lowbit.train.gan import GanConfig, build_networks, train_gan
@@ -106,6 +118,7 @@ def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     metrics["steps"] = cfg.steps
     reference = _reference_scores(cfg.init_from, trial.eval) if cfg.init_from and trial.eval.reference else {}
     metrics.update({f"{k}_fp": v for k, v in reference.items() if k in ("fid", "is")})
+    metrics.update(_costs(result.model_path))
     artifacts = _histograms(result.model_path, out_dir) if trial.histograms else {}
     if result.samples is not None:
         artifacts["samples"] = str(result.samples.relative_to(out_dir))
@@ -137,13 +150,10 @@ def generator_layers(config: dict[str, Any]) -> list[LayerCost]:
     """
     from lowbit.metrics import compression_report
     from lowbit.models import create_model
-    from lowbit.nn import convert
-    from lowbit.train.gan import GanConfig
+    from lowbit.train.gan import GanConfig, quantize_network
 
     spec = from_dict(GanConfig, from_dict(GanTrialConfig, config).train, where="train").generator
-    generator = create_model(spec.model, **spec.kwargs)
-    if spec.quant is not None:
-        generator = convert(generator, spec.quant)
+    generator = quantize_network(create_model(spec.model, **spec.kwargs), spec)
     modules = dict(generator.named_modules())
     report = compression_report(generator, torch.zeros(1, generator.latent_dim))
     return [LayerCost(layer.name, modules[layer.name].weight.numel(), layer.flops, layer.act_bits)
