@@ -287,3 +287,33 @@ def test_search_sgd_out_of_range_is_refused():
         from_dict(GanConfig, {**BASE, "search_sgd": {"lr": 0.0}})
     with pytest.raises(ConfigError, match="momentum"):
         from_dict(GanConfig, {**BASE, "search_sgd": {"lr": 0.1, "momentum": 1.0}})
+
+
+W1A1_SPEC = {"weight": "bwn", "weight_bits": 1, "weight_opts": {"scale": "learned"}, "act": "rsign",
+             "act_bits": 1, "act_opts": {"grad": "approx"}, "rprelu": True, "keep_full_precision": ["6"]}
+
+
+def test_w1a1_recipe_trains_with_feature_distillation_and_staged_weights(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import GanTrainer
+
+    cfg = qat_config(fp_checkpoint, W1A1_SPEC, steps=6, distill=1.0, distill_features=1.0,
+                     weights_from_step=3, sample_every=6, checkpoint_every=6)
+    seen: list[bool] = []
+    original = GanTrainer.g_step
+
+    def spy(self, n, gen):
+        seen.append(self.G[0].weights_quantized)
+        return original(self, n, gen)
+
+    GanTrainer.g_step = spy
+    try:
+        result = train_gan(cfg, tmp_path / "w1a1", progress=False)
+    finally:
+        GanTrainer.g_step = original
+    assert seen == [False, False, False, True, True, True]  # float weights up to step 3, then binary
+    G = load_generator(result.model_path)
+    assert G[0].weights_quantized and isinstance(G[2][1], QuantAct)
+    acts = [f for f in freeze(G).values() if isinstance(f, FrozenAct)]
+    assert [a.method for a in acts] == ["rsign", "rsign"] and all(a.shift is not None for a in acts)
+    with pytest.raises(Exception, match="distill_features' must be >= 0 and needs init_from"):
+        from_dict(GanConfig, {**BASE, "distill_features": 1.0})

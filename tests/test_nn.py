@@ -274,7 +274,7 @@ def test_spec_loads_from_yaml_and_validates(tmp_path) -> None:
     ({"weight_bits": 2.5}, "integer"),
     ({"act": "sign"}, "needs act_bits"),
     ({"act_bits": 1}, "act is null"),
-    ({"act": "relu", "act_bits": 1}, "valid: act, dorefa, lq, sign"),
+    ({"act": "relu", "act_bits": 1}, "valid: act, dorefa, lq, rsign, sign"),
     ({"weight": "sign", "weight_bits": 1}, "unknown weight quantization method"),
     ({"overrides": {"x": {"wieght_bits": 3}}}, "did you mean 'weight_bits'"),
     ({"overrides": {"x": {"weight_bits": 33}}}, "out of range"),

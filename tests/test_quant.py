@@ -13,7 +13,8 @@ from lowbit.quant import METHODS, encode, levels, quantize
 from lowbit.quant.encoding import nearest_level
 from lowbit.quant.lq import fit_lq
 
-ONE_BIT_ONLY = {"bwn", "sign"}
+ONE_BIT_ONLY = {name for name, cls in METHODS.items() if cls.bit_range == (1, 1)}
+CONSTANT_OK = {name for name, cls in METHODS.items() if cls.accepts_constant}
 
 
 def _bits_for(method: str) -> list[int]:
@@ -37,7 +38,7 @@ def test_at_most_2_to_the_k_values_and_levels_match(method: str, weights: torch.
         assert torch.isfinite(q).all()
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"sign", "act"}))
+@pytest.mark.parametrize("method", sorted(set(METHODS) - CONSTANT_OK))
 def test_per_channel_rows_have_their_own_levels(method: str, weights: torch.Tensor) -> None:
     bits = 1 if method in ONE_BIT_ONLY else 2
     scaled = weights * torch.arange(1, 6).reshape(1, 5, 1, 1)  # channel dim 1, like ConvTranspose2d
@@ -182,7 +183,7 @@ def test_empty_tensor_raises(method: str) -> None:
         quantize(torch.zeros(0, 3), method, 1)
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"sign", "act"}))
+@pytest.mark.parametrize("method", sorted(set(METHODS) - CONSTANT_OK))
 def test_constant_weight_tensor_raises(method: str) -> None:
     with pytest.raises(ValueError, match="constant"):
         quantize(torch.full((4, 4), 0.3), method, 1)

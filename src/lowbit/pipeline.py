@@ -50,7 +50,7 @@ GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
 GRID_PAIRS = 16
 #: QAT settings that only the noise-GAN trainer has
-GAN_ONLY_QAT = ("distill", "ema", "search_sgd")
+GAN_ONLY_QAT = ("distill", "distill_features", "weights_from_step", "ema", "search_sgd")
 
 
 @dataclass
@@ -62,6 +62,8 @@ class QatSettings:
     lr_g: float | None = None
     lr_d: float | None = None
     distill: float = 0.0
+    distill_features: float = 0.0
+    weights_from_step: int = 0
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
@@ -150,6 +152,8 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Pa
         discriminator=discriminator,
         init_from=str(checkpoint),
         distill=qat.distill,
+        distill_features=qat.distill_features,
+        weights_from_step=qat.weights_from_step,
         ema=qat.ema,
         lr_decay=qat.lr_decay,
         search_sgd=qat.search_sgd,
@@ -384,7 +388,9 @@ def _spec_rows(cfg: RunConfig) -> list[dict[str, Any]]:
         weights = f"W{spec.weight_bits} {spec.weight}" if spec.quantizes_weights else "W32"
         acts = f"A{spec.act_bits} {spec.act}" if spec.quantizes_acts else "A32"
         kept = f", kept FP: {', '.join(spec.keep_full_precision)}" if spec.keep_full_precision else ""
-        return f"{weights} / {acts}{kept}"
+        rprelu = ", RPReLU before each quantized activation" if spec.rprelu else ""
+        layers = "".join(f"; layer {pattern}: {settings}" for pattern, settings in spec.overrides.items())
+        return f"{weights} / {acts}{rprelu}{kept}{layers}"
 
     return [
         {"network": "generator", "quantization": describe(cfg.generator_quant)},

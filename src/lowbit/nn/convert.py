@@ -18,6 +18,7 @@ from torch import nn
 from lowbit.config import from_dict
 from lowbit.errors import ConfigError
 from lowbit.nn.layers import QUANT_LAYERS, QuantAct, QuantLayerMixin
+from lowbit.nn.rprelu import RPReLU
 from lowbit.nn.spec import QuantSpec
 
 HIDDEN_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
@@ -63,12 +64,17 @@ class FrozenLayer:
 
 @dataclass
 class FrozenAct:
-    """An activation quantizer: the sorted ``levels`` its output takes."""
+    """An activation quantizer: the sorted ``levels`` its output takes.
+
+    ``shift`` (None, or shape [C] along channel dim 1; [1] for a per-layer shift) is subtracted from
+    the input first: the output is the nearest level of ``x - shift[c]`` (ties as without a shift:
+    to the lower level, or to +1 for the levels {-1, +1} of ``sign``)."""
 
     name: str
     method: str
     bits: int
     levels: torch.Tensor
+    shift: torch.Tensor | None = None
 
 
 def _as_spec(spec: QuantSpec | dict[str, Any]) -> QuantSpec:
@@ -79,8 +85,35 @@ def _as_spec(spec: QuantSpec | dict[str, Any]) -> QuantSpec:
     raise ConfigError(f"convert: spec must be a QuantSpec or a mapping, got {type(spec).__name__}")
 
 
-def _quantized(name: str, module: nn.Module, spec: QuantSpec) -> nn.Module | None:
-    """The replacement for ``module`` under ``spec``, or None to leave it as it is."""
+def _out_channels(module: nn.Module) -> int | None:
+    """The channel count a module's output has (BatchNorm features, conv/linear outputs), looking
+    at its last such submodule for a container; None when unknown."""
+    for sub in reversed(list(module.modules())):
+        for attr in ("num_features", "out_channels", "out_features"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def _activation(name: str, module: nn.Module, settings: QuantSpec, channels: int | None) -> nn.Module:
+    """``QuantAct`` for a hidden activation, behind an ``RPReLU`` when the spec asks for one."""
+    try:
+        act = QuantAct(settings.act, settings.act_bits, settings.act_opts, replaced=type(module).__name__,
+                       channels=channels)
+    except ConfigError as exc:
+        raise ConfigError(f"activation '{name}': {exc}") from None
+    if not settings.rprelu:
+        return act
+    if channels is None:
+        raise ConfigError(f"activation '{name}': rprelu needs the channel count, which no preceding "
+                          "BatchNorm/conv/linear layer gives; set rprelu: false for this layer")
+    return nn.Sequential(RPReLU(channels), act)
+
+
+def _quantized(name: str, module: nn.Module, spec: QuantSpec, channels: int | None) -> nn.Module | None:
+    """The replacement for ``module`` under ``spec``, or None to leave it as it is. ``channels``:
+    the output channels of the module before it (for per-channel activation state)."""
     if isinstance(module, (QuantLayerMixin, QuantAct)):
         return None
     settings = spec.for_module(name)
@@ -94,7 +127,7 @@ def _quantized(name: str, module: nn.Module, spec: QuantSpec) -> nn.Module | Non
         except ConfigError as exc:
             raise ConfigError(f"layer '{name}': {exc}") from None
     if isinstance(module, HIDDEN_ACTIVATIONS) and settings.quantizes_acts:
-        return QuantAct(settings.act, settings.act_bits, settings.act_opts, replaced=type(module).__name__)
+        return _activation(name, module, settings, channels)
     return None
 
 
@@ -102,19 +135,22 @@ def convert(model: nn.Module, spec: QuantSpec | dict[str, Any], inplace: bool = 
     """Swap the layers of ``model`` for quantized ones per ``spec``, keeping the trained weights.
 
     With ``inplace=False`` (default) the model is deep-copied first. Layers and activations applied
-    functionally inside ``forward`` (e.g. ``F.relu``) are not modules and stay as they are.
+    functionally inside ``forward`` (e.g. ``F.relu``) are not modules and stay as they are. An
+    activation module learns its channel count from the sibling registered before it.
     """
     spec = _as_spec(spec)
     target = model if inplace else copy.deepcopy(model)
-    root = _quantized("", target, spec)
+    root = _quantized("", target, spec, None)
     if root is not None:
         return root
     for parent_name, parent in list(target.named_modules()):
+        channels = None
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            replacement = _quantized(name, child, spec)
+            replacement = _quantized(name, child, spec, channels)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
+            channels = _out_channels(child) or channels
     return target
 
 
@@ -141,5 +177,7 @@ def freeze(model: nn.Module) -> dict[str, FrozenLayer | FrozenAct]:
         if isinstance(module, QuantLayerMixin):
             frozen[name] = _frozen_layer(name, module)
         elif isinstance(module, QuantAct):
-            frozen[name] = FrozenAct(name, module.method, module.bits, module.levels())
+            shift = module.shift()
+            frozen[name] = FrozenAct(name, module.method, module.bits, module.levels(),
+                                     None if shift is None else shift.clone().float())
     return frozen

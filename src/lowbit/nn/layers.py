@@ -26,6 +26,8 @@ class QuantLayerMixin:
 
     kind = ""
     default_channel_dim = 0
+    #: False: the forward uses the float weight (``lowbit.nn.quantize_weights``, a staged schedule)
+    weights_quantized = True
     weight: nn.Parameter
     weight_quantizer: Quantizer
 
@@ -35,22 +37,18 @@ class QuantLayerMixin:
         self.weight_quantizer = make_quantizer(method, bits, opts, channel_dim, rows, role="weight",
                                                shape=tuple(self.weight.shape))
         self.weight_quantizer.to(self.weight.device)
-        if self.uses_expanded_form and (self.kind != "conv2d" or self.padding_mode != "zeros"):
-            raise ConfigError(
-                f"search form 'expand' (002 §2.5) needs a zero-padded Conv2d, not {self.kind}; "
-                "use form 'kernel' for this layer"
-            )
+        self.weight_quantizer.check_layer(self)
         self._freeze_unused_weight()
 
     def _freeze_unused_weight(self) -> None:
-        """A ``search`` layer trains its logits; the float weight only initialises them."""
-        if self.method == "search":
+        """A quantizer that trains its own state (e.g. search logits) leaves the float weight as its
+        initialisation only."""
+        if not self.weight_quantizer.trains_weight:
             self.weight.requires_grad_(False)
 
-    @property
-    def uses_expanded_form(self) -> bool:
-        """True for ``search`` with ``form='expand'`` (the channel-expanded conv of 002 §2.5)."""
-        return getattr(self.weight_quantizer, "form", "kernel") == "expand"
+    def _custom_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The quantizer's own forward of this layer (e.g. search's channel-expanded conv), or None."""
+        return self.weight_quantizer.layer_forward(self, x) if self.weights_quantized else None
 
     @property
     def method(self) -> str:
@@ -72,6 +70,8 @@ class QuantLayerMixin:
         return weight if mask is None else weight * mask
 
     def _unmasked_quantized_weight(self) -> torch.Tensor:
+        if not self.weights_quantized:
+            return self.weight
         quantizer = self.weight_quantizer
         if not quantizer.cacheable or self.weight.is_inference():  # inference tensors have no version
             return quantizer(self.weight)
@@ -121,8 +121,9 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         self._init_quantizer(method, bits, opts, per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_expanded_form:
-            return self.weight_quantizer.expanded_conv2d(x, self)
+        custom = self._custom_forward(x)
+        if custom is not None:
+            return custom
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     @staticmethod
@@ -150,6 +151,9 @@ class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
         self._init_quantizer(method, bits, opts, per_channel)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        custom = self._custom_forward(x)
+        if custom is not None:
+            return custom
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
         return F.conv_transpose2d(x, self.quantized_weight(), self.bias, self.stride, self.padding,
@@ -178,6 +182,9 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         self._init_quantizer(method, bits, opts, per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        custom = self._custom_forward(x)
+        if custom is not None:
+            return custom
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @staticmethod
@@ -188,14 +195,16 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 class QuantAct(nn.Module):
     """Activation quantizer that replaces a hidden activation module (ReLU, LeakyReLU, ...).
 
-    ``replaced`` names the module it stands in for (for reports); the output takes only the
-    quantizer's levels, e.g. {-1, +1} for ``sign`` (BNN practice, 000 §3.3).
+    ``replaced`` names the module it stands in for (for reports); ``channels`` is the number of
+    channels (dim 1) of its input when known, which per-channel state (``rsign``'s shift) needs.
+    The output takes only the quantizer's levels, e.g. {-1, +1} for ``sign`` (BNN practice, 000 §3.3).
     """
 
     def __init__(self, method: str = "sign", bits: int = 1, opts: dict[str, Any] | None = None,
-                 replaced: str = "") -> None:
+                 replaced: str = "", channels: int | None = None) -> None:
         super().__init__()
-        self.quantizer = make_quantizer(method, bits, opts, role="activation")
+        shape = (1,) if channels is None else (1, channels)
+        self.quantizer = make_quantizer(method, bits, opts, role="activation", shape=shape)
         self.replaced = replaced
 
     @property
@@ -215,6 +224,10 @@ class QuantAct(nn.Module):
             raise ConfigError(f"{self.method} activation quantizer has not seen any data yet, so it has no "
                               "levels; run the model on a batch (e.g. calibration) before freezing it")
         return self.quantizer.levels(torch.zeros(1))[0].detach()
+
+    def shift(self) -> torch.Tensor | None:
+        """The learned per-channel shift subtracted before the level rule (None when there is none)."""
+        return self.quantizer.input_shift()
 
     def extra_repr(self) -> str:
         return f"replaced={self.replaced!r}" if self.replaced else ""

@@ -1,11 +1,14 @@
-"""Training hooks for the stateful quantizers of a converted model (call them from a trainer).
+"""Training hooks for the quantizers of a converted model (call them from a trainer).
 
-* ``anneal(model, epoch)``: at the start of each epoch; sets the RDHS temperature of every
-  ``search`` quantizer to ``max(tau · tau_decay^epoch, tau_min)`` (002 §3.1).
-* ``set_temperature(model, tau)``: set that temperature directly.
-* ``refit(model)``: a full refit of every em / lq / kmeans quantizer from the current weights
-  (e.g. after loading new float weights into a converted model). Between refits these quantizers
-  update themselves in training mode every ``refit_every`` forward passes (warm-started).
+* ``anneal(model, epoch)``: at the start of each epoch; runs every quantizer's per-epoch schedule
+  (``Quantizer.on_epoch``: e.g. the RDHS temperature of ``search``, 002 §3.1).
+* ``set_temperature(model, tau)``: set the RDHS temperature of every ``search`` quantizer directly.
+* ``refit(model)``: a full refit of every weight quantizer fitted from the weights (em / lq / kmeans
+  and the learned bwn scale; e.g. after loading new float weights into a converted model).
+  Between refits the stateful ones update themselves in training mode every ``refit_every``
+  forward passes (warm-started).
+* ``quantize_weights(model, enabled)``: switch weight quantization off (float weights) or on, for a
+  staged schedule (binarize activations first, then weights).
 """
 
 from __future__ import annotations
@@ -13,35 +16,43 @@ from __future__ import annotations
 from torch import nn
 
 from lowbit.nn.layers import QuantLayerMixin
-from lowbit.quant.search import SearchQuantizer
+from lowbit.quant.modules import Quantizer
+from lowbit.quant.search import set_temperature
 
-
-def _search_quantizers(model: nn.Module) -> list[SearchQuantizer]:
-    return [m for m in model.modules() if isinstance(m, SearchQuantizer)]
-
-
-def set_temperature(model: nn.Module, tau: float) -> int:
-    """Set the RDHS temperature of every search quantizer; returns how many were set."""
-    quantizers = _search_quantizers(model)
-    for quantizer in quantizers:
-        quantizer.set_temperature(tau)
-    return len(quantizers)
+__all__ = ["anneal", "param_group", "quantize_weights", "refit", "set_temperature"]
 
 
 def anneal(model: nn.Module, epoch: int) -> int:
-    """Apply the per-epoch temperature schedule for ``epoch`` (0-based); returns how many were set."""
-    quantizers = _search_quantizers(model)
-    for quantizer in quantizers:
-        quantizer.anneal(epoch)
-    return len(quantizers)
+    """Run every quantizer's per-epoch schedule for ``epoch`` (0-based); returns how many quantizers
+    have one (override ``on_epoch``)."""
+    count = 0
+    for quantizer in model.modules():
+        if isinstance(quantizer, Quantizer) and type(quantizer).on_epoch is not Quantizer.on_epoch:
+            quantizer.on_epoch(epoch)
+            count += 1
+    return count
 
 
 def refit(model: nn.Module) -> int:
-    """Fully refit the em / lq / kmeans weight quantizers from the current weights; returns how many.
-    (Search logits are trained, not fitted, so they are left alone.)"""
+    """Fully refit the weight quantizers whose state is fitted from the weights; returns how many.
+    (Trained state, such as search logits, is left alone.)"""
     count = 0
     for layer in model.modules():
-        if isinstance(layer, QuantLayerMixin) and not isinstance(layer.weight_quantizer, SearchQuantizer):
+        if isinstance(layer, QuantLayerMixin) and layer.weight_quantizer.refits_from_weight:
             layer.weight_quantizer.refit(layer.weight.detach())
             count += 1
     return count
+
+
+def quantize_weights(model: nn.Module, enabled: bool) -> int:
+    """Use quantized (True) or float (False) weights in every quantized layer; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
+    for layer in layers:
+        layer.weights_quantized = enabled
+    return len(layers)
+
+
+def param_group(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters every quantizer of ``model`` puts in its group ``name``
+    (``Quantizer.param_groups``, e.g. the search logits), for a separate optimiser."""
+    return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.param_groups().get(name, [])]

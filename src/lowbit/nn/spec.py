@@ -12,7 +12,7 @@ from lowbit.errors import ConfigError
 from lowbit.quant import validate
 
 FULL_PRECISION = 32
-LAYER_KEYS = ("weight", "weight_bits", "weight_opts", "act", "act_bits", "act_opts", "per_channel")
+LAYER_KEYS = ("weight", "weight_bits", "weight_opts", "act", "act_bits", "act_opts", "per_channel", "rprelu")
 
 
 @dataclass
@@ -22,9 +22,11 @@ class QuantSpec:
     ``weight``/``weight_bits``/``weight_opts``: weight method for Conv2d, ConvTranspose2d, Linear
     (bits 32 = left full precision). ``act``/``act_bits``/``act_opts``: activation method for the
     ``QuantAct`` modules that replace hidden ReLU/LeakyReLU/ReLU6/Hardtanh (None = unchanged).
-    ``per_channel``: one codebook per output channel. ``keep_full_precision``: fnmatch patterns of
+    ``per_channel``: one codebook per output channel. ``rprelu``: put a learned ``RPReLU`` (per-channel
+    shifts and slope, ReActNet) before each quantized activation. ``keep_full_precision``: fnmatch patterns of
     module names left as they are. ``overrides``: pattern -> partial spec for matching modules,
-    applied in order, e.g. ``{"main.0": {"weight_bits": 8}}``.
+    applied in order, e.g. ``{"main.0": {"weight_bits": 8}}``; an override that names another
+    method starts from that method's default options.
     """
 
     weight: str = "minmax"
@@ -34,6 +36,7 @@ class QuantSpec:
     act_bits: int = FULL_PRECISION
     act_opts: dict[str, Any] = field(default_factory=dict)
     per_channel: bool = True
+    rprelu: bool = False
     keep_full_precision: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -60,6 +63,9 @@ class QuantSpec:
                 raise ConfigError(f"{where}: act '{self.act}' needs act_bits (1..8); act_bits 32 means full "
                                   "precision, for which set act to null")
             _validated(where, self.act, self.act_bits, self.act_opts, "activation")
+        elif self.rprelu:
+            raise ConfigError(f"{where}: rprelu goes before a quantized activation, but act is null; "
+                              "name an activation method (e.g. act: rsign) or set rprelu: false")
         elif self.act_bits != FULL_PRECISION:
             raise ConfigError(f"{where}: act_bits={self.act_bits} is set but act is null; name an activation "
                               "method (e.g. act: sign) or leave act_bits at 32")
@@ -74,6 +80,9 @@ class QuantSpec:
     def with_override(self, pattern: str, partial: dict[str, Any]) -> QuantSpec:
         """This spec with ``partial`` layer settings applied (validated), without patterns."""
         base = {k: getattr(self, k) for k in LAYER_KEYS}
+        for method, opts in (("weight", "weight_opts"), ("act", "act_opts")):
+            if partial.get(method, base[method]) != base[method]:
+                base[opts] = {}  # another method: the base's options do not apply to it
         try:
             return from_dict(QuantSpec, {**base, **partial}, where=f"overrides['{pattern}']")
         except ConfigError as exc:

@@ -1,7 +1,8 @@
 """Quantizers: ``quantize(x, method, bits, **opts)`` and ``levels(...)`` plus the quantizer modules.
 
 Methods: minmax, log, tanh (001 §2.2), em (001 §4.1), dorefa, bwn, sign (000 §3), act, lq
-(LQ-Nets), kmeans (004 §1.2), search (002 §2). See docs/quantizers.md.
+(LQ-Nets), kmeans (004 §1.2), search (002 §2), rsign (ReActNet / Bi-Real). Each is one
+``Quantizer`` subclass registered in ``lowbit.quant.registry``. See docs/quantizers.md.
 """
 
 from __future__ import annotations
@@ -10,25 +11,27 @@ from typing import Any
 
 import torch
 
+from lowbit.quant import binary, modules, search  # noqa: F401  (each module registers its methods)
 from lowbit.quant.checks import check_channel_dim, check_tensor
 from lowbit.quant.em import EMFit, fit_em
 from lowbit.quant.encoding import Encoding
-from lowbit.quant.grad import straight_through
 from lowbit.quant.modules import Quantizer
-from lowbit.quant.registry import ACT_METHODS, METHODS, WEIGHT_METHODS, make_quantizer, validate
+from lowbit.quant.registry import METHODS, QuantOptions, Site, make_quantizer, methods_for, register, validate
 
-ALLOWS_CONSTANT = ("sign", "act")
+WEIGHT_METHODS = methods_for("weight")
+ACT_METHODS = methods_for("activation")
 
 
 def _fitted(x: torch.Tensor, method: str, bits: int, opts: dict[str, Any]) -> Quantizer:
-    """A quantizer for ``method`` fitted on ``x`` (the one-shot functional form)."""
+    """A quantizer for ``method`` fitted on ``x`` (the one-shot functional form). Methods that also
+    quantize weights are built for weights; activation-only methods see ``x`` as N x C x ..."""
     per_channel = opts.pop("per_channel", False)
     channel_dim = opts.pop("channel_dim", 0)
-    validate(method, bits, opts)
-    check_tensor(x, method, allow_constant=method in ALLOWS_CONSTANT)
+    cls, bits, _ = validate(method, bits, opts)
+    check_tensor(x, method, allow_constant=cls.accepts_constant)
     dim = check_channel_dim(x, method, channel_dim) if per_channel else None
     rows = 1 if dim is None else x.shape[dim]
-    role = "activation" if method in ACT_METHODS and method not in WEIGHT_METHODS else "weight"
+    role = "weight" if "weight" in cls.roles else "activation"
     quantizer = make_quantizer(method, bits, opts, dim, rows, role, tuple(x.shape)).eval()
     quantizer.refit(x)
     return quantizer
@@ -42,10 +45,7 @@ def quantize(x: torch.Tensor, method: str, bits: int, **opts: Any) -> torch.Tens
     rounding with the STE (its logits train inside ``lowbit.nn`` layers). Bad input raises
     ``ConfigError`` (a ValueError).
     """
-    quantizer = _fitted(x, method, bits, dict(opts))
-    if method == "search":
-        return straight_through(x, quantizer(x))
-    return quantizer(x)
+    return _fitted(x, method, bits, dict(opts)).one_shot(x)
 
 
 def levels(x: torch.Tensor, method: str, bits: int, **opts: Any) -> torch.Tensor:
@@ -61,5 +61,6 @@ def encode(x: torch.Tensor, method: str, bits: int, **opts: Any) -> Encoding:
     return _fitted(x, method, bits, dict(opts)).encode(x)
 
 
-__all__ = ["ACT_METHODS", "EMFit", "Encoding", "METHODS", "Quantizer", "WEIGHT_METHODS", "encode",
-           "fit_em", "levels", "make_quantizer", "quantize", "validate"]
+__all__ = ["ACT_METHODS", "EMFit", "Encoding", "METHODS", "QuantOptions", "Quantizer", "Site",
+           "WEIGHT_METHODS", "encode", "fit_em", "levels", "make_quantizer", "quantize", "register",
+           "validate"]

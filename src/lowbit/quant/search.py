@@ -21,7 +21,8 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from lowbit.quant.checks import reduce_dims, row_shape
 from lowbit.quant.encoding import Encoding
 from lowbit.quant.grad import straight_through
 from lowbit.quant.modules import Quantizer
+from lowbit.quant.registry import MAX_BITS, QuantOptions, Site, one_of, register
 
 
 def powers_of_two(bits: int) -> tuple[float, ...]:
@@ -171,6 +173,41 @@ def _gumbel_like(t: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+SEARCH_LOGITS = "search_logits"
+
+
+@dataclass(frozen=True)
+class SearchOptions(QuantOptions):
+    """Weight search (002 §2): the value space ``values`` (None = signed powers of two, a preset or a
+    list), ``scale`` ("learned", "fixed" or a positive number), ``mode`` ("rdhs" or "sgt"), the
+    Gumbel randomness ``mu``, the temperature schedule ``tau`` -> ``tau_min`` by ``tau_decay`` per
+    epoch, ``form`` ("kernel" or "expand", 002 §2.5) and ``logits`` ("full" or "centered")."""
+
+    values: str | Sequence[float] | None = None
+    scale: str | float = "learned"
+    mode: str = "rdhs"
+    mu: float = 0.0
+    tau: float = 1.0
+    tau_min: float = 1e-4
+    tau_decay: float = 0.97
+    form: str = "kernel"
+    logits: str = "full"
+
+    def check(self, method: str, bits: int) -> None:
+        value_space(self.values, bits)
+        one_of(method, "mode", self.mode, ("rdhs", "sgt"))
+        one_of(method, "form", self.form, ("kernel", "expand"))
+        one_of(method, "logits", self.logits, ("centered", "full"))
+        if self.form == "expand" and self.mode != "rdhs":
+            raise ConfigError("search: form 'expand' works with mode 'rdhs' only; use form 'kernel' for SGT")
+        scale = self.scale
+        if not (scale in ("learned", "fixed") or (isinstance(scale, (int, float)) and scale > 0)):
+            raise ConfigError(f"search: scale must be 'learned', 'fixed' or a positive number, got {scale!r}")
+        if not (self.mu >= 0 and self.tau > 0 and self.tau_min > 0 and 0 < self.tau_decay <= 1):
+            raise ConfigError("search: need mu >= 0, tau > 0, tau_min > 0 and 0 < tau_decay <= 1")
+
+
+@register
 class SearchQuantizer(Quantizer):
     """Weight search over ``values`` (002 §2). The trained parameter ``logits`` is value-major,
     ``[m, *weight.shape]`` (full) or ``[m - 1, *weight.shape]`` (centered), so the per-weight
@@ -178,28 +215,66 @@ class SearchQuantizer(Quantizer):
     (fitted once) or a number."""
 
     method = "search"
+    roles = ("weight",)
+    bit_range = (1, MAX_BITS)
+    Options = SearchOptions
     cacheable = False
+    trains_weight = False
+    refits_from_weight = False
 
     def __init__(self, bits: int, channel_dim: int | None = None, rows: int = 1, shape: Sequence[int] = (1,),
-                 values: str | Sequence[float] | None = None, scale: str | float = "learned",
-                 mode: str = "rdhs", mu: float = 0.0, tau: float = 1.0, tau_min: float = 1e-4,
-                 tau_decay: float = 0.97, form: str = "kernel", logits: str = "full") -> None:
-        super().__init__(bits, channel_dim)
-        self.mode, self.mu, self.form = mode, float(mu), form
-        self.tau_start, self.tau_min, self.tau_decay = float(tau), float(tau_min), float(tau_decay)
-        self.fit_scale = isinstance(scale, str)
-        self.register_buffer("values", value_space(values, bits))
-        self.centered = logits == "centered"
+                 **options: Any) -> None:
+        super().__init__(bits, channel_dim, **options)
+        opts = self.options
+        self.mode, self.mu, self.form = opts.mode, float(opts.mu), opts.form
+        self.tau_start, self.tau_min = float(opts.tau), float(opts.tau_min)
+        self.tau_decay = float(opts.tau_decay)
+        self.fit_scale = isinstance(opts.scale, str)
+        self.register_buffer("values", value_space(opts.values, bits))
+        self.centered = opts.logits == "centered"
         self.register_buffer("basis", zero_sum_basis(len(self.values)) if self.centered else None,
                              persistent=False)
         self.logits = nn.Parameter(torch.zeros(len(self.values) - self.centered, *shape))
-        start = torch.ones(rows) if self.fit_scale else torch.full((rows,), float(scale))
-        if scale == "learned":
+        start = torch.ones(rows) if self.fit_scale else torch.full((rows,), float(opts.scale))
+        if opts.scale == "learned":
             self.scale = nn.Parameter(start)
         else:
             self.register_buffer("scale", start)
-        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.register_buffer("tau", torch.tensor(float(opts.tau)))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def build(cls, bits: int, options: QuantOptions, site: Site) -> Quantizer:
+        return cls(bits, site.channel_dim, site.rows, site.shape, **options.as_dict())
+
+    @classmethod
+    def label(cls, options: Mapping[str, Any]) -> str:
+        """``search-rdhs`` or ``search-sgt``."""
+        return f"search-{options.get('mode', SearchOptions.mode)}"
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The logits, which seed 002 §3.1 trains with SGD (the trainers' ``search_sgd``)."""
+        return {SEARCH_LOGITS: [self.logits]}
+
+    def on_epoch(self, epoch: int) -> None:
+        """The RDHS temperature schedule (:meth:`anneal`)."""
+        self.anneal(epoch)
+
+    def check_layer(self, layer: nn.Module) -> None:
+        """The channel-expanded form needs a zero-padded Conv2d."""
+        if self.form == "expand" and not (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"):
+            raise ConfigError(
+                f"search form 'expand' (002 §2.5) needs a zero-padded Conv2d, not "
+                f"{getattr(layer, 'kind', layer)}; use form 'kernel' for this layer"
+            )
+
+    def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The channel-expanded conv (``form="expand"``), else None (the layer's own forward)."""
+        return self.expanded_conv2d(x, layer) if self.form == "expand" else None
+
+    def one_shot(self, x: torch.Tensor) -> torch.Tensor:
+        """The functional form: nearest value of the fitted, scaled space, with the STE."""
+        return straight_through(x, self(x))
 
     def _row_scale(self, like: torch.Tensor) -> torch.Tensor:
         return self.scale.reshape(row_shape(like, self.channel_dim))
@@ -330,19 +405,9 @@ class SearchQuantizer(Quantizer):
                 f"form={self.form}, logits={'centered' if self.centered else 'full'}")
 
 
-def check_search_options(opts: dict[str, Any], bits: int) -> None:
-    """Validate the search options that have a fixed set of values."""
-    value_space(opts["values"], bits)
-    if opts["mode"] not in ("rdhs", "sgt"):
-        raise ConfigError(f"search: mode must be 'rdhs' or 'sgt', got {opts['mode']!r}")
-    if opts["form"] not in ("kernel", "expand"):
-        raise ConfigError(f"search: form must be 'kernel' or 'expand', got {opts['form']!r}")
-    if opts["logits"] not in ("centered", "full"):
-        raise ConfigError(f"search: logits must be 'centered' or 'full', got {opts['logits']!r}")
-    if opts["form"] == "expand" and opts["mode"] != "rdhs":
-        raise ConfigError("search: form 'expand' works with mode 'rdhs' only; use form 'kernel' for SGT")
-    scale = opts["scale"]
-    if not (scale in ("learned", "fixed") or (isinstance(scale, (int, float)) and scale > 0)):
-        raise ConfigError(f"search: scale must be 'learned', 'fixed' or a positive number, got {scale!r}")
-    if not (opts["mu"] >= 0 and opts["tau"] > 0 and opts["tau_min"] > 0 and 0 < opts["tau_decay"] <= 1):
-        raise ConfigError("search: need mu >= 0, tau > 0, tau_min > 0 and 0 < tau_decay <= 1")
+def set_temperature(model: nn.Module, tau: float) -> int:
+    """Set the RDHS temperature of every search quantizer in ``model``; returns how many were set."""
+    quantizers = [m for m in model.modules() if isinstance(m, SearchQuantizer)]
+    for quantizer in quantizers:
+        quantizer.set_temperature(tau)
+    return len(quantizers)

@@ -34,6 +34,7 @@ from lowbit.models import create_model
 from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
+from lowbit.quant.registry import get_method
 from lowbit.train.checkpoint import checkpoint_content, load_checkpoint
 from lowbit.train.guard import DivergenceGuard, GuardSpec
 from lowbit.train.loop import LoopSettings, run_training
@@ -441,9 +442,10 @@ def describe_method(spec: QuantSpec | None) -> str:
     """A short label such as 'fp', 'bwn w1', 'lq w2a2' or 'search-sgt w1'."""
     if spec is None or not (spec.quantizes_weights or spec.quantizes_acts):
         return "fp"
-    name = spec.weight if spec.quantizes_weights else spec.act
-    if name == "search":
-        name = f"search-{spec.weight_opts.get('mode', 'rdhs')}"
+    if spec.quantizes_weights:
+        name = get_method(spec.weight).label(spec.weight_opts)
+    else:
+        name = get_method(spec.act).label(spec.act_opts)
     weight = f"w{spec.weight_bits}" if spec.quantizes_weights else "w32"
     return f"{name} {weight}" + (f"a{spec.act_bits}" if spec.quantizes_acts else "")
 

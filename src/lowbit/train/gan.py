@@ -14,6 +14,7 @@ GAN step (``GanTask``) and the checkpoint helpers the image-to-image GAN shares.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterator
@@ -33,10 +34,11 @@ from lowbit.errors import (  # TrainingDivergedError: raised by the guard, impor
     TrainingDivergedError,  # noqa: F401
 )
 from lowbit.models import create_model, hub
-from lowbit.nn import QuantSpec, anneal, compress
+from lowbit.nn import QuantSpec, anneal, compress, param_group, quantize_weights
 from lowbit.nn.transforms import spec_from_dict
-from lowbit.quant.search import SearchQuantizer
+from lowbit.quant.search import SEARCH_LOGITS
 from lowbit.train.checkpoint import load_checkpoint
+from lowbit.train.distill import FeatureTaps
 from lowbit.train.distributed import DistContext
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
 from lowbit.train.guard import GuardSpec
@@ -123,6 +125,8 @@ class GanConfig:
     gp_weight: float | None = None
     init_from: str | None = None
     distill: float = 0.0
+    distill_features: float = 0.0
+    weights_from_step: int = 0
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
@@ -144,10 +148,13 @@ class GanConfig:
                 raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
-        if self.distill < 0 or (self.distill and self.init_from is None):
-            raise ConfigError(
-                f"'distill' must be >= 0 and needs init_from (the FP teacher), got {self.distill}"
-            )
+        for key in ("distill", "distill_features"):
+            value = getattr(self, key)
+            if value < 0 or (value and self.init_from is None):
+                raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher), got {value}")
+        if self.weights_from_step < 0:
+            raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
+                              f"got {self.weights_from_step}")
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(
                 f"unknown lr_decay '{self.lr_decay}'{closest(self.lr_decay, LR_DECAYS)}; "
@@ -366,7 +373,7 @@ def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[f
                       search_sgd: SearchSGD | None = None) -> torch.optim.Optimizer | Optimizers:
     """The loss's optimiser over ``model``; with ``search_sgd``, its search logits go to a fused SGD
     with momentum instead (seed 002 §3.1) and the rest stays with the loss's optimiser."""
-    logits = [m.logits for m in model.modules() if isinstance(m, SearchQuantizer)]
+    logits = param_group(model, SEARCH_LOGITS)
     if search_sgd is None or not logits:
         return make_optimizer(loss, model.parameters(), lr, betas)
     chosen = {id(p) for p in logits}
@@ -407,6 +414,9 @@ class GanTrainer:
         self.G, self.D = generator.to(device), discriminator.to(device)
         self.teacher = None if teacher is None else teacher.to(device).eval().requires_grad_(False)
         self.distill = cfg.distill
+        self.distill_features = cfg.distill_features
+        use_taps = self.teacher is not None and cfg.distill_features
+        self.taps = FeatureTaps(unwrap(self.G), self.teacher) if use_taps else None
         self.latent_dim = int(unwrap(generator).latent_dim)
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
@@ -452,20 +462,34 @@ class GanTrainer:
 
     def g_step(self, n: int, gen: torch.Generator) -> float:
         """One generator update on ``n`` latent codes against the current discriminator, plus
-        ``distill`` x mean |G(z) - teacher(z)| when a full-precision teacher is given (distillation)."""
+        ``distill`` x mean |G(z) - teacher(z)| and ``distill_features`` x the feature loss
+        (``lowbit.train.distill``) when a full-precision teacher is given (distillation)."""
         z = latent(n, self.latent_dim, gen, self.device)
-        fake = self.G(z)
-        with frozen(unwrap(self.D)) as critic:
-            loss = self.loss.g_loss(critic(fake))
-            if self.teacher is not None and self.distill:
+        with self._feature_taps():
+            fake = self.G(z)
+            target = None
+            if self.teacher is not None:
                 with torch.no_grad():
                     target = self.teacher(z)
+        with frozen(unwrap(self.D)) as critic:
+            loss = self.loss.g_loss(critic(fake))
+            if target is not None and self.distill:
                 loss = loss + self.distill * (fake - target).abs().mean()
+            if self.taps is not None:
+                loss = loss + self.distill_features * self.taps.loss()
             loss.backward()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         self._update_ema()
         return float(loss.detach())
+
+    def _feature_taps(self) -> contextlib.AbstractContextManager[Any]:
+        return self.taps.recording() if self.taps is not None else contextlib.nullcontext()
+
+    def set_weight_quantization(self, enabled: bool) -> None:
+        """Quantized (True) or float (False) weights in every network (the staged schedule)."""
+        for model in self.models():
+            quantize_weights(unwrap(model), enabled)
 
     def _update_ema(self) -> None:
         """``theta_ema <- decay·theta_ema + (1-decay)·theta`` for G's parameters; buffers (BatchNorm
@@ -523,7 +547,7 @@ class GanTask:
 
     def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.rank = cfg, ctx.rank
-        teacher = load_generator(cfg.init_from) if cfg.distill else None
+        teacher = load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
         self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher)
         images = load_images(cfg, unwrap(self.trainer.G).image_shape)
         self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
@@ -535,6 +559,8 @@ class GanTask:
         cfg, trainer = self.cfg, self.trainer
         if cfg.lr_decay == "linear":
             trainer.lr_scale.set(1.0 - (step - 1) / cfg.steps)
+        if cfg.weights_from_step:
+            trainer.set_weight_quantization(step > cfg.weights_from_step)
         d_loss = 0.0
         for k in range(trainer.n_critic):
             draw = (step - 1) * trainer.n_critic + k

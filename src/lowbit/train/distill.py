@@ -1,0 +1,62 @@
+"""Feature distillation from a full-precision teacher (GAN Compression, Li et al., CVPR 2020, §3.2,
+without adapters: the quantized student keeps the teacher's channel counts).
+
+The taps are the inputs of the teacher's hidden activation modules (the pre-activations after
+each BatchNorm) and of the student modules of the same name (its ``QuantAct``, or the
+``RPReLU`` + ``QuantAct`` block that replaced them): the loss is the mean over taps of
+``mean((f_student - f_teacher)^2)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.nn import HIDDEN_ACTIVATIONS
+
+
+def tap_names(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Names of the teacher's hidden activation modules that the student also has."""
+    student_names = dict(student.named_modules())
+    names = [n for n, m in teacher.named_modules()
+             if isinstance(m, HIDDEN_ACTIVATIONS) and n in student_names]
+    if not names:
+        raise ConfigError("distill_features: the teacher has no hidden activation modules (ReLU, ...) "
+                          "that the student shares, so there is no feature to match; set distill_features: 0")
+    return names
+
+
+class FeatureTaps:
+    """Records the inputs of the tapped modules of a student and its teacher while active."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        self.names = tap_names(teacher, student)
+        self.modules = {"student": dict(student.named_modules()), "teacher": dict(teacher.named_modules())}
+        self.features: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+
+    @contextmanager
+    def recording(self) -> Iterator[FeatureTaps]:
+        """Hooks on inside the block only (so copies of the models and other passes record nothing)."""
+        handles = [self.modules[side][name].register_forward_pre_hook(self._hook(side, name))
+                   for side in self.modules for name in self.names]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, side: str, name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.features[side][name] = args[0]
+        return record
+
+    def loss(self) -> torch.Tensor:
+        """Mean over taps of the mean squared difference, then forgets the recorded features."""
+        student, teacher = self.features["student"], self.features["teacher"]
+        terms = [(student[n] - teacher[n].detach()).square().mean() for n in self.names]
+        self.features = {"student": {}, "teacher": {}}
+        return torch.stack(terms).mean()
