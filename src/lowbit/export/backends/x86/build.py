@@ -2,8 +2,9 @@
 
 ``csrc/`` holds the shared ``kernels.h``, one file per ISA (``scalar.cpp``, ``avx2.cpp``, ``avx512.cpp``,
 ``neon.cpp``; each builds only on its CPU family), the torch-free driver ``driver.cpp`` (also compiled into
-the native runtime, ``runtime/``) and the torch binding ``bitserial.cpp``, built with ``-O3`` and no ``-march`` flag; the AVX-512 VPOPCNTDQ
-and AVX2 loops carry function-level target attributes and are only called when cpuid says the CPU has them.
+the native runtime, ``runtime/``) and the torch binding ``bitserial.cpp``, built with ``-O3`` and no
+``-march`` flag; the AVX-512 VPOPCNTDQ and AVX2 loops carry function-level target attributes and are only
+called when cpuid says the CPU has them.
 When no C++ compiler is available the packed model runs on the pure-torch path instead (unpacked weights,
 float convolutions) and says so once.
 """
