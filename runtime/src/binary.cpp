@@ -230,13 +230,7 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
   Tensor x = source;
-  if (b.act->tensors.count("shift")) {
-    const std::vector<float>& shift = b.act->tensors.at("shift").data;
-    const int64_t channels = x.shape[1];
-    int64_t inner = 1;
-    for (size_t d = 2; d < x.shape.size(); ++d) inner *= x.shape[d];
-    for (size_t k = 0; k < x.data.size(); ++k) x.data[k] = x.data[k] - shift[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
-  }
+  if (b.act->tensors.count("shift")) subtract_shift(x, b.act->tensors.at("shift").data);
   for (const Node* step : b.chain) {
     Tensor next;
     next.shape = {n};

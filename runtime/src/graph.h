@@ -24,6 +24,7 @@ Error damaged(const std::string& what);
 Error bad_node(const std::string& node, const std::string& what);
 
 using Shape = std::vector<int64_t>;
+constexpr size_t kMaxRank = 8;  // of any tensor, the batch included
 int64_t numel(const Shape& shape);
 std::string shape_text(const Shape& shape);  // "[2, 16]", as Python prints a list
 

@@ -2,9 +2,9 @@
 // the buffer size, every tensor's byte range, the SHA-256 checksum, the metadata, then every IR node (op,
 // inputs, attributes, tensor dtypes and shapes, finite values), and every node's output shape.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
-#include <set>
 
 #include "graph.h"
 #include "sha256.h"
@@ -38,7 +38,6 @@ namespace {
 constexpr uint64_t kMaxHeaderBytes = uint64_t{64} << 20;
 constexpr int64_t kMaxSampleValues = int64_t{1} << 26;  // as lowbit.export.validate
 constexpr size_t kMaxNodes = 100000;
-constexpr int kMaxRank = 8;
 
 // ----- safetensors -----
 
@@ -329,7 +328,8 @@ void read_attrs(const NodeReader& r, Node& node) {
   } else if (op == "pixel_shuffle") {
     a.factor = r.integer("factor", 1, kMaxGeometry);
   } else if (op == "reshape") {
-    const std::vector<int64_t> shape = r.integers("shape", -1, kMaxSampleValues, 1, kMaxRank - 1);
+    // [] is a per-sample scalar (a discriminator's N outputs); [-1] flattens every value of a sample.
+    const std::vector<int64_t> shape = r.integers("shape", -1, kMaxSampleValues, 0, kMaxRank - 1);
     if (shape != std::vector<int64_t>{-1}) {
       for (const int64_t s : shape) if (s < 1) throw bad_node(node.name, "reshape sizes must be positive");
     }
@@ -579,8 +579,9 @@ Node read_node(const Json& item, const std::map<std::string, int>& index, const 
   return node;
 }
 
+// A per-sample shape; [] is one value per sample.
 Shape sample_shape(const Json* value, const char* what) {
-  if (!value || value->kind != Json::Array || value->items.empty() || value->items.size() >= kMaxRank) {
+  if (!value || value->kind != Json::Array || value->items.size() >= kMaxRank) {
     throw damaged(std::string(what) + " must be a list of positive sizes");
   }
   Shape shape;

@@ -11,12 +11,8 @@
 namespace lowbit {
 namespace {
 
-constexpr size_t kMaxRank = 8;
-
-Error bad_input(const Node& node, const std::string& what) { return bad_node(node.name, what); }
-
 void require(bool ok, const Node& node, const std::string& what) {
-  if (!ok) throw bad_input(node, what);
+  if (!ok) throw bad_node(node.name, what);
 }
 
 int64_t inner_size(const Shape& shape, size_t from) {
@@ -327,17 +323,20 @@ void layer_norm(const Node& node, const Tensor& x, Tensor& out) {
 
 // Nearest of the sorted levels (ties go down, as torch.bucketize), or sign(x) with sign(0) = +1 for {-1, +1};
 // applied to x - shift[c] when the node has a per-channel shift.
-void quant_act(const Node& node, const Tensor& x, Tensor& out) {
+void quant_act(const Node& node, const Tensor& input, Tensor& out) {
   std::vector<float> levels = node.tensors.at("levels").data;
   std::sort(levels.begin(), levels.end());
   const bool sign = levels.size() == 2 && levels[0] == -1.0f && levels[1] == 1.0f;
   std::vector<float> midpoints;
   for (size_t k = 1; k < levels.size(); ++k) midpoints.push_back((levels[k] + levels[k - 1]) / 2.0f);
-  const float* shift = optional_data(node, "shift");
-  const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
+  Tensor shifted;
+  if (node.tensors.count("shift")) {
+    shifted = input;
+    subtract_shift(shifted, node.tensors.at("shift").data);
+  }
+  const Tensor& x = node.tensors.count("shift") ? shifted : input;
   for (size_t k = 0; k < x.data.size(); ++k) {
-    float v = x.data[k];
-    if (shift) v = v - shift[(static_cast<int64_t>(k) / inner) % channels];
+    const float v = x.data[k];
     if (sign) {
       out.data[k] = v >= 0.0f ? 1.0f : -1.0f;
     } else {
@@ -515,6 +514,13 @@ void mean(const Node& node, const Tensor& x, Tensor& out) {
 
 }  // namespace
 
+void subtract_shift(Tensor& x, const std::vector<float>& shift) {
+  const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
+  for (size_t k = 0; k < x.data.size(); ++k) {
+    x.data[k] = x.data[k] - shift[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
+  }
+}
+
 Shape padded_shape(const Shape& x, const std::vector<int64_t>& pad) {
   Shape out = x;
   for (size_t k = 0; k < pad.size() / 2; ++k) out[x.size() - 1 - k] += pad[2 * k] + pad[2 * k + 1];
@@ -553,7 +559,7 @@ Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
   const std::string& op = node.op;
   if (op == "constant") return node.tensors.at("value").shape;
   const Shape& x = *in[0];
-  require(x.size() >= 2 && x.size() <= kMaxRank, node, "input rank " + std::to_string(x.size()) + " is not supported");
+  require(!x.empty() && x.size() <= kMaxRank, node, "input rank " + std::to_string(x.size()) + " is not supported");
   if (op == "conv2d" || op == "conv_transpose2d") return conv_shape(node, x);
   if (op == "linear") {
     require(x.back() == node.attrs.in_channels, node, "input " + shape_text(x) + " does not end in the layer's in_features");
@@ -562,13 +568,14 @@ Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
     return out;
   }
   if (op == "batch_norm" || op == "instance_norm" || op == "group_norm" || op == "layer_norm") return norm_shape(node, x);
+  const int64_t channels = x.size() > 1 ? x[1] : 1;  // dim 1, as torch's per-channel parameters
   if (op == "quant_act") {
-    if (node.tensors.count("shift")) check_channel_tensor(node, "shift", x[1]);
+    if (node.tensors.count("shift")) check_channel_tensor(node, "shift", channels);
     return x;
   }
   if (op == "prelu") {
     const size_t count = node.tensors.at("weight").data.size();
-    require(count == 1 || static_cast<int64_t>(count) == x[1], node, "prelu weight does not fit the channels");
+    require(count == 1 || static_cast<int64_t>(count) == channels, node, "prelu weight does not fit the channels");
     return x;
   }
   if (op == "pad") {
