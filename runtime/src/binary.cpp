@@ -23,24 +23,23 @@ bool two_level(const Node& act, float& low, float& high) {
   return high > low;
 }
 
-// Weight index of (output channel, input channel, tap) in conv layout, whatever the layer kind.
-int64_t conv_index(const Node& node, int64_t co, int64_t ci, int64_t y, int64_t z) {
-  const Shape& s = node.weight.shape;
-  if (node.op == "linear") return co * s[1] + ci;
-  if (node.op == "conv_transpose2d") return ((ci * s[1] + co) * s[2] + y) * s[3] + z;
-  return ((co * s[1] + ci) * s[2] + y) * s[3] + z;
-}
-
+// A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
+// row) in its stored weight (conv (Co, Ci, kh, kw), transposed conv (Ci, Co, kh, kw), linear (Co, Ci)).
 struct Geometry {
   int64_t co, ci, kh, kw, stride[2], padding[2], dilation[2];
+  int64_t step_co, step_ci, step_y;
+
+  int64_t index(int64_t c, int64_t i, int64_t y, int64_t z) const { return c * step_co + i * step_ci + y * step_y + z; }
 };
 
 Geometry geometry(const Node& node) {
   const Attrs& a = node.attrs;
   const Shape& s = node.weight.shape;
-  if (node.op == "linear") return {s[0], s[1], 1, 1, {1, 1}, {0, 0}, {1, 1}};
-  const int64_t co = node.op == "conv_transpose2d" ? s[1] : s[0], ci = node.op == "conv_transpose2d" ? s[0] : s[1];
-  return {co, ci, s[2], s[3], {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]}, {a.dilation[0], a.dilation[1]}};
+  if (node.op == "linear") return {s[0], s[1], 1, 1, {1, 1}, {0, 0}, {1, 1}, s[1], 1, 1};
+  const bool transposed = node.op == "conv_transpose2d";
+  const int64_t co = transposed ? s[1] : s[0], ci = transposed ? s[0] : s[1], taps = s[2] * s[3];
+  return {co, ci, s[2], s[3], {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]}, {a.dilation[0], a.dilation[1]},
+          transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
 }
 
 // Planes: bit b of the codes (affine codebooks) or code == level (tables); w = offset + sum_p coef[p] plane_p.
@@ -117,7 +116,7 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<std::vect
             for (size_t z = 0; z < kw.size(); ++z) {
               const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
               for (int64_t ci = 0; ci < g.ci; ++ci) {
-                if (!planes[static_cast<size_t>(p)][static_cast<size_t>(conv_index(node, c, ci, kh[y], kw[z]))]) continue;
+                if (!planes[static_cast<size_t>(p)][static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))]) continue;
                 w_t[static_cast<size_t>((tap * wc + ci / 64) * b.rows_padded + row)] |= uint64_t{1} << (ci % 64);
               }
             }
@@ -140,7 +139,7 @@ void build_base(BinaryLayer& b, const Geometry& g, double c_term, const Shape& o
     for (int64_t y = 0; y < g.kh; ++y) {
       for (int64_t z = 0; z < g.kw; ++z) {
         double sum = 0.0;
-        for (int64_t ci = 0; ci < g.ci; ++ci) sum += node.weight.values[static_cast<size_t>(conv_index(node, c, ci, y, z))];
+        for (int64_t ci = 0; ci < g.ci; ++ci) sum += node.weight.values[static_cast<size_t>(g.index(c, ci, y, z))];
         tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)] = sum;
       }
     }

@@ -469,9 +469,10 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
   for (size_t d = static_cast<size_t>(w.channel_dim) + 1; d < w.shape.size(); ++d) inner *= w.shape[d];
   const int64_t rows = w.shape[static_cast<size_t>(w.channel_dim)];
   w.values.resize(w.codes.size());
-  for (size_t i = 0; i < w.codes.size(); ++i) {
+  for (size_t i = 0; i < w.codes.size();) {  // runs of `inner` values share a codebook row
     const int64_t row = (static_cast<int64_t>(i) / inner) % rows;
-    w.values[i] = w.codebook[static_cast<size_t>(row * w.levels + w.codes[i])];
+    const float* book = w.codebook.data() + row * w.levels;
+    for (const size_t end = i + static_cast<size_t>(inner); i < end; ++i) w.values[i] = book[w.codes[i]];
   }
 }
 
