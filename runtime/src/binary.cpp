@@ -244,7 +244,12 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
     x = std::move(padded);
   }
   // The kernels pack bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`).
-  for (float& v : x.data) v = b.ties_up ? (b.threshold == 0.0f ? v : v - b.threshold) : b.threshold - v;
+  const float t = b.threshold;
+  if (!b.ties_up) {
+    for (float& v : x.data) v = t - v;
+  } else if (t != 0.0f) {
+    for (float& v : x.data) v = v - t;
+  }
   BinaryConv call;
   call.x = Image{x.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
   for (const auto& w_t : b.w_ts) {

@@ -197,11 +197,51 @@ void conv2d(const Node& node, const Tensor& input, Tensor& out) {
   }
 }
 
+constexpr int64_t kColumns = 64;  // output columns of the latent layer kept in registers at once
+
+// dst[j] += sum_r x[r] * weight[r * stride + j] for j < count <= kColumns, r ascending (the order of the
+// general loops): the latent layer's inner loop, with the partial sums in registers. On x86 also cloned for
+// AVX2 / AVX-512 (picked at load by the dynamic linker); every clone multiplies then adds (no FMA), so all
+// round alike.
+#if defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void accumulate_rows(float* dst, const float* weight, int64_t stride, const float* x, int64_t rows, int64_t count) {
+  if (count < kColumns) {  // the last, partial block
+    for (int64_t j = 0; j < count; ++j) {
+      float sum = dst[j];
+      for (int64_t r = 0; r < rows; ++r) sum += x[r] * weight[r * stride + j];
+      dst[j] = sum;
+    }
+    return;
+  }
+  float acc[kColumns];  // fixed-size loops only, so the compiler keeps it in vector registers
+  for (int64_t j = 0; j < kColumns; ++j) acc[j] = dst[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float v = x[r];
+    const float* row = weight + r * stride;
+    for (int64_t j = 0; j < kColumns; ++j) acc[j] += v * row[j];
+  }
+  for (int64_t j = 0; j < kColumns; ++j) dst[j] = acc[j];
+}
+
 // A generator's latent layer: a transposed conv on a 1 x 1 input without padding or groups writes
 // x[ic] * weight[ic] to the whole (Co, kh, kw) output, one contiguous multiply-add row per input channel.
 bool is_latent_transpose(const Attrs& a, const Shape& x) {
   return x[2] == 1 && x[3] == 1 && a.groups == 1 && a.padding[0] == 0 && a.padding[1] == 0 &&
          a.output_padding[0] == 0 && a.output_padding[1] == 0;
+}
+
+// out[i] (biased already) += sum_ic x[i, ic] * weight[ic]: the same sums in the same order as the general loops,
+// a block of output columns at a time, for the whole batch while that block of every weight row is in cache.
+void latent_transpose(const Tensor& x, const std::vector<float>& weight, int64_t cols, Tensor& out) {
+  const int64_t n = x.shape[0], ci = x.shape[1];
+  for (int64_t j0 = 0; j0 < cols; j0 += kColumns) {
+    for (int64_t i = 0; i < n; ++i) {
+      accumulate_rows(out.data.data() + i * cols + j0, weight.data() + j0, cols, x.data.data() + i * ci, ci,
+                      std::min(kColumns, cols - j0));
+    }
+  }
 }
 
 void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
@@ -210,21 +250,17 @@ void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
   const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3];
   const int64_t cig = ci / a.groups, cog = co / a.groups, kh = a.kernel[0], kw = a.kernel[1];
   const std::vector<float>& weight = node.weight.values;  // (Ci, Co / g, kh, kw)
-  const bool latent = is_latent_transpose(a, x.shape) && ho * wo == kh * kw;
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t oc = 0; oc < co; ++oc) {
       float* dst = out.data.data() + ((i * co + oc) * ho) * wo;
       std::fill(dst, dst + ho * wo, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
     }
-    if (latent) {  // the same sums in the same order as the loops below, without their per-tap overhead
-      float* __restrict dst = out.data.data() + i * co * ho * wo;
-      for (int64_t ic = 0; ic < ci; ++ic) {
-        const float v = x.data[static_cast<size_t>(i * ci + ic)];
-        const float* __restrict row = weight.data() + ic * co * kh * kw;
-        for (int64_t j = 0; j < co * kh * kw; ++j) dst[j] += v * row[j];
-      }
-      continue;
-    }
+  }
+  if (is_latent_transpose(a, x.shape) && ho * wo == kh * kw) {
+    latent_transpose(x, weight, co * kh * kw, out);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
     for (int64_t ic = 0; ic < ci; ++ic) {
       const int64_t g = ic / cig;
       const float* src = x.data.data() + ((i * ci + ic) * h) * w;
@@ -289,13 +325,14 @@ void channel_norm(const Node& node, const Tensor& x, Tensor& out) {
   const float* weight = optional_data(node, "weight");
   const float* bias = optional_data(node, "bias");
   const bool stats = node.op == "batch_norm" || node.attrs.running_stats;
+  const float* running_mean = optional_data(node, "running_mean");
+  const float* running_var = optional_data(node, "running_var");
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t ch = 0; ch < c; ++ch) {
       const float* src = x.data.data() + (i * c + ch) * inner;
       double mean = 0.0, var = 0.0;
       if (stats) {
-        mean = node.tensors.at("running_mean").data[static_cast<size_t>(ch)];
-        var = node.tensors.at("running_var").data[static_cast<size_t>(ch)];
+        mean = running_mean[ch], var = running_var[ch];
       } else {
         moments(src, inner, mean, var);
       }
