@@ -161,6 +161,16 @@ Shape norm_shape(const Node& node, const Shape& x) {
 
 // ----- float code -----
 
+// out[ow] += v * row[ow * step + shift] for first <= ow < end: one kernel tap along an output row of a conv.
+void row_multiply_add(float* __restrict out, const float* row, int64_t shift, float v, int64_t step, int64_t first,
+                      int64_t end) {
+  if (step == 1) {
+    for (int64_t ow = first; ow < end; ++ow) out[ow] += v * row[ow + shift];
+  } else {
+    for (int64_t ow = first; ow < end; ++ow) out[ow] += v * row[ow * step + shift];
+  }
+}
+
 void conv2d(const Node& node, const Tensor& input, Tensor& out) {
   const Attrs& a = node.attrs;
   Tensor padded;
@@ -180,15 +190,14 @@ void conv2d(const Node& node, const Tensor& input, Tensor& out) {
         for (int64_t y = 0; y < kh; ++y) {
           for (int64_t z = 0; z < kw; ++z) {
             const float wv = weight[static_cast<size_t>(((oc * cig + ic) * kh + y) * kw + z)];
+            // output columns whose input column iw = ow * stride - padding + z * dilation lies inside the row
+            const int64_t shift = z * a.dilation[1] - a.padding[1], sw = a.stride[1];
+            const int64_t first = shift >= 0 ? 0 : (-shift + sw - 1) / sw;
+            const int64_t end = std::min(wo, w - 1 - shift < 0 ? 0 : (w - 1 - shift) / sw + 1);
             for (int64_t oh = 0; oh < ho; ++oh) {
               const int64_t ih = oh * a.stride[0] - a.padding[0] + y * a.dilation[0];
               if (ih < 0 || ih >= h) continue;
-              const float* row = src + ih * w;
-              float* orow = dst + oh * wo;
-              for (int64_t ow = 0; ow < wo; ++ow) {
-                const int64_t iw = ow * a.stride[1] - a.padding[1] + z * a.dilation[1];
-                if (iw >= 0 && iw < w) orow[ow] += wv * row[iw];
-              }
+              row_multiply_add(dst + oh * wo, src + ih * w, shift, wv, sw, first, end);
             }
           }
         }
