@@ -45,10 +45,17 @@ def startup_ms(path: Path, folder: Path, tries: int = 5) -> float:
     return 1e3 * best
 
 
-def contestants(fp32: torch.nn.Module, path: Path, example: torch.Tensor, folder: Path) -> dict:
-    """FP32 torch, onnxruntime FP32 and liblowbit on the packed file (fastest path and float reference)."""
+def contestants(
+    fp32: torch.nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    folder: Path,
+    paths: tuple[str, ...] = ("auto", "float"),
+) -> dict:
+    """FP32 torch, onnxruntime FP32 and liblowbit on the packed file for each of ``paths`` ("auto": the
+    fastest kernel path, "float": the float reference code)."""
     fns = {"FP32 torch": fp32, "onnxruntime FP32": _onnx_session(fp32, example, folder, threads=1)}
-    for kernel_path in ("auto", "float"):
+    for kernel_path in paths:
         model = native.NativeModel(path.read_bytes(), str(path))
         chosen = model.set_kernel_path(kernel_path)
         label = "float reference" if kernel_path == "float" else chosen
@@ -107,7 +114,7 @@ def main() -> None:
                 zoo_path = export_packed(
                     convert(model, zoo_spec).eval(), folder / f"{name}.lowbit", example_input=x1
                 )
-                fns = contestants(model, zoo_path, x1, folder)
+                fns = contestants(model, zoo_path, x1, folder, paths=("auto",))  # float: minutes
                 inputs = {"batch 1": x1, "batch 16": torch.randn(16, 3, 64, 64)}
                 results[name] = time_batches(fns, inputs, max(3, args.repeats // 3))
                 print_table(

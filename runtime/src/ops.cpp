@@ -161,57 +161,12 @@ Shape norm_shape(const Node& node, const Shape& x) {
 
 // ----- float code -----
 
-// out[ow] += v * row[ow * step + shift] for first <= ow < end: one kernel tap along an output row of a conv.
-void row_multiply_add(float* __restrict out, const float* row, int64_t shift, float v, int64_t step, int64_t first,
-                      int64_t end) {
-  if (step == 1) {
-    for (int64_t ow = first; ow < end; ++ow) out[ow] += v * row[ow + shift];
-  } else {
-    for (int64_t ow = first; ow < end; ++ow) out[ow] += v * row[ow * step + shift];
-  }
-}
+constexpr int64_t kColumns = 64;  // output columns kept in registers at once
 
-void conv2d(const Node& node, const Tensor& input, Tensor& out) {
-  const Attrs& a = node.attrs;
-  Tensor padded;
-  if (!a.pad.empty()) pad_tensor(input, a.pad, a.pad_mode, 0.0, padded);
-  const Tensor& x = a.pad.empty() ? input : padded;
-  const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
-  const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3];
-  const int64_t cig = ci / a.groups, cog = co / a.groups, kh = a.kernel[0], kw = a.kernel[1];
-  const std::vector<float>& weight = node.weight.values;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t oc = 0; oc < co; ++oc) {
-      float* dst = out.data.data() + ((i * co + oc) * ho) * wo;
-      std::fill(dst, dst + ho * wo, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
-      const int64_t g = oc / cog;
-      for (int64_t ic = 0; ic < cig; ++ic) {
-        const float* src = x.data.data() + ((i * ci + g * cig + ic) * h) * w;
-        for (int64_t y = 0; y < kh; ++y) {
-          for (int64_t z = 0; z < kw; ++z) {
-            const float wv = weight[static_cast<size_t>(((oc * cig + ic) * kh + y) * kw + z)];
-            // output columns whose input column iw = ow * stride - padding + z * dilation lies inside the row
-            const int64_t shift = z * a.dilation[1] - a.padding[1], sw = a.stride[1];
-            const int64_t first = shift >= 0 ? 0 : (-shift + sw - 1) / sw;
-            const int64_t end = std::min(wo, w - 1 - shift < 0 ? 0 : (w - 1 - shift) / sw + 1);
-            for (int64_t oh = 0; oh < ho; ++oh) {
-              const int64_t ih = oh * a.stride[0] - a.padding[0] + y * a.dilation[0];
-              if (ih < 0 || ih >= h) continue;
-              row_multiply_add(dst + oh * wo, src + ih * w, shift, wv, sw, first, end);
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-constexpr int64_t kColumns = 64;  // output columns of the latent layer kept in registers at once
-
-// dst[j] += sum_r x[r] * weight[r * stride + j] for j < count <= kColumns, r ascending (the order of the
-// general loops): the latent layer's inner loop, with the partial sums in registers. On x86 also cloned for
-// AVX2 / AVX-512 (picked at load by the dynamic linker); every clone multiplies then adds (no FMA), so all
-// round alike.
+// dst[j] += sum_r x[r] * weight[r * stride + j] for j < count <= kColumns, r ascending (input channel, then
+// tap: the order of the direct loops): the inner loop of conv2d and of the latent layer, partial sums in
+// registers. On x86 also cloned for AVX2 / AVX-512 (picked at load by the dynamic linker); every clone
+// multiplies then adds (no FMA), so all round alike.
 #if defined(__x86_64__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
@@ -233,6 +188,60 @@ void accumulate_rows(float* dst, const float* weight, int64_t stride, const floa
   }
   for (int64_t j = 0; j < kColumns; ++j) dst[j] = acc[j];
 }
+
+// Input patches of output pixels [p0, p0 + count) as rows (input channel, tap) x pixels (0 outside the input).
+void gather_patches(const Attrs& a, const float* src, int64_t cig, int64_t h, int64_t w, int64_t wo, int64_t p0,
+                    int64_t count, std::vector<float>& cols) {
+  float* col = cols.data();
+  for (int64_t ic = 0; ic < cig; ++ic) {
+    const float* plane = src + ic * h * w;
+    for (int64_t y = 0; y < a.kernel[0]; ++y) {
+      for (int64_t z = 0; z < a.kernel[1]; ++z, col += count) {
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t oh = (p0 + j) / wo, ow = (p0 + j) % wo;
+          const int64_t ih = oh * a.stride[0] - a.padding[0] + y * a.dilation[0];
+          const int64_t iw = ow * a.stride[1] - a.padding[1] + z * a.dilation[1];
+          col[j] = ih >= 0 && ih < h && iw >= 0 && iw < w ? plane[ih * w + iw] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// A conv as (output channel) x (input channel, tap) times the gathered patches, a chunk of output pixels at a
+// time so the patch buffer stays bounded.
+void conv2d(const Node& node, const Tensor& input, Tensor& out) {
+  constexpr int64_t kPixels = 1024;
+  const Attrs& a = node.attrs;
+  Tensor padded;
+  if (!a.pad.empty()) pad_tensor(input, a.pad, a.pad_mode, 0.0, padded);
+  const Tensor& x = a.pad.empty() ? input : padded;
+  const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t co = out.shape[1], pixels = out.shape[2] * out.shape[3], wo = out.shape[3];
+  const int64_t cig = ci / a.groups, cog = co / a.groups, taps = cig * a.kernel[0] * a.kernel[1];
+  const std::vector<float>& weight = node.weight.values;  // (Co, Ci / g, kh, kw): row oc has `taps` values
+  std::vector<float> cols(static_cast<size_t>(taps * std::min(pixels, kPixels)));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t oc = 0; oc < co; ++oc) {
+      float* dst = out.data.data() + (i * co + oc) * pixels;
+      std::fill(dst, dst + pixels, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
+    }
+    for (int64_t g = 0; g < a.groups; ++g) {
+      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
+        const int64_t count = std::min(kPixels, pixels - p0);
+        gather_patches(a, x.data.data() + (i * ci + g * cig) * h * w, cig, h, w, wo, p0, count, cols);
+        for (int64_t oc = g * cog; oc < (g + 1) * cog; ++oc) {
+          float* dst = out.data.data() + (i * co + oc) * pixels + p0;
+          for (int64_t j0 = 0; j0 < count; j0 += kColumns) {
+            accumulate_rows(dst + j0, cols.data() + j0, count, weight.data() + oc * taps, taps,
+                            std::min(kColumns, count - j0));
+          }
+        }
+      }
+    }
+  }
+}
+
 
 // A generator's latent layer: a transposed conv on a 1 x 1 input without padding or groups writes
 // x[ic] * weight[ic] to the whole (Co, kh, kw) output, one contiguous multiply-add row per input channel.
