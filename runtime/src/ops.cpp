@@ -197,11 +197,12 @@ void gather_patches(const Attrs& a, const float* src, int64_t cig, int64_t h, in
     const float* plane = src + ic * h * w;
     for (int64_t y = 0; y < a.kernel[0]; ++y) {
       for (int64_t z = 0; z < a.kernel[1]; ++z, col += count) {
+        int64_t oh = p0 / wo, ow = p0 % wo;  // the pixel of j, stepped along without dividing
         for (int64_t j = 0; j < count; ++j) {
-          const int64_t oh = (p0 + j) / wo, ow = (p0 + j) % wo;
           const int64_t ih = oh * a.stride[0] - a.padding[0] + y * a.dilation[0];
           const int64_t iw = ow * a.stride[1] - a.padding[1] + z * a.dilation[1];
           col[j] = ih >= 0 && ih < h && iw >= 0 && iw < w ? plane[ih * w + iw] : 0.0f;
+          if (++ow == wo) ow = 0, ++oh;
         }
       }
     }
@@ -287,13 +288,16 @@ void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
         for (int64_t y = 0; y < kh; ++y) {
           for (int64_t z = 0; z < kw; ++z) {
             const float wv = weight[static_cast<size_t>(((ic * cog + oc_g) * kh + y) * kw + z)];
+            // input columns whose output column ow = iw * stride - padding + z * dilation lies inside the row
+            const int64_t shift = z * a.dilation[1] - a.padding[1], sw = a.stride[1];
+            const int64_t first = shift >= 0 ? 0 : (-shift + sw - 1) / sw;
+            const int64_t end = std::min(w, wo - 1 - shift < 0 ? 0 : (wo - 1 - shift) / sw + 1);
             for (int64_t ih = 0; ih < h; ++ih) {
               const int64_t oh = ih * a.stride[0] - a.padding[0] + y * a.dilation[0];
               if (oh < 0 || oh >= ho) continue;
-              for (int64_t iw = 0; iw < w; ++iw) {
-                const int64_t ow = iw * a.stride[1] - a.padding[1] + z * a.dilation[1];
-                if (ow >= 0 && ow < wo) dst[oh * wo + ow] += wv * src[ih * w + iw];
-              }
+              float* orow = dst + oh * wo;
+              const float* irow = src + ih * w;
+              for (int64_t iw = first; iw < end; ++iw) orow[iw * sw + shift] += wv * irow[iw];
             }
           }
         }
