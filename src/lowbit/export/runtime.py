@@ -109,7 +109,7 @@ class PackedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_native:
-            return torch.from_numpy(self.native.run(self._input(x).numpy()))
+            return torch.from_numpy(self.native.run(self._input(x).detach().numpy()))
         values: dict[str, torch.Tensor] = {INPUT: self._input(x)}
         with torch.no_grad():
             for step in self.steps:
