@@ -263,11 +263,28 @@ void latent_transpose(const Tensor& x, const std::vector<float>& weight, int64_t
   }
 }
 
+// The columns of a transposed conv for input pixels [p0, p0 + count): cols[(oc, y, z)][j] = sum_ic
+// weight[ic, oc, y, z] * x[ic, p0 + j] (register-blocked sums over a transposed copy of the group's weight).
+void transpose_columns(const float* planes, int64_t pixels, const std::vector<float>& weight_t, int64_t cig,
+                       int64_t p0, int64_t count, std::vector<float>& cols) {
+  const int64_t rows = static_cast<int64_t>(weight_t.size()) / cig;
+  std::fill(cols.begin(), cols.begin() + rows * count, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j0 = 0; j0 < count; j0 += kColumns) {
+      accumulate_rows(cols.data() + r * count + j0, planes + p0 + j0, pixels, weight_t.data() + r * cig, cig,
+                      std::min(kColumns, count - j0));
+    }
+  }
+}
+
+// A transposed conv: per chunk of input pixels, the columns of every (output channel, tap), each added at the
+// output pixel its tap reaches (the latent 1 x 1 case as latent_transpose).
 void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
+  constexpr int64_t kPixels = 1024;
   const Attrs& a = node.attrs;
   const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
   const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3];
-  const int64_t cig = ci / a.groups, cog = co / a.groups, kh = a.kernel[0], kw = a.kernel[1];
+  const int64_t cig = ci / a.groups, cog = co / a.groups, kh = a.kernel[0], kw = a.kernel[1], taps = kh * kw;
   const std::vector<float>& weight = node.weight.values;  // (Ci, Co / g, kh, kw)
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t oc = 0; oc < co; ++oc) {
@@ -279,26 +296,27 @@ void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
     latent_transpose(x, weight, co * kh * kw, out);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t ic = 0; ic < ci; ++ic) {
-      const int64_t g = ic / cig;
-      const float* src = x.data.data() + ((i * ci + ic) * h) * w;
-      for (int64_t oc_g = 0; oc_g < cog; ++oc_g) {
-        float* dst = out.data.data() + ((i * co + g * cog + oc_g) * ho) * wo;
-        for (int64_t y = 0; y < kh; ++y) {
-          for (int64_t z = 0; z < kw; ++z) {
-            const float wv = weight[static_cast<size_t>(((ic * cog + oc_g) * kh + y) * kw + z)];
-            // input columns whose output column ow = iw * stride - padding + z * dilation lies inside the row
-            const int64_t shift = z * a.dilation[1] - a.padding[1], sw = a.stride[1];
-            const int64_t first = shift >= 0 ? 0 : (-shift + sw - 1) / sw;
-            const int64_t end = std::min(w, wo - 1 - shift < 0 ? 0 : (wo - 1 - shift) / sw + 1);
-            for (int64_t ih = 0; ih < h; ++ih) {
-              const int64_t oh = ih * a.stride[0] - a.padding[0] + y * a.dilation[0];
-              if (oh < 0 || oh >= ho) continue;
-              float* orow = dst + oh * wo;
-              const float* irow = src + ih * w;
-              for (int64_t iw = first; iw < end; ++iw) orow[iw * sw + shift] += wv * irow[iw];
-            }
+  const int64_t rows = cog * taps, pixels = h * w;
+  std::vector<float> weight_t(static_cast<size_t>(rows * cig)), cols(static_cast<size_t>(rows * std::min(pixels, kPixels)));
+  for (int64_t g = 0; g < a.groups; ++g) {
+    for (int64_t r = 0; r < rows; ++r) {  // (oc, tap) rows of the group, input channels contiguous
+      for (int64_t ic = 0; ic < cig; ++ic) weight_t[static_cast<size_t>(r * cig + ic)] = weight[static_cast<size_t>((g * cig + ic) * rows + r)];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* planes = x.data.data() + (i * ci + g * cig) * pixels;
+      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
+        const int64_t count = std::min(kPixels, pixels - p0);
+        transpose_columns(planes, pixels, weight_t, cig, p0, count, cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t y = (r % taps) / kw, z = r % kw;
+          float* dst = out.data.data() + (i * co + g * cog + r / taps) * ho * wo;
+          const float* col = cols.data() + r * count;
+          int64_t ih = p0 / w, iw = p0 % w;  // the input pixel of j, stepped along without dividing
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t oh = ih * a.stride[0] - a.padding[0] + y * a.dilation[0];
+            const int64_t ow = iw * a.stride[1] - a.padding[1] + z * a.dilation[1];
+            if (oh >= 0 && oh < ho && ow >= 0 && ow < wo) dst[oh * wo + ow] += col[j];
+            if (++iw == w) iw = 0, ++ih;
           }
         }
       }
@@ -607,24 +625,36 @@ void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::str
   out.shape = padded_shape(x.shape, pad);
   out.data.assign(static_cast<size_t>(numel(out.shape)), static_cast<float>(value));
   const size_t rank = x.shape.size();
-  const std::vector<int64_t> in_strides = strides_for(x.shape, x.shape);
-  std::vector<int64_t> index(rank, 0);
-  for (int64_t k = 0; k < numel(out.shape); ++k) {
-    int64_t src = 0;
-    bool inside = true;
-    for (size_t d = 0; d < rank; ++d) {
-      const size_t from_last = rank - 1 - d;
-      const int64_t before = from_last < pad.size() / 2 ? pad[2 * from_last] : 0;
-      int64_t i = index[d] - before;
-      const int64_t n = x.shape[d];
+  // Per dimension, the source index of every output index: reflected, clamped, or -1 (the constant).
+  std::vector<std::vector<int64_t>> source(rank);
+  for (size_t d = 0; d < rank; ++d) {
+    const size_t from_last = rank - 1 - d;
+    const int64_t before = from_last < pad.size() / 2 ? pad[2 * from_last] : 0, n = x.shape[d];
+    for (int64_t o = 0; o < out.shape[d]; ++o) {
+      int64_t i = o - before;
       if (i < 0 || i >= n) {
-        if (mode == "constant") { inside = false; break; }
-        i = mode == "reflect" ? (i < 0 ? -i : 2 * (n - 1) - i) : std::min(std::max<int64_t>(i, 0), n - 1);
+        i = mode == "constant" ? -1 : mode == "reflect" ? (i < 0 ? -i : 2 * (n - 1) - i) : std::min(std::max<int64_t>(i, 0), n - 1);
       }
-      src += i * in_strides[d];
+      source[d].push_back(i);
     }
-    if (inside) out.data[static_cast<size_t>(k)] = x.data[static_cast<size_t>(src)];
-    for (size_t d = rank; d-- > 0;) {
+  }
+  const std::vector<int64_t> in_strides = strides_for(x.shape, x.shape);
+  const std::vector<int64_t>& last = source[rank - 1];
+  const int64_t width = out.shape[rank - 1], rows = numel(out.shape) / width;
+  std::vector<int64_t> index(rank, 0);  // of the row's first element
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t base = 0;
+    bool inside = true;
+    for (size_t d = 0; d + 1 < rank && inside; ++d) {
+      const int64_t i = source[d][static_cast<size_t>(index[d])];
+      inside = i >= 0;
+      base += i * in_strides[d];
+    }
+    float* dst = out.data.data() + r * width;
+    for (int64_t o = 0; inside && o < width; ++o) {
+      if (last[static_cast<size_t>(o)] >= 0) dst[o] = x.data[static_cast<size_t>(base + last[static_cast<size_t>(o)])];
+    }
+    for (size_t d = rank - 1; d-- > 0;) {
       if (++index[d] < out.shape[d]) break;
       index[d] = 0;
     }
