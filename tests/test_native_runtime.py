@@ -20,13 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gan_zoo import ZOO, calibrated
+from gan_zoo import ZOO, calibrated, trained_like_dcgan
 from lowbit.errors import CheckpointError
 from lowbit.export import PackedModel, load
 from lowbit.export.backends import native
 from lowbit.export.format import META_ARCH, META_CHECKSUM, checksum, write_graph
 from lowbit.export.ir import capture
-from lowbit.models import create_model
 from lowbit.nn import QuantSpec, convert
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
@@ -56,14 +55,7 @@ pytestmark = pytest.mark.skipif(
 
 def _dcgan() -> nn.Module:
     """lowbit's DCGAN-28 generator with trained-like batch-norm statistics, W1A1 sign."""
-    torch.manual_seed(0)
-    model = create_model("dcgan-g-28", width=16)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.02)
-            module.running_var.uniform_(0.5, 2.0)
-            module.bias.data.normal_(0, 0.1)
-    return convert(model.eval(), SPECS["w1a1-sign"]).eval()
+    return convert(trained_like_dcgan(width=16), SPECS["w1a1-sign"]).eval()
 
 
 #: every zoo model with a table codebook (W2 EM) and both kinds of binary layers; 4-bit affine codes on two

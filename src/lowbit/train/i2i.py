@@ -25,6 +25,7 @@ from lowbit.train.gan import (
     I2I_KIND,
     LR_DECAYS,
     BatchStream,
+    DataSpec,
     NetSpec,
     TrainResult,
     build_networks,
@@ -52,14 +53,10 @@ I2I_LOSSES = ("dcgan", "lsgan")
 
 
 @dataclass
-class PairedDataSpec:
-    """A paired dataset of ``lowbit.data.load_pairs``: name, split, optional subset, folder, options."""
+class PairedDataSpec(DataSpec):
+    """A paired dataset of ``lowbit.data.load_pairs``: the fields of DataSpec, a paired dataset by default."""
 
     dataset: str = "edges2fashion"
-    split: str = "train"
-    limit: int | None = None
-    root: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
