@@ -45,6 +45,7 @@ from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
     Evaluator,
     LoopSettings,
+    check_loop_counts,
     predict,
     run_training,
     seeded_generator,
@@ -140,12 +141,7 @@ class GanConfig:
     guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        check_loop_counts(self)
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
         for key in ("distill", "distill_features"):

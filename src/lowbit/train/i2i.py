@@ -39,6 +39,7 @@ from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (
     Evaluator,
     LoopSettings,
+    check_loop_counts,
     predict,
     run_training,
     seeded_generator,
@@ -85,12 +86,7 @@ class I2IConfig:
     guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        check_loop_counts(self)
         if self.l1_weight < 0:
             raise ConfigError(f"'l1_weight' must be >= 0 (pix2pix uses 100), got {self.l1_weight}")
         if self.loss not in I2I_LOSSES:
