@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: Debian data/browser packages (when root),
+# Idempotent set-up for a fresh machine: Debian data/browser packages and the ARM64 cross toolchain + qemu-user
+# for the native runtime's tests (when root),
 # the .venv with pinned dependencies, and the MNIST cache. A second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ install_debian_packages() {
     local wanted=()
     [ -d /usr/share/datasets/fashion-mnist ] || wanted+=(dataset-fashion-mnist)
     command -v chromium >/dev/null 2>&1 || wanted+=(chromium)
+    command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || wanted+=(g++-aarch64-linux-gnu)
+    command -v qemu-aarch64 >/dev/null 2>&1 || wanted+=(qemu-user)
     [ ${#wanted[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: not root or no apt-get; skipping Debian packages: ${wanted[*]}" >&2

@@ -289,3 +289,17 @@ def calibrated(name: str, seed: int = 0) -> nn.Module:
         for _ in range(3):
             model(torch.randn(8, *shape))
     return model.eval()
+
+
+def trained_like_dcgan(width: int, seed: int = 0) -> nn.Module:
+    """lowbit's dcgan-g-28 with non-trivial BatchNorm statistics and shifts (as after training), eval mode."""
+    from lowbit.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("dcgan-g-28", width=width)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.02)
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.normal_(0, 0.1)
+    return model.eval()

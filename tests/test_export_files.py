@@ -18,6 +18,7 @@ from gan_zoo import ZOO, calibrated
 from lowbit.cli import main
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.export import available_paths, export_packed, load
+from lowbit.export.backends import native
 from lowbit.export.format import META_ARCH, META_CHECKSUM, checksum
 from lowbit.nn import QuantSpec, convert
 
@@ -170,7 +171,9 @@ def test_cli_info_prints_the_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "input N x 3 x 16 x 16" in out and "instance_norm" in out and "total:" in out
     kernels = [p for p in available_paths() if p != "torch"]
-    if kernels:
+    if native.available():  # the default backend once runtime/ is built (docs/export.md, "Native runtime")
+        assert f"native:{native.available_paths()[0]}" in out
+    elif kernels:
         assert f"x86:{kernels[0]}" in out
     assert main(["export", "info", str(path), "--kernel-path", "torch"]) == 0
     assert "x86:" not in capsys.readouterr().out

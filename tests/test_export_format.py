@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from gan_zoo import trained_like_dcgan
 from lowbit.cli import main
 from lowbit.errors import CheckpointError, ChecksumError, ConfigError
 from lowbit.export import available_paths, export_onnx, export_packed, load, sample
@@ -36,14 +37,7 @@ def _kernel_layers(packed):
 
 def _generator(width: int, seed: int = 0) -> nn.Module:
     """A DCGAN-28 generator with non-trivial batch-norm statistics (as after training)."""
-    torch.manual_seed(seed)
-    model = create_model("dcgan-g-28", width=width)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.02)
-            module.running_var.uniform_(0.5, 2.0)
-            module.bias.data.normal_(0, 0.1)
-    return model.eval()
+    return trained_like_dcgan(width, seed)
 
 
 def _quantized(

@@ -278,3 +278,26 @@ def test_every_remaining_coverage_op_exports_exactly(tmp_path):
     assert torch.equal(load(path, kernel_path="torch")(x), expected)
     onnx_out = _onnx_run(export_onnx(model, tmp_path / "k.onnx", example_input=x[:1]), x)
     torch.testing.assert_close(onnx_out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rprelu_and_shifted_binary_activations_export_exactly(tmp_path):
+    """lowbit.nn.RPReLU (ReActNet) and an activation with a learned per-channel shift (FrozenAct.shift)."""
+    from lowbit.nn.rprelu import RPReLU
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), RPReLU(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)
+    )
+    with torch.no_grad():
+        for name in ("shift_in", "slope", "shift_out"):
+            getattr(model[2], name).uniform_(0.2, 0.8)
+        model.train()(torch.randn(8, 3, 8, 8))
+    quantized = convert(model.eval(), SPECS["w1a1-sign"]).eval()
+    x = torch.randn(4, 3, 8, 8)
+    path = export_packed(quantized, tmp_path / "r.lowbit", example_input=x[:1])
+    assert "rprelu" in {node.op for node in load(path).graph.nodes}
+    with torch.no_grad():
+        expected = quantized(x)
+    assert torch.equal(load(path, kernel_path="torch")(x), expected)
+    onnx_out = _onnx_run(export_onnx(quantized, tmp_path / "r.onnx", example_input=x[:1]), x)
+    assert ((onnx_out - expected).abs() > 1e-3).float().mean() <= KERNEL_MISMATCH

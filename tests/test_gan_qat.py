@@ -317,3 +317,28 @@ def test_w1a1_recipe_trains_with_feature_distillation_and_staged_weights(fp_chec
     assert [a.method for a in acts] == ["rsign", "rsign"] and all(a.shift is not None for a in acts)
     with pytest.raises(Exception, match="distill_features' must be >= 0 and needs init_from"):
         from_dict(GanConfig, {**BASE, "distill_features": 1.0})
+
+
+def test_channel_pruned_student_distils_features_through_learned_adapters(fp_checkpoint, tmp_path):
+    """GAN Compression's 1x1 adapters: a student with half the channels matches the FP teacher's features
+    through trained adapters, which a resumed run restores exactly."""
+    from lowbit.train.checkpoint import load_checkpoint
+    from lowbit.train.distill import FeatureTaps
+
+    def config(steps):
+        cfg = qat_config(fp_checkpoint, G_SPEC, steps=steps, distill=1.0, distill_features=1.0,
+                         sample_every=8, checkpoint_every=4)
+        cfg.generator.transforms = [{"type": "prune", "kind": "channels", "ratio": 0.5}]
+        return cfg
+
+    full = train_gan(config(8), tmp_path / "full", progress=False)
+    train_gan(config(4), tmp_path / "cut", progress=False)
+    resumed = train_gan(config(8), tmp_path / "cut", resume=True, progress=False)
+    assert resumed.history[-1] == full.history[-1]
+    a, b = load_checkpoint(full.model_path)["generator"], load_checkpoint(resumed.model_path)["generator"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
+    adapters = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.safetensors")["distill_adapters"]
+    assert adapters and all(v.shape[0] == 2 * v.shape[1] for v in adapters.values())  # teacher C = 2 x student
+    student, teacher = load_generator(full.model_path), load_generator(fp_checkpoint)
+    taps = FeatureTaps(student, teacher, torch.randn(2, 16))
+    assert set(taps.adapters) == {key.split(".")[0] for key in adapters}

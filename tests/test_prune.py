@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gan_zoo import ExamplesDCGAN, ResnetGenerator, UnetGenerator, calibrated
+from gan_zoo import ExamplesDCGAN, ResnetGenerator, UnetGenerator, calibrated, trained_like_dcgan
 from lowbit.errors import ConfigError
 from lowbit.export import export_packed, load
 from lowbit.export.pack import packed_nbytes
@@ -20,14 +20,7 @@ from lowbit.nn.prune import polynomial_sparsity
 
 
 def _generator(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = create_model("dcgan-g-28", width=16)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.02)
-            module.running_var.uniform_(0.5, 2.0)
-            module.bias.data.normal_(0, 0.1)
-    return model.eval()
+    return trained_like_dcgan(width=16, seed=seed)
 
 
 def _weights(model):

@@ -97,7 +97,7 @@ def print_plan(path: str, kernel_path: str | None) -> int:
             f"{row['name'][:28]:<28} {row['op']:<17} {row['module'][:28]:<28} {bits[0]:>3} {bits[1]:>3} "
             f"{row['backend']:<11} {row['bytes']:>10,}"
         )
-    on_kernels = sum(row["backend"].startswith("x86") for row in rows)
+    on_kernels = sum(row["backend"] not in ("torch", "native:float") for row in rows)
     print(
         f"total: {len(rows)} nodes, {on_kernels} on the kernels, "
         f"{sum(r['bytes'] for r in rows):,} tensor bytes, "

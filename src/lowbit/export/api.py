@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.export.backends import x86
+from lowbit.export.backends import native, x86
 from lowbit.export.backends.x86 import build
 from lowbit.export.format import read_graph, write_graph
 from lowbit.export.ir import Graph, capture
@@ -149,16 +149,38 @@ def _dry_run(model: PackedModel, path: str | os.PathLike) -> None:
         ) from None
 
 
-def load(path: str | os.PathLike, kernel_path: str | None = None) -> PackedModel:
+def load(path: str | os.PathLike, kernel_path: str | None = None, backend: str | None = None) -> PackedModel:
     """A packed model ready for inference (no training code, no pickle), in eval mode.
 
     ``kernel_path`` picks the implementation of binary-input layers: "auto" (default, or
     ``$LOWBIT_KERNEL_PATH``), "avx512", "avx2", "scalar" or "torch" (bit-exact fallback, always available).
+    ``backend``: "native" runs the whole graph in liblowbit (``runtime/``, no JIT build), "python" on the
+    torch / x86 backends. The default is native when liblowbit is built and ``kernel_path`` is None or
+    "auto"; an explicit x86 kernel path keeps the Python x86 backend, "torch" the bit-exact torch one.
     """
+    if backend not in (None, "native", "python"):
+        raise ConfigError(f"unknown backend '{backend}'; choose native or python")
     model = PackedModel(read_graph(path), build.TORCH_PATH)
     _dry_run(model, path)
+    missing = native.unsupported(model.graph.nodes)
+    if backend == "native" and missing is not None:
+        raise ConfigError(f"{path} uses {missing}, which the native runtime does not run yet; load it with "
+                          "backend='python'")
+    if backend == "native" or (backend is None and kernel_path in (None, "auto") and native.available()
+                               and missing is None):
+        model.native = _native_model(path)
     model.set_kernel_path(kernel_path)
     return model
+
+
+def _native_model(path: str | os.PathLike) -> native.NativeModel | None:
+    """liblowbit's model of a file the Python reader accepted; None for files it leaves to Python (v1)."""
+    try:
+        return native.NativeModel(Path(path).read_bytes(), str(path))
+    except native.NativeLoadError as exc:
+        if exc.code == native.ERROR_UNSUPPORTED:
+            return None
+        raise
 
 
 def set_kernel_path(model: PackedModel, path: str | None = None) -> str:

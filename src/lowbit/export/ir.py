@@ -278,6 +278,7 @@ def _identity(module: nn.Module, frozen: Any) -> tuple[str, dict, dict]:
 
 def _register_module_translators() -> dict[type, Callable[[nn.Module, Any], tuple[str, dict, dict]]]:
     from lowbit.nn.layers import QuantAct, QuantConv2d, QuantConvTranspose2d, QuantLinear
+    from lowbit.nn.rprelu import RPReLU
 
     weight = {
         nn.Conv2d: "conv2d",
@@ -307,6 +308,15 @@ def _register_module_translators() -> dict[type, Callable[[nn.Module, Any], tupl
                 _norm_tensors(m, stats=False),
             ),
             QuantAct: _quant_act,
+            RPReLU: lambda m, f: (
+                "rprelu",
+                {},
+                {
+                    "shift_in": m.shift_in.detach(),
+                    "slope": m.slope.detach(),
+                    "shift_out": m.shift_out.detach(),
+                },
+            ),
             nn.ReLU: _simple("relu"),
             nn.Tanh: _simple("tanh"),
             nn.Sigmoid: _simple("sigmoid"),

@@ -300,6 +300,21 @@ def _prelu(b: _Builder, node: Node, x: str, shapes: dict[str, list[int]]) -> str
     return b.node("PRelu", [x, b.const("slope", slope.reshape(-1, *([1] * (rank - 2))))], "prelu")
 
 
+def _rprelu(b: _Builder, node: Node, x: str, shapes: dict[str, list[int]]) -> str:
+    rank = len(shapes[node.inputs[0]])
+    per_channel = [-1, *([1] * (rank - 2))]
+    t = {key: _np(value).reshape(per_channel) for key, value in node.tensors.items()}
+    shifted = b.node("Sub", [x, b.const("shift_in", t["shift_in"])], "shift_in")
+    return b.node(
+        "Add",
+        [
+            b.node("PRelu", [shifted, b.const("slope", t["slope"])], "prelu"),
+            b.const("shift_out", t["shift_out"]),
+        ],
+        "rprelu",
+    )
+
+
 TRANSLATORS: dict[str, Callable[..., str]] = {
     "conv2d": _conv,
     "conv_transpose2d": _conv,
@@ -346,6 +361,7 @@ TRANSLATORS: dict[str, Callable[..., str]] = {
 }
 #: translators that also need the recorded per-sample shapes
 SHAPED = {
+    "rprelu": _rprelu,
     "interpolate": _interpolate,
     "prelu": _prelu,
     "instance_norm": _instance_norm,

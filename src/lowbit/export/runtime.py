@@ -3,10 +3,13 @@
 Backends: ``torch`` runs every op exactly as the captured model does; a kernel path ("avx512", "avx2",
 "scalar", all from the ``x86`` backend) runs the weight layers fed by two-level activations on the bit-serial
 kernels. Nodes whose output nothing reads after planning are dropped, e.g. an activation folded into packing.
+A model given a ``native`` handle (liblowbit, ``backends/native.py``) runs the whole graph there instead, on
+every path but "torch"; its plan table shows the same claims, as ``native:<path>`` / ``native:float``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.export.backends import native as native_backend
 from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends import x86
 from lowbit.export.backends.x86 import build
@@ -59,8 +63,11 @@ class PackedModel(nn.Module):
     """A model rebuilt from its IR: ``forward`` takes the captured input layout (any shape with the same
     number of values per sample, e.g. z as N x d or N x d x 1 x 1) and returns the captured output."""
 
-    def __init__(self, graph: Graph, kernel_path: str | None = None) -> None:
+    def __init__(
+        self, graph: Graph, kernel_path: str | None = None, native: native_backend.NativeModel | None = None
+    ) -> None:
         super().__init__()
+        self.native = native
         self.graph = graph
         self.architecture: dict[str, Any] = graph.to_json()
         self.latent_dim = graph.latent_dim
@@ -73,10 +80,21 @@ class PackedModel(nn.Module):
         self.eval()
 
     def set_kernel_path(self, path: str | None = None) -> str:
-        """Re-plan the graph for ``path`` ("auto", "avx512", "avx2", "scalar", "torch"); returns the path."""
+        """Re-plan the graph for ``path`` ("auto", "avx512", "avx2", "scalar", "torch"; with a native handle
+        also "neon" and "float"); returns the path."""
+        path = path or os.environ.get(build.PATH_ENV, "auto")
+        if self.native is not None and path != build.TORCH_PATH:
+            self.kernel_path = self.native.set_kernel_path(path)
+            planned = plan_graph(self.graph, self.kernel_path)
+            self.steps = [_native_step(step, self.kernel_path) for step in planned]
+            return self.kernel_path
         self.kernel_path = build.resolve_path(path)
         self.steps = plan_graph(self.graph, self.kernel_path)
         return self.kernel_path
+
+    @property
+    def runs_native(self) -> bool:
+        return self.native is not None and self.kernel_path != build.TORCH_PATH
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         per_sample = 1
@@ -90,6 +108,8 @@ class PackedModel(nn.Module):
         return x.reshape(x.shape[0], *self.input_shape).to(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_native:
+            return torch.from_numpy(self.native.run(self._input(x).detach().numpy()))
         values: dict[str, torch.Tensor] = {INPUT: self._input(x)}
         with torch.no_grad():
             for step in self.steps:
@@ -117,6 +137,12 @@ class PackedModel(nn.Module):
                 }
             )
         return rows
+
+
+def _native_step(step: Step, path: str) -> Step:
+    """The Python plan's step relabelled with where liblowbit runs it (same claim rule as the x86 backend)."""
+    backend = f"{native_backend.NAME}:{path}" if step.backend == f"{x86.NAME}:{path}" else "native:float"
+    return Step(step.node, step.run, step.inputs, backend)
 
 
 def _input_bits(source: Node | None, producers: dict[str, Node]) -> int:

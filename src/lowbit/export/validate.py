@@ -49,6 +49,7 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "gelu": (("approximate",), (), ()),
     "hardtanh": (("min_val", "max_val"), (), ()),
     "prelu": ((), ("weight",), ()),
+    "rprelu": ((), ("shift_in", "slope", "shift_out"), ()),
     "pad": (("pad", "mode"), (), ()),
     "interpolate": (("mode",), (), ()),
     "pixel_shuffle": (("factor",), (), ()),

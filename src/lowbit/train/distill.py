@@ -1,5 +1,8 @@
-"""Feature distillation from a full-precision teacher (GAN Compression, Li et al., CVPR 2020, §3.2,
-without adapters: the quantized student keeps the teacher's channel counts).
+"""Feature distillation from a full-precision teacher (GAN Compression, Li et al., CVPR 2020, §3.2).
+
+Where the student has other channel counts than the teacher (a channel-pruned student), a learned 1x1
+convolution (a linear map for N x C features) maps the student's feature to the teacher's channels before
+the comparison, as GAN Compression's adapters do; equal counts are compared directly.
 
 The taps are the inputs of the teacher's hidden activation modules (the pre-activations after
 each BatchNorm) and of the student modules of the same name (its ``QuantAct``, or the
@@ -30,13 +33,42 @@ def tap_names(teacher: nn.Module, student: nn.Module) -> list[str]:
     return names
 
 
-class FeatureTaps:
-    """Records the inputs of the tapped modules of a student and its teacher while active."""
+def _key(name: str) -> str:
+    """A module path as a ModuleDict key (no dots)."""
+    return name.replace(".", "__")
 
-    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+
+class FeatureTaps:
+    """Records the inputs of the tapped modules of a student and its teacher while active; ``adapters``
+    (trained with the student) map student features to the teacher's channel count where they differ."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None:
         self.names = tap_names(teacher, student)
         self.modules = {"student": dict(student.named_modules()), "teacher": dict(teacher.named_modules())}
         self.features: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self.adapters = self._adapters(student, teacher, example)
+
+    def _adapters(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> nn.ModuleDict:
+        """A 1x1 conv (or linear map) per tap whose student and teacher channel counts differ."""
+        modes = {m: m.training for m in (*student.modules(), *teacher.modules())}
+        with torch.no_grad(), self.recording():
+            student.eval()(example)
+            teacher.eval()(example)
+        for module, mode in modes.items():
+            module.train(mode)
+        adapters = nn.ModuleDict()
+        for name in self.names:
+            own, theirs = self.features["student"][name], self.features["teacher"][name]
+            if own.shape[1] != theirs.shape[1]:
+                size = (own.shape[1], theirs.shape[1])
+                adapter = nn.Conv2d(*size, 1, bias=False) if own.dim() == 4 else nn.Linear(*size, bias=False)
+                adapters[_key(name)] = adapter
+        self.features = {"student": {}, "teacher": {}}
+        return adapters
+
+    def _adapted(self, name: str, feature: torch.Tensor) -> torch.Tensor:
+        key = _key(name)
+        return self.adapters[key](feature) if key in self.adapters else feature
 
     @contextmanager
     def recording(self) -> Iterator[FeatureTaps]:
@@ -57,6 +89,6 @@ class FeatureTaps:
     def loss(self) -> torch.Tensor:
         """Mean over taps of the mean squared difference, then forgets the recorded features."""
         student, teacher = self.features["student"], self.features["teacher"]
-        terms = [(student[n] - teacher[n].detach()).square().mean() for n in self.names]
+        terms = [(self._adapted(n, student[n]) - teacher[n].detach()).square().mean() for n in self.names]
         self.features = {"student": {}, "teacher": {}}
         return torch.stack(terms).mean()

@@ -45,6 +45,7 @@ from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
     Evaluator,
     LoopSettings,
+    check_loop_counts,
     predict,
     run_training,
     seeded_generator,
@@ -140,12 +141,7 @@ class GanConfig:
     guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        check_loop_counts(self)
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
         for key in ("distill", "distill_features"):
@@ -416,11 +412,14 @@ class GanTrainer:
         self.distill = cfg.distill
         self.distill_features = cfg.distill_features
         use_taps = self.teacher is not None and cfg.distill_features
-        self.taps = FeatureTaps(unwrap(self.G), self.teacher) if use_taps else None
         self.latent_dim = int(unwrap(generator).latent_dim)
+        example = torch.randn(2, self.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        self.taps = FeatureTaps(unwrap(self.G), self.teacher, example) if use_taps else None
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
         self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas, cfg.search_sgd)
+        adapters = list(self.taps.adapters.to(device).parameters()) if self.taps is not None else []
+        self.opt_adapters = make_optimizer(self.loss, adapters, g_lr, betas) if adapters else None
         self.opt_d = network_optimizer(self.loss, self.D, d_lr, betas, cfg.search_sgd)
         self.clip = cfg.clip if cfg.clip is not None else self.loss.clip
         self.gp_weight = cfg.gp_weight if cfg.gp_weight is not None else self.loss.gp_weight
@@ -480,6 +479,9 @@ class GanTrainer:
             loss.backward()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
+        if self.opt_adapters is not None:
+            self.opt_adapters.step()
+            self.opt_adapters.zero_grad(set_to_none=True)
         self._update_ema()
         return float(loss.detach())
 
@@ -514,6 +516,9 @@ class GanTrainer:
         }
         if self.G_ema is not None:
             state["generator_ema"] = self.G_ema.state_dict()
+        if self.opt_adapters is not None:
+            state["distill_adapters"] = self.taps.adapters.state_dict()
+            state["optim_adapters"] = self.opt_adapters.state_dict()
         return state
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
@@ -524,6 +529,9 @@ class GanTrainer:
         self.opt_d.load_state_dict(state["optim_d"])
         if self.G_ema is not None:
             load_weights(self.G_ema, state["generator_ema"], f"{source} (generator average)")
+        if self.opt_adapters is not None:
+            load_weights(self.taps.adapters, state["distill_adapters"], f"{source} (distillation adapters)")
+            self.opt_adapters.load_state_dict(state["optim_adapters"])
 
     def models(self) -> list[nn.Module]:
         """Every network this trainer updates (G, D and the G average when ema is on)."""

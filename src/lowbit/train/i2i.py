@@ -25,6 +25,7 @@ from lowbit.train.gan import (
     I2I_KIND,
     LR_DECAYS,
     BatchStream,
+    DataSpec,
     NetSpec,
     TrainResult,
     build_networks,
@@ -38,6 +39,7 @@ from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (
     Evaluator,
     LoopSettings,
+    check_loop_counts,
     predict,
     run_training,
     seeded_generator,
@@ -52,14 +54,10 @@ I2I_LOSSES = ("dcgan", "lsgan")
 
 
 @dataclass
-class PairedDataSpec:
-    """A paired dataset of ``lowbit.data.load_pairs``: name, split, optional subset, folder, options."""
+class PairedDataSpec(DataSpec):
+    """A paired dataset of ``lowbit.data.load_pairs``: the fields of DataSpec, a paired dataset by default."""
 
     dataset: str = "edges2fashion"
-    split: str = "train"
-    limit: int | None = None
-    root: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,12 +86,7 @@ class I2IConfig:
     guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        check_loop_counts(self)
         if self.l1_weight < 0:
             raise ConfigError(f"'l1_weight' must be >= 0 (pix2pix uses 100), got {self.l1_weight}")
         if self.loss not in I2I_LOSSES:

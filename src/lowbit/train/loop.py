@@ -52,6 +52,16 @@ RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "sample_every", "checkp
                      "device", "guard")
 
 
+def check_loop_counts(cfg: Any) -> None:
+    """The loop's step and cadence fields of a trainer config: counts >= 1, optional cadences >= 0."""
+    for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be >= 1, got {getattr(cfg, key)}")
+    for key in ("eval_every", "threads"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
+
+
 class ResumeMismatchError(ConfigError, CheckpointError):
     """``--resume`` with a config that differs from the one the checkpoint was saved with."""
 

@@ -79,6 +79,17 @@ def _quant_act(node: Node) -> Kernel:
     return levels_activation(node.tensors["levels"], node.tensors.get("shift"))
 
 
+def _rprelu(node: Node) -> Kernel:
+    """``lowbit.nn.RPReLU``: per-channel shift, PReLU slope and output shift, computed as the module does."""
+    t = node.tensors
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        u = x.transpose(1, -1) - t["shift_in"]
+        return (torch.where(u >= 0, u, t["slope"] * u) + t["shift_out"]).transpose(1, -1)
+
+    return run
+
+
 def _elementwise(fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Node], Kernel]:
     def build(node: Node) -> Kernel:
         if "scalar" not in node.attrs:
@@ -133,6 +144,7 @@ OPS: dict[str, Callable[[Node], Kernel]] = {
     "gelu": lambda n: lambda x: F.gelu(x, approximate=n.attrs["approximate"]),
     "hardtanh": _attr_fn(F.hardtanh, "min_val", "max_val"),
     "prelu": lambda n: lambda x: F.prelu(x, n.tensors["weight"]),
+    "rprelu": _rprelu,
     "pad": _pad,
     "interpolate": _interpolate,
     "pixel_shuffle": _attr_fn(F.pixel_shuffle, "factor"),

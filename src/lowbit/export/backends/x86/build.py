@@ -1,8 +1,10 @@
 """The bit-serial C++ kernels: compiled on first use into the lowbit cache, dispatched per CPU at run time.
 
-``csrc/`` holds the shared ``kernels.h``, one file per ISA (``scalar.cpp``, ``avx2.cpp``, ``avx512.cpp``)
-and the torch binding ``bitserial.cpp``, built with ``-O3`` and no ``-march`` flag; the AVX-512 VPOPCNTDQ
-and AVX2 loops carry function-level target attributes and are only called when cpuid says the CPU has them.
+``csrc/`` holds the shared ``kernels.h``, one file per ISA (``scalar.cpp``, ``avx2.cpp``, ``avx512.cpp``,
+``neon.cpp``; each builds only on its CPU family), the torch-free driver ``driver.cpp`` (also compiled into
+the native runtime, ``runtime/``) and the torch binding ``bitserial.cpp``, built with ``-O3`` and no
+``-march`` flag; the AVX-512 VPOPCNTDQ and AVX2 loops carry function-level target attributes and are only
+called when cpuid says the CPU has them.
 When no C++ compiler is available the packed model runs on the pure-torch path instead (unpacked weights,
 float convolutions) and says so once.
 """
@@ -25,12 +27,13 @@ from lowbit.config import unknown_name_error
 from lowbit.errors import ConfigError
 from lowbit.io import cache_dir
 
-#: kernel paths by their id in the C++ code (index = id); "torch" is the compiler-free fallback.
-KERNEL_PATHS = ("scalar", "avx2", "avx512")
+#: kernel paths by their id in the C++ code (index = id); "torch" is the compiler-free fallback. The native
+#: runtime's Makefile reads this line too (runtime/path_defines.sh), so it stays the one definition.
+KERNEL_PATHS = ("scalar", "avx2", "avx512", "neon")
 TORCH_PATH = "torch"
 CSRC = Path(__file__).parent / "csrc"
-#: the torch binding first, then one file per ISA; kernels.h is shared by all.
-SOURCES = ("bitserial.cpp", "scalar.cpp", "avx2.cpp", "avx512.cpp")
+#: the torch binding first, the shared driver, then one file per ISA; kernels.h is shared by all.
+SOURCES = ("bitserial.cpp", "driver.cpp", "scalar.cpp", "avx2.cpp", "avx512.cpp", "neon.cpp")
 #: environment variable that picks the default path ("auto", "avx512", "avx2", "scalar", "torch").
 PATH_ENV = "LOWBIT_KERNEL_PATH"
 #: a build lock older than this (seconds) was left by a killed build.

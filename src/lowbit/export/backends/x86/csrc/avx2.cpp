@@ -1,6 +1,8 @@
 // The AVX2 path: pshufb nibble popcounts, 4 rows per register, compare/movemask sign packing.
 #include "kernels.h"
 
+#if defined(__x86_64__)  // an x86 instruction set: nothing to build on other CPUs
+
 namespace lowbit {
 namespace {
 
@@ -212,3 +214,5 @@ RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t /*wc*/, int64_t /*in_ste
 }
 
 }  // namespace lowbit
+
+#endif  // __x86_64__

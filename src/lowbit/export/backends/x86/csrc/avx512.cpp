@@ -1,6 +1,8 @@
 // The AVX-512 path (F, DQ, VPOPCNTDQ): vector popcounts, 8 rows per register, masked-OR sign packing.
 #include "kernels.h"
 
+#if defined(__x86_64__)  // an x86 instruction set: nothing to build on other CPUs
+
 namespace lowbit {
 namespace {
 
@@ -235,3 +237,5 @@ RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w)
 }
 
 }  // namespace lowbit
+
+#endif  // __x86_64__

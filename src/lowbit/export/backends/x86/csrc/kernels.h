@@ -36,18 +36,25 @@
 // Every path accumulates the same exact integer counts and combines them in float64 in the same order
 // (see binary_conv), so all paths give bit-identical outputs.
 //
-// Dispatch: the hot loops are compiled three times with function-level target attributes (AVX-512
-// VPOPCNTDQ, AVX2, portable scalar) in this one translation unit, built without any -march flag; the
-// caller passes the path id and supported_paths() reads cpuid. Sign packing has AVX-512, AVX2 and
+// Dispatch: the hot loops are compiled once per path with function-level target attributes (AVX-512
+// VPOPCNTDQ, AVX2, portable scalar; NEON on ARM64), built without any -march flag; the caller passes the
+// path id and supported_paths_mask() (driver.cpp) reads cpuid / the ARM64 hwcaps. Sign packing has AVX-512, AVX2 and
 #pragma once
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+// x86 has a popcount instruction only with this target; elsewhere __builtin_popcountll is native already.
+#define LOWBIT_POPCNT_TARGET __attribute__((target("popcnt")))
+#else
+#define LOWBIT_POPCNT_TARGET
+#endif
 
 #include <cstdint>
 #include <vector>
 
-#if !defined(LOWBIT_PATH_SCALAR) || !defined(LOWBIT_PATH_AVX2) || !defined(LOWBIT_PATH_AVX512)
-#error "build with -DLOWBIT_PATH_SCALAR=.. -DLOWBIT_PATH_AVX2=.. -DLOWBIT_PATH_AVX512=.. (lowbit/export/backends/x86/build.py)"
+#if !defined(LOWBIT_PATH_SCALAR) || !defined(LOWBIT_PATH_AVX2) || !defined(LOWBIT_PATH_AVX512) || \
+    !defined(LOWBIT_PATH_NEON)
+#error "build with -DLOWBIT_PATH_SCALAR=.. -DLOWBIT_PATH_AVX2=.. -DLOWBIT_PATH_AVX512=.. -DLOWBIT_PATH_NEON=.. (lowbit/export/backends/x86/build.py)"
 #endif
 
 namespace lowbit {
@@ -55,6 +62,7 @@ namespace lowbit {
 constexpr int64_t kScalar = LOWBIT_PATH_SCALAR;
 constexpr int64_t kAvx2 = LOWBIT_PATH_AVX2;
 constexpr int64_t kAvx512 = LOWBIT_PATH_AVX512;
+constexpr int64_t kNeon = LOWBIT_PATH_NEON;
 
 using RowsFn = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, int64_t*);
 using WordsFn = int64_t (*)(const uint64_t*, int64_t);
@@ -67,10 +75,10 @@ using WordsFn = int64_t (*)(const uint64_t*, int64_t);
 
 constexpr int64_t kChunk = 64;
 
-// sum_w popcount(patch[w]) with the popcnt instruction (the AVX2 and AVX-512 paths).
-__attribute__((target("popcnt"))) inline int64_t words_popcnt(const uint64_t* patch, int64_t words) {
+// sum_w popcount(patch[w]) with the popcount instruction (the AVX2, AVX-512 and NEON paths).
+LOWBIT_POPCNT_TARGET inline int64_t words_popcnt(const uint64_t* patch, int64_t words) {
   int64_t total = 0;
-  for (int64_t w = 0; w < words; ++w) total += static_cast<int64_t>(_mm_popcnt_u64(patch[w]));
+  for (int64_t w = 0; w < words; ++w) total += __builtin_popcountll(patch[w]);
   return total;
 }
 
@@ -117,13 +125,13 @@ struct Pixel {
   int64_t positives;
 };
 
-__attribute__((target("popcnt"))) inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f, int64_t i,
-                                                        int64_t qh, int64_t qw, int64_t oh) {
+LOWBIT_POPCNT_TARGET inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh,
+                                           int64_t qw, int64_t oh) {
   const int64_t ow = qw * a.out_step_w + f.pw;
   Pixel p{patch_origin(a, i, qh, qw), a.base + (oh * a.wo + ow) * a.co,
           a.out + ((i * a.ho + oh) * a.wo + ow) * a.co, 0};
   for (const int64_t off : f.offs) {
-    for (int64_t k = 0; k < a.wc; ++k) p.positives += static_cast<int64_t>(_mm_popcnt_u64(p.px[off + k]));
+    for (int64_t k = 0; k < a.wc; ++k) p.positives += __builtin_popcountll(p.px[off + k]);
   }
   return p;
 }
@@ -273,9 +281,11 @@ using RowFn = void (*)(const ConvArgs&, const PhaseInfo&, int64_t, int64_t, Scra
 PackFn pack_fn_scalar(bool nchw);
 PackFn pack_fn_avx2(bool nchw);
 PackFn pack_fn_avx512(bool nchw);
+PackFn pack_fn_neon(bool nchw);
 RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
+RowFn pick_row_neon(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
 // P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1..4.

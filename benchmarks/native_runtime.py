@@ -1,0 +1,128 @@
+"""The native runtime (liblowbit, what lowbit-run runs) against onnxruntime FP32 and FP32 PyTorch, one thread.
+
+The default dcgan-g-28 generator at W1A1 (1-bit minmax weights, sign activations): batch-1 latency and
+batch-64 time of liblowbit through ctypes (the library lowbit-run calls; the "auto" kernel path and the
+float reference path), onnxruntime FP32 (the FP32 model exported with lowbit's ONNX exporter, one intra-op
+thread) and FP32 PyTorch (one thread), timed round-robin, best of ``--repeats`` (wall clock). Start-up is
+the wall time of ``lowbit-run FILE -n 1 -o x.npy`` (process start, load, checks, first sample), best of 5.
+
+    python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json]
+
+``--zoo`` adds the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 x 64 x 64 images (first and last
+layers 8-bit weights, every hidden layer W1A1, as ``inference.py --zoo``) at batch 1 and 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import _generator, _onnx_session, best_times  # noqa: E402
+
+from lowbit.export import export_packed  # noqa: E402
+from lowbit.export.backends import native  # noqa: E402
+from lowbit.nn import QuantSpec, convert  # noqa: E402
+
+CLI = Path(__file__).resolve().parents[1] / "runtime" / "build" / "lowbit-run"
+
+
+def startup_ms(path: Path, folder: Path, tries: int = 5) -> float:
+    """Best wall time of one lowbit-run process that loads the file and writes one sample."""
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        subprocess.run([str(CLI), str(path), "-n", "1", "-o", str(folder / "x.npy")], check=True)
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
+
+
+def contestants(
+    fp32: torch.nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    folder: Path,
+    paths: tuple[str, ...] = ("auto", "float"),
+) -> dict:
+    """FP32 torch, onnxruntime FP32 and liblowbit on the packed file for each of ``paths`` ("auto": the
+    fastest kernel path, "float": the float reference code)."""
+    fns = {"FP32 torch": fp32, "onnxruntime FP32": _onnx_session(fp32, example, folder, threads=1)}
+    for kernel_path in paths:
+        model = native.NativeModel(path.read_bytes(), str(path))
+        chosen = model.set_kernel_path(kernel_path)
+        label = "float reference" if kernel_path == "float" else chosen
+        fns[f"lowbit-run W1A1 ({label})"] = lambda x, model=model: model.run(x.numpy())
+    return fns
+
+
+def time_batches(fns: dict, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
+    """ms per call of every contestant for each named input, round-robin, best of ``repeats``."""
+    results = {}
+    for key, x in inputs.items():
+        with torch.no_grad():
+            best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, time.perf_counter)
+        results[key] = {name: 1e3 * seconds for name, seconds in best.items()}
+    return results
+
+
+def print_table(title: str, results: dict[str, dict[str, float]], repeats: int) -> None:
+    for key, row in results.items():
+        ort = row["onnxruntime FP32"]
+        print(f"\n{title}, {key} (ms, best of {repeats}; x = onnxruntime time / this time)")
+        for name, ms in row.items():
+            print(f"  {name:36s} {ms:9.3f}   x{ort / ms:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--zoo", action="store_true", help="also the zoo's ResNet and U-Net (3 x 64 x 64)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not native.available() or not CLI.exists():
+        sys.exit("error: the native runtime is not built; run `make runtime`")
+    torch.set_num_threads(1)
+    fp32 = _generator("dcgan-g-28", None)
+    spec = QuantSpec(weight="minmax", weight_bits=1, act="sign", act_bits=1)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        path = export_packed(convert(fp32, spec).eval(), folder / "w1a1.lowbit")
+        fns = contestants(fp32, path, torch.randn(1, fp32.latent_dim), folder)
+        inputs = {f"batch {b}": torch.randn(b, fp32.latent_dim) for b in (1, 64)}
+        results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
+        print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
+        results["start-up ms (lowbit-run -n 1)"] = startup_ms(path, folder)
+        results["packed file bytes"] = path.stat().st_size
+        print(
+            f"\nstart-up (lowbit-run -n 1, best of 5): {results['start-up ms (lowbit-run -n 1)']:.1f} ms, "
+            f"file {results['packed file bytes']:,} bytes"
+        )
+        if args.zoo:
+            from inference import _zoo_models
+
+            for name, (model, zoo_spec) in _zoo_models().items():
+                x1 = torch.randn(1, 3, 64, 64)
+                zoo_path = export_packed(
+                    convert(model, zoo_spec).eval(), folder / f"{name}.lowbit", example_input=x1
+                )
+                fns = contestants(model, zoo_path, x1, folder, paths=("auto",))  # float: minutes
+                inputs = {"batch 1": x1, "batch 16": torch.randn(16, 3, 64, 64)}
+                results[name] = time_batches(fns, inputs, max(3, args.repeats // 3))
+                print_table(
+                    f"{name} (first/last layer W8, the rest W1A1)", results[name], max(3, args.repeats // 3)
+                )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+// The C API (include/lowbit.h): a loaded graph, its plan for the chosen kernel path, and running it.
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <new>
+#include <thread>
+
+#include "binary.h"
+#include "ops.h"
+
+namespace lowbit {
+namespace {
+
+thread_local std::string last_error;
+
+struct PathName {
+  const char* name;
+  int64_t id;
+};
+
+// Fastest first; "float" (every layer on the float reference code) is not a kernel path.
+const PathName kPaths[] = {{"avx512", kAvx512}, {"avx2", kAvx2}, {"neon", kNeon}, {"scalar", kScalar}};
+constexpr int64_t kFloatPath = -1;
+
+struct Step {
+  int node;
+  const BinaryLayer* binary;  // nullptr: the float reference code
+  std::vector<int> inputs;
+};
+
+// Runs body over [0, n) on up to `threads` std::threads (the calling thread takes the first share).
+ParallelFor thread_pool(int threads) {
+  return [threads](int64_t n, const ParallelBody& body) {
+    const int64_t workers = std::min<int64_t>(threads, n);
+    if (workers <= 1) {
+      if (n > 0) body(0, n);
+      return;
+    }
+    std::vector<std::thread> pool;
+    const int64_t share = (n + workers - 1) / workers;
+    for (int64_t begin = share; begin < n; begin += share) {
+      pool.emplace_back([&body, begin, end = std::min(n, begin + share)] { body(begin, end); });
+    }
+    body(0, std::min(n, share));
+    for (std::thread& t : pool) t.join();
+  };
+}
+
+}  // namespace
+}  // namespace lowbit
+
+struct lowbit_model {
+  lowbit::Graph graph;
+  std::vector<std::unique_ptr<lowbit::BinaryLayer>> binary;  // per node, nullptr where the kernels do not apply
+  std::vector<lowbit::Step> steps;
+  std::vector<int> last_use;  // per node: the last step reading it (its tensor is freed after that step)
+  int64_t path = lowbit::kFloatPath;
+  std::string path_name = "float";
+  int threads = 1;
+};
+
+namespace lowbit {
+namespace {
+
+// Plans the graph for `path`: binary layers on the kernels, the rest on float code; drops nodes nothing reads.
+void plan(lowbit_model& m, int64_t path) {
+  std::vector<Step> steps;
+  for (size_t k = 0; k < m.graph.nodes.size(); ++k) {
+    const BinaryLayer* b = path == kFloatPath ? nullptr : m.binary[k].get();
+    steps.push_back(Step{static_cast<int>(k), b, b ? std::vector<int>{b->source} : m.graph.nodes[k].inputs});
+  }
+  std::vector<bool> needed(m.graph.nodes.size(), false);
+  needed[static_cast<size_t>(m.graph.output)] = true;
+  std::vector<Step> kept;
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    if (!needed[static_cast<size_t>(it->node)]) continue;
+    for (const int i : it->inputs) if (i >= 0) needed[static_cast<size_t>(i)] = true;
+    kept.push_back(*it);
+  }
+  m.steps.assign(kept.rbegin(), kept.rend());
+  m.last_use.assign(m.graph.nodes.size(), -1);
+  for (size_t s = 0; s < m.steps.size(); ++s) {
+    for (const int i : m.steps[s].inputs) if (i >= 0) m.last_use[static_cast<size_t>(i)] = static_cast<int>(s);
+  }
+  m.path = path;
+}
+
+Shape full_shape(const Node& node, int64_t batch) {
+  if (node.op == "constant") return node.out_shape;
+  Shape shape{batch};
+  shape.insert(shape.end(), node.out_shape.begin(), node.out_shape.end());
+  return shape;
+}
+
+void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
+  Tensor x;
+  x.shape = {batch};
+  x.shape.insert(x.shape.end(), m.graph.input_shape.begin(), m.graph.input_shape.end());
+  x.data.assign(input, input + numel(x.shape));
+  std::vector<Tensor> values(m.graph.nodes.size());
+  const ParallelFor parallel = thread_pool(m.threads);
+  for (size_t s = 0; s < m.steps.size(); ++s) {
+    const Step& step = m.steps[s];
+    const Node& node = m.graph.nodes[static_cast<size_t>(step.node)];
+    Tensor& out = values[static_cast<size_t>(step.node)];
+    out.shape = full_shape(node, batch);
+    out.data.resize(static_cast<size_t>(numel(out.shape)));
+    std::vector<const Tensor*> inputs;
+    for (const int i : step.inputs) inputs.push_back(i < 0 ? &x : &values[static_cast<size_t>(i)]);
+    if (step.binary) run_binary(*step.binary, *inputs[0], m.path, parallel, out);
+    else run_op(node, inputs, out);
+    for (const int i : step.inputs) {
+      if (i >= 0 && m.last_use[static_cast<size_t>(i)] == static_cast<int>(s) && i != m.graph.output) {
+        Tensor().data.swap(values[static_cast<size_t>(i)].data);
+      }
+    }
+  }
+  const Tensor& result = values[static_cast<size_t>(m.graph.output)];
+  std::copy(result.data.begin(), result.data.end(), output);
+}
+
+template <typename Fn>
+int guarded(Fn fn) {
+  try {
+    fn();
+    return LOWBIT_OK;
+  } catch (const Error& e) {
+    last_error = e.what();
+    return e.code;
+  } catch (const std::bad_alloc&) {
+    last_error = "out of memory";
+    return LOWBIT_ERROR_MEMORY;
+  } catch (const std::exception& e) {
+    last_error = std::string("internal error: ") + e.what();
+    return LOWBIT_ERROR_FORMAT;
+  }
+}
+
+Error argument(const std::string& what) { return Error(LOWBIT_ERROR_ARGUMENT, what); }
+
+lowbit_model* load(const std::vector<uint8_t>& bytes) {
+  auto m = std::make_unique<lowbit_model>();
+  m->graph = load_graph(bytes);
+  for (size_t k = 0; k < m->graph.nodes.size(); ++k) m->binary.push_back(plan_binary(m->graph, static_cast<int>(k)));
+  if (lowbit_set_kernel_path(m.get(), "auto") != LOWBIT_OK) throw Error(LOWBIT_ERROR_FORMAT, last_error);
+  return m.release();
+}
+
+int shape_of(const lowbit_model* model, bool input, int64_t* dims, int max_dims, int* rank) {
+  return guarded([&] {
+    if (!model || !rank || (max_dims > 0 && !dims)) throw argument("null model, dims or rank");
+    const Shape& shape = input ? model->graph.input_shape : model->graph.output_shape;
+    *rank = static_cast<int>(shape.size());
+    for (int k = 0; k < max_dims && k < *rank; ++k) dims[k] = shape[static_cast<size_t>(k)];
+  });
+}
+
+}  // namespace
+}  // namespace lowbit
+
+using lowbit::guarded;
+
+extern "C" {
+
+int lowbit_load_memory(const void* data, size_t size, lowbit_model** model) {
+  return guarded([&] {
+    if (!model || (!data && size)) throw lowbit::argument("null data or model pointer");
+    *model = nullptr;
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    *model = lowbit::load(std::vector<uint8_t>(bytes, bytes + size));
+  });
+}
+
+int lowbit_load_file(const char* path, lowbit_model** model) {
+  return guarded([&] {
+    if (!path || !model) throw lowbit::argument("null path or model pointer");
+    *model = nullptr;
+    std::FILE* file = std::fopen(path, "rb");
+    if (!file) throw lowbit::Error(LOWBIT_ERROR_IO, std::string("cannot open ") + path);
+    std::vector<uint8_t> bytes;
+    uint8_t chunk[1 << 16];
+    size_t got = 0;
+    while ((got = std::fread(chunk, 1, sizeof chunk, file)) > 0) bytes.insert(bytes.end(), chunk, chunk + got);
+    const bool failed = std::ferror(file) != 0;
+    std::fclose(file);
+    if (failed) throw lowbit::Error(LOWBIT_ERROR_IO, std::string("cannot read ") + path);
+    try {
+      *model = lowbit::load(bytes);
+    } catch (const lowbit::Error& e) {
+      throw lowbit::Error(e.code, std::string(path) + ": " + e.what());
+    }
+  });
+}
+
+void lowbit_free(lowbit_model* model) { delete model; }
+
+int lowbit_input_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank) {
+  return lowbit::shape_of(model, true, dims, max_dims, rank);
+}
+
+int lowbit_output_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank) {
+  return lowbit::shape_of(model, false, dims, max_dims, rank);
+}
+
+int64_t lowbit_supported_paths(void) { return lowbit::supported_paths_mask(); }
+
+int lowbit_set_kernel_path(lowbit_model* model, const char* path) {
+  return guarded([&] {
+    if (!model || !path) throw lowbit::argument("null model or path");
+    const std::string name = path;
+    if (name == "float") {
+      lowbit::plan(*model, lowbit::kFloatPath);
+      model->path_name = name;
+      return;
+    }
+    for (const lowbit::PathName& p : lowbit::kPaths) {
+      if ((name == "auto" || name == p.name) && lowbit::path_supported(p.id)) {
+        lowbit::plan(*model, p.id);
+        model->path_name = p.name;
+        return;
+      }
+      if (name == p.name) throw lowbit::argument("kernel path '" + name + "' is not available on this CPU");
+    }
+    throw lowbit::argument("unknown kernel path '" + name + "'; choose auto, avx512, avx2, neon, scalar or float");
+  });
+}
+
+const char* lowbit_kernel_path(const lowbit_model* model) { return model ? model->path_name.c_str() : ""; }
+
+int lowbit_set_threads(lowbit_model* model, int threads) {
+  return guarded([&] {
+    if (!model || threads < 1 || threads > 1024) throw lowbit::argument("threads must be 1..1024");
+    model->threads = threads;
+  });
+}
+
+int lowbit_run(lowbit_model* model, const float* input, int64_t batch, float* output) {
+  return guarded([&] {
+    if (!model || !input || !output) throw lowbit::argument("null model, input or output");
+    const int64_t largest = [&] {
+      int64_t values = lowbit::numel(model->graph.input_shape);
+      for (const lowbit::Node& node : model->graph.nodes) values = std::max(values, lowbit::numel(node.out_shape));
+      return values;
+    }();
+    if (batch < 1 || batch > (int64_t{1} << 31) / largest) {
+      throw lowbit::argument("batch must be 1.." + std::to_string((int64_t{1} << 31) / largest) + " for this model");
+    }
+    lowbit::run(*model, input, batch, output);
+  });
+}
+
+const char* lowbit_last_error(void) { return lowbit::last_error.c_str(); }
+
+}  // extern "C"

@@ -1,0 +1,100 @@
+// The runtime's view of a packed file: stored tensors, IR nodes with parsed attributes, float tensors.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../include/lowbit.h"
+#include "json.h"
+
+namespace lowbit {
+
+// Every failure inside the library: a LOWBIT_ERROR_* code and the message lowbit_last_error() returns.
+struct Error : std::runtime_error {
+  Error(int code, const std::string& message) : std::runtime_error(message), code(code) {}
+  int code;
+};
+
+// A damaged or inconsistent file (LOWBIT_ERROR_FORMAT), with the advice the Python reader gives.
+Error damaged(const std::string& what);
+// A node's field is wrong: names the node and the field.
+Error bad_node(const std::string& node, const std::string& what);
+
+using Shape = std::vector<int64_t>;
+constexpr size_t kMaxRank = 8;  // of any tensor, the batch included
+int64_t numel(const Shape& shape);
+std::string shape_text(const Shape& shape);  // "[2, 16]", as Python prints a list
+
+// A float32 tensor owned by the runtime (row-major).
+struct Tensor {
+  Shape shape;
+  std::vector<float> data;
+};
+
+// A tensor as stored in the file: bytes inside the file's buffer, checked against dtype and shape.
+struct Stored {
+  std::string dtype;  // safetensors name: F32, U8, ...
+  Shape shape;
+  const uint8_t* data = nullptr;
+  size_t bytes = 0;
+};
+
+// Interpolation as torch computes it: output size, and the scale used for source indices (0: in/out).
+struct Resize {
+  int64_t size[2] = {0, 0};
+  double scale[2] = {0.0, 0.0};
+  bool nearest = true, align_corners = false;
+};
+
+// The attributes of all ops, parsed and checked once at load (only the fields of the node's op are set).
+struct Attrs {
+  int64_t stride[2] = {1, 1}, padding[2] = {0, 0}, dilation[2] = {1, 1}, output_padding[2] = {0, 0};
+  int64_t kernel[2] = {1, 1};
+  int64_t groups = 1, in_channels = 0, out_channels = 0;
+  std::vector<int64_t> pad;  // F.pad order: last dim's (before, after) first
+  std::string pad_mode = "constant";
+  double pad_value = 0.0;
+  Resize resize;
+  int64_t factor = 1, dim = 0, norm_groups = 1;
+  Shape shape;                // reshape (per sample; {-1} flattens), layer_norm's normalized shape
+  std::vector<int64_t> dims;  // permute, mean (full rank, batch = 0)
+  bool keepdim = false, running_stats = false, has_scalar = false, scalar_first = false, gelu_tanh = false;
+  double eps = 0.0, slope = 0.0, alpha = 0.0, min_val = 0.0, max_val = 0.0, scalar = 0.0;
+};
+
+// A weight layer's weight: float values in torch's layout (dequantized once when packed), and its codes.
+struct Weight {
+  Shape shape;                  // conv (Co, Ci/g, kh, kw), transposed conv (Ci, Co/g, kh, kw), linear (out, in)
+  std::vector<float> values;    // codebook[row, code] or the stored float weight
+  bool packed = false, affine = false;
+  int64_t channel_dim = 0, levels = 0;
+  std::vector<uint8_t> codes;   // unpacked, one per value (packed weights)
+  std::vector<float> codebook;  // (rows, levels), rows = shape[channel_dim]
+  std::vector<float> bias;      // empty when the layer has none
+};
+
+struct Node {
+  std::string name, op, module;
+  std::vector<int> inputs;  // node indices; -1 is the graph input
+  Attrs attrs;
+  Weight weight;                       // conv2d, conv_transpose2d, linear
+  std::map<std::string, Tensor> tensors;  // norms, quant_act, prelu, constant: float32 tensors by field
+  Shape out_shape;                     // per sample (constants: the full value shape)
+};
+
+struct Graph {
+  std::vector<Node> nodes;
+  int output = -1;
+  Shape input_shape, output_shape;
+};
+
+// Reads and checks a packed file held in `bytes` (which must outlive nothing: everything is copied out).
+Graph load_graph(const std::vector<uint8_t>& bytes);
+
+// Output shape of `node` for full input shapes (batch first; constants have no batch).
+Shape infer_shape(const Node& node, const std::vector<const Shape*>& inputs);
+
+}  // namespace lowbit

@@ -1,0 +1,735 @@
+// Shape inference and float reference code of every IR op, following the torch call each op stands for
+// (lowbit.export.backends.torch). Accumulations are float32 like torch's; the order differs, so results
+// agree with torch within float rounding (the parity tests state the tolerance).
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+
+namespace lowbit {
+namespace {
+
+void require(bool ok, const Node& node, const std::string& what) {
+  if (!ok) throw bad_node(node.name, what);
+}
+
+int64_t inner_size(const Shape& shape, size_t from) {
+  int64_t n = 1;
+  for (size_t d = from; d < shape.size(); ++d) n *= shape[d];
+  return n;
+}
+
+// ----- shapes -----
+
+int64_t conv_out(int64_t size, int64_t pad, int64_t dilation, int64_t kernel, int64_t stride) {
+  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+Shape conv_shape(const Node& node, const Shape& x) {
+  const Attrs& a = node.attrs;
+  require(x.size() == 4 && x[1] == a.in_channels, node, "input " + shape_text(x) + " does not fit the layer's " +
+                                                             std::to_string(a.in_channels) + " input channels");
+  Shape in = a.pad.empty() ? x : padded_shape(x, a.pad);
+  if (a.pad_mode == "reflect") require(a.pad[0] < x[3] && a.pad[1] < x[3] && a.pad[2] < x[2] && a.pad[3] < x[2], node, "reflect padding exceeds the input");
+  int64_t out[2];
+  for (int k = 0; k < 2; ++k) {
+    if (node.op == "conv2d") {
+      out[k] = conv_out(in[static_cast<size_t>(2 + k)], a.padding[k], a.dilation[k], a.kernel[k], a.stride[k]);
+    } else {
+      out[k] = (in[static_cast<size_t>(2 + k)] - 1) * a.stride[k] - 2 * a.padding[k] + a.dilation[k] * (a.kernel[k] - 1) +
+               a.output_padding[k] + 1;
+    }
+    require(out[k] >= 1 && out[k] <= (int64_t{1} << 26), node, "the output size is not positive");
+  }
+  return {x[0], a.out_channels, out[0], out[1]};
+}
+
+Shape broadcast_shape(const Node& node, const Shape& a, const Shape& b) {
+  const size_t rank = std::max(a.size(), b.size());
+  Shape out(rank);
+  for (size_t k = 0; k < rank; ++k) {
+    const int64_t x = k + a.size() >= rank ? a[k + a.size() - rank] : 1;
+    const int64_t y = k + b.size() >= rank ? b[k + b.size() - rank] : 1;
+    require(x == y || x == 1 || y == 1, node, "shapes " + shape_text(a) + " and " + shape_text(b) + " do not broadcast");
+    out[k] = x == 1 ? y : x;
+  }
+  return out;
+}
+
+void check_channel_tensor(const Node& node, const char* field, int64_t channels) {
+  const auto it = node.tensors.find(field);
+  if (it != node.tensors.end()) {
+    require(static_cast<int64_t>(it->second.data.size()) == channels, node,
+            std::string("tensor '") + field + "' has " + std::to_string(it->second.data.size()) + " values, expected " +
+                std::to_string(channels));
+  }
+}
+
+// Index scale of a resized axis as torch computes it: 1 / scale_factor when given, else in / out.
+float resize_scale(const Resize& r, int k, int64_t in, int64_t out) {
+  if (r.align_corners) return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.0f;
+  if (r.scale[k] > 0.0 && r.size[0] >= 0) return static_cast<float>(1.0 / r.scale[k]);
+  return static_cast<float>(in) / static_cast<float>(out);
+}
+
+Shape resize_shape(const Node& node, const Shape& x) {
+  const Resize& r = node.attrs.resize;
+  require(x.size() == 4, node, "interpolate wants N x C x H x W");
+  Shape out = x;
+  for (int k = 0; k < 2; ++k) {
+    const size_t d = static_cast<size_t>(2 + k);
+    out[d] = r.scale[k] > 0.0 ? static_cast<int64_t>(std::floor(static_cast<double>(x[d]) * r.scale[k])) : r.size[k];
+    require(out[d] >= 1 && out[d] <= (int64_t{1} << 26), node, "the output size is not positive");
+  }
+  return out;
+}
+
+Shape reshape_shape(const Node& node, const Shape& x) {
+  const Shape& s = node.attrs.shape;
+  const int64_t per_sample = inner_size(x, 1);
+  Shape out{x[0]};
+  if (s == Shape{-1}) {
+    out.push_back(per_sample);
+  } else {
+    require(numel(s) == per_sample, node, "cannot reshape " + shape_text(x) + " to " + shape_text(s));
+    out.insert(out.end(), s.begin(), s.end());
+  }
+  return out;
+}
+
+Shape permute_shape(const Node& node, const Shape& x) {
+  const std::vector<int64_t>& dims = node.attrs.dims;
+  require(dims.size() == x.size() && dims[0] == 0, node, "permute dims do not fit the input");
+  std::vector<bool> seen(x.size(), false);
+  Shape out;
+  for (const int64_t d : dims) {
+    require(d < static_cast<int64_t>(x.size()) && !seen[static_cast<size_t>(d)], node, "permute dims are not a permutation");
+    seen[static_cast<size_t>(d)] = true;
+    out.push_back(x[static_cast<size_t>(d)]);
+  }
+  return out;
+}
+
+Shape cat_shape(const Node& node, const std::vector<const Shape*>& xs) {
+  const size_t dim = static_cast<size_t>(node.attrs.dim);
+  Shape out = *xs[0];
+  require(dim < out.size(), node, "cat dim is beyond the inputs' rank");
+  for (size_t k = 1; k < xs.size(); ++k) {
+    const Shape& s = *xs[k];
+    require(s.size() == out.size(), node, "cat inputs differ in rank");
+    for (size_t d = 0; d < s.size(); ++d) require(d == dim || s[d] == out[d], node, "cat inputs differ in size");
+    out[dim] += s[dim];
+  }
+  return out;
+}
+
+Shape mean_shape(const Node& node, const Shape& x) {
+  Shape out;
+  for (size_t d = 0; d < x.size(); ++d) {
+    const bool reduced = std::count(node.attrs.dims.begin(), node.attrs.dims.end(), static_cast<int64_t>(d)) > 0;
+    if (!reduced) out.push_back(x[d]);
+    else if (node.attrs.keepdim) out.push_back(1);
+  }
+  for (const int64_t d : node.attrs.dims) require(d > 0 && d < static_cast<int64_t>(x.size()), node, "mean dims out of range");
+  return out;
+}
+
+Shape norm_shape(const Node& node, const Shape& x) {
+  require(x.size() >= 2, node, "normalisation wants a channel dimension");
+  const int64_t channels = x[1];
+  if (node.op == "batch_norm") {
+    for (const char* f : {"running_mean", "running_var", "weight", "bias"}) check_channel_tensor(node, f, channels);
+  } else if (node.op == "instance_norm") {
+    require(x.size() >= 3, node, "instance norm wants N x C x L or N x C x H x W");
+    require(!node.attrs.running_stats || (node.tensors.count("running_mean") && node.tensors.count("running_var")), node,
+            "running statistics are missing");
+    for (const char* f : {"running_mean", "running_var", "weight", "bias"}) check_channel_tensor(node, f, channels);
+  } else if (node.op == "group_norm") {
+    require(channels % node.attrs.norm_groups == 0, node, "channels are not divisible by the groups");
+    for (const char* f : {"weight", "bias"}) check_channel_tensor(node, f, channels);
+  } else {  // layer_norm: the trailing dims are the normalized shape
+    const Shape& s = node.attrs.shape;
+    require(s.size() < x.size() && std::equal(s.begin(), s.end(), x.end() - static_cast<std::ptrdiff_t>(s.size())), node,
+            "layer norm shape " + shape_text(s) + " does not end " + shape_text(x));
+    for (const char* f : {"weight", "bias"}) check_channel_tensor(node, f, numel(s));
+  }
+  return x;
+}
+
+// ----- float code -----
+
+constexpr int64_t kColumns = 64;  // output columns kept in registers at once
+
+// dst[j] += sum_r x[r] * weight[r * stride + j] for j < count <= kColumns, r ascending (input channel, then
+// tap: the order of the direct loops): the inner loop of conv2d and of the latent layer, partial sums in
+// registers. On x86 also cloned for AVX2 / AVX-512 (picked at load by the dynamic linker); every clone
+// multiplies then adds (no FMA), so all round alike.
+#if defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void accumulate_rows(float* dst, const float* weight, int64_t stride, const float* x, int64_t rows, int64_t count) {
+  if (count < kColumns) {  // the last, partial block
+    for (int64_t j = 0; j < count; ++j) {
+      float sum = dst[j];
+      for (int64_t r = 0; r < rows; ++r) sum += x[r] * weight[r * stride + j];
+      dst[j] = sum;
+    }
+    return;
+  }
+  float acc[kColumns];  // fixed-size loops only, so the compiler keeps it in vector registers
+  for (int64_t j = 0; j < kColumns; ++j) acc[j] = dst[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float v = x[r];
+    const float* row = weight + r * stride;
+    for (int64_t j = 0; j < kColumns; ++j) acc[j] += v * row[j];
+  }
+  for (int64_t j = 0; j < kColumns; ++j) dst[j] = acc[j];
+}
+
+// Input patches of output pixels [p0, p0 + count) as rows (input channel, tap) x pixels (0 outside the input).
+void gather_patches(const Attrs& a, const float* src, int64_t cig, int64_t h, int64_t w, int64_t wo, int64_t p0,
+                    int64_t count, std::vector<float>& cols) {
+  float* col = cols.data();
+  for (int64_t ic = 0; ic < cig; ++ic) {
+    const float* plane = src + ic * h * w;
+    for (int64_t y = 0; y < a.kernel[0]; ++y) {
+      for (int64_t z = 0; z < a.kernel[1]; ++z, col += count) {
+        int64_t oh = p0 / wo, ow = p0 % wo;  // the pixel of j, stepped along without dividing
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t ih = oh * a.stride[0] - a.padding[0] + y * a.dilation[0];
+          const int64_t iw = ow * a.stride[1] - a.padding[1] + z * a.dilation[1];
+          col[j] = ih >= 0 && ih < h && iw >= 0 && iw < w ? plane[ih * w + iw] : 0.0f;
+          if (++ow == wo) ow = 0, ++oh;
+        }
+      }
+    }
+  }
+}
+
+// A conv as (output channel) x (input channel, tap) times the gathered patches, a chunk of output pixels at a
+// time so the patch buffer stays bounded.
+void conv2d(const Node& node, const Tensor& input, Tensor& out) {
+  constexpr int64_t kPixels = 1024;
+  const Attrs& a = node.attrs;
+  Tensor padded;
+  if (!a.pad.empty()) pad_tensor(input, a.pad, a.pad_mode, 0.0, padded);
+  const Tensor& x = a.pad.empty() ? input : padded;
+  const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t co = out.shape[1], pixels = out.shape[2] * out.shape[3], wo = out.shape[3];
+  const int64_t cig = ci / a.groups, cog = co / a.groups, taps = cig * a.kernel[0] * a.kernel[1];
+  const std::vector<float>& weight = node.weight.values;  // (Co, Ci / g, kh, kw): row oc has `taps` values
+  std::vector<float> cols(static_cast<size_t>(taps * std::min(pixels, kPixels)));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t oc = 0; oc < co; ++oc) {
+      float* dst = out.data.data() + (i * co + oc) * pixels;
+      std::fill(dst, dst + pixels, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
+    }
+    for (int64_t g = 0; g < a.groups; ++g) {
+      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
+        const int64_t count = std::min(kPixels, pixels - p0);
+        gather_patches(a, x.data.data() + (i * ci + g * cig) * h * w, cig, h, w, wo, p0, count, cols);
+        for (int64_t oc = g * cog; oc < (g + 1) * cog; ++oc) {
+          float* dst = out.data.data() + (i * co + oc) * pixels + p0;
+          for (int64_t j0 = 0; j0 < count; j0 += kColumns) {
+            accumulate_rows(dst + j0, cols.data() + j0, count, weight.data() + oc * taps, taps,
+                            std::min(kColumns, count - j0));
+          }
+        }
+      }
+    }
+  }
+}
+
+
+// A generator's latent layer: a transposed conv on a 1 x 1 input without padding or groups writes
+// x[ic] * weight[ic] to the whole (Co, kh, kw) output, one contiguous multiply-add row per input channel.
+bool is_latent_transpose(const Attrs& a, const Shape& x) {
+  return x[2] == 1 && x[3] == 1 && a.groups == 1 && a.padding[0] == 0 && a.padding[1] == 0 &&
+         a.output_padding[0] == 0 && a.output_padding[1] == 0;
+}
+
+// out[i] (biased already) += sum_ic x[i, ic] * weight[ic]: the same sums in the same order as the general loops,
+// a block of output columns at a time, for the whole batch while that block of every weight row is in cache.
+void latent_transpose(const Tensor& x, const std::vector<float>& weight, int64_t cols, Tensor& out) {
+  const int64_t n = x.shape[0], ci = x.shape[1];
+  for (int64_t j0 = 0; j0 < cols; j0 += kColumns) {
+    for (int64_t i = 0; i < n; ++i) {
+      accumulate_rows(out.data.data() + i * cols + j0, weight.data() + j0, cols, x.data.data() + i * ci, ci,
+                      std::min(kColumns, cols - j0));
+    }
+  }
+}
+
+// The columns of a transposed conv for input pixels [p0, p0 + count): cols[(oc, y, z)][j] = sum_ic
+// weight[ic, oc, y, z] * x[ic, p0 + j] (register-blocked sums over a transposed copy of the group's weight).
+void transpose_columns(const float* planes, int64_t pixels, const std::vector<float>& weight_t, int64_t cig,
+                       int64_t p0, int64_t count, std::vector<float>& cols) {
+  const int64_t rows = static_cast<int64_t>(weight_t.size()) / cig;
+  std::fill(cols.begin(), cols.begin() + rows * count, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j0 = 0; j0 < count; j0 += kColumns) {
+      accumulate_rows(cols.data() + r * count + j0, planes + p0 + j0, pixels, weight_t.data() + r * cig, cig,
+                      std::min(kColumns, count - j0));
+    }
+  }
+}
+
+// A transposed conv: per chunk of input pixels, the columns of every (output channel, tap), each added at the
+// output pixel its tap reaches (the latent 1 x 1 case as latent_transpose).
+void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
+  constexpr int64_t kPixels = 1024;
+  const Attrs& a = node.attrs;
+  const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3];
+  const int64_t cig = ci / a.groups, cog = co / a.groups, kh = a.kernel[0], kw = a.kernel[1], taps = kh * kw;
+  const std::vector<float>& weight = node.weight.values;  // (Ci, Co / g, kh, kw)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t oc = 0; oc < co; ++oc) {
+      float* dst = out.data.data() + ((i * co + oc) * ho) * wo;
+      std::fill(dst, dst + ho * wo, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
+    }
+  }
+  if (is_latent_transpose(a, x.shape) && ho * wo == kh * kw) {
+    latent_transpose(x, weight, co * kh * kw, out);
+    return;
+  }
+  const int64_t rows = cog * taps, pixels = h * w;
+  std::vector<float> weight_t(static_cast<size_t>(rows * cig)), cols(static_cast<size_t>(rows * std::min(pixels, kPixels)));
+  for (int64_t g = 0; g < a.groups; ++g) {
+    for (int64_t r = 0; r < rows; ++r) {  // (oc, tap) rows of the group, input channels contiguous
+      for (int64_t ic = 0; ic < cig; ++ic) weight_t[static_cast<size_t>(r * cig + ic)] = weight[static_cast<size_t>((g * cig + ic) * rows + r)];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* planes = x.data.data() + (i * ci + g * cig) * pixels;
+      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
+        const int64_t count = std::min(kPixels, pixels - p0);
+        transpose_columns(planes, pixels, weight_t, cig, p0, count, cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t y = (r % taps) / kw, z = r % kw;
+          float* dst = out.data.data() + (i * co + g * cog + r / taps) * ho * wo;
+          const float* col = cols.data() + r * count;
+          int64_t ih = p0 / w, iw = p0 % w;  // the input pixel of j, stepped along without dividing
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t oh = ih * a.stride[0] - a.padding[0] + y * a.dilation[0];
+            const int64_t ow = iw * a.stride[1] - a.padding[1] + z * a.dilation[1];
+            if (oh >= 0 && oh < ho && ow >= 0 && ow < wo) dst[oh * wo + ow] += col[j];
+            if (++iw == w) iw = 0, ++ih;
+          }
+        }
+      }
+    }
+  }
+}
+
+void linear(const Node& node, const Tensor& x, Tensor& out) {
+  const int64_t in = node.attrs.in_channels, outf = node.attrs.out_channels, rows = numel(x.shape) / in;
+  const std::vector<float>& weight = node.weight.values;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = x.data.data() + r * in;
+    for (int64_t o = 0; o < outf; ++o) {
+      const float* wrow = weight.data() + o * in;
+      float sum = 0.0f;
+      for (int64_t k = 0; k < in; ++k) sum += wrow[k] * src[k];
+      out.data[static_cast<size_t>(r * outf + o)] = sum + (node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(o)]);
+    }
+  }
+}
+
+const float* optional_data(const Node& node, const char* field) {
+  const auto it = node.tensors.find(field);
+  return it == node.tensors.end() ? nullptr : it->second.data.data();
+}
+
+// y = (x - mean) / sqrt(var + eps) * weight + bias over `count` values at x with stride 1.
+void normalize(const float* x, float* y, int64_t count, double mean, double var, double eps, const float* weight,
+               const float* bias, int64_t channel) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(var + eps));
+  const float w = weight ? weight[channel] : 1.0f, b = bias ? bias[channel] : 0.0f;
+  const float m = static_cast<float>(mean);
+  for (int64_t k = 0; k < count; ++k) y[k] = (x[k] - m) * scale * w + b;
+}
+
+void moments(const float* x, int64_t count, double& mean, double& var) {
+  double sum = 0.0, sq = 0.0;
+  for (int64_t k = 0; k < count; ++k) sum += x[k];
+  mean = sum / static_cast<double>(count);
+  for (int64_t k = 0; k < count; ++k) sq += (x[k] - mean) * (x[k] - mean);
+  var = sq / static_cast<double>(count);  // biased, as torch normalises
+}
+
+void channel_norm(const Node& node, const Tensor& x, Tensor& out) {
+  const int64_t n = x.shape[0], c = x.shape[1], inner = inner_size(x.shape, 2);
+  const float* weight = optional_data(node, "weight");
+  const float* bias = optional_data(node, "bias");
+  const bool stats = node.op == "batch_norm" || node.attrs.running_stats;
+  const float* running_mean = optional_data(node, "running_mean");
+  const float* running_var = optional_data(node, "running_var");
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float* src = x.data.data() + (i * c + ch) * inner;
+      double mean = 0.0, var = 0.0;
+      if (stats) {
+        mean = running_mean[ch], var = running_var[ch];
+      } else {
+        moments(src, inner, mean, var);
+      }
+      normalize(src, out.data.data() + (i * c + ch) * inner, inner, mean, var, node.attrs.eps, weight, bias, ch);
+    }
+  }
+}
+
+void group_norm(const Node& node, const Tensor& x, Tensor& out) {
+  const int64_t n = x.shape[0], c = x.shape[1], inner = inner_size(x.shape, 2), groups = node.attrs.norm_groups;
+  const int64_t per = c / groups;
+  const float* weight = optional_data(node, "weight");
+  const float* bias = optional_data(node, "bias");
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = (i * c + g * per) * inner;
+      double mean = 0.0, var = 0.0;
+      moments(x.data.data() + first, per * inner, mean, var);
+      for (int64_t ch = 0; ch < per; ++ch) {
+        normalize(x.data.data() + first + ch * inner, out.data.data() + first + ch * inner, inner, mean, var,
+                  node.attrs.eps, weight, bias, g * per + ch);
+      }
+    }
+  }
+}
+
+void layer_norm(const Node& node, const Tensor& x, Tensor& out) {
+  const int64_t inner = numel(node.attrs.shape), rows = numel(x.shape) / inner;
+  const float* weight = optional_data(node, "weight");
+  const float* bias = optional_data(node, "bias");
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = x.data.data() + r * inner;
+    float* dst = out.data.data() + r * inner;
+    double mean = 0.0, var = 0.0;
+    moments(src, inner, mean, var);
+    const float scale = static_cast<float>(1.0 / std::sqrt(var + node.attrs.eps));
+    for (int64_t k = 0; k < inner; ++k) {
+      dst[k] = (src[k] - static_cast<float>(mean)) * scale * (weight ? weight[k] : 1.0f) + (bias ? bias[k] : 0.0f);
+    }
+  }
+}
+
+// Nearest of the sorted levels (ties go down, as torch.bucketize), or sign(x) with sign(0) = +1 for {-1, +1};
+// applied to x - shift[c] when the node has a per-channel shift.
+void quant_act(const Node& node, const Tensor& input, Tensor& out) {
+  std::vector<float> levels = node.tensors.at("levels").data;
+  std::sort(levels.begin(), levels.end());
+  const bool sign = levels.size() == 2 && levels[0] == -1.0f && levels[1] == 1.0f;
+  std::vector<float> midpoints;
+  for (size_t k = 1; k < levels.size(); ++k) midpoints.push_back((levels[k] + levels[k - 1]) / 2.0f);
+  Tensor shifted;
+  if (node.tensors.count("shift")) {
+    shifted = input;
+    subtract_shift(shifted, node.tensors.at("shift").data);
+  }
+  const Tensor& x = node.tensors.count("shift") ? shifted : input;
+  for (size_t k = 0; k < x.data.size(); ++k) {
+    const float v = x.data[k];
+    if (sign) {
+      out.data[k] = v >= 0.0f ? 1.0f : -1.0f;
+    } else {
+      const size_t bucket = static_cast<size_t>(std::lower_bound(midpoints.begin(), midpoints.end(), v) - midpoints.begin());
+      out.data[k] = levels[bucket];
+    }
+  }
+}
+
+float gelu(float x, bool tanh_form) {
+  if (tanh_form) {
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + std::tanh(inner));
+  }
+  return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
+}
+
+void unary(const Node& node, const Tensor& x, Tensor& out) {
+  const Attrs& a = node.attrs;
+  const std::string& op = node.op;
+  std::function<float(float)> fn;
+  if (op == "relu") fn = [](float v) { return v > 0.0f ? v : 0.0f; };
+  else if (op == "tanh") fn = [](float v) { return std::tanh(v); };
+  else if (op == "sigmoid") fn = [](float v) { return 1.0f / (1.0f + std::exp(-v)); };
+  else if (op == "silu") fn = [](float v) { return v / (1.0f + std::exp(-v)); };
+  else if (op == "leaky_relu") fn = [s = static_cast<float>(a.slope)](float v) { return v > 0.0f ? v : v * s; };
+  else if (op == "elu") fn = [al = static_cast<float>(a.alpha)](float v) { return v > 0.0f ? v : al * std::expm1(v); };
+  else if (op == "gelu") fn = [t = a.gelu_tanh](float v) { return gelu(v, t); };
+  else fn = [lo = static_cast<float>(a.min_val), hi = static_cast<float>(a.max_val)](float v) { return std::min(std::max(v, lo), hi); };
+  std::transform(x.data.begin(), x.data.end(), out.data.begin(), fn);
+}
+
+void prelu(const Node& node, const Tensor& x, Tensor& out) {
+  const std::vector<float>& weight = node.tensors.at("weight").data;
+  const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
+  for (size_t k = 0; k < x.data.size(); ++k) {
+    const float slope = weight.size() == 1 ? weight[0] : weight[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
+    out.data[k] = x.data[k] > 0.0f ? x.data[k] : x.data[k] * slope;
+  }
+}
+
+void resize(const Node& node, const Tensor& x, Tensor& out) {
+  const Resize& r = node.attrs.resize;
+  const int64_t planes = x.shape[0] * x.shape[1], h = x.shape[2], w = x.shape[3], ho = out.shape[2], wo = out.shape[3];
+  const float sh = resize_scale(r, 0, h, ho), sw = resize_scale(r, 1, w, wo);
+  // Source coordinate of an output index: nearest floors dst * scale; bilinear uses pixel centres.
+  auto source = [&](int64_t dst, float scale, int64_t in, int64_t& i0, int64_t& i1, float& l1) {
+    if (r.nearest) {
+      i0 = i1 = std::min(static_cast<int64_t>(std::floor(static_cast<float>(dst) * scale)), in - 1);
+      l1 = 0.0f;
+      return;
+    }
+    float src = r.align_corners ? scale * static_cast<float>(dst) : scale * (static_cast<float>(dst) + 0.5f) - 0.5f;
+    src = src < 0.0f ? 0.0f : src;
+    i0 = std::min(static_cast<int64_t>(src), in - 1);
+    i1 = i0 + (i0 < in - 1 ? 1 : 0);
+    l1 = src - static_cast<float>(i0);
+  };
+  std::vector<int64_t> w0(static_cast<size_t>(wo)), w1(static_cast<size_t>(wo));
+  std::vector<float> wl(static_cast<size_t>(wo));
+  for (int64_t ow = 0; ow < wo; ++ow) source(ow, sw, w, w0[static_cast<size_t>(ow)], w1[static_cast<size_t>(ow)], wl[static_cast<size_t>(ow)]);
+  for (int64_t p = 0; p < planes; ++p) {
+    const float* src = x.data.data() + p * h * w;
+    float* dst = out.data.data() + p * ho * wo;
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      int64_t h0 = 0, h1 = 0;
+      float hl = 0.0f;
+      source(oh, sh, h, h0, h1, hl);
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const size_t o = static_cast<size_t>(ow);
+        const float l1 = wl[o], l0 = 1.0f - l1;
+        const float top = l0 * src[h0 * w + w0[o]] + l1 * src[h0 * w + w1[o]];
+        const float bottom = l0 * src[h1 * w + w0[o]] + l1 * src[h1 * w + w1[o]];
+        dst[oh * wo + ow] = r.nearest ? src[h0 * w + w0[o]] : (1.0f - hl) * top + hl * bottom;
+      }
+    }
+  }
+}
+
+void pixel_shuffle(const Node& node, const Tensor& x, Tensor& out) {
+  const int64_t f = node.attrs.factor, n = out.shape[0], c = out.shape[1], ho = out.shape[2], wo = out.shape[3];
+  const int64_t h = x.shape[2], w = x.shape[3];
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      for (int64_t oh = 0; oh < ho; ++oh) {
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          const int64_t src_c = ch * f * f + (oh % f) * f + ow % f;
+          out.data[static_cast<size_t>(((i * c + ch) * ho + oh) * wo + ow)] =
+              x.data[static_cast<size_t>(((i * x.shape[1] + src_c) * h + oh / f) * w + ow / f)];
+        }
+      }
+    }
+  }
+}
+
+// Row-major strides of `shape`, with 0 where a broadcast dimension of size 1 meets a larger output.
+std::vector<int64_t> strides_for(const Shape& shape, const Shape& out) {
+  std::vector<int64_t> strides(out.size(), 0);
+  int64_t stride = 1;
+  for (size_t k = 0; k < shape.size(); ++k) {
+    const size_t d = shape.size() - 1 - k, o = out.size() - 1 - k;
+    strides[o] = shape[d] == 1 ? 0 : stride;
+    stride *= shape[d];
+  }
+  return strides;
+}
+
+// Calls fn(out index, offset in a, offset in b) for every output element (row-major).
+template <typename Fn>
+void for_each_index(const Shape& out, const std::vector<int64_t>& sa, const std::vector<int64_t>& sb, Fn fn) {
+  const int64_t total = numel(out);
+  std::vector<int64_t> index(out.size(), 0);
+  int64_t oa = 0, ob = 0;
+  for (int64_t k = 0; k < total; ++k) {
+    fn(k, oa, ob);
+    for (size_t d = out.size(); d-- > 0;) {
+      ++index[d], oa += sa[d], ob += sb[d];
+      if (index[d] < out[d]) break;
+      oa -= sa[d] * out[d], ob -= sb[d] * out[d], index[d] = 0;
+    }
+  }
+}
+
+float arith(const std::string& op, float x, float y) {
+  if (op == "add") return x + y;
+  if (op == "sub") return x - y;
+  if (op == "mul") return x * y;
+  return x / y;
+}
+
+void elementwise(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
+  const std::string& op = node.op;
+  if (node.attrs.has_scalar) {
+    const float s = static_cast<float>(node.attrs.scalar);
+    const bool first = node.attrs.scalar_first;
+    std::transform(in[0]->data.begin(), in[0]->data.end(), out.data.begin(),
+                   [&](float v) { return first ? arith(op, s, v) : arith(op, v, s); });
+    return;
+  }
+  const Tensor& a = *in[0];
+  const Tensor& b = *in[1];
+  for_each_index(out.shape, strides_for(a.shape, out.shape), strides_for(b.shape, out.shape),
+                 [&](int64_t k, int64_t ia, int64_t ib) { out.data[static_cast<size_t>(k)] = arith(op, a.data[static_cast<size_t>(ia)], b.data[static_cast<size_t>(ib)]); });
+}
+
+void permute(const Node& node, const Tensor& x, Tensor& out) {
+  const std::vector<int64_t> in_strides = strides_for(x.shape, x.shape);
+  std::vector<int64_t> strides;
+  for (const int64_t d : node.attrs.dims) strides.push_back(in_strides[static_cast<size_t>(d)]);
+  for_each_index(out.shape, strides, strides, [&](int64_t k, int64_t ix, int64_t) { out.data[static_cast<size_t>(k)] = x.data[static_cast<size_t>(ix)]; });
+}
+
+void cat(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
+  const size_t dim = static_cast<size_t>(node.attrs.dim);
+  const int64_t outer = numel(Shape(out.shape.begin(), out.shape.begin() + static_cast<std::ptrdiff_t>(dim)));
+  const int64_t inner = inner_size(out.shape, dim + 1);
+  float* dst = out.data.data();
+  for (int64_t o = 0; o < outer; ++o) {
+    for (const Tensor* t : in) {
+      const int64_t chunk = t->shape[dim] * inner;
+      dst = std::copy_n(t->data.begin() + o * chunk, chunk, dst);
+    }
+  }
+}
+
+void mean(const Node& node, const Tensor& x, Tensor& out) {
+  Shape kept = x.shape;  // the output with keepdim: reduced dims of size 1
+  for (const int64_t d : node.attrs.dims) kept[static_cast<size_t>(d)] = 1;
+  std::vector<double> sums(static_cast<size_t>(numel(kept)), 0.0);
+  const std::vector<int64_t> strides = strides_for(kept, x.shape);
+  for_each_index(x.shape, strides, strides, [&](int64_t k, int64_t o, int64_t) { sums[static_cast<size_t>(o)] += x.data[static_cast<size_t>(k)]; });
+  const double count = static_cast<double>(numel(x.shape) / numel(kept));
+  for (size_t k = 0; k < sums.size(); ++k) out.data[k] = static_cast<float>(sums[k] / count);
+}
+
+}  // namespace
+
+void subtract_shift(Tensor& x, const std::vector<float>& shift) {
+  const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
+  for (size_t k = 0; k < x.data.size(); ++k) {
+    x.data[k] = x.data[k] - shift[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
+  }
+}
+
+Shape padded_shape(const Shape& x, const std::vector<int64_t>& pad) {
+  Shape out = x;
+  for (size_t k = 0; k < pad.size() / 2; ++k) out[x.size() - 1 - k] += pad[2 * k] + pad[2 * k + 1];
+  return out;
+}
+
+void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::string& mode, double value, Tensor& out) {
+  out.shape = padded_shape(x.shape, pad);
+  out.data.assign(static_cast<size_t>(numel(out.shape)), static_cast<float>(value));
+  const size_t rank = x.shape.size();
+  // Per dimension, the source index of every output index: reflected, clamped, or -1 (the constant).
+  std::vector<std::vector<int64_t>> source(rank);
+  for (size_t d = 0; d < rank; ++d) {
+    const size_t from_last = rank - 1 - d;
+    const int64_t before = from_last < pad.size() / 2 ? pad[2 * from_last] : 0, n = x.shape[d];
+    for (int64_t o = 0; o < out.shape[d]; ++o) {
+      int64_t i = o - before;
+      if (i < 0 || i >= n) {
+        i = mode == "constant" ? -1 : mode == "reflect" ? (i < 0 ? -i : 2 * (n - 1) - i) : std::min(std::max<int64_t>(i, 0), n - 1);
+      }
+      source[d].push_back(i);
+    }
+  }
+  const std::vector<int64_t> in_strides = strides_for(x.shape, x.shape);
+  const std::vector<int64_t>& last = source[rank - 1];
+  const int64_t width = out.shape[rank - 1], rows = numel(out.shape) / width;
+  std::vector<int64_t> index(rank, 0);  // of the row's first element
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t base = 0;
+    bool inside = true;
+    for (size_t d = 0; d + 1 < rank && inside; ++d) {
+      const int64_t i = source[d][static_cast<size_t>(index[d])];
+      inside = i >= 0;
+      base += i * in_strides[d];
+    }
+    float* dst = out.data.data() + r * width;
+    for (int64_t o = 0; inside && o < width; ++o) {
+      if (last[static_cast<size_t>(o)] >= 0) dst[o] = x.data[static_cast<size_t>(base + last[static_cast<size_t>(o)])];
+    }
+    for (size_t d = rank - 1; d-- > 0;) {
+      if (++index[d] < out.shape[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
+Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
+  const std::string& op = node.op;
+  if (op == "constant") return node.tensors.at("value").shape;
+  const Shape& x = *in[0];
+  require(!x.empty() && x.size() <= kMaxRank, node, "input rank " + std::to_string(x.size()) + " is not supported");
+  if (op == "conv2d" || op == "conv_transpose2d") return conv_shape(node, x);
+  if (op == "linear") {
+    require(x.back() == node.attrs.in_channels, node, "input " + shape_text(x) + " does not end in the layer's in_features");
+    Shape out = x;
+    out.back() = node.attrs.out_channels;
+    return out;
+  }
+  if (op == "batch_norm" || op == "instance_norm" || op == "group_norm" || op == "layer_norm") return norm_shape(node, x);
+  const int64_t channels = x.size() > 1 ? x[1] : 1;  // dim 1, as torch's per-channel parameters
+  if (op == "quant_act") {
+    if (node.tensors.count("shift")) check_channel_tensor(node, "shift", channels);
+    return x;
+  }
+  if (op == "prelu") {
+    const size_t count = node.tensors.at("weight").data.size();
+    require(count == 1 || static_cast<int64_t>(count) == channels, node, "prelu weight does not fit the channels");
+    return x;
+  }
+  if (op == "pad") {
+    const std::vector<int64_t>& pad = node.attrs.pad;
+    require(pad.size() / 2 < x.size(), node, "pad covers the batch dimension");
+    for (size_t k = 0; k < pad.size(); ++k) {
+      require(node.attrs.pad_mode != "reflect" || pad[k] < x[x.size() - 1 - k / 2], node, "reflect padding exceeds the input");
+    }
+    return padded_shape(x, pad);
+  }
+  if (op == "interpolate") return resize_shape(node, x);
+  if (op == "pixel_shuffle") {
+    const int64_t f = node.attrs.factor;
+    require(x.size() == 4 && x[1] % (f * f) == 0, node, "pixel shuffle wants N x C*r*r x H x W");
+    return {x[0], x[1] / (f * f), x[2] * f, x[3] * f};
+  }
+  if (op == "reshape") return reshape_shape(node, x);
+  if (op == "permute") return permute_shape(node, x);
+  if (op == "cat") return cat_shape(node, in);
+  if (op == "mean") return mean_shape(node, x);
+  if (op == "add" || op == "sub" || op == "mul" || op == "div") {
+    require(node.attrs.has_scalar ? in.size() == 1 : in.size() == 2, node, "wrong number of operands");
+    return node.attrs.has_scalar ? x : broadcast_shape(node, x, *in[1]);
+  }
+  require(in.size() == 1, node, "wrong number of inputs");
+  return x;  // element-wise activations
+}
+
+void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
+  const std::string& op = node.op;
+  if (op == "constant") out.data = node.tensors.at("value").data;
+  else if (op == "conv2d") conv2d(node, *in[0], out);
+  else if (op == "conv_transpose2d") conv_transpose2d(node, *in[0], out);
+  else if (op == "linear") linear(node, *in[0], out);
+  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out);
+  else if (op == "group_norm") group_norm(node, *in[0], out);
+  else if (op == "layer_norm") layer_norm(node, *in[0], out);
+  else if (op == "quant_act") quant_act(node, *in[0], out);
+  else if (op == "prelu") prelu(node, *in[0], out);
+  else if (op == "pad") pad_tensor(*in[0], node.attrs.pad, node.attrs.pad_mode, node.attrs.pad_value, out);
+  else if (op == "interpolate") resize(node, *in[0], out);
+  else if (op == "pixel_shuffle") pixel_shuffle(node, *in[0], out);
+  else if (op == "reshape") out.data = in[0]->data;
+  else if (op == "permute") permute(node, *in[0], out);
+  else if (op == "cat") cat(node, in, out);
+  else if (op == "mean") mean(node, *in[0], out);
+  else if (op == "add" || op == "sub" || op == "mul" || op == "div") elementwise(node, in, out);
+  else unary(node, *in[0], out);
+}
+
+}  // namespace lowbit

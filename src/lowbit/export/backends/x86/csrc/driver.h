@@ -1,0 +1,66 @@
+// The torch-free driver of the bit-serial kernels: which paths this CPU runs, sign packing and binary_conv
+// (every phase of one layer in one call). Compiled into both the torch extension (bitserial.cpp, the
+// binding) and the native runtime (runtime/), so both run the same kernel sources. Threads are the
+// caller's: each gives a ParallelFor (at::parallel_for in torch, std::thread in the runtime).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace lowbit {
+
+// Bit `path` is set for every kernel path this CPU can run (cpuid on x86, hwcaps on ARM64).
+int64_t supported_paths_mask();
+bool path_supported(int64_t path);
+
+// Runs body(begin, end) over sub-ranges covering [0, n), possibly on several threads at once.
+using ParallelBody = std::function<void(int64_t, int64_t)>;
+using ParallelFor = std::function<void(int64_t n, const ParallelBody& body)>;
+
+// Destination of packed bits: (N, H + pad_top + pad_bottom, W + pad_left + pad_right, wc) words, the
+// input image at (pad_top, pad_left) and zeros (no positive bit: "outside the input") around it.
+struct PackGeometry {
+  int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+};
+
+// A float32 (N, C, H, W) image, NCHW (nchw) or channels-last in memory.
+struct Image {
+  const float* data;
+  bool nchw;
+  int64_t n, c, h, w;
+};
+
+int64_t padded_words(const Image& x, const PackGeometry& g);
+
+// Sets bit c of a pixel's words iff x[c, pixel] >= 0, into `dst` (padded_words(x, g) zeroed words).
+void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel);
+
+// One layer's arguments (see kernels.h): w_ts[f] is phase f's rows (words_f, rows_padded) with
+// words_f = taps_f * ceil(C / 64); phases: per phase [ph, pw, n_tap_h, n_tap_w, tap_h..., tap_w...];
+// coef2 (planes, co), offset2 (co), base (ho, wo, co); steps: [in_step_h, in_step_w, out_step_h, out_step_w].
+struct BinaryConv {
+  Image x;
+  std::vector<const uint64_t*> w_ts;
+  std::vector<int64_t> w_t_words;  // the first size of every w_ts[f], checked against its taps
+  int64_t rows_padded;
+  std::vector<int64_t> phases;
+  const double* coef2;
+  const double* offset2;
+  const double* base;
+  int64_t ho, wo, co, planes;
+  int64_t steps[4];
+  int64_t path;
+};
+
+// Checks `call` (an empty string when it is consistent, else the reason), so that run_binary_conv reads
+// nothing outside the arrays it was given.
+std::string check_binary_conv(const BinaryConv& call);
+
+// Runs a checked call, writing out (N, ho, wo, co) float32, channels-last.
+void run_binary_conv(const BinaryConv& call, float* out, const ParallelFor& parallel);
+
+}  // namespace lowbit

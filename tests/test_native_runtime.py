@@ -1,0 +1,316 @@
+"""The native runtime (runtime/, built by `make runtime`, which `make test` runs first): liblowbit and
+lowbit-run against the Python torch backend on the export zoo and lowbit's DCGAN, the ARM64 build under
+qemu-aarch64 against the x86 one, corrupted and hostile files under AddressSanitizer + UBSan, the CLI's PNG
+and .npy output, and `lowbit.export.load` running on it by default."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from gan_zoo import ZOO, calibrated, trained_like_dcgan
+from lowbit.errors import CheckpointError
+from lowbit.export import PackedModel, load
+from lowbit.export.backends import native
+from lowbit.export.format import META_ARCH, META_CHECKSUM, checksum, write_graph
+from lowbit.export.ir import capture
+from lowbit.nn import QuantSpec, convert
+
+RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
+CLI = RUNTIME / "build" / "lowbit-run"
+ARM_CLI = RUNTIME / "build-arm64" / "lowbit-run"
+FUZZ = RUNTIME / "build-asan" / "fuzz_load"
+QEMU = shutil.which("qemu-aarch64")
+SPECS = {
+    "w4": QuantSpec(weight="minmax", weight_bits=4),
+    "w2-em": QuantSpec(weight="em", weight_bits=2),
+    "w1a1-sign": QuantSpec(weight="bwn", weight_bits=1, act="sign", act_bits=1),
+    "w1a1-act": QuantSpec(weight="bwn", weight_bits=1, act="act", act_bits=1),
+}
+#: native vs torch backend: every output within this much of the reference, times max(1, max |reference|).
+#: (float accumulation order differs: ~1e-7 relative is what the zoo shows; binary layers count exactly.)
+TOLERANCE = 5e-5
+#: ARM64 vs x86-64 runtime (the same code; libm's last bit differs, see the test).
+ARM_TOLERANCE = 1e-6
+#: binary activations right after a shift-free layer tie at exact zeros and flip (docs/export.md
+#: "Exactness"): the Python kernels warn about these two as well; compared with the kernels' own rule.
+SYSTEMATIC_TIES = {("cyclegan-resnet", "w1a1-sign"), ("pix2pix-unet", "w1a1-sign")}
+
+pytestmark = pytest.mark.skipif(
+    not CLI.exists() or not native.available(), reason="native runtime not built: run `make runtime`"
+)
+
+
+def _dcgan() -> nn.Module:
+    """lowbit's DCGAN-28 generator with trained-like batch-norm statistics, W1A1 sign."""
+    return convert(trained_like_dcgan(width=16), SPECS["w1a1-sign"]).eval()
+
+
+#: every zoo model with a table codebook (W2 EM) and both kinds of binary layers; 4-bit affine codes on two
+#: (the zoo x spec matrix of test_export_zoo takes minutes; this keeps the native tests near 30 s)
+CASES = [(name, spec) for name in ZOO for spec in ("w2-em", "w1a1-sign", "w1a1-act")] + [
+    ("examples-dcgan", "w4"),
+    ("cyclegan-resnet", "w4"),
+    ("dcgan-g-28", "w1a1-sign"),
+]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path, np.ndarray]]:
+    """(name, spec) -> (packed file, input .npy, torch-backend output) for every case, captured without the
+    export's own parity runs (they are test_export_zoo's job)."""
+    folder = tmp_path_factory.mktemp("native-zoo")
+    files, fp32 = {}, {}
+    for name, spec in CASES:
+        if name not in fp32:
+            fp32[name] = None if name == "dcgan-g-28" else calibrated(name)
+        model = _dcgan() if name == "dcgan-g-28" else convert(fp32[name], SPECS[spec]).eval()
+        shape = [100] if name == "dcgan-g-28" else ZOO[name][1]
+        x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+        graph, _ = capture(model, x[:1])
+        path = write_graph(graph, folder / f"{name}-{spec}.lowbit")
+        np.save(folder / f"{name}-{spec}.npy", x.numpy())
+        expected = PackedModel(graph, "torch")(x).numpy()
+        files[(name, spec)] = (path, folder / f"{name}-{spec}.npy", expected)
+    return files
+
+
+def _mismatch(out: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(worst |difference| / max(1, max |expected|), share of outputs off by more than 1e-3 of that scale)."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    diff = np.abs(out - expected) / scale
+    return float(diff.max()), float((diff > 1e-3).mean())
+
+
+def _fuzz(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The sanitizer build's robustness driver; a sanitizer report or crash is a non-zero exit."""
+    result = subprocess.run([str(FUZZ), *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def _run_cli(binary: list[str], path: Path, x_npy: Path, out: Path, *extra: str) -> np.ndarray:
+    result = subprocess.run(
+        [*binary, str(path), "--input", str(x_npy), "-o", str(out), *extra], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return np.load(out)
+
+
+@pytest.mark.parametrize(("name", "spec"), CASES)
+def test_native_equals_the_torch_backend_on_the_zoo(zoo, name, spec):
+    """Both the float reference ("float") and the binary kernels ("auto") of liblowbit, through ctypes."""
+    path, x_npy, expected = zoo[(name, spec)]
+    x = np.load(x_npy)
+    model = native.NativeModel(path.read_bytes(), str(path))
+    for kernel_path in ("float", "auto"):
+        model.set_kernel_path(kernel_path)
+        worst, share = _mismatch(model.run(x), expected)
+        if (name, spec) in SYSTEMATIC_TIES:
+            assert np.isfinite(worst)  # tie flips cascade, as on the Python kernels (export warns)
+        else:
+            assert worst <= TOLERANCE, (kernel_path, worst)
+
+
+def test_cli_equals_the_library_and_every_kernel_path_agrees(zoo, tmp_path):
+    """lowbit-run --input gives the library's numbers; all kernel paths compute the same integers."""
+    path, x_npy, _ = zoo[("examples-dcgan", "w1a1-sign")]
+    model = native.NativeModel(path.read_bytes(), str(path))
+    model.set_kernel_path("auto")
+    expected = model.run(np.load(x_npy))
+    for kernel_path in native.available_paths():
+        out = _run_cli([str(CLI)], path, x_npy, tmp_path / "out.npy", "--kernel-path", kernel_path)
+        assert np.array_equal(out, expected), kernel_path
+
+
+@pytest.mark.skipif(not ARM_CLI.exists() or QEMU is None, reason="no aarch64 build or qemu-aarch64 here")
+def test_arm64_build_under_qemu_equals_x86_on_the_zoo(zoo, tmp_path):
+    """The static aarch64 lowbit-run (NEON kernels, picked from the hwcaps) against the x86 build on every zoo
+    file: the binary layers count the same integers and the float code has no fused multiply-adds
+    (-ffp-contract=off), but glibc's exp / tanh differ in the last bit between x86-64 (FMA variants picked at
+    run time) and ARM64, so outputs agree within ARM_TOLERANCE, and most files bit for bit."""
+    exact = 0
+    for (name, spec), (path, x_npy, _) in zoo.items():
+        x86 = _run_cli([str(CLI)], path, x_npy, tmp_path / "x86.npy")
+        arm = _run_cli([QEMU, str(ARM_CLI)], path, x_npy, tmp_path / "arm.npy")
+        assert _mismatch(arm, x86)[0] <= ARM_TOLERANCE, (name, spec)
+        exact += np.array_equal(arm, x86)
+    assert exact >= len(zoo) // 2
+    path, x_npy, _ = zoo[("patchgan", "w2-em")]
+    neon = _run_cli([QEMU, str(ARM_CLI)], path, x_npy, tmp_path / "a.npy", "--kernel-path", "neon")
+    portable = _run_cli([QEMU, str(ARM_CLI)], path, x_npy, tmp_path / "b.npy", "--kernel-path", "scalar")
+    assert np.array_equal(neon, portable)
+
+
+def _png_pixels(data: bytes) -> tuple[int, int, int, np.ndarray]:
+    """Width, height, colour type and pixels of a PNG, checking every chunk's CRC on the way."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, kind
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height, _, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8)  # zlib checks the Adler-32
+    channels = 3 if colour == 2 else 1
+    rows = raw.reshape(height, 1 + width * channels)
+    assert (rows[:, 0] == 0).all()  # filter type None
+    return width, height, colour, rows[:, 1:].reshape(height, width, channels)
+
+
+def test_cli_writes_png_grids_and_npy_deterministically(zoo, tmp_path):
+    path = zoo[("examples-dcgan", "w2-em")][0]
+    run = [str(CLI), str(path), "-n", "5", "--seed", "3"]
+    subprocess.run([*run, "-o", str(tmp_path / "a.npy")], check=True)
+    subprocess.run([*run, "-o", str(tmp_path / "b.npy")], check=True)
+    subprocess.run([*run, "-o", str(tmp_path / "grid.png")], check=True)
+    images = np.load(tmp_path / "a.npy")
+    assert images.shape == (5, 3, 32, 32) and np.array_equal(images, np.load(tmp_path / "b.npy"))
+    width, height, colour, pixels = _png_pixels((tmp_path / "grid.png").read_bytes())
+    assert (width, height, colour) == (3 * 34 + 2, 2 * 34 + 2, 2)  # 3 x 2 grid, 2-pixel borders
+    first = np.clip(np.floor((images[0].transpose(1, 2, 0) + 1) * np.float32(127.5) + 0.5), 0, 255)
+    assert np.array_equal(pixels[2:34, 2:34], first.astype(np.uint8))
+
+
+def test_cli_reports_damaged_files_in_one_line(zoo, tmp_path):
+    path = zoo[("examples-dcgan", "w4")][0]
+    truncated = tmp_path / "cut.lowbit"
+    truncated.write_bytes(path.read_bytes()[:-50])
+    result = subprocess.run(
+        [str(CLI), str(truncated), "-o", str(tmp_path / "x.npy")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "lies outside the file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ----- hostile and corrupted files (under AddressSanitizer + UndefinedBehaviorSanitizer) -----
+
+
+def _resigned(source: Path, target: Path, edit) -> Path:
+    """``source`` with its IR JSON / tensors edited and re-signed, as a hostile writer would."""
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    arch = json.loads(metadata[META_ARCH])
+    edit(arch, tensors)
+    metadata[META_ARCH] = json.dumps(arch)
+    metadata[META_CHECKSUM] = checksum(tensors, metadata[META_ARCH])
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+def _node(arch, op):
+    return next(node for node in arch["nodes"] if node["op"] == op)
+
+
+def _set(path: list, value):
+    """An edit that sets arch[...path...] = value; the path starts at the first node with an op."""
+
+    def edit(arch, tensors):
+        target = _node(arch, path[0]) if path[0] != "arch" else arch
+        for key in path[1:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return edit
+
+
+HOSTILE = {
+    "codes bits": _set(["conv_transpose2d", "attrs", "weight", "bits"], 8),
+    "levels": _set(["conv_transpose2d", "attrs", "weight", "levels"], 99),
+    "channel_dim": _set(["conv_transpose2d", "attrs", "weight", "channel_dim"], 7),
+    "huge channels": _set(["conv_transpose2d", "attrs", "in_channels"], 2**40),
+    "zero stride": _set(["conv_transpose2d", "attrs", "stride"], [0, 1]),
+    "huge kernel": _set(["conv_transpose2d", "attrs", "kernel_size"], [4000, 4000]),
+    "negative padding": _set(["conv_transpose2d", "attrs", "padding"], [-3, 1]),
+    "string stride": _set(["conv_transpose2d", "attrs", "stride"], "2"),
+    "unknown op": _set(["batch_norm", "op"], "softmax"),
+    "forward input": _set(["batch_norm", "inputs"], ["nowhere"]),
+    "huge input": _set(["arch", "input_shape"], [2**20, 2**20]),
+    "wrong output": _set(["arch", "output"], "ghost"),
+    "output shape": _set(["arch", "output_shape"], [3, 33, 32]),
+    "bad reshape": _set(["relu", "op"], "reshape"),
+    "nan weights": lambda arch, tensors: tensors[next(k for k in tensors if k.endswith("running_var"))].fill_(
+        float("nan")
+    ),
+    "short bn": lambda arch, tensors: tensors.update(
+        {k: torch.ones(3) for k in tensors if k.startswith(_node(arch, "batch_norm")["name"] + ".")}
+    ),
+    "deep json": _set(["batch_norm", "attrs", "deep"], json.loads("[" * 200 + "]" * 200)),
+}
+
+
+def _random_number_edit(seed: int):
+    """Replace one random number of the IR with a hostile value (the fuzz loop over re-signed files)."""
+    rng = random.Random(seed)
+
+    def edit(arch, tensors):
+        places = []
+
+        def walk(value):
+            if not isinstance(value, (dict, list)):
+                return
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    places.append((value, key))
+                walk(item)
+
+        walk(arch)
+        container, key = rng.choice(places)
+        container[key] = rng.choice([0, -1, 1, 2, 3, 7, 64, 4097, 2**31, 2**62, -(2**40), 0.5, 1e308])
+
+    return edit
+
+
+@pytest.mark.skipif(not FUZZ.exists(), reason="no sanitizer build (make -C runtime asan)")
+def test_hostile_and_corrupted_files_fail_cleanly_under_sanitizers(zoo, tmp_path):
+    """Re-signed hostile fields (the checksum passes) are each refused with an error code and message; random
+    re-signed number edits, truncations and byte flips load or fail cleanly (ASan + UBSan: no bad access)."""
+    source = zoo[("examples-dcgan", "w2-em")][0]
+    hostile = [_resigned(source, tmp_path / f"h{i}.lowbit", edit) for i, edit in enumerate(HOSTILE.values())]
+    lines = _fuzz("files", *map(str, hostile)).stdout.splitlines()
+    for name, line in zip(HOSTILE, lines, strict=True):
+        assert line.startswith("2 ") and ("not a valid" in line or "node '" in line), (name, line)
+    edited = [_resigned(source, tmp_path / f"r{i}.lowbit", _random_number_edit(i)) for i in range(80)]
+    assert len(_fuzz("files", *map(str, edited)).stdout.splitlines()) == len(edited)
+    for case in (("examples-dcgan", "w1a1-sign"), ("cyclegan-resnet", "w2-em")):
+        summary = _fuzz("random", str(zoo[case][0]), "300", "7").stdout
+        counts = dict(zip(*[iter(summary.split())] * 2, strict=True))
+        assert int(counts["format"]) + int(counts["checksum"]) > 250, summary
+
+
+# ----- Python on the native backend -----
+
+
+def test_load_runs_native_by_default_and_keeps_the_kernel_path_semantics(zoo):
+    path, x_npy, expected = zoo[("unflatten-dcgan", "w1a1-sign")]
+    x = torch.from_numpy(np.load(x_npy))
+    model = load(path)
+    assert model.runs_native and model.kernel_path == native.available_paths()[0]
+    assert any(step.backend == f"native:{model.kernel_path}" for step in model.steps)
+    assert _mismatch(model(x).numpy(), expected)[0] <= TOLERANCE
+    assert model.set_kernel_path("torch") == "torch" and not model.runs_native
+    assert torch.equal(model(x), torch.from_numpy(expected))  # bit-exact torch backend, as before
+    assert model.set_kernel_path("float") == "float" and model.runs_native
+    assert not load(path, kernel_path="torch").runs_native
+    assert not load(path, backend="python").runs_native
+    explicit = load(path, kernel_path="scalar")  # an explicit x86 path keeps the Python x86 backend
+    assert not explicit.runs_native and explicit.steps[-1].backend != "native:float"
+    with pytest.raises(CheckpointError, match="lies outside the file"):
+        native.NativeModel(path.read_bytes()[:-10], "cut")
