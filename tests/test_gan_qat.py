@@ -338,7 +338,8 @@ def test_channel_pruned_student_distils_features_through_learned_adapters(fp_che
     a, b = load_checkpoint(full.model_path)["generator"], load_checkpoint(resumed.model_path)["generator"]
     assert all(torch.equal(value, b[key]) for key, value in a.items())
     adapters = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.safetensors")["distill_adapters"]
-    assert adapters and all(v.shape[0] == 2 * v.shape[1] for v in adapters.values())  # teacher C = 2 x student
+    # the teacher has twice the student's channels at every tap
+    assert adapters and all(v.shape[0] == 2 * v.shape[1] for v in adapters.values())
     student, teacher = load_generator(full.model_path), load_generator(fp_checkpoint)
     taps = FeatureTaps(student, teacher, torch.randn(2, 16))
     assert set(taps.adapters) == {key.split(".")[0] for key in adapters}
