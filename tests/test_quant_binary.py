@@ -260,9 +260,9 @@ def test_staged_schedule_switches_the_weights_only() -> None:
 def test_feature_distillation_is_the_mean_squared_gap_of_the_pre_activations() -> None:
     teacher = _generator().eval()
     student = convert(teacher, W1A1)
-    taps = FeatureTaps(student, teacher)
-    assert taps.names == ["2", "5"]
     z = torch.randn(4, 8, 1, 1)
+    taps = FeatureTaps(student, teacher, z)
+    assert taps.names == ["2", "5"] and not taps.adapters  # equal channel counts: compared directly
     with taps.recording():
         student(z)
         teacher(z)
