@@ -15,7 +15,7 @@ from lowbit.export.backends import native, x86
 from lowbit.export.backends.x86 import build
 from lowbit.export.format import read_graph, write_graph
 from lowbit.export.ir import Graph, capture
-from lowbit.export.runtime import PackedModel, plan_graph
+from lowbit.export.runtime import PackedModel, plan_graph, run_steps
 from lowbit.limits import check_count
 
 #: a pre-activation this close (relative) to a two-level activation's threshold counts as a tie.
@@ -36,15 +36,6 @@ class ExportWarning(UserWarning):
 def _check_input(graph: Graph) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(CHECK_SAMPLES, *graph.input_shape, generator=generator)
-
-
-def _values(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every node's output on the torch backend (for the export-time checks)."""
-    values = {"input": x}
-    with torch.no_grad():
-        for step in plan_graph(graph, build.TORCH_PATH):
-            values[step.node.name] = step.run(*(values[name] for name in step.inputs))
-    return values
 
 
 def _tied_activations(graph: Graph, values: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
@@ -76,11 +67,8 @@ def kernel_mismatch(graph: Graph, expected: torch.Tensor, x: torch.Tensor) -> tu
     producers = {node.name: node for node in graph.nodes}
     if not paths or not any(x86.claims(node, producers) for node in graph.nodes):
         return None
-    values = {"input": x}
-    with torch.no_grad():
-        for step in plan_graph(graph, paths[0]):
-            values[step.node.name] = step.run(*(values[name] for name in step.inputs))
-    diff = (values[graph.output].reshape(expected.shape) - expected).abs()
+    output = run_steps(plan_graph(graph, paths[0]), x)[graph.output]
+    diff = (output.reshape(expected.shape) - expected).abs()
     scale = max(1.0, float(expected.abs().max()))
     return paths[0], float((diff > 1e-3 * scale).float().mean()), float(diff.max())
 
@@ -89,7 +77,7 @@ def _export_checks(graph: Graph, work: nn.Module) -> None:
     """Warn when the torch backend differs from the simulated model, or the kernels differ beyond
     ``KERNEL_MISMATCH`` (docs/export.md), naming the activations whose ties cause it."""
     x = _check_input(graph)
-    values = _values(graph, x)
+    values = run_steps(plan_graph(graph, build.TORCH_PATH), x)
     with torch.no_grad():
         expected = work(x.reshape(x.shape[0], *graph.input_shape))
     got = values[graph.output].reshape(expected.shape)
@@ -164,10 +152,12 @@ def load(path: str | os.PathLike, kernel_path: str | None = None, backend: str |
     _dry_run(model, path)
     missing = native.unsupported(model.graph.nodes)
     if backend == "native" and missing is not None:
-        raise ConfigError(f"{path} uses {missing}, which the native runtime does not run yet; load it with "
-                          "backend='python'")
-    if backend == "native" or (backend is None and kernel_path in (None, "auto") and native.available()
-                               and missing is None):
+        raise ConfigError(
+            f"{path} uses {missing}, which the native runtime does not run yet; load it with backend='python'"
+        )
+    if backend == "native" or (
+        backend is None and kernel_path in (None, "auto") and native.available() and missing is None
+    ):
         model.native = _native_model(path)
     model.set_kernel_path(kernel_path)
     return model

@@ -504,10 +504,8 @@ def _per_sample(value: Any, batch: int, node: fx.Node) -> list[int]:
 class _Capture:
     """Translates one traced graph into IR nodes, with the values recorded at two batch sizes."""
 
-    def __init__(
-        self, gm: fx.GraphModule, frozen: dict[str, Any], values: dict, values2: dict, batch: int
-    ) -> None:
-        self.gm, self.frozen, self.values, self.values2, self.batch = gm, frozen, values, values2, batch
+    def __init__(self, gm: fx.GraphModule, frozen: dict[str, Any], values: dict, batch: int) -> None:
+        self.gm, self.frozen, self.values, self.batch = gm, frozen, values, batch
         self.modules = dict(gm.named_modules())
         self.nodes: list[Node] = []
         self.alias: dict[str, str] = {}
@@ -734,7 +732,7 @@ def capture(model: nn.Module, example_input: torch.Tensor | None = None) -> tupl
             f"the captured graph cannot run on an input of shape {list(example.shape)} ({exc}); "
             "pass an example_input the model accepts"
         ) from None
-    capture_ = _Capture(gm, frozen, values, values2, example.shape[0])
+    capture_ = _Capture(gm, frozen, values, example.shape[0])
     output = capture_.run()
     for node in gm.graph.nodes:
         value2 = values2.get(node.name)

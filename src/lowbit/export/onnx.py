@@ -22,8 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.export.backends.x86.build import TORCH_PATH
 from lowbit.export.ir import INPUT, Graph, Node, capture
 from lowbit.export.pack import pack_codes
+from lowbit.export.runtime import plan_graph, run_steps
 from lowbit.export.weights import codes, dequantized_weight
 from lowbit.io import atomic_write_bytes
 
@@ -371,9 +373,7 @@ SHAPED = {
 
 def _shapes(graph: Graph) -> dict[str, list[int]]:
     """Per-node output shapes with a batch of one (from the torch backend)."""
-    from lowbit.export.api import _values
-
-    values = _values(graph, torch.zeros(1, *graph.input_shape))
+    values = run_steps(plan_graph(graph, TORCH_PATH), torch.zeros(1, *graph.input_shape))
     return {name: list(value.shape) for name, value in values.items()}
 
 

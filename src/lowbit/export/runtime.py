@@ -9,6 +9,7 @@ every path but "torch"; its plan table shows the same claims, as ``native:<path>
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,15 @@ def plan_graph(graph: Graph, kernel_path: str) -> list[Step]:
     return kept[::-1]
 
 
+def run_steps(steps: list[Step], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every planned node's output for the graph input ``x`` (the graph's output is among them)."""
+    values: dict[str, torch.Tensor] = {INPUT: x}
+    with torch.no_grad():
+        for step in steps:
+            values[step.node.name] = step.run(*(values[name] for name in step.inputs))
+    return values
+
+
 class PackedModel(nn.Module):
     """A model rebuilt from its IR: ``forward`` takes the captured input layout (any shape with the same
     number of values per sample, e.g. z as N x d or N x d x 1 x 1) and returns the captured output."""
@@ -97,9 +107,7 @@ class PackedModel(nn.Module):
         return self.native is not None and self.kernel_path != build.TORCH_PATH
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        per_sample = 1
-        for size in self.input_shape:
-            per_sample *= size
+        per_sample = math.prod(self.input_shape)
         if x.dim() < 1 or x[0].numel() != per_sample:
             raise ConfigError(
                 f"this packed model takes inputs of shape N x {' x '.join(map(str, self.input_shape))} "
@@ -110,11 +118,7 @@ class PackedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_native:
             return torch.from_numpy(self.native.run(self._input(x).detach().numpy()))
-        values: dict[str, torch.Tensor] = {INPUT: self._input(x)}
-        with torch.no_grad():
-            for step in self.steps:
-                values[step.node.name] = step.run(*(values[name] for name in step.inputs))
-        return values[self.graph.output].contiguous()
+        return run_steps(self.steps, self._input(x))[self.graph.output].contiguous()
 
     def plan_table(self) -> list[dict[str, Any]]:
         """One row per planned node: name, op, module, weight / activation bits, backend, stored bytes."""

@@ -30,7 +30,7 @@ class BinaryInput:
     """The two values of the binary activation feeding a layer and where it switches between them.
 
     Input x becomes ``high`` when x >= threshold (``ties_up``, the sign convention sign(0) = +1) or
-    when x > threshold (otherwise: the nearest level with ties going down, as ``LevelsAct``), else
+    when x > threshold (otherwise: the nearest level with ties going down, as the torch backend), else
     ``low``; the threshold is the midpoint of the two values.
     """
 
@@ -64,25 +64,6 @@ class BinaryInput:
 
 #: sign(x) with sign(0) = +1 (SPEC §2)
 SIGN_INPUT = BinaryInput(-1.0, 1.0, ties_up=True)
-
-
-class SignAct(nn.Module):
-    """Binary activation x -> {-1, +1}; kept as a module only where no weight layer follows to absorb it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SIGN_INPUT.apply(x)
-
-
-class LevelsAct(nn.Module):
-    """Multi-bit activation quantizer: each value goes to the nearest of the frozen levels."""
-
-    def __init__(self, levels: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("levels", levels.to(torch.float32).sort().values)
-        self.register_buffer("midpoints", (self.levels[1:] + self.levels[:-1]) / 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.levels[torch.bucketize(x, self.midpoints)]
 
 
 @dataclass
