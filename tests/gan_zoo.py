@@ -6,6 +6,9 @@ an Upsample + Conv2d generator (reflect / 'same' padding, F.interpolate) and a P
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -303,3 +306,34 @@ def trained_like_dcgan(width: int, seed: int = 0) -> nn.Module:
             module.running_var.uniform_(0.5, 2.0)
             module.bias.data.normal_(0, 0.1)
     return model.eval()
+
+
+def zoo_specs() -> dict:
+    """The quantization specs every export test runs the zoo at."""
+    from lowbit.nn import QuantSpec
+
+    return {
+        "w4": QuantSpec(weight="minmax", weight_bits=4),
+        "w2-em": QuantSpec(weight="em", weight_bits=2),
+        "w1a1-sign": QuantSpec(weight="bwn", weight_bits=1, act="sign", act_bits=1),
+        "w1a1-act": QuantSpec(weight="bwn", weight_bits=1, act="act", act_bits=1),
+    }
+
+
+def resigned(source: Path, target: Path, edit) -> Path:
+    """``source`` with its IR JSON / tensors changed by ``edit(arch, tensors)`` and re-signed into ``target``,
+    as a hostile writer would (the checksum then passes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.export.format import META_ARCH, META_CHECKSUM, checksum
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    arch = json.loads(metadata[META_ARCH])
+    edit(arch, tensors)
+    metadata[META_ARCH] = json.dumps(arch)
+    metadata[META_CHECKSUM] = checksum(tensors, metadata[META_ARCH])
+    save_file(tensors, str(target), metadata=metadata)
+    return target

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_zoo import ZOO, calibrated
+from gan_zoo import ZOO, calibrated, zoo_specs
 from lowbit.errors import ConfigError
 from lowbit.export import (
     ExportError,
@@ -27,12 +27,7 @@ from lowbit.export.api import KERNEL_MISMATCH
 from lowbit.nn import QuantSpec, convert
 
 KERNEL_PATHS = [p for p in available_paths() if p != "torch"]
-SPECS = {
-    "w4": QuantSpec(weight="minmax", weight_bits=4),
-    "w2-em": QuantSpec(weight="em", weight_bits=2),
-    "w1a1-sign": QuantSpec(weight="bwn", weight_bits=1, act="sign", act_bits=1),
-    "w1a1-act": QuantSpec(weight="bwn", weight_bits=1, act="act", act_bits=1),
-}
+SPECS = zoo_specs()
 #: kernel vs simulated model (docs/export.md): the median absolute difference stays below this.
 KERNEL_MEDIAN = 1e-5
 #: models whose binary layers the x86 backend must claim at W1A1 ...

@@ -16,29 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from gan_zoo import ZOO, calibrated, trained_like_dcgan
+from gan_zoo import ZOO, calibrated, resigned, trained_like_dcgan, zoo_specs
 from lowbit.errors import CheckpointError
 from lowbit.export import PackedModel, load
 from lowbit.export.backends import native
-from lowbit.export.format import META_ARCH, META_CHECKSUM, checksum, write_graph
+from lowbit.export.format import write_graph
 from lowbit.export.ir import capture
-from lowbit.nn import QuantSpec, convert
+from lowbit.nn import convert
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 CLI = RUNTIME / "build" / "lowbit-run"
 ARM_CLI = RUNTIME / "build-arm64" / "lowbit-run"
 FUZZ = RUNTIME / "build-asan" / "fuzz_load"
 QEMU = shutil.which("qemu-aarch64")
-SPECS = {
-    "w4": QuantSpec(weight="minmax", weight_bits=4),
-    "w2-em": QuantSpec(weight="em", weight_bits=2),
-    "w1a1-sign": QuantSpec(weight="bwn", weight_bits=1, act="sign", act_bits=1),
-    "w1a1-act": QuantSpec(weight="bwn", weight_bits=1, act="act", act_bits=1),
-}
+SPECS = zoo_specs()
 #: native vs torch backend: every output within this much of the reference, times max(1, max |reference|).
 #: (float accumulation order differs: ~1e-7 relative is what the zoo shows; binary layers count exactly.)
 TOLERANCE = 5e-5
@@ -202,17 +195,6 @@ def test_cli_reports_damaged_files_in_one_line(zoo, tmp_path):
 # ----- hostile and corrupted files (under AddressSanitizer + UndefinedBehaviorSanitizer) -----
 
 
-def _resigned(source: Path, target: Path, edit) -> Path:
-    """``source`` with its IR JSON / tensors edited and re-signed, as a hostile writer would."""
-    with safe_open(str(source), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    arch = json.loads(metadata[META_ARCH])
-    edit(arch, tensors)
-    metadata[META_ARCH] = json.dumps(arch)
-    metadata[META_CHECKSUM] = checksum(tensors, metadata[META_ARCH])
-    save_file(tensors, str(target), metadata=metadata)
-    return target
 
 
 def _node(arch, op):
@@ -283,11 +265,11 @@ def test_hostile_and_corrupted_files_fail_cleanly_under_sanitizers(zoo, tmp_path
     """Re-signed hostile fields (the checksum passes) are each refused with an error code and message; random
     re-signed number edits, truncations and byte flips load or fail cleanly (ASan + UBSan: no bad access)."""
     source = zoo[("examples-dcgan", "w2-em")][0]
-    hostile = [_resigned(source, tmp_path / f"h{i}.lowbit", edit) for i, edit in enumerate(HOSTILE.values())]
+    hostile = [resigned(source, tmp_path / f"h{i}.lowbit", edit) for i, edit in enumerate(HOSTILE.values())]
     lines = _fuzz("files", *map(str, hostile)).stdout.splitlines()
     for name, line in zip(HOSTILE, lines, strict=True):
         assert line.startswith("2 ") and ("not a valid" in line or "node '" in line), (name, line)
-    edited = [_resigned(source, tmp_path / f"r{i}.lowbit", _random_number_edit(i)) for i in range(80)]
+    edited = [resigned(source, tmp_path / f"r{i}.lowbit", _random_number_edit(i)) for i in range(80)]
     assert len(_fuzz("files", *map(str, edited)).stdout.splitlines()) == len(edited)
     for case in (("examples-dcgan", "w1a1-sign"), ("cyclegan-resnet", "w2-em")):
         summary = _fuzz("random", str(zoo[case][0]), "300", "7").stdout
