@@ -41,11 +41,10 @@ from lowbit.train.checkpoint import load_checkpoint
 from lowbit.train.distill import FeatureTaps
 from lowbit.train.distributed import DistContext
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
-from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
     Evaluator,
     LoopSettings,
-    check_loop_counts,
+    StepLoopConfig,
     predict,
     run_training,
     seeded_generator,
@@ -110,7 +109,7 @@ class SearchSGD:
 
 
 @dataclass
-class GanConfig:
+class GanConfig(StepLoopConfig):
     """Everything ``train_gan`` needs; loss-dependent fields left None take the loss paper's default."""
 
     name: str = "gan"
@@ -118,8 +117,6 @@ class GanConfig:
     generator: NetSpec = field(default_factory=lambda: NetSpec("dcgan-g-28"))
     discriminator: NetSpec = field(default_factory=lambda: NetSpec("dcgan-d-28"))
     loss: str = "dcgan"
-    steps: int = 2000
-    batch_size: int = 64
     n_critic: int | None = None
     betas: list[float] | None = None
     clip: float | None = None
@@ -131,17 +128,9 @@ class GanConfig:
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0
-    log_every: int = 10
-    eval_every: int = 0
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
-        check_loop_counts(self)
+        super().__post_init__()
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
         for key in ("distill", "distill_features"):

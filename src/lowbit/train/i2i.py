@@ -35,11 +35,10 @@ from lowbit.train.gan import (
     read_gan_checkpoint,
 )
 from lowbit.train.gan_losses import GanLoss, get_loss
-from lowbit.train.guard import GuardSpec
 from lowbit.train.loop import (
     Evaluator,
     LoopSettings,
-    check_loop_counts,
+    StepLoopConfig,
     predict,
     run_training,
     seeded_generator,
@@ -61,7 +60,7 @@ class PairedDataSpec(DataSpec):
 
 
 @dataclass
-class I2IConfig:
+class I2IConfig(StepLoopConfig):
     """Everything ``train_i2i`` needs; ``betas``/learning rates left None take the loss's defaults."""
 
     name: str = "i2i"
@@ -71,22 +70,13 @@ class I2IConfig:
     discriminator: NetSpec = field(default_factory=lambda: NetSpec("patchgan-d"))
     loss: str = "dcgan"
     l1_weight: float = 100.0
-    steps: int = 2000
     batch_size: int = 16
     betas: list[float] | None = None
     init_from: str | None = None
     lr_decay: str = "constant"
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0
-    log_every: int = 10
-    eval_every: int = 0
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
-        check_loop_counts(self)
+        super().__post_init__()
         if self.l1_weight < 0:
             raise ConfigError(f"'l1_weight' must be >= 0 (pix2pix uses 100), got {self.l1_weight}")
         if self.loss not in I2I_LOSSES:

@@ -52,14 +52,29 @@ RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "sample_every", "checkp
                      "device", "guard")
 
 
-def check_loop_counts(cfg: Any) -> None:
-    """The loop's step and cadence fields of a trainer config: counts >= 1, optional cadences >= 0."""
-    for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"'{key}' must be >= 1, got {getattr(cfg, key)}")
-    for key in ("eval_every", "threads"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
+@dataclass
+class StepLoopConfig:
+    """The shared loop's fields of a step-based trainer config (GanConfig, I2IConfig), declared once:
+    counts >= 1, optional cadences >= 0 (0 = off)."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    guard: GuardSpec = field(default_factory=GuardSpec)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
 
 
 class ResumeMismatchError(ConfigError, CheckpointError):
