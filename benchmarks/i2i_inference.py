@@ -20,7 +20,7 @@ import torch
 from inference import CLOCKS, _cpu_model, _onnx_session, best_times
 
 from lowbit.export import available_paths, load
-from lowbit.train.gan import load_generator
+from lowbit.train.networks import load_generator
 
 
 def bench_run(run_dir: Path, repeats: int, threads: int, clock: str) -> list[dict]:

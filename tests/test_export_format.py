@@ -303,7 +303,8 @@ def test_onnx_refuses_bad_opsets_and_non_uniform_activation_grids(tmp_path):
 def _gan_checkpoint(path):
     from lowbit.config import to_dict
     from lowbit.train.checkpoint import save_checkpoint
-    from lowbit.train.gan import CHECKPOINT_KIND, GanConfig, NetSpec
+    from lowbit.train.gan import GanConfig
+    from lowbit.train.networks import CHECKPOINT_KIND, NetSpec
 
     cfg = GanConfig(
         generator=NetSpec("dcgan-g-28", {"width": 8}), discriminator=NetSpec("dcgan-d-28", {"width": 8})

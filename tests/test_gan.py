@@ -19,7 +19,6 @@ from lowbit.train.gan import (
     GanTrainer,
     TrainingDivergedError,
     latent,
-    load_generator,
     seeded_generator,
     train_gan,
 )
@@ -32,6 +31,7 @@ from lowbit.train.gan_losses import (
     wasserstein_d_loss,
     wasserstein_g_loss,
 )
+from lowbit.train.networks import load_generator
 from tiny_gan import tiny_gan
 
 

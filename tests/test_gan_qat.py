@@ -14,7 +14,8 @@ from lowbit.cli import main
 from lowbit.config import from_dict
 from lowbit.nn import FrozenAct, FrozenLayer, QuantAct, freeze
 from lowbit.train.checkpoint import load_checkpoint
-from lowbit.train.gan import GanConfig, build_networks, load_discriminator, load_generator, train_gan
+from lowbit.train.gan import GanConfig, train_gan
+from lowbit.train.networks import build_networks, load_discriminator, load_generator
 from tiny_gan import tiny_gan
 
 BASE = tiny_gan(sample_every=20)

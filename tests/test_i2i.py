@@ -18,8 +18,8 @@ from lowbit.export import load as load_packed
 from lowbit.metrics.paired import psnr, ssim
 from lowbit.models import create_model
 from lowbit.train.checkpoint import load_checkpoint
-from lowbit.train.gan import checkpoint_config, load_generator
 from lowbit.train.i2i import I2IConfig, train_i2i
+from lowbit.train.networks import checkpoint_config, load_generator
 
 # ------------------------------------------------------------------------------------------ models
 

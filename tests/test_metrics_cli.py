@@ -16,7 +16,8 @@ from lowbit.metrics.inception import FIDInceptionV3, load_inception
 from lowbit.models import create_model
 from lowbit.nn import QuantSpec, convert
 from lowbit.train.checkpoint import save_checkpoint
-from lowbit.train.gan import CHECKPOINT_KIND, GanConfig, NetSpec
+from lowbit.train.gan import GanConfig
+from lowbit.train.networks import CHECKPOINT_KIND, NetSpec
 from test_metrics import require_shipped_extractor
 
 

@@ -106,7 +106,7 @@ def test_shipped_run_and_pretrain_configs_load(path):
     networks build from the shipped checkpoint with its quantizer options (search layouts, ...)."""
     from lowbit.config import load_config
     from lowbit.pipeline import RunConfig, qat_config
-    from lowbit.train.gan import build_networks, checkpoint_config, resolve_checkpoint
+    from lowbit.train.networks import build_networks, checkpoint_config, resolve_checkpoint
 
     if path.stem.startswith("pretrain-"):
         from lowbit.commands.train import training_job

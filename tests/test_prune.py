@@ -195,7 +195,8 @@ def test_gan_training_keeps_masks_exact_through_steps_and_resume(tmp_path):
     and weights equal an uninterrupted run's, and every pruned weight is exactly 0."""
     from lowbit.config import from_dict
     from lowbit.train.checkpoint import load_checkpoint
-    from lowbit.train.gan import GanConfig, load_generator, train_gan
+    from lowbit.train.gan import GanConfig, train_gan
+    from lowbit.train.networks import load_generator
     from tiny_gan import tiny_gan
 
     def config(steps):

@@ -17,7 +17,8 @@ import yaml
 from lowbit.cli import main
 from lowbit.config import load_config
 from lowbit.errors import CheckpointError, ConfigError, DataError, LimitError, OutputError
-from lowbit.train.gan import GanConfig, load_generator, train_gan
+from lowbit.train.gan import GanConfig, train_gan
+from lowbit.train.networks import load_generator
 from tiny_gan import tiny_gan
 
 TINY = tiny_gan(steps=10, checkpoint_every=5, sample_every=10)

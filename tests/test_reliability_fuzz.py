@@ -21,7 +21,8 @@ from lowbit.config import from_dict, load_config, to_dict
 from lowbit.errors import LowbitError
 from lowbit.pipeline import RunConfig, _validate
 from lowbit.train.checkpoint import save_checkpoint
-from lowbit.train.gan import CHECKPOINT_KIND, GanConfig, build_networks
+from lowbit.train.gan import GanConfig
+from lowbit.train.networks import CHECKPOINT_KIND, build_networks
 from tiny_gan import tiny_gan
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "dcgan-mnist-w4a1.yaml"

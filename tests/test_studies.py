@@ -184,7 +184,8 @@ def test_ray_backend_matches_pool(tmp_path):
                          ids=lambda p: p.stem)
 def test_shipped_study_configs_expand_into_valid_trials(path):
     from lowbit.studies.trials import GanTrialConfig
-    from lowbit.train.gan import GanConfig, checkpoint_config
+    from lowbit.train.gan import GanConfig
+    from lowbit.train.networks import checkpoint_config
 
     study = load_study(path)
     trials = expand(study) if study.search is None else [

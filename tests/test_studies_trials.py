@@ -8,7 +8,8 @@ import torch
 import lowbit.metrics
 from lowbit.config import from_dict
 from lowbit.studies.trials import classifier_trial, gan_trial, generator_layers
-from lowbit.train.gan import GanConfig, build_networks
+from lowbit.train.gan import GanConfig
+from lowbit.train.networks import build_networks
 
 TRAIN = {
     "name": "tiny",

@@ -32,18 +32,15 @@ from lowbit.io import atomic_path, atomic_write_text
 from lowbit.limits import check_count
 from lowbit.nn import QuantSpec
 from lowbit.report.html import HtmlReport
-from lowbit.train.gan import (
-    GanConfig,
-    SearchSGD,
-    TrainResult,
+from lowbit.train.gan import GanConfig, SearchSGD, TrainResult, train_gan
+from lowbit.train.i2i import I2IConfig, comparison_grid, train_i2i
+from lowbit.train.networks import (
     build_networks,
     checkpoint_config,
     load_discriminator,
     load_generator,
     resolve_checkpoint,
-    train_gan,
 )
-from lowbit.train.i2i import I2IConfig, comparison_grid, train_i2i
 from lowbit.train.rundir import locks_run_dir
 
 GRID = 64

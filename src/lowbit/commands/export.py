@@ -155,7 +155,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     if is_packed(args.model) or args.model.endswith(".lowbit"):
         model = load(args.model, kernel_path=args.kernel_path)
     else:
-        from lowbit.train.gan import load_generator
+        from lowbit.train.networks import load_generator
 
         model = load_generator(args.model)
     if args.input is not None:

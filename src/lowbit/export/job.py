@@ -73,7 +73,7 @@ def fp32_nbytes(model: nn.Module) -> int:
 def quantized_generator(cfg: ExportConfig) -> nn.Module:
     """The checkpoint's generator, converted by ``cfg.quant`` if given (post-training quantization)."""
     from lowbit.nn import QuantSpec, convert, freeze
-    from lowbit.train.gan import load_generator
+    from lowbit.train.networks import load_generator
 
     generator = load_generator(cfg.checkpoint)
     if cfg.quant is None:

@@ -35,7 +35,7 @@ def evaluate_checkpoint(
     checkpoint it was fine-tuned from.
     """
     from lowbit.data.paired import PAIRED_DATASETS, target_domain
-    from lowbit.train.gan import checkpoint_config, load_generator
+    from lowbit.train.networks import checkpoint_config, load_generator
 
     generator = load_generator(path)
     cfg = checkpoint_config(path)
@@ -69,8 +69,8 @@ def evaluate_checkpoint(
 def _comparison(generator: torch.nn.Module, cfg: Any, dataset: str, path: str | Path) -> Path:
     """input | FP (the ``init_from`` checkpoint, when there is one) | this generator | target (16 pairs)."""
     from lowbit.data import load_pairs
-    from lowbit.train.gan import load_generator
     from lowbit.train.i2i import comparison_grid
+    from lowbit.train.networks import load_generator
 
     inputs, targets = load_pairs(dataset, "test", cfg.data.root, limit=16)
     models = ([load_generator(cfg.init_from)] if cfg.init_from else []) + [generator]

@@ -58,7 +58,7 @@ def _scores(generator: nn.Module, spec: EvalSpec) -> dict[str, float]:
 
 def _reference_scores(checkpoint: str, spec: EvalSpec) -> dict[str, float]:
     """Scores of a full-precision checkpoint's generator, cached by file hash and evaluation spec."""
-    from lowbit.train.gan import load_generator, resolve_checkpoint
+    from lowbit.train.networks import load_generator, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     identity = f"{sha256_file(path)}{json.dumps(to_dict(spec), sort_keys=True)}"
@@ -74,7 +74,7 @@ def _reference_scores(checkpoint: str, spec: EvalSpec) -> dict[str, float]:
 def _histograms(model_path: Path, out_dir: Path) -> dict[str, str]:
     """FP-vs-quantized weight histograms of the trained G and D (seed 001 Fig. 1/3), by artifact name."""
     from lowbit.metrics import plot_weight_histograms
-    from lowbit.train.gan import load_discriminator, load_generator
+    from lowbit.train.networks import load_discriminator, load_generator
 
     artifacts = {}
     for role, model in (("G", load_generator(model_path)), ("D", load_discriminator(model_path))):
@@ -90,7 +90,7 @@ def _costs(model_path: Path) -> dict[str, float]:
     packed size), so a study can draw quality against cost."""
     from lowbit.metrics import compression_report
     from lowbit.nn.inputs import default_example
-    from lowbit.train.gan import load_generator
+    from lowbit.train.networks import load_generator
 
     generator = load_generator(model_path)
     report = compression_report(generator, default_example(generator))
@@ -99,7 +99,8 @@ def _costs(model_path: Path) -> dict[str, float]:
 
 def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train / fine-tune the GAN of ``config['train']`` in ``out_dir/run`` and score it (FID, IS)."""
-    from lowbit.train.gan import GanConfig, build_networks, train_gan
+    from lowbit.train.gan import GanConfig, train_gan
+    from lowbit.train.networks import build_networks
 
     trial = from_dict(GanTrialConfig, config)
     cfg = from_dict(GanConfig, trial.train, where="train")
@@ -150,7 +151,8 @@ def generator_layers(config: dict[str, Any]) -> list[LayerCost]:
     """
     from lowbit.metrics import compression_report
     from lowbit.models import create_model
-    from lowbit.train.gan import GanConfig, quantize_network
+    from lowbit.train.gan import GanConfig
+    from lowbit.train.networks import quantize_network
 
     spec = from_dict(GanConfig, from_dict(GanTrialConfig, config).train, where="train").generator
     generator = quantize_network(create_model(spec.model, **spec.kwargs), spec)

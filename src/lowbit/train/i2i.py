@@ -21,19 +21,7 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.train.distributed import DistContext
-from lowbit.train.gan import (
-    I2I_KIND,
-    LR_DECAYS,
-    BatchStream,
-    DataSpec,
-    NetSpec,
-    TrainResult,
-    build_networks,
-    frozen,
-    load_weights,
-    network_optimizer,
-    read_gan_checkpoint,
-)
+from lowbit.train.gan import LR_DECAYS, BatchStream, DataSpec, TrainResult, frozen, network_optimizer
 from lowbit.train.gan_losses import GanLoss, get_loss
 from lowbit.train.loop import (
     Evaluator,
@@ -45,6 +33,7 @@ from lowbit.train.loop import (
     unwrap,
     wrap_ddp,
 )
+from lowbit.train.networks import I2I_KIND, NetSpec, build_networks, load_weights, read_gan_checkpoint
 from lowbit.train.optim import LrScale
 
 SAMPLE_ROWS = 16

@@ -1,0 +1,186 @@
+"""The networks of a GAN run and its checkpoints: a network spec (registry name, kwargs, transforms), building
+it, and reading a GAN or image-to-image checkpoint (a path or a shipped name) back into its networks.
+
+One home for what the trainers, the pipeline, the studies, ``lowbit eval`` and the exporter all need to turn
+a checkpoint into models; the trainers themselves (``lowbit.train.gan`` / ``.i2i``) only write checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.config import from_dict
+from lowbit.errors import CheckpointError, ConfigError
+from lowbit.models import create_model, hub
+from lowbit.nn import QuantSpec, compress
+from lowbit.nn.transforms import spec_from_dict
+from lowbit.train.checkpoint import load_checkpoint
+
+CHECKPOINT_KIND = "lowbit-gan"
+#: the image-to-image GAN's checkpoints (``lowbit.train.i2i``): the same layout, an I2IConfig inside
+I2I_KIND = "lowbit-i2i"
+#: checkpoint kind -> "module:class" of the config stored inside (imported when a checkpoint is read)
+CONFIG_CLASSES = {CHECKPOINT_KIND: "lowbit.train.gan:GanConfig", I2I_KIND: "lowbit.train.i2i:I2IConfig"}
+
+
+@dataclass
+class NetSpec:
+    """One network: registry name + constructor kwargs, an optional QuantSpec and learning rate."""
+
+    model: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    quant: QuantSpec | None = None
+    lr: float | None = None
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"{self.model}: lr must be a positive number (e.g. 2e-4), got {self.lr}")
+        self.transform_specs()
+
+    def transform_specs(self) -> list[Any]:
+        """The model transforms in order (``lowbit.compress``): ``transforms``, then ``quant`` if given."""
+        specs = [spec_from_dict(entry) for entry in self.transforms]
+        return specs + ([self.quant] if self.quant is not None else [])
+
+
+def pretrained_names() -> list[str]:
+    """Names of the shipped full-precision checkpoints (the model hub's ``pretrained`` assets)."""
+    return hub.names("pretrained")
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A checkpoint path, or the shipped pretrained checkpoint of that name (e.g. ``dcgan-mnist``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    try:
+        return hub.find("pretrained", name_or_path).weights
+    except CheckpointError:
+        raise CheckpointError(
+            f"checkpoint not found: '{name_or_path}'; pass a .safetensors path or one of the "
+            f"shipped names: {', '.join(pretrained_names()) or '(none)'}"
+        ) from None
+
+
+def create_network(spec: NetSpec) -> nn.Module:
+    """The full-precision network named by ``spec`` (registry name + kwargs)."""
+    try:
+        return create_model(spec.model, **spec.kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"model '{spec.model}': bad kwargs {spec.kwargs} ({exc}); fix the 'kwargs' section"
+        ) from None
+
+
+def quantize_network(model: nn.Module, spec: NetSpec) -> nn.Module:
+    """``model`` with the spec's transforms applied (pruning, quantization; unchanged when it has none)."""
+    specs = spec.transform_specs()
+    return compress(model, specs, inplace=True) if specs else model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict, turning a shape/key mismatch into a CheckpointError that names ``source``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{source} does not fit {getattr(model, 'lowbit_name', 'the model')} ({first}); "
+            "use a checkpoint of the same architecture and quantization"
+        ) from None
+
+
+def read_gan_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a GAN checkpoint (training state or model file) and check that it is one."""
+    state = load_checkpoint(resolve_checkpoint(str(path)))
+    if state.get("kind") not in CONFIG_CLASSES or "config" not in state:
+        raise CheckpointError(
+            f"{path} is not a lowbit GAN checkpoint (no generator/config inside); "
+            "pass a file written by `lowbit train`"
+        )
+    for key in ("config", "generator", "discriminator"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: entry '{key}' is missing or not a mapping; the checkpoint is "
+                                  "damaged, restore it or retrain")
+    return state
+
+
+def config_class(kind: str) -> type:
+    """The config dataclass stored in a checkpoint of ``kind`` (the table ``CONFIG_CLASSES``)."""
+    module, name = CONFIG_CLASSES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stored_config(state: dict[str, Any], path: str | Path) -> Any:
+    """The config inside a checkpoint already read by ``read_gan_checkpoint``, validated."""
+    try:
+        return from_dict(config_class(state["kind"]), state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{path}: stored config is invalid ({exc}); retrain with this lowbit version"
+        ) from None
+
+
+def checkpoint_config(path: str | Path) -> Any:
+    """The config a GAN checkpoint (path or shipped name) was trained with: a ``GanConfig``, or an
+    ``I2IConfig`` for an image-to-image GAN (``lowbit.train.i2i``)."""
+    return stored_config(read_gan_checkpoint(path), path)
+
+
+def check_same_architecture(own: NetSpec, stored: NetSpec, role: str, path: str | Path) -> None:
+    """Refuse weights of another architecture before loading them (a clearer error than a shape mismatch)."""
+    if (own.model, own.kwargs) != (stored.model, stored.kwargs):
+        raise CheckpointError(
+            f"{path} holds {role} '{stored.model}' {stored.kwargs} but the config asks for "
+            f"'{own.model}' {own.kwargs}; use a checkpoint of the same architecture"
+        )
+
+
+def rebuild(spec: NetSpec, state: dict[str, torch.Tensor], role: str, path: str | Path) -> nn.Module:
+    """The network of ``spec`` with its transforms applied and the checkpoint's weights loaded."""
+    model = quantize_network(create_network(spec), spec)
+    load_weights(model, state, f"{path} ({role})")
+    return model
+
+
+def load_generator(checkpoint_path: str | Path) -> nn.Module:
+    """The (possibly quantized) generator of a GAN checkpoint, rebuilt from its config, in eval mode."""
+    state = read_gan_checkpoint(checkpoint_path)
+    cfg = stored_config(state, checkpoint_path)
+    return rebuild(cfg.generator, state["generator"], "generator", checkpoint_path).eval()
+
+
+def load_discriminator(checkpoint_path: str | Path) -> nn.Module:
+    """The (possibly quantized) discriminator of a GAN checkpoint, rebuilt from its config, in eval mode."""
+    state = read_gan_checkpoint(checkpoint_path)
+    cfg = stored_config(state, checkpoint_path)
+    return rebuild(cfg.discriminator, state["discriminator"], "discriminator", checkpoint_path).eval()
+
+
+def build_networks(cfg: Any) -> tuple[nn.Module, nn.Module]:
+    """G and D for a fresh run: random init, or the FP weights of ``init_from``, then quantized by spec."""
+    nets = {"generator": create_network(cfg.generator), "discriminator": create_network(cfg.discriminator)}
+    if cfg.init_from is not None:
+        state = read_gan_checkpoint(cfg.init_from)
+        stored = stored_config(state, cfg.init_from)
+        for role, model in nets.items():
+            own, theirs = getattr(cfg, role), getattr(stored, role)
+            check_same_architecture(own, theirs, role, cfg.init_from)
+            if theirs.transform_specs():
+                raise CheckpointError(
+                    f"init_from {cfg.init_from}: its {role} is already quantized or pruned; start QAT "
+                    "from a full-precision checkpoint (or continue that run with --resume)"
+                )
+            load_weights(model, state[role], f"{cfg.init_from} ({role})")
+    return (
+        quantize_network(nets["generator"], cfg.generator),
+        quantize_network(nets["discriminator"], cfg.discriminator),
+    )
