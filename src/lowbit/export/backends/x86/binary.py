@@ -65,6 +65,112 @@ class BinaryInput:
 #: sign(x) with sign(0) = +1 (SPEC §2)
 SIGN_INPUT = BinaryInput(-1.0, 1.0, ties_up=True)
 
+#: most activation levels the kernels code into bit planes (4 planes)
+MAX_LEVELS = 16
+#: |level_j - (low + step * j)| allowed, relative to the largest |level|, for levels to count as affine
+AFFINE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class LevelsInput:
+    """An affine multi-level activation (levels ``low + step * j``) that the kernels code while packing.
+
+    Input channel c's code is ``j = #{m : signs[c] * x > thresholds[c, m]}`` (``>=`` when ``ties_up``) and its
+    value ``levels[j]``; bit b of j is activation plane b, so a layer costs weight planes x activation planes
+    (docs/export.md "Kernels"). Unfused, the thresholds are the levels' float32 midpoints for every channel
+    (ties go down, as torch.bucketize); a folded BatchNorm makes them per channel (``fold_batch_norm``).
+    """
+
+    levels: torch.Tensor  # (L,) float32, ascending
+    thresholds: torch.Tensor  # (C or 1, L - 1) float32, ascending along dim 1
+    signs: torch.Tensor  # (C or 1,) float32 of +1 / -1
+    ties_up: bool
+
+    @property
+    def terms(self) -> tuple[float, float]:
+        """``(a, c)`` with value = c + a * code: the step and the lowest level."""
+        low, high = float(self.levels[0]), float(self.levels[-1])
+        return (high - low) / (len(self.levels) - 1), low
+
+    def channel_args(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thresholds (channels, L - 1) and signs (channels,), contiguous float32, as ``levels_conv`` takes."""
+        count = self.thresholds.shape[1]
+        return (
+            self.thresholds.expand(channels, count).contiguous(),
+            self.signs.expand(channels).contiguous(),
+        )
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer code of every element of x (N, C, ...), exactly as the kernels' packer computes it."""
+        thresholds, signs = self.channel_args(x.shape[1])
+        view = (1, x.shape[1], *([1] * (x.dim() - 2)))
+        y = (x * signs.reshape(view)).unsqueeze(-1)
+        t = thresholds.reshape(*view, -1)
+        return ((y >= t) if self.ties_up else (y > t)).sum(dim=-1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation itself (the float reference path)."""
+        return self.levels[self.codes(x)]
+
+
+def affine_levels(levels: torch.Tensor) -> torch.Tensor | None:
+    """The sorted float32 levels when they are ``low + step * j`` (within AFFINE_TOLERANCE) and 3 to
+    MAX_LEVELS of them, else None (such activations stay on the float path)."""
+    values = levels.to(torch.float32).reshape(-1).sort().values
+    count = values.numel()
+    if not 3 <= count <= MAX_LEVELS or not bool(torch.isfinite(values).all()) or values[-1] <= values[0]:
+        return None
+    exact = values.to(torch.float64)
+    line = exact[0] + (exact[-1] - exact[0]) / (count - 1) * torch.arange(count, dtype=torch.float64)
+    if float((exact - line).abs().max()) > AFFINE_TOLERANCE * float(exact.abs().max()):
+        return None
+    return values
+
+
+def levels_input(levels: torch.Tensor) -> LevelsInput:
+    """The unfused coding of sorted float32 ``levels``: the torch backend's midpoints, ties going down."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    return LevelsInput(levels, midpoints.reshape(1, -1), torch.ones(1), ties_up=False)
+
+
+def _round_threshold(value: torch.Tensor, ties_up: bool) -> torch.Tensor:
+    """float64 thresholds as float32 that float32 inputs compare against exactly as against the float64
+    values: rounded down for ``y > t``, up for ``y >= t``."""
+    rounded = value.to(torch.float32)
+    wrong = rounded < value if ties_up else rounded > value
+    towards = torch.full_like(rounded, math.inf if ties_up else -math.inf)
+    return torch.where(wrong, torch.nextafter(rounded, towards), rounded)
+
+
+def fold_batch_norm(
+    levels: torch.Tensor,
+    thresholds: torch.Tensor,
+    ties_up: bool,
+    shift: torch.Tensor | None,
+    bn: dict[str, torch.Tensor],
+    eps: float,
+) -> LevelsInput:
+    """The activation ``levels`` with ``thresholds`` (1, L-1), applied to ``BN(x) - shift``, as per-channel
+    thresholds on x: BN(x) = (x - mean) * s + beta with s = gamma / sqrt(var + eps), so BN(x) - shift > t
+    iff x > mean + (t + shift - beta) / s for s > 0, and -x > -(same) for s < 0 (the comparison flips);
+    s = 0 makes the code constant (thresholds -inf or +inf). Computed in float64, rounded so the float32
+    comparison equals the float64 one (exact folding up to float64 rounding; docs/export.md "Fusion")."""
+    mean, var = bn["running_mean"].to(torch.float64), bn["running_var"].to(torch.float64)
+    channels = mean.numel()
+    gamma = bn["weight"].to(torch.float64) if "weight" in bn else torch.ones(channels, dtype=torch.float64)
+    beta = bn["bias"].to(torch.float64) if "bias" in bn else torch.zeros(channels, dtype=torch.float64)
+    scale = gamma / torch.sqrt(var + eps)
+    shifted = thresholds.to(torch.float64).expand(channels, -1)
+    if shift is not None:
+        shifted = shifted + shift.to(torch.float64).reshape(-1, 1)
+    crossing = mean[:, None] + (shifted - beta[:, None]) / scale[:, None]
+    signs = torch.where(scale < 0, -1.0, 1.0).to(torch.float64)
+    folded = crossing * signs[:, None]
+    passes = (beta[:, None] >= shifted) if ties_up else (beta[:, None] > shifted)
+    constant = torch.where(passes, -math.inf, math.inf).to(torch.float64)
+    folded = torch.where((scale == 0)[:, None], constant, folded)
+    return LevelsInput(levels, _round_threshold(folded, ties_up), signs.to(torch.float32), ties_up)
+
 
 @dataclass
 class _Plan:
@@ -114,7 +220,7 @@ class QuantWeightLayer(nn.Module):
         channel_dim: int,
         bias: torch.Tensor | None,
         hyper: dict,
-        binary_input: BinaryInput | None,
+        binary_input: BinaryInput | LevelsInput | None,
         affine: bool,
         mask: torch.Tensor | None = None,
     ) -> None:
@@ -323,18 +429,17 @@ class QuantWeightLayer(nn.Module):
         if self._plan is None:
             self._plan = self._build_plan()
         plan = self._plan
-        x4 = self.binary_input.kernel_input(x4.to(torch.float32))
+        args = (plan.w_ts, plan.phases, plan.coef_a, plan.offset_a)
+        path = kernels.path_id(self.kernel_path)
+        x4 = x4.to(torch.float32)
         base = self._base(x4.shape[2], x4.shape[3])
-        out = kernels.kernel_ops().binary_conv(
-            x4,
-            plan.w_ts,
-            plan.phases,
-            plan.coef_a,
-            plan.offset_a,
-            base,
-            plan.steps,
-            kernels.path_id(self.kernel_path),
-        )
+        if isinstance(self.binary_input, LevelsInput):
+            thresholds, signs = self.binary_input.channel_args(x4.shape[1])
+            ties_up = self.binary_input.ties_up
+            out = kernels.kernel_ops().levels_conv(x4, *args, base, plan.steps, path, thresholds, signs, ties_up)
+        else:
+            x4 = self.binary_input.kernel_input(x4)
+            out = kernels.kernel_ops().binary_conv(x4, *args, base, plan.steps, path)
         return (
             out.reshape(out.shape[0], -1) if flat else out.permute(0, 3, 1, 2)
         )  # NCHW, channels-last memory

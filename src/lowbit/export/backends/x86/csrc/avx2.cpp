@@ -132,10 +132,15 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
       const int64_t c0 = cb * 4 * CV;
       __m256i acc[P * CV], bytes[P * CV];
       for (int j = 0; j < P * CV; ++j) acc[j] = bytes[j] = zero;
+      for (int64_t plane = a.act_planes - 1; plane >= 0; --plane) {  // Horner over the activation planes
+      for (int j = 0; j < P * CV; ++j) {
+        acc[j] = _mm256_slli_epi64(_mm256_add_epi64(acc[j], _mm256_sad_epu8(bytes[j], zero)), 1);
+        bytes[j] = zero;
+      }
       const uint64_t* wrow = f.w_t + c0;
       int pending = 0;
       for (int64_t t = 0; t < taps; ++t) {
-        const uint64_t* src = pixel.px + offs[t];
+        const uint64_t* src = pixel.px + offs[t] + plane * wc;
         for (int64_t k = 0; k < wc; ++k, wrow += rp) {
           const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(src[k]));
           for (int b = 0; b < P; ++b) {
@@ -155,6 +160,7 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
             pending = 0;
           }
         }
+      }
       }
       for (int v = 0; v < CV; ++v) {
         const int64_t c = c0 + 4 * v;
@@ -199,7 +205,7 @@ RowFn pick_avx2_regs(int64_t planes, int64_t co) {
 
 PackFn pack_fn_avx2(bool nchw) { return nchw ? pack_nchw_avx2 : pack_nhwc_avx2; }
 
-RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t /*wc*/, int64_t /*in_step_w*/) {
+RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t /*px_words*/, int64_t /*in_step_w*/) {
   const int64_t rows = planes * co;
   switch (rows) {
     case 1: return pixels_avx2<1>;

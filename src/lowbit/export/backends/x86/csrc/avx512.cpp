@@ -104,15 +104,18 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
       const int64_t c0 = cb * 8 * CV;
       __m512i acc[P * CV];
       for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
-      const uint64_t* wrow = f.w_t + c0;
-      for (int64_t t = 0; t < taps; ++t) {
-        const uint64_t* src = pixel.px + offs[t];
-        for (int64_t k = 0; k < wc; ++k, wrow += rp) {
-          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(src[k]));
-          for (int b = 0; b < P; ++b) {
-            for (int v = 0; v < CV; ++v) {
-              const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
-              acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+      for (int64_t plane = a.act_planes - 1; plane >= 0; --plane) {  // Horner over the activation planes
+        for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_slli_epi64(acc[j], 1);
+        const uint64_t* wrow = f.w_t + c0;
+        for (int64_t t = 0; t < taps; ++t) {
+          const uint64_t* src = pixel.px + offs[t] + plane * wc;
+          for (int64_t k = 0; k < wc; ++k, wrow += rp) {
+            const __m512i xv = _mm512_set1_epi64(static_cast<long long>(src[k]));
+            for (int b = 0; b < P; ++b) {
+              for (int v = 0; v < CV; ++v) {
+                const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
+                acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+              }
             }
           }
         }
@@ -149,8 +152,8 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void lane_counts_avx512(const
   for (int64_t r = 0; r < rows; ++r) _mm512_storeu_si512(counts[r], acc[r]);
 }
 
-// AVX-512 lanes with one input word per pixel and unit input step: a tap's 8 lanes are 8 consecutive
-// words of the padded input, one (masked) load; R = rows (planes * co).
+// AVX-512 lanes with one input word per pixel (one activation plane, <= 64 channels) and unit input step:
+// a tap's 8 lanes are 8 consecutive words of the padded input, one (masked) load; R = rows (planes * co).
 template <int R>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_lanes(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
@@ -226,10 +229,10 @@ RowFn pick_avx512_lanes(int64_t rows) {
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
   const int64_t rows = planes * co;
   if (rows <= kMaxLaneRows) {
-    RowFn fn = wc == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
+    RowFn fn = px_words == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
     return fn != nullptr ? fn : lanes_avx512;
   }
   RowFn fn = pick_avx512_regs(planes, co);

@@ -44,14 +44,14 @@ PackFn pack_fn(int64_t path, bool nchw) {
   return pack_fn_scalar(nchw);
 }
 
-RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
+RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
 #if defined(__x86_64__)
-  if (path == kAvx512) return pick_row_avx512(planes, co, wc, in_step_w);
-  if (path == kAvx2) return pick_row_avx2(planes, co, wc, in_step_w);
+  if (path == kAvx512) return pick_row_avx512(planes, co, px_words, in_step_w);
+  if (path == kAvx2) return pick_row_avx2(planes, co, px_words, in_step_w);
 #elif defined(__aarch64__)
-  if (path == kNeon) return pick_row_neon(planes, co, wc, in_step_w);
+  if (path == kNeon) return pick_row_neon(planes, co, px_words, in_step_w);
 #endif
-  return pick_row_scalar(planes, co, wc, in_step_w);
+  return pick_row_scalar(planes, co, px_words, in_step_w);
 }
 
 // One phase's geometry as the phase list gives it.
@@ -126,6 +126,64 @@ void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_
   });
 }
 
+int64_t code_planes(int64_t count) {
+  int64_t planes = 1;
+  while ((int64_t{1} << planes) <= count) ++planes;
+  return planes;
+}
+
+namespace {
+
+// The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
+inline int64_t level_code(float y, const float* thresholds, int64_t count, bool ties_up) {
+  int64_t code = 0;
+  if (ties_up) {
+    for (int64_t m = 0; m < count; ++m) code += y >= thresholds[m];
+  } else {
+    for (int64_t m = 0; m < count; ++m) code += y > thresholds[m];
+  }
+  return code;
+}
+
+// The codes of `count_px` pixels starting at p0 of one image, written as plane bits at at[j] + plane * wc.
+void pack_levels_chunk(const Image& x, const LevelCode& code, const float* image, uint64_t* dst, const int64_t* at,
+                       int64_t p0, int64_t count_px, int64_t wc, int64_t planes) {
+  const int64_t hw = x.h * x.w;
+  for (int64_t ch = 0; ch < x.c; ++ch) {
+    const float* thresholds = code.thresholds + ch * code.count;
+    const float sign = code.signs != nullptr ? code.signs[ch] : 1.0f;
+    const int shift = static_cast<int>(ch % 64);
+    for (int64_t j = 0; j < count_px; ++j) {
+      const float v = x.nchw ? image[ch * hw + p0 + j] : image[(p0 + j) * x.c + ch];
+      const uint64_t value = static_cast<uint64_t>(level_code(sign * v, thresholds, code.count, code.ties_up));
+      uint64_t* word = dst + at[j] + ch / 64;
+      for (int64_t b = 0; b < planes; ++b) word[b * wc] |= ((value >> b) & 1) << shift;
+    }
+  }
+}
+
+}  // namespace
+
+void pack_levels_into(const Image& x, const LevelCode& code, const PackGeometry& g, uint64_t* dst,
+                      const ParallelFor& parallel) {
+  const int64_t h = x.h, w = x.w, hw = h * w, wc = (x.c + 63) / 64, planes = code_planes(code.count);
+  const int64_t hp = h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right, px_words = planes * wc;
+  const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  parallel(x.n * chunks, [&](int64_t begin, int64_t end) {
+    int64_t at_word[kChunk];
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t i = idx / chunks, p0 = (idx % chunks) * kChunk, count = hw - p0 < kChunk ? hw - p0 : kChunk;
+      int64_t y = p0 / w, xc = p0 % w;
+      for (int64_t j = 0; j < count; ++j) {
+        at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * px_words;
+        if (++xc == w) xc = 0, ++y;
+      }
+      pack_levels_chunk(x, code, x.data + i * x.c * hw, dst + i * hp * wp * px_words, at_word, p0, count, wc,
+                        planes);
+    }
+  });
+}
+
 std::string check_binary_conv(const BinaryConv& c) {
   if (!path_supported(c.path)) return "kernel path " + std::to_string(c.path) + " is not supported by this CPU";
   if (c.x.n < 0 || c.x.c <= 0 || c.x.h <= 0 || c.x.w <= 0) return "bad input shape";
@@ -135,6 +193,9 @@ std::string check_binary_conv(const BinaryConv& c) {
   const std::string bad = parse_phases(c.phases, taps);
   if (!bad.empty()) return bad;
   if (taps.size() != c.w_ts.size() || taps.size() != c.w_t_words.size()) return "one w_t per phase";
+  if (c.levels.thresholds != nullptr && (c.levels.count < 1 || c.levels.count > 255)) {
+    return "a multi-level input needs 1 to 255 thresholds per channel";
+  }
   if (c.rows_padded % 8 != 0 || c.rows_padded < c.planes * c.co) return "w_t rows must cover planes * co, padded to 8";
   const int64_t wc = (c.x.c + 63) / 64;
   for (size_t k = 0; k < taps.size(); ++k) {
@@ -152,13 +213,20 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   a.wc = (c.x.c + 63) / 64;
   a.ho = c.ho, a.wo = c.wo, a.co = c.co, a.planes = c.planes, a.rows_padded = c.rows_padded;
   a.in_step_h = c.steps[0], a.in_step_w = c.steps[1], a.out_step_h = c.steps[2], a.out_step_w = c.steps[3];
+  const bool multi_level = c.levels.thresholds != nullptr;
+  a.act_planes = multi_level ? code_planes(c.levels.count) : 1;
+  a.px_words = a.act_planes * a.wc;
   // The bit image lives in a per-thread buffer reused across calls: no allocation (or page faults) per call.
   // (It is given back when a call needs under a quarter of a large one, e.g. after one huge batch.)
   thread_local std::vector<uint64_t> bits;
-  const auto needed = static_cast<size_t>(padded_words(c.x, g));
+  const auto needed = static_cast<size_t>(padded_words(c.x, g) * a.act_planes);
   if (bits.capacity() > (size_t{1} << 20) && needed < bits.capacity() / 4) std::vector<uint64_t>().swap(bits);
   bits.assign(needed, 0);
-  pack_sign_into(c.x, c.path, g, bits.data(), parallel);
+  if (multi_level) {
+    pack_levels_into(c.x, c.levels, g, bits.data(), parallel);
+  } else {
+    pack_sign_into(c.x, c.path, g, bits.data(), parallel);
+  }
   a.hp = c.x.h + g.pad_top + g.pad_bottom, a.wp = c.x.w + g.pad_left + g.pad_right;
   a.x = bits.data();
   a.coef2 = c.coef2, a.offset2 = c.offset2, a.base = c.base, a.out = out;
@@ -174,7 +242,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     f.ph = t.ph, f.pw = t.pw;
     f.n_qh = count_q(t.ph, a.ho, a.out_step_h), f.n_qw = count_q(t.pw, a.wo, a.out_step_w);
     for (const int64_t th : t.th) {
-      for (const int64_t tw : t.tw) f.offs.push_back(((th + g.pad_top) * a.wp + tw + g.pad_left) * a.wc);
+      for (const int64_t tw : t.tw) f.offs.push_back(((th + g.pad_top) * a.wp + tw + g.pad_left) * a.px_words);
     }
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
@@ -182,7 +250,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     first_row.push_back(total_rows);
     total_rows += c.x.n * f.n_qh;
     infos.push_back(std::move(f));
-    fns.push_back(pick_row(c.path, a.planes, a.co, a.wc, a.in_step_w));
+    fns.push_back(pick_row(c.path, a.planes, a.co, a.px_words, a.in_step_w));
   }
   first_row.push_back(total_rows);
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
