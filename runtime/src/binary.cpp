@@ -112,10 +112,87 @@ Geometry geometry(const Node& node) {
           transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
 }
 
-// Planes: bit b of the codes (affine codebooks) or code == level (tables); w = offset + sum_p coef[p] plane_p.
-void planes_of(const Node& node, int64_t co, std::vector<std::vector<uint8_t>>& planes, std::vector<double>& coef,
-               std::vector<double>& offset) {
+// A codebook row as offset + sum_p coef[p] * bit_p(mask[code]) (binary.py Decomposition).
+struct Decomposition {
+  double offset = 0.0;
+  std::vector<double> coef;
+  std::vector<int64_t> mask;
+};
+
+// binary.py _additive: 2^k levels that are all subset sums of k generators (LQ-Nets' v^T e), else false.
+bool additive(const std::vector<double>& row, double tol, Decomposition& d) {
+  const size_t n = row.size();
+  if (n < 2 || (n & (n - 1)) != 0) return false;
+  std::vector<size_t> order(n);
+  for (size_t k = 0; k < n; ++k) order[k] = k;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return row[a] < row[b]; });
+  const double low = row[order[0]];
+  std::vector<std::pair<double, size_t>> remaining;
+  for (size_t k = 1; k < n; ++k) remaining.emplace_back(row[order[k]] - low, order[k]);
+  std::vector<std::pair<double, int64_t>> sums{{0.0, 0}};
+  d = Decomposition{low, {}, std::vector<int64_t>(n, 0)};
+  while (!remaining.empty()) {
+    const double g = remaining[0].first;
+    const int64_t bit = int64_t{1} << d.coef.size();
+    const size_t before = sums.size();
+    for (size_t s = 0; s < before; ++s) {
+      const auto [value, pattern] = sums[s];
+      size_t j = 0;
+      while (j < remaining.size() && !(std::fabs(remaining[j].first - value - g) <= tol)) ++j;
+      if (j == remaining.size()) return false;
+      d.mask[remaining[j].second] = pattern | bit;
+      remaining.erase(remaining.begin() + static_cast<std::ptrdiff_t>(j));
+      sums.emplace_back(value + g, pattern | bit);
+    }
+    d.coef.push_back(g);
+  }
+  return true;
+}
+
+// binary.py _fixed_point: levels low + q * z on the grid of the smallest gap q (e.g. powers of two).
+bool fixed_point(const std::vector<double>& row, double tol, Decomposition& d) {
+  std::vector<double> ordered = row;
+  std::sort(ordered.begin(), ordered.end());
+  const double low = ordered.front();
+  double q = INFINITY;
+  for (size_t k = 1; k < ordered.size(); ++k) {
+    if (ordered[k] - ordered[k - 1] > tol) q = std::min(q, ordered[k] - ordered[k - 1]);
+  }
+  if (!std::isfinite(q)) return false;
+  d = Decomposition{low, {}, {}};
+  int64_t largest = 0;
+  for (const double v : row) {
+    const double z = std::nearbyint((v - low) / q);
+    if (!(std::fabs(v - low - q * z) <= tol)) return false;
+    d.mask.push_back(static_cast<int64_t>(z));
+    largest = std::max(largest, static_cast<int64_t>(z));
+  }
+  for (int64_t b = 0; (largest >> b) != 0; ++b) d.coef.push_back(q * std::ldexp(1.0, static_cast<int>(b)));
+  return true;
+}
+
+// binary.py decompose_codebook: the fewest planes of additive, fixed-point and one-hot.
+Decomposition decompose(const std::vector<double>& row) {
+  double largest = 0.0;
+  for (const double v : row) largest = std::max(largest, std::fabs(v));
+  const double tol = kAffineTolerance * largest;
+  Decomposition best{row[0], {}, {}};
+  for (size_t level = 0; level < row.size(); ++level) {
+    if (level > 0) best.coef.push_back(row[level] - row[0]);
+    best.mask.push_back(level == 0 ? 0 : int64_t{1} << (level - 1));
+  }
+  Decomposition found;
+  if (fixed_point(row, tol, found) && found.coef.size() <= best.coef.size()) best = found;
+  if (additive(row, tol, found) && found.coef.size() <= best.coef.size()) best = found;
+  return best;
+}
+
+// Planes: bit b of the codes (affine codebooks) or each channel's decompose() (tables), padded to the most
+// planes of any channel; w = offset + sum_p coef[p] plane_p.
+void planes_of(const Node& node, const Geometry& g, std::vector<std::vector<uint8_t>>& planes,
+               std::vector<double>& coef, std::vector<double>& offset) {
   const Weight& w = node.weight;
+  const int64_t co = g.co;
   const int64_t levels = w.levels;
   offset.resize(static_cast<size_t>(co));
   for (int64_t c = 0; c < co; ++c) offset[static_cast<size_t>(c)] = w.codebook[static_cast<size_t>(c * levels)];
@@ -134,14 +211,22 @@ void planes_of(const Node& node, int64_t co, std::vector<std::vector<uint8_t>>& 
     }
     return;
   }
-  for (int64_t level = 1; level < levels; ++level) {
-    std::vector<uint8_t> plane(w.codes.size());
-    for (size_t i = 0; i < plane.size(); ++i) plane[i] = w.codes[i] == level;
-    planes.push_back(std::move(plane));
-    for (int64_t c = 0; c < co; ++c) {
-      coef.push_back(static_cast<double>(w.codebook[static_cast<size_t>(c * levels + level)]) -
-                     static_cast<double>(w.codebook[static_cast<size_t>(c * levels)]));
-    }
+  std::vector<Decomposition> parts;
+  size_t count = 0;
+  for (int64_t c = 0; c < co; ++c) {
+    const auto first = w.codebook.begin() + c * levels;
+    parts.push_back(decompose(std::vector<double>(first, first + levels)));
+    offset[static_cast<size_t>(c)] = parts.back().offset;
+    count = std::max(count, parts.back().coef.size());
+  }
+  for (size_t p = 0; p < count; ++p) {
+    for (const Decomposition& d : parts) coef.push_back(p < d.coef.size() ? d.coef[p] : 0.0);
+  }
+  planes.assign(count, std::vector<uint8_t>(w.codes.size(), 0));
+  for (size_t i = 0; i < w.codes.size(); ++i) {
+    const int64_t c = static_cast<int64_t>(i) / g.step_co % co;  // the output channel of weight i
+    const int64_t mask = parts[static_cast<size_t>(c)].mask[w.codes[i]];
+    for (size_t p = 0; p < count; ++p) planes[p][i] = (mask >> p) & 1;
   }
 }
 
@@ -300,7 +385,7 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   const Geometry g = geometry(node);
   std::vector<std::vector<uint8_t>> planes;
   std::vector<double> coef, offset;
-  planes_of(node, g.co, planes, coef, offset);
+  planes_of(node, g, planes, coef, offset);
   b->planes = static_cast<int64_t>(planes.size());
   if (b->planes == 0) return nullptr;  // a one-level codebook: nothing to count, the float path is exact
   for (double& v : coef) v *= a_term;

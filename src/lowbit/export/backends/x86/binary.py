@@ -186,6 +186,63 @@ class _Plan:
     steps: list[int]
 
 
+#: a codebook decomposition: (offset, plane coefficients, per-code plane mask) with
+#: level[code] = offset + sum_p coef[p] * bit_p(mask[code])
+Decomposition = tuple[float, list[float], list[int]]
+
+
+def _additive(row: list[float], tol: float) -> Decomposition | None:
+    """LQ-Nets' ``v^T e`` form (003 §3.1): 2^k levels that are all subset sums ``low + sum_{b in S} g_b`` of k
+    generators (recovered smallest first, as subset-sum multisets are), so k planes weighted by the basis."""
+    n = len(row)
+    if n < 2 or n & (n - 1):
+        return None
+    order = sorted(range(n), key=row.__getitem__)
+    low = row[order[0]]
+    remaining = [(row[code] - low, code) for code in order[1:]]
+    sums, masks, gens = [(0.0, 0)], {order[0]: 0}, []
+    while remaining:
+        g, bit = remaining[0][0], 1 << len(gens)
+        grown = []
+        for value, pattern in sums:
+            match = next((j for j, (d, _) in enumerate(remaining) if abs(d - value - g) <= tol), None)
+            if match is None:
+                return None
+            masks[remaining.pop(match)[1]] = pattern | bit
+            grown.append((value + g, pattern | bit))
+        sums += grown
+        gens.append(g)
+    return low, gens, [masks[code] for code in range(n)]
+
+
+def _fixed_point(row: list[float], tol: float) -> Decomposition | None:
+    """Levels on a grid ``low + q * z`` (z integer, q the smallest gap), e.g. signed powers of two (002 §2,
+    ``{±2^-e}``: q = the smallest power): bit b of z is plane b with coefficient ``q * 2^b``."""
+    low = min(row)
+    ordered = sorted(row)
+    gaps = [b - a for a, b in zip(ordered, ordered[1:], strict=False) if b - a > tol]
+    if not gaps:
+        return None
+    q = min(gaps)
+    z = [round((v - low) / q) for v in row]
+    if any(abs(v - low - q * k) > tol for v, k in zip(row, z, strict=True)):
+        return None
+    return low, [q * 2**b for b in range(max(z).bit_length())], z
+
+
+def _one_hot(row: list[float]) -> Decomposition:
+    """Any table: plane l-1 marks code l, coefficient ``level_l - level_0`` (2^k - 1 planes)."""
+    return row[0], [v - row[0] for v in row[1:]], [0 if code == 0 else 1 << (code - 1) for code in range(len(row))]
+
+
+def decompose_codebook(row: list[float]) -> Decomposition:
+    """The exact (within AFFINE_TOLERANCE of the largest level) decomposition of one channel's codebook with
+    the fewest planes: additive (LQ-Nets), fixed-point (powers of two), else one-hot."""
+    tol = AFFINE_TOLERANCE * max(abs(v) for v in row)
+    found = [d for d in (_additive(row, tol), _fixed_point(row, tol)) if d is not None]
+    return min([*found, _one_hot(row)], key=lambda d: len(d[1]))
+
+
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -207,6 +264,23 @@ def _pack_bit_rows(bits: torch.Tensor) -> torch.Tensor:
     return (
         (padded.reshape(rows, taps, words, BITS_PER_WORD) << shifts).sum(dim=-1).reshape(rows, taps * words)
     )
+
+
+def _table_planes(codes: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Planes, coefficients and offsets of a table codebook ``book`` (Co, levels) float64 for ``codes``
+    (Co, ...): each channel decomposed on its own, channels with fewer planes padded with empty ones."""
+    parts = [decompose_codebook(row) for row in book.tolist()]
+    count = max(len(coef) for _, coef, _ in parts)
+    coef = torch.zeros(count, len(parts), dtype=torch.float64)
+    masks = torch.zeros(len(parts), book.shape[1], dtype=torch.int64)
+    for c, (_, row_coef, row_masks) in enumerate(parts):
+        coef[: len(row_coef), c] = torch.tensor(row_coef, dtype=torch.float64)
+        masks[c] = torch.tensor(row_masks)
+    offset = torch.tensor([low for low, _, _ in parts], dtype=torch.float64)
+    channel = torch.arange(codes.shape[0]).reshape(-1, *([1] * (codes.dim() - 1))).expand(codes.shape)
+    mask = masks[channel, codes.long()]
+    planes = torch.stack([(mask >> p) & 1 for p in range(count)]).bool()
+    return planes, coef, offset
 
 
 class QuantWeightLayer(nn.Module):
@@ -316,7 +390,8 @@ class QuantWeightLayer(nn.Module):
 
     def _planes(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bit planes (P, Co, Ci, Kh, Kw), coefficients (P, Co) and offsets (Co,) with
-        w = offset + sum_p coef[p] * plane_p (affine: bit planes, coef = scale * 2^b; else one-hot levels)."""
+        w = offset + sum_p coef[p] * plane_p (affine: bit planes, coef = scale * 2^b; tables: the cheapest
+        ``decompose_codebook`` of each channel)."""
         book = self.codebook.to(torch.float64)
         offset = book[:, 0]
         if self.affine:
@@ -325,9 +400,7 @@ class QuantWeightLayer(nn.Module):
             planes = torch.stack([(codes.long() >> b) & 1 for b in range(bits)]).bool()
             coef = torch.stack([scale * 2**b for b in range(bits)])
         else:
-            levels = range(1, book.shape[1])
-            planes = torch.stack([codes.long() == level for level in levels])
-            coef = torch.stack([book[:, level] - offset for level in levels])
+            planes, coef, offset = _table_planes(codes, book)
         return planes, coef, offset
 
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
