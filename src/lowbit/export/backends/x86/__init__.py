@@ -72,7 +72,8 @@ def _fold(act: Node, norm: Node) -> LevelsInput:
     levels = act.tensors["levels"].to(torch.float32).reshape(-1).sort().values
     midpoints = ((levels[1:] + levels[:-1]) / 2).reshape(1, -1)  # the torch backend's float32 midpoints
     ties_up = activation_input(act) is SIGN_INPUT
-    return fold_batch_norm(levels, midpoints, ties_up, act.tensors.get("shift"), norm.tensors, norm.attrs["eps"])
+    shift = act.tensors.get("shift")
+    return fold_batch_norm(levels, midpoints, ties_up, shift, norm.tensors, norm.attrs["eps"])
 
 
 def fused_norm(act: Node, chain: list[Node], producers: dict[str, Node]) -> Node | None:

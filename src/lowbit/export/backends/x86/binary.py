@@ -93,7 +93,7 @@ class LevelsInput:
         return (high - low) / (len(self.levels) - 1), low
 
     def channel_args(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Thresholds (channels, L - 1) and signs (channels,), contiguous float32, as ``levels_conv`` takes."""
+        """Thresholds (channels, L - 1) and signs (channels,), contiguous float32 (``levels_conv``'s)."""
         count = self.thresholds.shape[1]
         return (
             self.thresholds.expand(channels, count).contiguous(),
@@ -232,7 +232,8 @@ def _fixed_point(row: list[float], tol: float) -> Decomposition | None:
 
 def _one_hot(row: list[float]) -> Decomposition:
     """Any table: plane l-1 marks code l, coefficient ``level_l - level_0`` (2^k - 1 planes)."""
-    return row[0], [v - row[0] for v in row[1:]], [0 if code == 0 else 1 << (code - 1) for code in range(len(row))]
+    masks = [0 if code == 0 else 1 << (code - 1) for code in range(len(row))]
+    return row[0], [v - row[0] for v in row[1:]], masks
 
 
 def decompose_codebook(row: list[float]) -> Decomposition:
@@ -509,7 +510,8 @@ class QuantWeightLayer(nn.Module):
         if isinstance(self.binary_input, LevelsInput):
             thresholds, signs = self.binary_input.channel_args(x4.shape[1])
             ties_up = self.binary_input.ties_up
-            out = kernels.kernel_ops().levels_conv(x4, *args, base, plan.steps, path, thresholds, signs, ties_up)
+            ops = kernels.kernel_ops()
+            out = ops.levels_conv(x4, *args, base, plan.steps, path, thresholds, signs, ties_up)
         else:
             x4 = self.binary_input.kernel_input(x4)
             out = kernels.kernel_ops().binary_conv(x4, *args, base, plan.steps, path)
