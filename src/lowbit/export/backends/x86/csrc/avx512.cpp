@@ -225,7 +225,81 @@ RowFn pick_avx512_lanes(int64_t rows) {
   }
 }
 
+// Level codes of 16 values y (a vector): the number of thresholds passed, as 32-bit lanes.
+__attribute__((target("avx512f"))) inline __m512i codes16(__m512 y, const float* thresholds, int64_t stride,
+                                                          int64_t count, bool ties_up, __mmask16 valid) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i code = _mm512_setzero_si512();
+  for (int64_t m = 0; m < count; ++m) {
+    const __m512 t = stride == 0 ? _mm512_set1_ps(thresholds[m]) : _mm512_maskz_loadu_ps(valid, thresholds + m * stride);
+    const __mmask16 pass = ties_up ? _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GE_OQ)
+                                   : _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GT_OQ);
+    code = _mm512_mask_add_epi32(code, pass, code, one);
+  }
+  return code;
+}
+
+// NCHW: 16 pixels of one channel per compare; bit b of each code goes to plane b's 16 words by masked ORs
+// (as pack_nchw_avx512 does for signs).
+__attribute__((target("avx512f"))) void pack_levels_nchw_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                int64_t c, int64_t hw, int64_t wc, int64_t p0,
+                                                                int64_t total, const LevelArgs& l) {
+  alignas(64) uint64_t lanes[16];
+  for (int64_t j0 = 0; j0 < total; j0 += 16) {
+    const int64_t count = total - j0 < 16 ? total - j0 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      __m512i acc[kMaxCodePlanes][2];
+      for (int64_t b = 0; b < l.planes; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
+      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
+      for (int64_t k = 0; k < channels; ++k) {
+        const int64_t ch = cw * 64 + k;
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, src + ch * hw + p0 + j0), _mm512_set1_ps(l.signs[ch]));
+        const __m512i code = codes16(y, l.thresholds + ch * l.count, 0, l.count, l.ties_up, valid);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << k));
+        for (int64_t b = 0; b < l.planes; ++b) {
+          const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << b));
+          acc[b][0] = _mm512_mask_or_epi64(acc[b][0], static_cast<__mmask8>(set & 0xff), acc[b][0], bit);
+          acc[b][1] = _mm512_mask_or_epi64(acc[b][1], static_cast<__mmask8>(set >> 8), acc[b][1], bit);
+        }
+      }
+      for (int64_t b = 0; b < l.planes; ++b) {
+        _mm512_store_si512(lanes, acc[b][0]);
+        _mm512_store_si512(lanes + 8, acc[b][1]);
+        for (int64_t j = 0; j < count; ++j) dst[at[j0 + j] + b * wc + cw] = lanes[j];
+      }
+    }
+  }
+}
+
+// Channels-last: 16 consecutive channels per compare against the transposed thresholds.
+__attribute__((target("avx512f"))) void pack_levels_nhwc_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
+                                                                int64_t count, const LevelArgs& l) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float* pixel = src + (p0 + j) * c;
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      uint64_t words[kMaxCodePlanes] = {};
+      for (int64_t s = 0; s < 4; ++s) {
+        const int64_t first = cw * 64 + s * 16;
+        if (first >= c) break;
+        const int64_t n = c - first < 16 ? c - first : 16;
+        const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, pixel + first), _mm512_maskz_loadu_ps(valid, l.signs + first));
+        const __m512i code = codes16(y, l.thresholds_t + first, c, l.count, l.ties_up, valid);
+        for (int64_t b = 0; b < l.planes; ++b) {
+          const __mmask16 set = _mm512_mask_test_epi32_mask(valid, code, _mm512_set1_epi32(1 << b));
+          words[b] |= static_cast<uint64_t>(set) << (16 * s);
+        }
+      }
+      for (int64_t b = 0; b < l.planes; ++b) dst[at[j] + b * wc + cw] = words[b];
+    }
+  }
+}
+
 }  // namespace
+
+LevelPackFn level_pack_fn_avx512(bool nchw) { return nchw ? pack_levels_nchw_avx512 : pack_levels_nhwc_avx512; }
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 

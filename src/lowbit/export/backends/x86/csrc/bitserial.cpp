@@ -1,4 +1,4 @@
-// The torch binding of the bit-serial kernels: tensors in and out, at::parallel_for as the thread pool and
+// The torch binding of the bit-serial kernels: tensors in and out, torch's thread count on the driver's pool and
 // the per-thread output pool. Everything else (cpuid dispatch, sign packing, binary_conv) is the torch-free
 // driver.cpp, shared with the native runtime; the derivation is in kernels.h's header and docs/export.md.
 #include <ATen/Parallel.h>
@@ -21,7 +21,9 @@ void check_path(int64_t path) {
   TORCH_CHECK(path_supported(path), "kernel path ", path, " is not supported by this CPU");
 }
 
-void torch_parallel(int64_t n, const ParallelBody& body) { at::parallel_for(0, n, 1, body); }
+// torch's intra-op thread count on the driver's pool: at::parallel_for is inline OpenMP, which this extension
+// (built without -fopenmp, so no second OpenMP runtime is loaded beside torch's) would run serially.
+void torch_parallel(int64_t n, const ParallelBody& body) { pool_parallel(at::get_num_threads(), n, body); }
 
 // x as the driver's Image: NCHW or channels-last float32 (anything else is made contiguous in `keep`).
 Image image_of(const at::Tensor& x, at::Tensor& keep) {

@@ -2,6 +2,12 @@
 #include "driver.h"
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include <unistd.h>
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -145,30 +151,55 @@ inline int64_t level_code(float y, const float* thresholds, int64_t count, bool 
   return code;
 }
 
-// The codes of `count_px` pixels starting at p0 of one image, written as plane bits at at[j] + plane * wc.
-void pack_levels_chunk(const Image& x, const LevelCode& code, const float* image, uint64_t* dst, const int64_t* at,
-                       int64_t p0, int64_t count_px, int64_t wc, int64_t planes) {
-  const int64_t hw = x.h * x.w;
-  for (int64_t ch = 0; ch < x.c; ++ch) {
-    const float* thresholds = code.thresholds + ch * code.count;
-    const float sign = code.signs != nullptr ? code.signs[ch] : 1.0f;
+// The portable level packer (every path but AVX-512; the same comparisons, so the same bits).
+void pack_levels_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw, int64_t wc,
+                          int64_t p0, int64_t count_px, bool nchw, const LevelArgs& l) {
+  for (int64_t ch = 0; ch < c; ++ch) {
     const int shift = static_cast<int>(ch % 64);
     for (int64_t j = 0; j < count_px; ++j) {
-      const float v = x.nchw ? image[ch * hw + p0 + j] : image[(p0 + j) * x.c + ch];
-      const uint64_t value = static_cast<uint64_t>(level_code(sign * v, thresholds, code.count, code.ties_up));
+      const float v = nchw ? src[ch * hw + p0 + j] : src[(p0 + j) * c + ch];
+      const auto value = static_cast<uint64_t>(level_code(l.signs[ch] * v, l.thresholds + ch * l.count, l.count,
+                                                          l.ties_up));
       uint64_t* word = dst + at[j] + ch / 64;
-      for (int64_t b = 0; b < planes; ++b) word[b * wc] |= ((value >> b) & 1) << shift;
+      for (int64_t b = 0; b < l.planes; ++b) word[b * wc] |= ((value >> b) & 1) << shift;
     }
   }
 }
 
+void pack_levels_nchw_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw,
+                               int64_t wc, int64_t p0, int64_t count_px, const LevelArgs& l) {
+  pack_levels_portable(src, dst, at, c, hw, wc, p0, count_px, true, l);
+}
+
+void pack_levels_nhwc_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw,
+                               int64_t wc, int64_t p0, int64_t count_px, const LevelArgs& l) {
+  pack_levels_portable(src, dst, at, c, hw, wc, p0, count_px, false, l);
+}
+
+LevelPackFn level_pack_fn(int64_t path, bool nchw) {
+#if defined(__x86_64__)
+  if (path == kAvx512) return level_pack_fn_avx512(nchw);
+#endif
+  return nchw ? pack_levels_nchw_portable : pack_levels_nhwc_portable;
+}
+
 }  // namespace
 
-void pack_levels_into(const Image& x, const LevelCode& code, const PackGeometry& g, uint64_t* dst,
+void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const PackGeometry& g, uint64_t* dst,
                       const ParallelFor& parallel) {
   const int64_t h = x.h, w = x.w, hw = h * w, wc = (x.c + 63) / 64, planes = code_planes(code.count);
   const int64_t hp = h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right, px_words = planes * wc;
   const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  std::vector<float> transposed(static_cast<size_t>(x.c * code.count));
+  for (int64_t ch = 0; ch < x.c; ++ch) {
+    for (int64_t m = 0; m < code.count; ++m) {
+      transposed[static_cast<size_t>(m * x.c + ch)] = code.thresholds[ch * code.count + m];
+    }
+  }
+  const std::vector<float> ones(static_cast<size_t>(x.c), 1.0f);
+  const LevelArgs args{code.thresholds, transposed.data(), code.signs != nullptr ? code.signs : ones.data(),
+                       code.count, planes, code.ties_up};
+  const LevelPackFn pack = level_pack_fn(path, x.nchw);
   parallel(x.n * chunks, [&](int64_t begin, int64_t end) {
     int64_t at_word[kChunk];
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -178,8 +209,7 @@ void pack_levels_into(const Image& x, const LevelCode& code, const PackGeometry&
         at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * px_words;
         if (++xc == w) xc = 0, ++y;
       }
-      pack_levels_chunk(x, code, x.data + i * x.c * hw, dst + i * hp * wp * px_words, at_word, p0, count, wc,
-                        planes);
+      pack(x.data + i * x.c * hw, dst + i * hp * wp * px_words, at_word, x.c, hw, wc, p0, count, args);
     }
   });
 }
@@ -223,7 +253,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   if (bits.capacity() > (size_t{1} << 20) && needed < bits.capacity() / 4) std::vector<uint64_t>().swap(bits);
   bits.assign(needed, 0);
   if (multi_level) {
-    pack_levels_into(c.x, c.levels, g, bits.data(), parallel);
+    pack_levels_into(c.x, c.levels, c.path, g, bits.data(), parallel);
   } else {
     pack_sign_into(c.x, c.path, g, bits.data(), parallel);
   }
@@ -233,8 +263,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
 
   std::vector<PhaseInfo> infos;
   std::vector<RowFn> fns;
-  std::vector<int64_t> first_row;  // prefix sums of the (image, qh) rows of every phase
-  int64_t total_rows = 0, max_words = 0;
+  int64_t max_qh = 0, max_words = 0;
   const bool few_rows = a.planes * a.co <= kMaxLaneRows;
   for (size_t k = 0; k < taps.size(); ++k) {
     const Taps& t = taps[k];
@@ -247,25 +276,104 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
     max_words = std::max(max_words, f.words);
-    first_row.push_back(total_rows);
-    total_rows += c.x.n * f.n_qh;
+    max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
     fns.push_back(pick_row(c.path, a.planes, a.co, a.px_words, a.in_step_w));
   }
-  first_row.push_back(total_rows);
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
-  parallel(total_rows, [&](int64_t begin, int64_t end) {
+  // One task per (image, qh): every phase's row qh, i.e. the output rows qh * out_step_h + ph, so no two
+  // tasks write the same output row (phases interleave within a row: splitting by phase shares cache lines).
+  parallel(c.x.n * max_qh, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.patch.assign(patch_words > 0 ? patch_words : 1, 0);
     s.counts.assign(a.rows_padded > 0 ? a.rows_padded : 8, 0);
-    size_t k = 0;
     for (int64_t idx = begin; idx < end; ++idx) {
-      while (idx >= first_row[k + 1]) ++k;
-      const PhaseInfo& f = infos[k];
-      const int64_t local = idx - first_row[k];
-      fns[k](a, f, local / f.n_qh, local % f.n_qh, s);
+      const int64_t i = idx / max_qh, qh = idx % max_qh;
+      for (size_t k = 0; k < infos.size(); ++k) {
+        if (qh < infos[k].n_qh) fns[k](a, infos[k], i, qh, s);
+      }
     }
   });
+}
+
+namespace {
+
+// A process-wide pool of worker threads (created on first use, grown on demand, never destroyed, so exit-time
+// teardown never meets a running worker). A call hands out blocks of [0, n) from an atomic counter to the
+// caller and `threads - 1` workers; results never depend on the split (every task writes its own outputs).
+class WorkerPool {
+ public:
+  void run(int64_t threads, int64_t n, const ParallelBody& body) {
+    const int64_t helpers = std::min(threads, n) - 1;
+    if (helpers <= 0) {
+      body(0, n);
+      return;
+    }
+    std::lock_guard<std::mutex> one_call(call_mutex_);
+    Job job{&body, n, std::max<int64_t>(1, n / (8 * (helpers + 1)))};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (; started_ < helpers; ++started_) std::thread(&WorkerPool::serve, this, started_).detach();
+      job_ = &job, helpers_ = helpers, busy_ = helpers, ++generation_;
+    }
+    wake_.notify_all();
+    work(job);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  struct Job {
+    const ParallelBody* body;
+    int64_t n, block;
+    std::atomic<int64_t> next{0};
+  };
+
+  static void work(Job& job) {
+    for (;;) {
+      const int64_t begin = job.next.fetch_add(job.block);
+      if (begin >= job.n) return;
+      (*job.body)(begin, std::min(job.n, begin + job.block));
+    }
+  }
+
+  void serve(int64_t index) {
+    int64_t seen = 0;
+    for (;;) {
+      Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= helpers_) continue;  // a smaller call: this worker sits it out
+        job = job_;
+      }
+      work(*job);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex call_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  Job* job_ = nullptr;
+  int64_t started_ = 0, helpers_ = 0, busy_ = 0, generation_ = 0;
+};
+
+}  // namespace
+
+void pool_parallel(int64_t threads, int64_t n, const ParallelBody& body) {
+  // One pool per process: a fork()ed child (e.g. a data-loader worker) gets a fresh one, its parent's
+  // workers do not exist there.
+  static WorkerPool* pool = new WorkerPool();
+  static pid_t owner = getpid();
+  static std::mutex fork_mutex;
+  {
+    std::lock_guard<std::mutex> lock(fork_mutex);
+    if (getpid() != owner) pool = new WorkerPool(), owner = getpid();
+  }
+  pool->run(threads, n, body);
 }
 
 }  // namespace lowbit

@@ -301,6 +301,22 @@ __attribute__((always_inline)) inline void row_lanes(const ConvArgs& a, const Ph
 
 using RowFn = void (*)(const ConvArgs&, const PhaseInfo&, int64_t, int64_t, Scratch&);
 
+// ----- level coding of multi-level (or threshold-fused) inputs: driver.h LevelCode, prepared per call -----
+constexpr int64_t kMaxCodePlanes = 8;
+
+struct LevelArgs {
+  const float* thresholds;    // (C, count), ascending per channel
+  const float* thresholds_t;  // the same, transposed (count, C): channel vectors for channels-last input
+  const float* signs;         // (C,) of +1 / -1
+  int64_t count, planes;
+  bool ties_up;
+};
+
+// Codes `count_px` pixels from p0 (NCHW or channels-last, as pack_fn) into plane bits at at[j] + plane * wc.
+using LevelPackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             const LevelArgs&);
+LevelPackFn level_pack_fn_avx512(bool nchw);
+
 // The packer and the per-pixel kernel of each path: pack_fn(nchw) and pick_row(planes, co, px_words,
 // in_step_w) for the layer shape (px_words: words per padded pixel, all activation planes; see the header
 // comment for which kernel serves which shape).
