@@ -113,23 +113,38 @@ int64_t padded_words(const Image& x, const PackGeometry& g) {
   return x.n * (x.h + g.pad_top + g.pad_bottom) * (x.w + g.pad_left + g.pad_right) * ((x.c + 63) / 64);
 }
 
-void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel) {
-  const int64_t c = x.c, h = x.h, w = x.w, hw = h * w, wc = (c + 63) / 64;
-  const int64_t hp = h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right;
+namespace {
+
+// Calls pack(image, p0, count, at_word, image_dst) for every chunk of up to kChunk pixels of every image, on
+// `parallel`: at_word[j] is the word of chunk pixel j in its zero-padded image of px_words words a pixel.
+template <typename Pack>
+void for_each_chunk(const Image& x, const PackGeometry& g, int64_t px_words, uint64_t* dst,
+                    const ParallelFor& parallel, const Pack& pack) {
+  const int64_t w = x.w, hw = x.h * w, hp = x.h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right;
   const int64_t chunks = (hw + kChunk - 1) / kChunk;
-  const PackFn pack = pack_fn(path, x.nchw);
   parallel(x.n * chunks, [&](int64_t begin, int64_t end) {
     int64_t at_word[kChunk];
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t i = idx / chunks, p0 = (idx % chunks) * kChunk, count = hw - p0 < kChunk ? hw - p0 : kChunk;
       int64_t y = p0 / w, xc = p0 % w;
       for (int64_t j = 0; j < count; ++j) {
-        at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * wc;
+        at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * px_words;
         if (++xc == w) xc = 0, ++y;
       }
-      pack(x.data + i * c * hw, dst + i * hp * wp * wc, at_word, c, hw, wc, p0, count);
+      pack(x.data + i * x.c * hw, p0, count, at_word, dst + i * hp * wp * px_words);
     }
   });
+}
+
+}  // namespace
+
+void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel) {
+  const int64_t wc = (x.c + 63) / 64, hw = x.h * x.w;
+  const PackFn pack = pack_fn(path, x.nchw);
+  for_each_chunk(x, g, wc, dst, parallel,
+                 [&](const float* image, int64_t p0, int64_t count, const int64_t* at, uint64_t* out) {
+                   pack(image, out, at, x.c, hw, wc, p0, count);
+                 });
 }
 
 int64_t code_planes(int64_t count) {
@@ -139,17 +154,6 @@ int64_t code_planes(int64_t count) {
 }
 
 namespace {
-
-// The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
-inline int64_t level_code(float y, const float* thresholds, int64_t count, bool ties_up) {
-  int64_t code = 0;
-  if (ties_up) {
-    for (int64_t m = 0; m < count; ++m) code += y >= thresholds[m];
-  } else {
-    for (int64_t m = 0; m < count; ++m) code += y > thresholds[m];
-  }
-  return code;
-}
 
 // The portable level packer (every path but AVX-512; the same comparisons, so the same bits).
 void pack_levels_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw, int64_t wc,
@@ -179,6 +183,7 @@ void pack_levels_nhwc_portable(const float* src, uint64_t* dst, const int64_t* a
 LevelPackFn level_pack_fn(int64_t path, bool nchw) {
 #if defined(__x86_64__)
   if (path == kAvx512) return level_pack_fn_avx512(nchw);
+  if (path == kAvx2 && level_pack_fn_avx2(nchw) != nullptr) return level_pack_fn_avx2(nchw);
 #endif
   return nchw ? pack_levels_nchw_portable : pack_levels_nhwc_portable;
 }
@@ -187,9 +192,7 @@ LevelPackFn level_pack_fn(int64_t path, bool nchw) {
 
 void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const PackGeometry& g, uint64_t* dst,
                       const ParallelFor& parallel) {
-  const int64_t h = x.h, w = x.w, hw = h * w, wc = (x.c + 63) / 64, planes = code_planes(code.count);
-  const int64_t hp = h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right, px_words = planes * wc;
-  const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  const int64_t hw = x.h * x.w, wc = (x.c + 63) / 64, planes = code_planes(code.count);
   std::vector<float> transposed(static_cast<size_t>(x.c * code.count));
   for (int64_t ch = 0; ch < x.c; ++ch) {
     for (int64_t m = 0; m < code.count; ++m) {
@@ -200,18 +203,10 @@ void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const
   const LevelArgs args{code.thresholds, transposed.data(), code.signs != nullptr ? code.signs : ones.data(),
                        code.count, planes, code.ties_up};
   const LevelPackFn pack = level_pack_fn(path, x.nchw);
-  parallel(x.n * chunks, [&](int64_t begin, int64_t end) {
-    int64_t at_word[kChunk];
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t i = idx / chunks, p0 = (idx % chunks) * kChunk, count = hw - p0 < kChunk ? hw - p0 : kChunk;
-      int64_t y = p0 / w, xc = p0 % w;
-      for (int64_t j = 0; j < count; ++j) {
-        at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * px_words;
-        if (++xc == w) xc = 0, ++y;
-      }
-      pack(x.data + i * x.c * hw, dst + i * hp * wp * px_words, at_word, x.c, hw, wc, p0, count, args);
-    }
-  });
+  for_each_chunk(x, g, planes * wc, dst, parallel,
+                 [&](const float* image, int64_t p0, int64_t count, const int64_t* at, uint64_t* out) {
+                   pack(image, out, at, x.c, hw, wc, p0, count, args);
+                 });
 }
 
 std::string check_binary_conv(const BinaryConv& c) {

@@ -316,6 +316,18 @@ struct LevelArgs {
 using LevelPackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
                              const LevelArgs&);
 LevelPackFn level_pack_fn_avx512(bool nchw);
+LevelPackFn level_pack_fn_avx2(bool nchw);  // nullptr: the portable packer
+
+// The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
+inline int64_t level_code(float y, const float* thresholds, int64_t count, bool ties_up) {
+  int64_t code = 0;
+  if (ties_up) {
+    for (int64_t m = 0; m < count; ++m) code += y >= thresholds[m];
+  } else {
+    for (int64_t m = 0; m < count; ++m) code += y > thresholds[m];
+  }
+  return code;
+}
 
 // The packer and the per-pixel kernel of each path: pack_fn(nchw) and pick_row(planes, co, px_words,
 // in_step_w) for the layer shape (px_words: words per padded pixel, all activation planes; see the header
