@@ -10,6 +10,9 @@ ISA paths and thread counts they are bit-identical.
 from __future__ import annotations
 
 import itertools
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +38,9 @@ from lowbit.nn import QuantSpec, convert
 from lowbit.quant.search import powers_of_two
 
 KERNEL_PATHS = [path for path in kernels.available_paths() if path != kernels.TORCH_PATH]
+RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
+CLI, ARM_CLI = RUNTIME / "build" / "lowbit-run", RUNTIME / "build-arm64" / "lowbit-run"
+QEMU = shutil.which("qemu-aarch64")
 needs_kernels = pytest.mark.skipif(not KERNEL_PATHS, reason="C++ kernels unavailable here (no compiler)")
 
 
@@ -340,3 +346,28 @@ def test_native_runs_multi_level_generators_on_kernels(tmp_path, wbits, abits):
     if KERNEL_PATHS:
         python = PackedModel(graph, KERNEL_PATHS[0])(z).numpy()
         assert np.abs(outputs[0] - python).max() <= 1e-6  # same codes: float ops' rounding only
+
+
+def _cli(command: list[str], path: Path, x_npy: Path, out: Path, kernel_path: str) -> np.ndarray:
+    result = subprocess.run([*command, str(path), "--input", str(x_npy), "-o", str(out), "--kernel-path",
+                             kernel_path], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return np.load(out)
+
+
+@pytest.mark.skipif(not CLI.exists() or not ARM_CLI.exists() or QEMU is None,
+                    reason="no x86 / aarch64 lowbit-run build or qemu-aarch64 here")
+def test_arm64_neon_runs_planes_like_x86(tmp_path):
+    """An LQ W2 (decomposed codebook) / 2-bit DoReFa (two activation planes) generator with folded
+    BatchNorms: the NEON and portable ARM64 kernels count the same integers as x86 (libm's last bit aside)."""
+    torch.manual_seed(0)
+    spec = QuantSpec(weight="lq", weight_bits=2, act="dorefa", act_bits=2)
+    model = convert(trained_like_dcgan(width=8), spec).eval()
+    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(6))
+    path = write_graph(capture(model, z[:1])[0], tmp_path / "g.lowbit")
+    np.save(tmp_path / "z.npy", z.numpy())
+    x86 = _cli([str(CLI)], path, tmp_path / "z.npy", tmp_path / "x86.npy", "auto")
+    neon = _cli([QEMU, str(ARM_CLI)], path, tmp_path / "z.npy", tmp_path / "neon.npy", "neon")
+    portable = _cli([QEMU, str(ARM_CLI)], path, tmp_path / "z.npy", tmp_path / "arm.npy", "scalar")
+    assert np.array_equal(neon, portable)
+    assert np.abs(neon - x86).max() <= 1e-6
