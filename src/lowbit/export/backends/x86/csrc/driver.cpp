@@ -183,7 +183,7 @@ void pack_levels_nhwc_portable(const float* src, uint64_t* dst, const int64_t* a
 LevelPackFn level_pack_fn(int64_t path, bool nchw) {
 #if defined(__x86_64__)
   if (path == kAvx512) return level_pack_fn_avx512(nchw);
-  if (path == kAvx2 && level_pack_fn_avx2(nchw) != nullptr) return level_pack_fn_avx2(nchw);
+  if (path == kAvx2) return level_pack_fn_avx2(nchw);
 #endif
   return nchw ? pack_levels_nchw_portable : pack_levels_nhwc_portable;
 }

@@ -316,7 +316,7 @@ struct LevelArgs {
 using LevelPackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
                              const LevelArgs&);
 LevelPackFn level_pack_fn_avx512(bool nchw);
-LevelPackFn level_pack_fn_avx2(bool nchw);  // nullptr: the portable packer
+LevelPackFn level_pack_fn_avx2(bool nchw);
 
 // The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
 inline int64_t level_code(float y, const float* thresholds, int64_t count, bool ties_up) {
