@@ -256,33 +256,29 @@ __attribute__((target("avx2"))) void pack_levels_nchw_avx2(const float* src, uin
 // Channels-last level coding: 8 consecutive channels per compare against the transposed thresholds; bit b
 // of the 8 codes comes out of one movemask (the code's bit b moved to each lane's sign bit). Channels past
 // the last multiple of 8 take the portable comparisons (the same bits).
+__attribute__((target("avx2"))) void level_words_avx2(const float* pixel, int64_t first, int64_t channels, int64_t c,
+                                                      const LevelArgs& l, uint64_t* words) {
+  int64_t k = 0;
+  for (; k + 8 <= channels; k += 8) {
+    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(pixel + first + k), _mm256_loadu_ps(l.signs + first + k));
+    const __m256i code = codes8(y, l.thresholds_t + first + k, c, l);
+    for (int64_t b = 0; b < l.planes; ++b) {
+      const __m256i top = _mm256_sll_epi32(code, _mm_cvtsi64_si128(31 - b));
+      words[b] |= static_cast<uint64_t>(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(top)))) << k;
+    }
+  }
+  for (; k < channels; ++k) {
+    const int64_t ch = first + k;
+    const auto value = static_cast<uint64_t>(level_code(l.signs[ch] * pixel[ch], l.thresholds + ch * l.count, l.count,
+                                                        l.ties_up));
+    for (int64_t b = 0; b < l.planes; ++b) words[b] |= ((value >> b) & 1) << k;
+  }
+}
+
 __attribute__((target("avx2"))) void pack_levels_nhwc_avx2(const float* src, uint64_t* dst, const int64_t* at,
                                                            int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
                                                            int64_t count, const LevelArgs& l) {
-  for (int64_t j = 0; j < count; ++j) {
-    const float* pixel = src + (p0 + j) * c;
-    for (int64_t cw = 0; cw < wc; ++cw) {
-      uint64_t words[kMaxCodePlanes] = {};
-      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
-      int64_t k = 0;
-      for (; k + 8 <= channels; k += 8) {
-        const int64_t first = cw * 64 + k;
-        const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(pixel + first), _mm256_loadu_ps(l.signs + first));
-        const __m256i code = codes8(y, l.thresholds_t + first, c, l);
-        for (int64_t b = 0; b < l.planes; ++b) {
-          const __m256i top = _mm256_sll_epi32(code, _mm_cvtsi64_si128(31 - b));
-          words[b] |= static_cast<uint64_t>(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(top)))) << k;
-        }
-      }
-      for (; k < channels; ++k) {
-        const int64_t ch = cw * 64 + k;
-        const auto value = static_cast<uint64_t>(level_code(l.signs[ch] * pixel[ch], l.thresholds + ch * l.count,
-                                                            l.count, l.ties_up));
-        for (int64_t b = 0; b < l.planes; ++b) words[b] |= ((value >> b) & 1) << k;
-      }
-      for (int64_t b = 0; b < l.planes; ++b) dst[at[j] + b * wc + cw] = words[b];
-    }
-  }
+  pack_levels_nhwc<level_words_avx2>(src, dst, at, c, wc, p0, count, l);
 }
 
 }  // namespace

@@ -273,28 +273,24 @@ __attribute__((target("avx512f"))) void pack_levels_nchw_avx512(const float* src
 }
 
 // Channels-last: 16 consecutive channels per compare against the transposed thresholds.
+__attribute__((target("avx512f"))) void level_words_avx512(const float* pixel, int64_t first, int64_t channels,
+                                                           int64_t c, const LevelArgs& l, uint64_t* words) {
+  for (int64_t s = 0; s * 16 < channels; ++s) {
+    const int64_t from = first + s * 16, n = channels - s * 16 < 16 ? channels - s * 16 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, pixel + from), _mm512_maskz_loadu_ps(valid, l.signs + from));
+    const __m512i code = codes16(y, l.thresholds_t + from, c, l.count, l.ties_up, valid);
+    for (int64_t b = 0; b < l.planes; ++b) {
+      const __mmask16 set = _mm512_mask_test_epi32_mask(valid, code, _mm512_set1_epi32(1 << b));
+      words[b] |= static_cast<uint64_t>(set) << (16 * s);
+    }
+  }
+}
+
 __attribute__((target("avx512f"))) void pack_levels_nhwc_avx512(const float* src, uint64_t* dst, const int64_t* at,
                                                                 int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
                                                                 int64_t count, const LevelArgs& l) {
-  for (int64_t j = 0; j < count; ++j) {
-    const float* pixel = src + (p0 + j) * c;
-    for (int64_t cw = 0; cw < wc; ++cw) {
-      uint64_t words[kMaxCodePlanes] = {};
-      for (int64_t s = 0; s < 4; ++s) {
-        const int64_t first = cw * 64 + s * 16;
-        if (first >= c) break;
-        const int64_t n = c - first < 16 ? c - first : 16;
-        const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, pixel + first), _mm512_maskz_loadu_ps(valid, l.signs + first));
-        const __m512i code = codes16(y, l.thresholds_t + first, c, l.count, l.ties_up, valid);
-        for (int64_t b = 0; b < l.planes; ++b) {
-          const __mmask16 set = _mm512_mask_test_epi32_mask(valid, code, _mm512_set1_epi32(1 << b));
-          words[b] |= static_cast<uint64_t>(set) << (16 * s);
-        }
-      }
-      for (int64_t b = 0; b < l.planes; ++b) dst[at[j] + b * wc + cw] = words[b];
-    }
-  }
+  pack_levels_nhwc<level_words_avx512>(src, dst, at, c, wc, p0, count, l);
 }
 
 }  // namespace

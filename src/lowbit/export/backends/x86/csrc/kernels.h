@@ -315,6 +315,24 @@ struct LevelArgs {
 // Codes `count_px` pixels from p0 (NCHW or channels-last, as pack_fn) into plane bits at at[j] + plane * wc.
 using LevelPackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
                              const LevelArgs&);
+// Codes one pixel's channels [first, first + channels) (channels-last, c in all) into the plane words.
+using LevelWordsFn = void (*)(const float*, int64_t, int64_t, int64_t, const LevelArgs&, uint64_t*);
+
+// The channels-last level packer, written once: Words (one per ISA) codes each 64-channel word group.
+template <LevelWordsFn Words>
+__attribute__((always_inline)) inline void pack_levels_nhwc(const float* src, uint64_t* dst, const int64_t* at,
+                                                            int64_t c, int64_t wc, int64_t p0, int64_t count,
+                                                            const LevelArgs& l) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float* pixel = src + (p0 + j) * c;
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      uint64_t words[kMaxCodePlanes] = {};
+      Words(pixel, cw * 64, c - cw * 64 < 64 ? c - cw * 64 : 64, c, l, words);
+      for (int64_t b = 0; b < l.planes; ++b) dst[at[j] + b * wc + cw] = words[b];
+    }
+  }
+}
+
 LevelPackFn level_pack_fn_avx512(bool nchw);
 LevelPackFn level_pack_fn_avx2(bool nchw);
 
