@@ -1,10 +1,11 @@
 """Inference modules of a packed model: quantized weight layers (bit-serial kernels on binary input), acts.
 
 A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a binary
-activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}) it binarises the
-input itself and, on a kernel path, runs the ``csrc/`` kernels (derivation in ``kernels.h``'s header and
-docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the
-reference the kernels are tested against.
+activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}: ``BinaryInput``) or
+an affine multi-level one, possibly behind a folded BatchNorm (``LevelsInput``), it codes the input itself
+and, on a kernel path, runs the ``csrc/`` kernels (derivation in ``kernels.h``'s header and docs/export.md);
+otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the reference the
+kernels are tested against. Table codebooks run as the planes of ``decompose_codebook``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,11 @@
 // computed once per input size in Python). With an affine codebook w_i = scale_c * z_i + offset_c and
 // z_i = sum_b 2^b z_i^(b):
 //   sum_i w_i xpos_i = sum_b (scale_c 2^b) * popcount(z^(b) & xpos) + offset_c * popcount(xpos)    (2)
-// A general codebook uses one-hot planes instead: sum_l codebook[c, l] * popcount(onehot_l & xpos).
+// A table codebook uses the planes of its cheapest exact decomposition (additive / fixed-point / one-hot,
+// chosen per channel at plan time): w = offset_c + sum_p coef_{p,c} plane_p.
+// Multi-level input (an affine activation low + step * code, code = sum_k 2^k a^(k)): every count becomes
+// sum_k 2^k popcount(. & a^(k)) over A activation planes, accumulated exactly (Horner: acc = 2 acc + count,
+// most significant plane first); the combine below is unchanged (docs/export.md eq. 4).
 // So each output pixel needs popcount(plane_row & patch) for every (plane, channel) row, plus
 // popcount(patch) once. Rows are stored transposed (word-major, rows padded to a multiple of 8) so a
 // broadcast patch word meets 8 rows in one AVX-512 register (4 in AVX2) and no horizontal sums are needed.
