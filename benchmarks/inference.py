@@ -1,7 +1,8 @@
 """Inference speed of packed low-bit generators vs FP32 PyTorch and onnxruntime, side by side (one run).
 
 For W1A1, W2A1 and W4A1 generators (all layers quantized, sign activations, or with ``--act act`` the main
-job's 1-bit ``act`` {0, a}; first/last layer as the model has them) it times: the whole generator (latency
+job's 1-bit ``act`` {0, a}; ``--act dorefa --act-bits 2`` for W2A2 / W4A4 on the bit-plane kernels; first/last
+layer as the model has them) it times: the whole generator (latency
 at batch 1, samples/s at batch 64) and the binary-input layers alone (the ConvTranspose2d layers fed by the
 binary activations), for FP32 PyTorch and for the packed
 model on every kernel path (avx512 / avx2 / scalar bit-serial kernels, and the pure-torch fallback).
@@ -15,7 +16,8 @@ which a busy shared machine inflates far less than wall time. Ratios are FP32 ti
 activations): FP32 PyTorch, onnxruntime FP32 (the FP32 model exported with lowbit's ONNX exporter) and the
 packed model per backend, at batch 1 and 16.
 
-    python benchmarks/inference.py --threads 1 --repeats 30 [--act sign|act] [--clock cpu|wall] [--json F]
+    python benchmarks/inference.py --threads 1 --repeats 30 [--act sign|act|dorefa] [--act-bits 1-4]
+        [--clock cpu|wall|thread] [--json F]
     python benchmarks/inference.py --zoo --threads 1 --repeats 10
 """
 
@@ -61,7 +63,7 @@ def best_times(
     return {name: min(values) for name, values in times.items()}
 
 
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter, "thread": time.thread_time}
 
 
 def _generator(model_name: str, width: int | None) -> nn.Module:
@@ -74,12 +76,14 @@ def _generator(model_name: str, width: int | None) -> nn.Module:
     return model.eval()
 
 
-def _binary_layer_inputs(fp32: nn.Module, z: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Input of every ConvTranspose2d that follows an activation, from the FP32 model's own forward."""
-    inputs, h = {}, z.reshape(z.shape[0], -1, 1, 1)
+def _binary_layer_inputs(fp32: nn.Module, z: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """(input, input of the BatchNorm two modules before) of every ConvTranspose2d that follows an activation,
+    from the FP32 model's own forward: the packed layer folds that BatchNorm and reads the second."""
+    inputs, seen, h = {}, [], z.reshape(z.shape[0], -1, 1, 1)
     for index, module in enumerate(fp32):
         if index > 0 and isinstance(module, nn.ConvTranspose2d):
-            inputs[index] = h
+            inputs[index] = (h, seen[index - 2] if isinstance(fp32[index - 2], nn.BatchNorm2d) else h)
+        seen.append(h)
         h = module(h)
     return inputs
 
@@ -107,8 +111,13 @@ def _onnx_session(model: nn.Module, example: torch.Tensor, folder: Path, threads
     return lambda x: session.run(None, {"input": x.numpy()})
 
 
-#: the 1-bit activations the benchmark can quantize with: sign ({-1, +1}) or the main job's `act` ({0, a})
-ACTIVATIONS = {"sign": {"act": "sign"}, "act": {"act": "act", "act_opts": {"learn_range": True}}}
+#: the activations the benchmark can quantize with: sign ({-1, +1}), the main job's `act` ({0, a} at 1 bit,
+#: 2^k affine levels at k bits) or DoReFa (2^k levels on [0, 1])
+ACTIVATIONS = {
+    "sign": {"act": "sign"},
+    "act": {"act": "act", "act_opts": {"learn_range": True}},
+    "dorefa": {"act": "dorefa"},
+}
 
 
 def bench(
@@ -118,12 +127,14 @@ def bench(
     folder: Path,
     clock: Callable[[], float],
     activation: str = "sign",
+    act_bits: int = 1,
 ) -> list[dict]:
     """One row per (bit-width, kernel path): batch-1 latency, batch-64 time, binary layers at batch 64."""
     latent = fp32.latent_dim
     z1, z64 = torch.randn(1, latent), torch.randn(64, latent)
     layer_inputs = _binary_layer_inputs(fp32, z64)
-    xs = list(layer_inputs.values())
+    xs = [direct for direct, _ in layer_inputs.values()]
+    folded_xs = [before_norm for _, before_norm in layer_inputs.values()]
     fp_layers = [fp32[i] for i in layer_inputs]
     workloads = {
         "b1": {"FP32": partial(fp32, z1)},
@@ -132,16 +143,17 @@ def bench(
     }
     sizes = {}
     for bits in bits_list:
-        spec = QuantSpec(weight="minmax", weight_bits=bits, act_bits=1, **ACTIVATIONS[activation])
-        path = export_packed(convert(fp32, spec).eval(), folder / f"w{bits}a1.lowbit")
+        spec = QuantSpec(weight="minmax", weight_bits=bits, act_bits=act_bits, **ACTIVATIONS[activation])
+        path = export_packed(convert(fp32, spec).eval(), folder / f"w{bits}a{act_bits}.lowbit")
         for kernel_path in available_paths():
             packed = load(path, kernel_path=kernel_path)
             binary = _binary_steps(packed)
-            key = f"W{bits}A1|{kernel_path}"
+            key = f"W{bits}A{act_bits}|{kernel_path}"
             sizes[key] = path.stat().st_size
             workloads["b1"][key] = partial(packed, z1)
             workloads["b64"][key] = partial(packed, z64)
-            workloads["binary"][key] = partial(_run_layers, binary, xs)
+            folded = kernel_path != "torch"  # the kernel layers read their folded BatchNorm's input
+            workloads["binary"][key] = partial(_run_layers, binary, folded_xs if folded else xs)
     best = {name: best_times(fns, repeats, clock) for name, fns in workloads.items()}
     rows = []
     for key, size in sizes.items():
@@ -259,14 +271,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument(
-        "--act", choices=ACTIVATIONS, default="sign", help="1-bit activation: sign {-1,+1} or act {0,a}"
+        "--act", choices=ACTIVATIONS, default="sign", help="activation: sign {-1,+1}, act {0,a} or dorefa"
     )
+    parser.add_argument("--act-bits", type=int, default=1, help="activation bits (2-4: bit-plane kernels)")
     parser.add_argument(
         "--clock",
         choices=CLOCKS,
         default="cpu",
         help="cpu: process CPU time (robust on a shared machine; equals latency when idle and "
-        "single-threaded); wall: elapsed time",
+        "single-threaded); wall: elapsed time; thread: the calling thread's CPU time (with --threads 2 "
+        "the critical path when the other thread's share is no larger: a load-robust thread-scaling view)",
     )
     parser.add_argument(
         "--zoo", action="store_true", help="time the zoo's ResNet and U-Net generators instead"
@@ -287,10 +301,11 @@ def main() -> None:
         return
     fp32 = _generator(args.model, args.width)
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
-        rows = bench(fp32, args.bits, args.repeats, Path(folder), CLOCKS[args.clock], args.act)
+        rows = bench(fp32, args.bits, args.repeats, Path(folder), CLOCKS[args.clock], args.act, args.act_bits)
     print(
         f"{args.model} (width {args.width or 'default'}) on {_cpu_model()}, torch {torch.__version__}, "
-        f"threads {args.threads}, {args.clock} clock, best of {args.repeats}, {args.act} activations; "
+        f"threads {args.threads}, {args.clock} clock, best of {args.repeats}, {args.act_bits}-bit {args.act} "
+        "activations; "
         "ratios are FP32 / packed time"
     )
     print(format_table(rows))

@@ -81,7 +81,8 @@ def test_kernel_paths_reproduce_the_simulated_generator(tmp_path, path):
             h = module(h)
             sim_acts.append(h)
         kernel_steps = _kernel_layers(packed)
-        conv_inputs = [sim_acts[i - 1] for i in (3, 6, 9)]  # the BatchNorm outputs before each sign + conv
+        # each kernel layer reads the input of the BatchNorm before its sign (folded into its thresholds)
+        conv_inputs = [sim_acts[i - 3] for i in (3, 6, 9)]
         assert [step.node.module for step in kernel_steps] == ["3", "6", "9"]
         for step, x, target in zip(kernel_steps, conv_inputs, [sim_acts[i] for i in (3, 6, 9)], strict=True):
             torch.testing.assert_close(step.run(x), target, rtol=0, atol=1e-4 * target.abs().max().item())

@@ -2,6 +2,7 @@
 // coefficients and offsets times the input's bit weight, and the input-independent term `base`.
 #include "binary.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops.h"
@@ -15,12 +16,81 @@ bool commutes(const Node& node) {
   return node.op == "reshape";
 }
 
-bool two_level(const Node& act, float& low, float& high) {
+constexpr size_t kMaxLevels = 16;          // binary.py MAX_LEVELS: 4 activation planes
+constexpr double kAffineTolerance = 1e-6;  // binary.py AFFINE_TOLERANCE
+
+// The sorted levels of a quant_act the kernels code: two distinct levels, or 3 to 16 affine ones
+// (|level_j - (low + step * j)| <= 1e-6 max |level|, computed as binary.py affine_levels does).
+bool coded_levels(const Node& act, std::vector<float>& levels) {
   if (act.op != "quant_act") return false;
-  const std::vector<float>& levels = act.tensors.at("levels").data;
-  if (levels.size() != 2) return false;
-  low = std::min(levels[0], levels[1]), high = std::max(levels[0], levels[1]);
-  return high > low;
+  levels = act.tensors.at("levels").data;
+  std::sort(levels.begin(), levels.end());
+  const size_t count = levels.size();
+  if (count < 2 || count > kMaxLevels || !(levels.back() > levels.front())) return false;
+  if (count == 2) return true;
+  double largest = 0.0;
+  for (const float v : levels) {
+    if (!std::isfinite(v)) return false;
+    largest = std::max(largest, std::fabs(static_cast<double>(v)));
+  }
+  const double low = levels.front(), step = (static_cast<double>(levels.back()) - low) / static_cast<double>(count - 1);
+  for (size_t j = 0; j < count; ++j) {
+    if (std::fabs(static_cast<double>(levels[j]) - (low + step * static_cast<double>(j))) > kAffineTolerance * largest) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The float32 midpoints of sorted levels, as the torch backend and ops.cpp quant_act compute them.
+std::vector<float> midpoints_of(const std::vector<float>& levels) {
+  std::vector<float> mid;
+  for (size_t k = 1; k < levels.size(); ++k) mid.push_back((levels[k] + levels[k - 1]) / 2.0f);
+  return mid;
+}
+
+// A float64 threshold as the float32 that float32 inputs compare against as against the float64 value.
+float round_threshold(double value, bool ties_up) {
+  const float rounded = static_cast<float>(value);
+  if (ties_up && static_cast<double>(rounded) < value) return std::nextafter(rounded, INFINITY);
+  if (!ties_up && static_cast<double>(rounded) > value) return std::nextafter(rounded, -INFINITY);
+  return rounded;
+}
+
+float channel_value(const Node& node, const char* field, int64_t c, float otherwise) {
+  const auto it = node.tensors.find(field);
+  return it == node.tensors.end() ? otherwise : it->second.data[static_cast<size_t>(c)];
+}
+
+// binary.py fold_batch_norm: thresholds t (+ shift[c]) on BN(x) = (x - mean) * s + beta, s = gamma / sqrt(var +
+// eps), become x > mean + (t + shift - beta) / s, or -x > -(that) for s < 0; s = 0 gives a constant code.
+void fold_norm(BinaryLayer& b, const std::vector<float>& mid, bool ties_up) {
+  const Node& norm = *b.norm;
+  const int64_t channels = static_cast<int64_t>(norm.tensors.at("running_mean").data.size());
+  const bool shifted = b.act->tensors.count("shift") > 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double mean = channel_value(norm, "running_mean", c, 0.0f), var = channel_value(norm, "running_var", c, 0.0f);
+    const double gamma = channel_value(norm, "weight", c, 1.0f), beta = channel_value(norm, "bias", c, 0.0f);
+    const double scale = gamma / std::sqrt(var + norm.attrs.eps);
+    const double sign = scale < 0 ? -1.0 : 1.0;
+    for (const float t : mid) {
+      const double level = shifted ? static_cast<double>(t) + channel_value(*b.act, "shift", c, 0.0f) : static_cast<double>(t);
+      double folded = (mean + (level - beta) / scale) * sign;
+      if (scale == 0) folded = (ties_up ? beta >= level : beta > level) ? -INFINITY : INFINITY;
+      b.thresholds.push_back(round_threshold(folded, ties_up));
+    }
+    b.signs.push_back(static_cast<float>(sign));
+  }
+}
+
+// The BatchNorm node whose output the activation reads, when it folds (binary.py fused_norm), else -1.
+int fusable_norm(const Graph& graph, const BinaryLayer& b) {
+  const int source = b.act->inputs[0];
+  if (source < 0 || graph.nodes[static_cast<size_t>(source)].op != "batch_norm") return -1;
+  for (const Node* step : b.chain) {
+    if (step->op == "reshape") return -1;
+  }
+  return source;
 }
 
 // A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
@@ -42,10 +112,87 @@ Geometry geometry(const Node& node) {
           transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
 }
 
-// Planes: bit b of the codes (affine codebooks) or code == level (tables); w = offset + sum_p coef[p] plane_p.
-void planes_of(const Node& node, int64_t co, std::vector<std::vector<uint8_t>>& planes, std::vector<double>& coef,
-               std::vector<double>& offset) {
+// A codebook row as offset + sum_p coef[p] * bit_p(mask[code]) (binary.py Decomposition).
+struct Decomposition {
+  double offset = 0.0;
+  std::vector<double> coef;
+  std::vector<int64_t> mask;
+};
+
+// binary.py _additive: 2^k levels that are all subset sums of k generators (LQ-Nets' v^T e), else false.
+bool additive(const std::vector<double>& row, double tol, Decomposition& d) {
+  const size_t n = row.size();
+  if (n < 2 || (n & (n - 1)) != 0) return false;
+  std::vector<size_t> order(n);
+  for (size_t k = 0; k < n; ++k) order[k] = k;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return row[a] < row[b]; });
+  const double low = row[order[0]];
+  std::vector<std::pair<double, size_t>> remaining;
+  for (size_t k = 1; k < n; ++k) remaining.emplace_back(row[order[k]] - low, order[k]);
+  std::vector<std::pair<double, int64_t>> sums{{0.0, 0}};
+  d = Decomposition{low, {}, std::vector<int64_t>(n, 0)};
+  while (!remaining.empty()) {
+    const double g = remaining[0].first;
+    const int64_t bit = int64_t{1} << d.coef.size();
+    const size_t before = sums.size();
+    for (size_t s = 0; s < before; ++s) {
+      const auto [value, pattern] = sums[s];
+      size_t j = 0;
+      while (j < remaining.size() && !(std::fabs(remaining[j].first - value - g) <= tol)) ++j;
+      if (j == remaining.size()) return false;
+      d.mask[remaining[j].second] = pattern | bit;
+      remaining.erase(remaining.begin() + static_cast<std::ptrdiff_t>(j));
+      sums.emplace_back(value + g, pattern | bit);
+    }
+    d.coef.push_back(g);
+  }
+  return true;
+}
+
+// binary.py _fixed_point: levels low + q * z on the grid of the smallest gap q (e.g. powers of two).
+bool fixed_point(const std::vector<double>& row, double tol, Decomposition& d) {
+  std::vector<double> ordered = row;
+  std::sort(ordered.begin(), ordered.end());
+  const double low = ordered.front();
+  double q = INFINITY;
+  for (size_t k = 1; k < ordered.size(); ++k) {
+    if (ordered[k] - ordered[k - 1] > tol) q = std::min(q, ordered[k] - ordered[k - 1]);
+  }
+  if (!std::isfinite(q)) return false;
+  d = Decomposition{low, {}, {}};
+  int64_t largest = 0;
+  for (const double v : row) {
+    const double z = std::nearbyint((v - low) / q);
+    if (!(std::fabs(v - low - q * z) <= tol)) return false;
+    d.mask.push_back(static_cast<int64_t>(z));
+    largest = std::max(largest, static_cast<int64_t>(z));
+  }
+  for (int64_t b = 0; (largest >> b) != 0; ++b) d.coef.push_back(q * std::ldexp(1.0, static_cast<int>(b)));
+  return true;
+}
+
+// binary.py decompose_codebook: the fewest planes of additive, fixed-point and one-hot.
+Decomposition decompose(const std::vector<double>& row) {
+  double largest = 0.0;
+  for (const double v : row) largest = std::max(largest, std::fabs(v));
+  const double tol = kAffineTolerance * largest;
+  Decomposition best{row[0], {}, {}};
+  for (size_t level = 0; level < row.size(); ++level) {
+    if (level > 0) best.coef.push_back(row[level] - row[0]);
+    best.mask.push_back(level == 0 ? 0 : int64_t{1} << (level - 1));
+  }
+  Decomposition found;
+  if (fixed_point(row, tol, found) && found.coef.size() <= best.coef.size()) best = found;
+  if (additive(row, tol, found) && found.coef.size() <= best.coef.size()) best = found;
+  return best;
+}
+
+// Planes: bit b of the codes (affine codebooks) or each channel's decompose() (tables), padded to the most
+// planes of any channel; w = offset + sum_p coef[p] plane_p.
+void planes_of(const Node& node, const Geometry& g, std::vector<std::vector<uint8_t>>& planes,
+               std::vector<double>& coef, std::vector<double>& offset) {
   const Weight& w = node.weight;
+  const int64_t co = g.co;
   const int64_t levels = w.levels;
   offset.resize(static_cast<size_t>(co));
   for (int64_t c = 0; c < co; ++c) offset[static_cast<size_t>(c)] = w.codebook[static_cast<size_t>(c * levels)];
@@ -64,14 +211,22 @@ void planes_of(const Node& node, int64_t co, std::vector<std::vector<uint8_t>>& 
     }
     return;
   }
-  for (int64_t level = 1; level < levels; ++level) {
-    std::vector<uint8_t> plane(w.codes.size());
-    for (size_t i = 0; i < plane.size(); ++i) plane[i] = w.codes[i] == level;
-    planes.push_back(std::move(plane));
-    for (int64_t c = 0; c < co; ++c) {
-      coef.push_back(static_cast<double>(w.codebook[static_cast<size_t>(c * levels + level)]) -
-                     static_cast<double>(w.codebook[static_cast<size_t>(c * levels)]));
-    }
+  std::vector<Decomposition> parts;
+  size_t count = 0;
+  for (int64_t c = 0; c < co; ++c) {
+    const auto first = w.codebook.begin() + c * levels;
+    parts.push_back(decompose(std::vector<double>(first, first + levels)));
+    offset[static_cast<size_t>(c)] = parts.back().offset;
+    count = std::max(count, parts.back().coef.size());
+  }
+  for (size_t p = 0; p < count; ++p) {
+    for (const Decomposition& d : parts) coef.push_back(p < d.coef.size() ? d.coef[p] : 0.0);
+  }
+  planes.assign(count, std::vector<uint8_t>(w.codes.size(), 0));
+  for (size_t i = 0; i < w.codes.size(); ++i) {
+    const int64_t c = static_cast<int64_t>(i) / g.step_co % co;  // the output channel of weight i
+    const int64_t mask = parts[static_cast<size_t>(c)].mask[w.codes[i]];
+    for (size_t p = 0; p < count; ++p) planes[p][i] = (mask >> p) & 1;
   }
 }
 
@@ -189,10 +344,13 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
     b->chain.insert(b->chain.begin(), &graph.nodes[static_cast<size_t>(current)]);
     current = graph.nodes[static_cast<size_t>(current)].inputs[0];
   }
-  float low = 0.0f, high = 0.0f;
-  if (current < 0 || !two_level(graph.nodes[static_cast<size_t>(current)], low, high)) return nullptr;
+  std::vector<float> levels;
+  if (current < 0 || !coded_levels(graph.nodes[static_cast<size_t>(current)], levels)) return nullptr;
+  const float low = levels.front(), high = levels.back();
   b->act = &graph.nodes[static_cast<size_t>(current)];
-  b->source = b->act->inputs[0];
+  const int norm = fusable_norm(graph, *b);
+  if (norm >= 0) b->norm = &graph.nodes[static_cast<size_t>(norm)];
+  b->source = b->norm != nullptr ? b->norm->inputs[0] : b->act->inputs[0];
   for (const Node* step : b->chain) {
     if (step->op == "reshape" && node.op != "linear") return nullptr;
   }
@@ -207,14 +365,27 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   }
   if (b->source >= 0 && graph.nodes[static_cast<size_t>(b->source)].op == "constant") return nullptr;
   // Sign (levels {-1, +1}) ties go up: a = 2, c = -1; otherwise ties go to `low`: a = -(high - low), c = high.
+  // Coded inputs (more levels, or a folded BatchNorm): value = low + step * code, a = step, c = low.
   const double gap = static_cast<double>(high) - static_cast<double>(low);
-  b->ties_up = low == -1.0f && high == 1.0f;
+  b->ties_up = levels.size() == 2 && low == -1.0f && high == 1.0f;
   b->threshold = static_cast<float>((static_cast<double>(low) + static_cast<double>(high)) / 2.0);
-  const double a_term = b->ties_up ? gap : -gap, c_term = b->ties_up ? low : high;
+  double a_term = b->ties_up ? gap : -gap, c_term = b->ties_up ? low : high;
+  if (levels.size() > 2 || b->norm != nullptr) {
+    const std::vector<float> mid = midpoints_of(levels);
+    b->count = static_cast<int64_t>(mid.size());
+    if (b->norm != nullptr) {
+      fold_norm(*b, mid, b->ties_up);
+      if (static_cast<int64_t>(b->signs.size()) != b->packed[0]) return nullptr;  // channels changed on the way
+    } else {
+      for (int64_t c = 0; c < b->packed[0]; ++c) b->thresholds.insert(b->thresholds.end(), mid.begin(), mid.end());
+      b->signs.assign(static_cast<size_t>(b->packed[0]), 1.0f);
+    }
+    a_term = gap / static_cast<double>(levels.size() - 1), c_term = low;
+  }
   const Geometry g = geometry(node);
   std::vector<std::vector<uint8_t>> planes;
   std::vector<double> coef, offset;
-  planes_of(node, g.co, planes, coef, offset);
+  planes_of(node, g, planes, coef, offset);
   b->planes = static_cast<int64_t>(planes.size());
   if (b->planes == 0) return nullptr;  // a one-level codebook: nothing to count, the float path is exact
   for (double& v : coef) v *= a_term;
@@ -229,7 +400,7 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
   Tensor x = source;
-  if (b.act->tensors.count("shift")) subtract_shift(x, b.act->tensors.at("shift").data);
+  if (b.act->tensors.count("shift") && b.norm == nullptr) subtract_shift(x, b.act->tensors.at("shift").data);
   for (const Node* step : b.chain) {
     Tensor next;
     next.shape = {n};
@@ -243,11 +414,12 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
     pad_tensor(x, b.layer->attrs.pad, b.layer->attrs.pad_mode, 0.0, padded);
     x = std::move(padded);
   }
-  // The kernels pack bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`).
+  // Sign packing takes bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`);
+  // coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
   const float t = b.threshold;
-  if (!b.ties_up) {
+  if (b.count == 0 && !b.ties_up) {
     for (float& v : x.data) v = t - v;
-  } else if (t != 0.0f) {
+  } else if (b.count == 0 && t != 0.0f) {
     for (float& v : x.data) v = v - t;
   }
   BinaryConv call;
@@ -264,6 +436,7 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   call.ho = flat ? 1 : out.shape[2], call.wo = flat ? 1 : out.shape[3], call.co = co, call.planes = b.planes;
   for (int k = 0; k < 4; ++k) call.steps[k] = b.steps[k];
   call.path = path;
+  if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
   std::vector<float> nhwc(static_cast<size_t>(n * call.ho * call.wo * co));

@@ -1,5 +1,5 @@
-// Weight layers on the bit-serial kernels (csrc/driver.h): the same claim rule and the same kernel arguments
-// as the Python x86 backend (lowbit/export/backends/x86/__init__.py and binary.py).
+// Weight layers on the bit-serial kernels (csrc/driver.h): the same claim rule, BatchNorm folding and kernel
+// arguments as the Python x86 backend (lowbit/export/backends/x86/__init__.py and binary.py).
 #pragma once
 
 #include <memory>
@@ -11,11 +11,15 @@ namespace lowbit {
 
 struct BinaryLayer {
   const Node* layer = nullptr;
-  const Node* act = nullptr;           // the two-level quant_act whose input the layer packs
+  const Node* act = nullptr;           // the coded quant_act whose input the layer packs
+  const Node* norm = nullptr;          // the BatchNorm folded into the thresholds (the layer packs its input)
   std::vector<const Node*> chain;      // reflect/replicate pads, nearest resizes, reshapes in between
   int source = -1;                     // node the activation reads (-1: the graph input)
   bool ties_up = true;                 // sign: bit where x - t >= 0; else bit where t - x >= 0
   float threshold = 0.0f;
+  // Multi-level or BatchNorm-folded input (driver.h LevelCode): thresholds (C, count), signs (C); empty: sign bits.
+  std::vector<float> thresholds, signs;
+  int64_t count = 0;
   Shape packed;                        // per-sample (C, H, W) the kernel packs
   std::vector<std::vector<uint64_t>> w_ts;
   std::vector<int64_t> phases;

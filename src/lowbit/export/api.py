@@ -39,7 +39,7 @@ def _check_input(graph: Graph) -> torch.Tensor:
 
 
 def _tied_activations(graph: Graph, values: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
-    """(module, fraction) of two-level activations feeding kernel layers whose inputs sit on the threshold.
+    """(module, fraction) of coded activations feeding kernel layers whose inputs sit on a threshold.
 
     There the simulated float32 model's outcome is decided by rounding noise of its accumulation order, while
     the kernels count exactly, so each tie may flip a bit and flips cascade (e.g. a freshly converted binary
@@ -53,8 +53,7 @@ def _tied_activations(graph: Graph, values: dict[str, torch.Tensor]) -> list[tup
         pre = values[node.inputs[0]]
         if "shift" in node.tensors:
             pre = pre - node.tensors["shift"].reshape(1, -1, *([1] * (pre.dim() - 2)))
-        binary = x86.binary_input(node)
-        gap = (pre - binary.threshold).abs()
+        gap = (pre.unsqueeze(-1) - x86.act_thresholds(node)).abs().amin(dim=-1)
         fraction = float((gap <= TIE_TOLERANCE * max(1.0, float(pre.abs().max()))).float().mean())
         if fraction > 0:
             tied.append((node.module or node.name, fraction))

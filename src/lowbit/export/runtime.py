@@ -40,13 +40,14 @@ def _producers(nodes: list[Node]) -> dict[str, Node]:
     return {node.name: node for node in nodes}
 
 
-def plan_graph(graph: Graph, kernel_path: str) -> list[Step]:
-    """Assign every node to a backend for ``kernel_path`` ("torch" or an x86 kernel path), drop dead nodes."""
+def plan_graph(graph: Graph, kernel_path: str, fuse_norm: bool = True) -> list[Step]:
+    """Assign every node to a backend for ``kernel_path`` ("torch" or an x86 kernel path), drop dead nodes;
+    ``fuse_norm`` folds a BatchNorm before a kernel layer's activation into its thresholds."""
     producers = _producers(graph.nodes)
     steps = []
     for node in graph.nodes:
         if kernel_path != build.TORCH_PATH and x86.claims(node, producers):
-            run, inputs = x86.plan(node, producers, kernel_path)
+            run, inputs = x86.plan(node, producers, kernel_path, fuse_norm)
             steps.append(Step(node, run, inputs, f"{x86.NAME}:{kernel_path}"))
         elif kernel_path != build.TORCH_PATH and x86.claims_latent(node):
             steps.append(Step(node, x86.plan_latent(node), list(node.inputs), f"{x86.NAME}:gemm"))

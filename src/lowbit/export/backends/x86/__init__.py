@@ -1,11 +1,12 @@
-"""The ``x86`` backend: conv, transposed conv and linear nodes whose input is a two-level activation run on
-the bit-serial kernels of ``csrc/``  (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
+"""The ``x86`` backend: conv, transposed conv and linear nodes whose input is a two-level or affine 3-16 level
+activation run on the bit-serial kernels of ``csrc/`` (AVX-512 VPOPCNTDQ, AVX2 or scalar, picked at run time).
 
-A weight node is claimed when its input comes from a ``quant_act`` node with two levels, possibly through
-reflect / replicate pads, nearest up-sampling and reshapes (which commute with an element-wise activation):
-the node then reads the
-activation's *input* and binarises it while packing, so the float activation tensor is never built when
-nothing else reads it. Everything else runs on the torch backend.
+A weight node is claimed when its input comes from such a ``quant_act`` node, possibly through reflect /
+replicate pads, nearest up-sampling and reshapes (which commute with an element-wise activation): the node
+then reads the activation's *input* and codes it while packing (sign bits, or the bit planes of the level
+index), so the float activation tensor is never built when nothing else reads it. An eval BatchNorm right
+before the activation folds into per-channel thresholds (``binary.fold_batch_norm``): the node then reads
+the BatchNorm's input. Everything else runs on the torch backend.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import torch
 
 from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends.x86 import build
-from lowbit.export.backends.x86.binary import SIGN_INPUT, BinaryInput, QuantWeightLayer
+from lowbit.export.backends.x86.binary import (
+    SIGN_INPUT,
+    BinaryInput,
+    LevelsInput,
+    QuantWeightLayer,
+    affine_levels,
+    fold_batch_norm,
+    levels_input,
+)
 from lowbit.export.ir import Node
 from lowbit.export.weights import codebook, codes, mask
 
@@ -38,6 +47,44 @@ def binary_input(act: Node) -> BinaryInput | None:
     return BinaryInput(low, high, ties_up=False)
 
 
+def activation_input(act: Node) -> BinaryInput | LevelsInput | None:
+    """How the kernels code a ``quant_act`` node's output: two levels as sign bits, 3-16 affine levels as
+    the bit planes of the level index; None for anything else (such a layer stays on the float path)."""
+    if act.op != "quant_act":
+        return None
+    binary = binary_input(act)
+    if binary is not None:
+        return binary
+    levels = affine_levels(act.tensors["levels"])
+    return None if levels is None else levels_input(levels)
+
+
+def act_thresholds(act: Node) -> torch.Tensor:
+    """The unfused thresholds (float32) of a claimed activation, where its output switches level."""
+    coding = activation_input(act)
+    if isinstance(coding, LevelsInput):
+        return coding.thresholds.reshape(-1)
+    return torch.tensor([coding.threshold], dtype=torch.float32)
+
+
+def _fold(act: Node, norm: Node) -> LevelsInput:
+    """The activation ``act`` of the BatchNorm ``norm``'s output as per-channel thresholds on its input."""
+    levels = act.tensors["levels"].to(torch.float32).reshape(-1).sort().values
+    midpoints = ((levels[1:] + levels[:-1]) / 2).reshape(1, -1)  # the torch backend's float32 midpoints
+    ties_up = activation_input(act) is SIGN_INPUT
+    shift = act.tensors.get("shift")
+    return fold_batch_norm(levels, midpoints, ties_up, shift, norm.tensors, norm.attrs["eps"])
+
+
+def fused_norm(act: Node, chain: list[Node], producers: dict[str, Node]) -> Node | None:
+    """The eval BatchNorm whose output ``act`` reads, when it folds into the packing thresholds (channels
+    kept: no reshape between the activation and the layer), else None."""
+    norm = producers.get(act.inputs[0])
+    if norm is None or norm.op != "batch_norm" or any(step.op == "reshape" for step in chain):
+        return None
+    return norm
+
+
 def _commutes(node: Node) -> bool:
     if node.op == "pad":
         return node.attrs["mode"] in ("reflect", "replicate")
@@ -47,13 +94,13 @@ def _commutes(node: Node) -> bool:
 
 
 def _source(node: Node, producers: dict[str, Node]) -> tuple[Node, list[Node]] | None:
-    """The two-level activation feeding ``node`` and the commuting nodes in between (in order)."""
+    """The coded activation feeding ``node`` and the commuting nodes in between (in order)."""
     chain: list[Node] = []
     current = producers.get(node.inputs[0])
     while current is not None and _commutes(current):
         chain.insert(0, current)
         current = producers.get(current.inputs[0])
-    if current is None or binary_input(current) is None:
+    if current is None or activation_input(current) is None:
         return None
     return current, chain
 
@@ -73,7 +120,7 @@ def _hyper(node: Node) -> dict:
     return hyper
 
 
-def kernel_layer(node: Node, binary: BinaryInput) -> QuantWeightLayer:
+def kernel_layer(node: Node, binary: BinaryInput | LevelsInput) -> QuantWeightLayer:
     """The bit-serial layer of a packed weight node fed by ``binary``."""
     weight = node.attrs["weight"]
     return QuantWeightLayer(
@@ -90,7 +137,7 @@ def kernel_layer(node: Node, binary: BinaryInput) -> QuantWeightLayer:
 
 
 def claims(node: Node, producers: dict[str, Node]) -> bool:
-    """Whether this backend runs ``node``: a packed, ungrouped weight layer fed by a two-level activation."""
+    """Whether this backend runs ``node``: a packed, ungrouped weight layer fed by a coded activation."""
     if node.op not in WEIGHT_OPS or node.attrs["weight"]["format"] != "packed":
         return False
     if node.attrs.get("groups", 1) != 1 or node.attrs.get("pad_mode", "reflect") == "constant":
@@ -102,13 +149,16 @@ def claims(node: Node, producers: dict[str, Node]) -> bool:
     return node.op == "linear" or not any(step.op == "reshape" for step in chain)
 
 
-def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..., torch.Tensor], list[str]]:
-    """(callable, inputs) running ``node`` on ``path``'s kernels from its activation's input."""
+def plan(
+    node: Node, producers: dict[str, Node], path: str, fuse_norm: bool = True
+) -> tuple[Callable[..., torch.Tensor], list[str]]:
+    """(callable, inputs) running ``node`` on ``path``'s kernels from its activation's input, or from the
+    input of the BatchNorm before it when that folds into the thresholds (``fuse_norm``)."""
     act, chain = _source(node, producers)
-    binary = binary_input(act)
-    layer = kernel_layer(node, binary)
+    norm = fused_norm(act, chain, producers) if fuse_norm else None
+    layer = kernel_layer(node, activation_input(act) if norm is None else _fold(act, norm))
     layer.kernel_path = path
-    shift = act.tensors.get("shift")
+    shift = act.tensors.get("shift") if norm is None else None
     steps = [torch_backend.build(step) for step in chain]
     pad = node.attrs.get("pad")
     if pad is not None:
@@ -122,7 +172,7 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
         with torch.no_grad():
             return layer(x)
 
-    return run, [act.inputs[0]]
+    return run, [act.inputs[0] if norm is None else norm.inputs[0]]
 
 
 def claims_latent(node: Node) -> bool:

@@ -1,10 +1,11 @@
 """Inference modules of a packed model: quantized weight layers (bit-serial kernels on binary input), acts.
 
 A ``QuantWeightLayer`` keeps its k-bit codes and per-channel codebook. When its input comes from a binary
-activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}) it binarises the
-input itself and, on a kernel path, runs the ``csrc/`` kernels (derivation in ``kernels.h``'s header and
-docs/export.md); otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the
-reference the kernels are tested against.
+activation (sign, or any two-level quantizer such as 1-bit ``act`` with levels {0, a}: ``BinaryInput``) or
+an affine multi-level one, possibly behind a folded BatchNorm (``LevelsInput``), it codes the input itself
+and, on a kernel path, runs the ``csrc/`` kernels (derivation in ``kernels.h``'s header and docs/export.md);
+otherwise (or on the "torch" path) it runs the float layer on the dequantized weights, the reference the
+kernels are tested against. Table codebooks run as the planes of ``decompose_codebook``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,112 @@ class BinaryInput:
 #: sign(x) with sign(0) = +1 (SPEC §2)
 SIGN_INPUT = BinaryInput(-1.0, 1.0, ties_up=True)
 
+#: most activation levels the kernels code into bit planes (4 planes)
+MAX_LEVELS = 16
+#: |level_j - (low + step * j)| allowed, relative to the largest |level|, for levels to count as affine
+AFFINE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class LevelsInput:
+    """An affine multi-level activation (levels ``low + step * j``) that the kernels code while packing.
+
+    Input channel c's code is ``j = #{m : signs[c] * x > thresholds[c, m]}`` (``>=`` when ``ties_up``) and its
+    value ``levels[j]``; bit b of j is activation plane b, so a layer costs weight planes x activation planes
+    (docs/export.md "Kernels"). Unfused, the thresholds are the levels' float32 midpoints for every channel
+    (ties go down, as torch.bucketize); a folded BatchNorm makes them per channel (``fold_batch_norm``).
+    """
+
+    levels: torch.Tensor  # (L,) float32, ascending
+    thresholds: torch.Tensor  # (C or 1, L - 1) float32, ascending along dim 1
+    signs: torch.Tensor  # (C or 1,) float32 of +1 / -1
+    ties_up: bool
+
+    @property
+    def terms(self) -> tuple[float, float]:
+        """``(a, c)`` with value = c + a * code: the step and the lowest level."""
+        low, high = float(self.levels[0]), float(self.levels[-1])
+        return (high - low) / (len(self.levels) - 1), low
+
+    def channel_args(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thresholds (channels, L - 1) and signs (channels,), contiguous float32 (``levels_conv``'s)."""
+        count = self.thresholds.shape[1]
+        return (
+            self.thresholds.expand(channels, count).contiguous(),
+            self.signs.expand(channels).contiguous(),
+        )
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer code of every element of x (N, C, ...), exactly as the kernels' packer computes it."""
+        thresholds, signs = self.channel_args(x.shape[1])
+        view = (1, x.shape[1], *([1] * (x.dim() - 2)))
+        y = (x * signs.reshape(view)).unsqueeze(-1)
+        t = thresholds.reshape(*view, -1)
+        return ((y >= t) if self.ties_up else (y > t)).sum(dim=-1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation itself (the float reference path)."""
+        return self.levels[self.codes(x)]
+
+
+def affine_levels(levels: torch.Tensor) -> torch.Tensor | None:
+    """The sorted float32 levels when they are ``low + step * j`` (within AFFINE_TOLERANCE) and 3 to
+    MAX_LEVELS of them, else None (such activations stay on the float path)."""
+    values = levels.to(torch.float32).reshape(-1).sort().values
+    count = values.numel()
+    if not 3 <= count <= MAX_LEVELS or not bool(torch.isfinite(values).all()) or values[-1] <= values[0]:
+        return None
+    exact = values.to(torch.float64)
+    line = exact[0] + (exact[-1] - exact[0]) / (count - 1) * torch.arange(count, dtype=torch.float64)
+    if float((exact - line).abs().max()) > AFFINE_TOLERANCE * float(exact.abs().max()):
+        return None
+    return values
+
+
+def levels_input(levels: torch.Tensor) -> LevelsInput:
+    """The unfused coding of sorted float32 ``levels``: the torch backend's midpoints, ties going down."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    return LevelsInput(levels, midpoints.reshape(1, -1), torch.ones(1), ties_up=False)
+
+
+def _round_threshold(value: torch.Tensor, ties_up: bool) -> torch.Tensor:
+    """float64 thresholds as float32 that float32 inputs compare against exactly as against the float64
+    values: rounded down for ``y > t``, up for ``y >= t``."""
+    rounded = value.to(torch.float32)
+    wrong = rounded < value if ties_up else rounded > value
+    towards = torch.full_like(rounded, math.inf if ties_up else -math.inf)
+    return torch.where(wrong, torch.nextafter(rounded, towards), rounded)
+
+
+def fold_batch_norm(
+    levels: torch.Tensor,
+    thresholds: torch.Tensor,
+    ties_up: bool,
+    shift: torch.Tensor | None,
+    bn: dict[str, torch.Tensor],
+    eps: float,
+) -> LevelsInput:
+    """The activation ``levels`` with ``thresholds`` (1, L-1), applied to ``BN(x) - shift``, as per-channel
+    thresholds on x: BN(x) = (x - mean) * s + beta with s = gamma / sqrt(var + eps), so BN(x) - shift > t
+    iff x > mean + (t + shift - beta) / s for s > 0, and -x > -(same) for s < 0 (the comparison flips);
+    s = 0 makes the code constant (thresholds -inf or +inf). Computed in float64, rounded so the float32
+    comparison equals the float64 one (exact folding up to float64 rounding; docs/export.md "Fusion")."""
+    mean, var = bn["running_mean"].to(torch.float64), bn["running_var"].to(torch.float64)
+    channels = mean.numel()
+    gamma = bn["weight"].to(torch.float64) if "weight" in bn else torch.ones(channels, dtype=torch.float64)
+    beta = bn["bias"].to(torch.float64) if "bias" in bn else torch.zeros(channels, dtype=torch.float64)
+    scale = gamma / torch.sqrt(var + eps)
+    shifted = thresholds.to(torch.float64).expand(channels, -1)
+    if shift is not None:
+        shifted = shifted + shift.to(torch.float64).reshape(-1, 1)
+    crossing = mean[:, None] + (shifted - beta[:, None]) / scale[:, None]
+    signs = torch.where(scale < 0, -1.0, 1.0).to(torch.float64)
+    folded = crossing * signs[:, None]
+    passes = (beta[:, None] >= shifted) if ties_up else (beta[:, None] > shifted)
+    constant = torch.where(passes, -math.inf, math.inf).to(torch.float64)
+    folded = torch.where((scale == 0)[:, None], constant, folded)
+    return LevelsInput(levels, _round_threshold(folded, ties_up), signs.to(torch.float32), ties_up)
+
 
 @dataclass
 class _Plan:
@@ -78,6 +185,64 @@ class _Plan:
     coef_a: torch.Tensor
     offset_a: torch.Tensor
     steps: list[int]
+
+
+#: a codebook decomposition: (offset, plane coefficients, per-code plane mask) with
+#: level[code] = offset + sum_p coef[p] * bit_p(mask[code])
+Decomposition = tuple[float, list[float], list[int]]
+
+
+def _additive(row: list[float], tol: float) -> Decomposition | None:
+    """LQ-Nets' ``v^T e`` form (003 §3.1): 2^k levels that are all subset sums ``low + sum_{b in S} g_b`` of k
+    generators (recovered smallest first, as subset-sum multisets are), so k planes weighted by the basis."""
+    n = len(row)
+    if n < 2 or n & (n - 1):
+        return None
+    order = sorted(range(n), key=row.__getitem__)
+    low = row[order[0]]
+    remaining = [(row[code] - low, code) for code in order[1:]]
+    sums, masks, gens = [(0.0, 0)], {order[0]: 0}, []
+    while remaining:
+        g, bit = remaining[0][0], 1 << len(gens)
+        grown = []
+        for value, pattern in sums:
+            match = next((j for j, (d, _) in enumerate(remaining) if abs(d - value - g) <= tol), None)
+            if match is None:
+                return None
+            masks[remaining.pop(match)[1]] = pattern | bit
+            grown.append((value + g, pattern | bit))
+        sums += grown
+        gens.append(g)
+    return low, gens, [masks[code] for code in range(n)]
+
+
+def _fixed_point(row: list[float], tol: float) -> Decomposition | None:
+    """Levels on a grid ``low + q * z`` (z integer, q the smallest gap), e.g. signed powers of two (002 §2,
+    ``{±2^-e}``: q = the smallest power): bit b of z is plane b with coefficient ``q * 2^b``."""
+    low = min(row)
+    ordered = sorted(row)
+    gaps = [b - a for a, b in zip(ordered, ordered[1:], strict=False) if b - a > tol]
+    if not gaps:
+        return None
+    q = min(gaps)
+    z = [round((v - low) / q) for v in row]
+    if any(abs(v - low - q * k) > tol for v, k in zip(row, z, strict=True)):
+        return None
+    return low, [q * 2**b for b in range(max(z).bit_length())], z
+
+
+def _one_hot(row: list[float]) -> Decomposition:
+    """Any table: plane l-1 marks code l, coefficient ``level_l - level_0`` (2^k - 1 planes)."""
+    masks = [0 if code == 0 else 1 << (code - 1) for code in range(len(row))]
+    return row[0], [v - row[0] for v in row[1:]], masks
+
+
+def decompose_codebook(row: list[float]) -> Decomposition:
+    """The exact (within AFFINE_TOLERANCE of the largest level) decomposition of one channel's codebook with
+    the fewest planes: additive (LQ-Nets), fixed-point (powers of two), else one-hot."""
+    tol = AFFINE_TOLERANCE * max(abs(v) for v in row)
+    found = [d for d in (_additive(row, tol), _fixed_point(row, tol)) if d is not None]
+    return min([*found, _one_hot(row)], key=lambda d: len(d[1]))
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -103,6 +268,23 @@ def _pack_bit_rows(bits: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _table_planes(codes: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Planes, coefficients and offsets of a table codebook ``book`` (Co, levels) float64 for ``codes``
+    (Co, ...): each channel decomposed on its own, channels with fewer planes padded with empty ones."""
+    parts = [decompose_codebook(row) for row in book.tolist()]
+    count = max(len(coef) for _, coef, _ in parts)
+    coef = torch.zeros(count, len(parts), dtype=torch.float64)
+    masks = torch.zeros(len(parts), book.shape[1], dtype=torch.int64)
+    for c, (_, row_coef, row_masks) in enumerate(parts):
+        coef[: len(row_coef), c] = torch.tensor(row_coef, dtype=torch.float64)
+        masks[c] = torch.tensor(row_masks)
+    offset = torch.tensor([low for low, _, _ in parts], dtype=torch.float64)
+    channel = torch.arange(codes.shape[0]).reshape(-1, *([1] * (codes.dim() - 1))).expand(codes.shape)
+    mask = masks[channel, codes.long()]
+    planes = torch.stack([(mask >> p) & 1 for p in range(count)]).bool()
+    return planes, coef, offset
+
+
 class QuantWeightLayer(nn.Module):
     """Conv2d / ConvTranspose2d / Linear rebuilt from k-bit codes + a per-channel codebook."""
 
@@ -114,7 +296,7 @@ class QuantWeightLayer(nn.Module):
         channel_dim: int,
         bias: torch.Tensor | None,
         hyper: dict,
-        binary_input: BinaryInput | None,
+        binary_input: BinaryInput | LevelsInput | None,
         affine: bool,
         mask: torch.Tensor | None = None,
     ) -> None:
@@ -210,7 +392,8 @@ class QuantWeightLayer(nn.Module):
 
     def _planes(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bit planes (P, Co, Ci, Kh, Kw), coefficients (P, Co) and offsets (Co,) with
-        w = offset + sum_p coef[p] * plane_p (affine: bit planes, coef = scale * 2^b; else one-hot levels)."""
+        w = offset + sum_p coef[p] * plane_p (affine: bit planes, coef = scale * 2^b; tables: the cheapest
+        ``decompose_codebook`` of each channel)."""
         book = self.codebook.to(torch.float64)
         offset = book[:, 0]
         if self.affine:
@@ -219,9 +402,7 @@ class QuantWeightLayer(nn.Module):
             planes = torch.stack([(codes.long() >> b) & 1 for b in range(bits)]).bool()
             coef = torch.stack([scale * 2**b for b in range(bits)])
         else:
-            levels = range(1, book.shape[1])
-            planes = torch.stack([codes.long() == level for level in levels])
-            coef = torch.stack([book[:, level] - offset for level in levels])
+            planes, coef, offset = _table_planes(codes, book)
         return planes, coef, offset
 
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -323,18 +504,18 @@ class QuantWeightLayer(nn.Module):
         if self._plan is None:
             self._plan = self._build_plan()
         plan = self._plan
-        x4 = self.binary_input.kernel_input(x4.to(torch.float32))
+        args = (plan.w_ts, plan.phases, plan.coef_a, plan.offset_a)
+        path = kernels.path_id(self.kernel_path)
+        x4 = x4.to(torch.float32)
         base = self._base(x4.shape[2], x4.shape[3])
-        out = kernels.kernel_ops().binary_conv(
-            x4,
-            plan.w_ts,
-            plan.phases,
-            plan.coef_a,
-            plan.offset_a,
-            base,
-            plan.steps,
-            kernels.path_id(self.kernel_path),
-        )
+        if isinstance(self.binary_input, LevelsInput):
+            thresholds, signs = self.binary_input.channel_args(x4.shape[1])
+            ties_up = self.binary_input.ties_up
+            ops = kernels.kernel_ops()
+            out = ops.levels_conv(x4, *args, base, plan.steps, path, thresholds, signs, ties_up)
+        else:
+            x4 = self.binary_input.kernel_input(x4)
+            out = kernels.kernel_ops().binary_conv(x4, *args, base, plan.steps, path)
         return (
             out.reshape(out.shape[0], -1) if flat else out.permute(0, 3, 1, 2)
         )  # NCHW, channels-last memory

@@ -132,10 +132,15 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
       const int64_t c0 = cb * 4 * CV;
       __m256i acc[P * CV], bytes[P * CV];
       for (int j = 0; j < P * CV; ++j) acc[j] = bytes[j] = zero;
+      for (int64_t plane = a.act_planes - 1; plane >= 0; --plane) {  // Horner over the activation planes
+      for (int j = 0; j < P * CV; ++j) {
+        acc[j] = _mm256_slli_epi64(_mm256_add_epi64(acc[j], _mm256_sad_epu8(bytes[j], zero)), 1);
+        bytes[j] = zero;
+      }
       const uint64_t* wrow = f.w_t + c0;
       int pending = 0;
       for (int64_t t = 0; t < taps; ++t) {
-        const uint64_t* src = pixel.px + offs[t];
+        const uint64_t* src = pixel.px + offs[t] + plane * wc;
         for (int64_t k = 0; k < wc; ++k, wrow += rp) {
           const __m256i xv = _mm256_set1_epi64x(static_cast<long long>(src[k]));
           for (int b = 0; b < P; ++b) {
@@ -155,6 +160,7 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
             pending = 0;
           }
         }
+      }
       }
       for (int v = 0; v < CV; ++v) {
         const int64_t c = c0 + 4 * v;
@@ -195,11 +201,93 @@ RowFn pick_avx2_regs(int64_t planes, int64_t co) {
   return nullptr;
 }
 
+// The codes of 8 values y as 32-bit lanes: the number of thresholds passed (t: the thresholds, one broadcast
+// each when stride is 0, else vectors `stride` floats apart).
+__attribute__((target("avx2"))) inline __m256i codes8(__m256 y, const float* t, int64_t stride, const LevelArgs& l) {
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i code = _mm256_setzero_si256();
+  for (int64_t m = 0; m < l.count; ++m) {
+    const __m256 tv = stride == 0 ? _mm256_set1_ps(t[m]) : _mm256_loadu_ps(t + m * stride);
+    const __m256 pass = l.ties_up ? _mm256_cmp_ps(y, tv, _CMP_GE_OQ) : _mm256_cmp_ps(y, tv, _CMP_GT_OQ);
+    code = _mm256_add_epi32(code, _mm256_and_si256(_mm256_castps_si256(pass), one));
+  }
+  return code;
+}
+
+// NCHW level coding, 8 pixels of one channel per compare: as pack_nchw_avx2, bit k % 32 of the low / high
+// half-word of each pixel, one pair of halves per plane, interleaved into 64-bit words at the end.
+__attribute__((target("avx2"))) void pack_levels_nchw_avx2(const float* src, uint64_t* dst, const int64_t* at,
+                                                           int64_t c, int64_t hw, int64_t wc, int64_t p0,
+                                                           int64_t total, const LevelArgs& l) {
+  alignas(32) uint64_t lanes[8];
+  alignas(32) float tail[8];
+  for (int64_t j0 = 0; j0 < total; j0 += 8) {
+    const int64_t count = total - j0 < 8 ? total - j0 : 8;
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
+      __m256i half[kMaxCodePlanes][2];
+      for (int64_t b = 0; b < l.planes; ++b) half[b][0] = half[b][1] = _mm256_setzero_si256();
+      for (int64_t k = 0; k < channels; ++k) {
+        const int64_t ch = cw * 64 + k;
+        const float* row = src + ch * hw + p0 + j0;
+        if (count < 8) {
+          for (int64_t j = 0; j < 8; ++j) tail[j] = j < count ? row[j] : 0.0f;
+        }
+        const __m256 v = count == 8 ? _mm256_loadu_ps(row) : _mm256_load_ps(tail);
+        const __m256i code = codes8(_mm256_mul_ps(v, _mm256_set1_ps(l.signs[ch])), l.thresholds + ch * l.count, 0, l);
+        const __m256i bit = _mm256_set1_epi32(static_cast<int>(1u << (k % 32)));
+        for (int64_t b = 0; b < l.planes; ++b) {
+          const __m256i plane = _mm256_set1_epi32(1 << b);
+          const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(code, plane), plane);
+          half[b][k / 32] = _mm256_or_si256(half[b][k / 32], _mm256_and_si256(set, bit));
+        }
+      }
+      for (int64_t b = 0; b < l.planes; ++b) {
+        const __m256i lo = _mm256_unpacklo_epi32(half[b][0], half[b][1]);
+        const __m256i hi = _mm256_unpackhi_epi32(half[b][0], half[b][1]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 4), _mm256_permute2x128_si256(lo, hi, 0x31));
+        for (int64_t j = 0; j < count; ++j) dst[at[j0 + j] + b * wc + cw] = lanes[j];
+      }
+    }
+  }
+}
+
+// Channels-last level coding: 8 consecutive channels per compare against the transposed thresholds; bit b
+// of the 8 codes comes out of one movemask (the code's bit b moved to each lane's sign bit). Channels past
+// the last multiple of 8 take the portable comparisons (the same bits).
+__attribute__((target("avx2"))) void level_words_avx2(const float* pixel, int64_t first, int64_t channels, int64_t c,
+                                                      const LevelArgs& l, uint64_t* words) {
+  int64_t k = 0;
+  for (; k + 8 <= channels; k += 8) {
+    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(pixel + first + k), _mm256_loadu_ps(l.signs + first + k));
+    const __m256i code = codes8(y, l.thresholds_t + first + k, c, l);
+    for (int64_t b = 0; b < l.planes; ++b) {
+      const __m256i top = _mm256_sll_epi32(code, _mm_cvtsi64_si128(31 - b));
+      words[b] |= static_cast<uint64_t>(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(top)))) << k;
+    }
+  }
+  for (; k < channels; ++k) {
+    const int64_t ch = first + k;
+    const auto value = static_cast<uint64_t>(level_code(l.signs[ch] * pixel[ch], l.thresholds + ch * l.count, l.count,
+                                                        l.ties_up));
+    for (int64_t b = 0; b < l.planes; ++b) words[b] |= ((value >> b) & 1) << k;
+  }
+}
+
+__attribute__((target("avx2"))) void pack_levels_nhwc_avx2(const float* src, uint64_t* dst, const int64_t* at,
+                                                           int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
+                                                           int64_t count, const LevelArgs& l) {
+  pack_levels_nhwc<level_words_avx2>(src, dst, at, c, wc, p0, count, l);
+}
+
 }  // namespace
+
+LevelPackFn level_pack_fn_avx2(bool nchw) { return nchw ? pack_levels_nchw_avx2 : pack_levels_nhwc_avx2; }
 
 PackFn pack_fn_avx2(bool nchw) { return nchw ? pack_nchw_avx2 : pack_nhwc_avx2; }
 
-RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t /*wc*/, int64_t /*in_step_w*/) {
+RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t /*px_words*/, int64_t /*in_step_w*/) {
   const int64_t rows = planes * co;
   switch (rows) {
     case 1: return pixels_avx2<1>;

@@ -104,15 +104,18 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
       const int64_t c0 = cb * 8 * CV;
       __m512i acc[P * CV];
       for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
-      const uint64_t* wrow = f.w_t + c0;
-      for (int64_t t = 0; t < taps; ++t) {
-        const uint64_t* src = pixel.px + offs[t];
-        for (int64_t k = 0; k < wc; ++k, wrow += rp) {
-          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(src[k]));
-          for (int b = 0; b < P; ++b) {
-            for (int v = 0; v < CV; ++v) {
-              const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
-              acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+      for (int64_t plane = a.act_planes - 1; plane >= 0; --plane) {  // Horner over the activation planes
+        for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_slli_epi64(acc[j], 1);
+        const uint64_t* wrow = f.w_t + c0;
+        for (int64_t t = 0; t < taps; ++t) {
+          const uint64_t* src = pixel.px + offs[t] + plane * wc;
+          for (int64_t k = 0; k < wc; ++k, wrow += rp) {
+            const __m512i xv = _mm512_set1_epi64(static_cast<long long>(src[k]));
+            for (int b = 0; b < P; ++b) {
+              for (int v = 0; v < CV; ++v) {
+                const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
+                acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+              }
             }
           }
         }
@@ -149,8 +152,8 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void lane_counts_avx512(const
   for (int64_t r = 0; r < rows; ++r) _mm512_storeu_si512(counts[r], acc[r]);
 }
 
-// AVX-512 lanes with one input word per pixel and unit input step: a tap's 8 lanes are 8 consecutive
-// words of the padded input, one (masked) load; R = rows (planes * co).
+// AVX-512 lanes with one input word per pixel (one activation plane, <= 64 channels) and unit input step:
+// a tap's 8 lanes are 8 consecutive words of the padded input, one (masked) load; R = rows (planes * co).
 template <int R>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_lanes(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
@@ -222,14 +225,84 @@ RowFn pick_avx512_lanes(int64_t rows) {
   }
 }
 
+// Level codes of 16 values y (a vector): the number of thresholds passed, as 32-bit lanes.
+__attribute__((target("avx512f"))) inline __m512i codes16(__m512 y, const float* thresholds, int64_t stride,
+                                                          int64_t count, bool ties_up, __mmask16 valid) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i code = _mm512_setzero_si512();
+  for (int64_t m = 0; m < count; ++m) {
+    const __m512 t = stride == 0 ? _mm512_set1_ps(thresholds[m]) : _mm512_maskz_loadu_ps(valid, thresholds + m * stride);
+    const __mmask16 pass = ties_up ? _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GE_OQ)
+                                   : _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GT_OQ);
+    code = _mm512_mask_add_epi32(code, pass, code, one);
+  }
+  return code;
+}
+
+// NCHW: 16 pixels of one channel per compare; bit b of each code goes to plane b's 16 words by masked ORs
+// (as pack_nchw_avx512 does for signs).
+__attribute__((target("avx512f"))) void pack_levels_nchw_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                int64_t c, int64_t hw, int64_t wc, int64_t p0,
+                                                                int64_t total, const LevelArgs& l) {
+  alignas(64) uint64_t lanes[16];
+  for (int64_t j0 = 0; j0 < total; j0 += 16) {
+    const int64_t count = total - j0 < 16 ? total - j0 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      __m512i acc[kMaxCodePlanes][2];
+      for (int64_t b = 0; b < l.planes; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
+      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
+      for (int64_t k = 0; k < channels; ++k) {
+        const int64_t ch = cw * 64 + k;
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, src + ch * hw + p0 + j0), _mm512_set1_ps(l.signs[ch]));
+        const __m512i code = codes16(y, l.thresholds + ch * l.count, 0, l.count, l.ties_up, valid);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << k));
+        for (int64_t b = 0; b < l.planes; ++b) {
+          const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << b));
+          acc[b][0] = _mm512_mask_or_epi64(acc[b][0], static_cast<__mmask8>(set & 0xff), acc[b][0], bit);
+          acc[b][1] = _mm512_mask_or_epi64(acc[b][1], static_cast<__mmask8>(set >> 8), acc[b][1], bit);
+        }
+      }
+      for (int64_t b = 0; b < l.planes; ++b) {
+        _mm512_store_si512(lanes, acc[b][0]);
+        _mm512_store_si512(lanes + 8, acc[b][1]);
+        for (int64_t j = 0; j < count; ++j) dst[at[j0 + j] + b * wc + cw] = lanes[j];
+      }
+    }
+  }
+}
+
+// Channels-last: 16 consecutive channels per compare against the transposed thresholds.
+__attribute__((target("avx512f"))) void level_words_avx512(const float* pixel, int64_t first, int64_t channels,
+                                                           int64_t c, const LevelArgs& l, uint64_t* words) {
+  for (int64_t s = 0; s * 16 < channels; ++s) {
+    const int64_t from = first + s * 16, n = channels - s * 16 < 16 ? channels - s * 16 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, pixel + from), _mm512_maskz_loadu_ps(valid, l.signs + from));
+    const __m512i code = codes16(y, l.thresholds_t + from, c, l.count, l.ties_up, valid);
+    for (int64_t b = 0; b < l.planes; ++b) {
+      const __mmask16 set = _mm512_mask_test_epi32_mask(valid, code, _mm512_set1_epi32(1 << b));
+      words[b] |= static_cast<uint64_t>(set) << (16 * s);
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void pack_levels_nhwc_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
+                                                                int64_t count, const LevelArgs& l) {
+  pack_levels_nhwc<level_words_avx512>(src, dst, at, c, wc, p0, count, l);
+}
+
 }  // namespace
+
+LevelPackFn level_pack_fn_avx512(bool nchw) { return nchw ? pack_levels_nchw_avx512 : pack_levels_nhwc_avx512; }
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
   const int64_t rows = planes * co;
   if (rows <= kMaxLaneRows) {
-    RowFn fn = wc == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
+    RowFn fn = px_words == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
     return fn != nullptr ? fn : lanes_avx512;
   }
   RowFn fn = pick_avx512_regs(planes, co);

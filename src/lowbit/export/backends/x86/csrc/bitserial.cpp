@@ -1,4 +1,4 @@
-// The torch binding of the bit-serial kernels: tensors in and out, at::parallel_for as the thread pool and
+// The torch binding of the bit-serial kernels: tensors in and out, torch's thread count on the driver's pool and
 // the per-thread output pool. Everything else (cpuid dispatch, sign packing, binary_conv) is the torch-free
 // driver.cpp, shared with the native runtime; the derivation is in kernels.h's header and docs/export.md.
 #include <ATen/Parallel.h>
@@ -21,7 +21,9 @@ void check_path(int64_t path) {
   TORCH_CHECK(path_supported(path), "kernel path ", path, " is not supported by this CPU");
 }
 
-void torch_parallel(int64_t n, const ParallelBody& body) { at::parallel_for(0, n, 1, body); }
+// torch's intra-op thread count on the driver's pool: at::parallel_for is inline OpenMP, which this extension
+// (built without -fopenmp, so no second OpenMP runtime is loaded beside torch's) would run serially.
+void torch_parallel(int64_t n, const ParallelBody& body) { pool_parallel(at::get_num_threads(), n, body); }
 
 // x as the driver's Image: NCHW or channels-last float32 (anything else is made contiguous in `keep`).
 Image image_of(const at::Tensor& x, at::Tensor& keep) {
@@ -73,16 +75,15 @@ at::Tensor output_buffer(at::IntArrayRef sizes, const at::TensorOptions& options
   return out;
 }
 
-// All phases of a binary-input conv in one call (driver.h's BinaryConv): x (N, Ci, H, W) float32, NCHW or
-// channels-last; w_ts[f] int64 (words, rows_padded); coef2, offset2, base float64. Returns out (N, Ho, Wo, co).
-at::Tensor binary_conv(const at::Tensor& x, at::TensorList w_ts, at::IntArrayRef phases, const at::Tensor& coef2,
-                       const at::Tensor& offset2, const at::Tensor& base, at::IntArrayRef steps, int64_t path) {
+// The driver's call for the arguments of binary_conv (x is kept alive in `keep`).
+BinaryConv conv_call(const at::Tensor& x, at::TensorList w_ts, at::IntArrayRef phases, const at::Tensor& coef2,
+                     const at::Tensor& offset2, const at::Tensor& base, at::IntArrayRef steps, int64_t path,
+                     at::Tensor& keep) {
   TORCH_CHECK(coef2.scalar_type() == at::kDouble && offset2.scalar_type() == at::kDouble &&
                   base.scalar_type() == at::kDouble && base.is_contiguous() && coef2.is_contiguous() &&
                   offset2.is_contiguous(),
               "coef/offset/base must be contiguous float64");
   TORCH_CHECK(base.dim() == 3 && steps.size() == 4, "base must be (Ho, Wo, Co) and steps 4 ints");
-  at::Tensor keep;
   BinaryConv call;
   call.x = image_of(x, keep);
   call.ho = base.size(0), call.wo = base.size(1), call.co = base.size(2);
@@ -100,11 +101,43 @@ at::Tensor binary_conv(const at::Tensor& x, at::TensorList w_ts, at::IntArrayRef
   call.coef2 = coef2.data_ptr<double>(), call.offset2 = offset2.data_ptr<double>(), call.base = base.data_ptr<double>();
   for (int k = 0; k < 4; ++k) call.steps[k] = steps[k];
   call.path = path;
+  return call;
+}
+
+// Checks and runs a call into a (pooled) (N, Ho, Wo, co) float32 output.
+at::Tensor run_call(const BinaryConv& call, const at::Tensor& x) {
   const std::string bad = check_binary_conv(call);
   TORCH_CHECK(bad.empty(), "binary_conv: ", bad);
   at::Tensor out = output_buffer({call.x.n, call.ho, call.wo, call.co}, x.options());
   run_binary_conv(call, out.data_ptr<float>(), torch_parallel);
   return out;
+}
+
+// All phases of a binary-input conv in one call (driver.h's BinaryConv): x (N, Ci, H, W) float32, NCHW or
+// channels-last; w_ts[f] int64 (words, rows_padded); coef2, offset2, base float64. Returns out (N, Ho, Wo, co).
+at::Tensor binary_conv(const at::Tensor& x, at::TensorList w_ts, at::IntArrayRef phases, const at::Tensor& coef2,
+                       const at::Tensor& offset2, const at::Tensor& base, at::IntArrayRef steps, int64_t path) {
+  at::Tensor keep;
+  return run_call(conv_call(x, w_ts, phases, coef2, offset2, base, steps, path, keep), x);
+}
+
+// binary_conv on a multi-level (or threshold-fused) input: x is coded by driver.h's LevelCode with
+// thresholds (Ci, count) float32 and signs (Ci,) float32 (+1 / -1), into code_planes(count) bit planes.
+at::Tensor levels_conv(const at::Tensor& x, at::TensorList w_ts, at::IntArrayRef phases, const at::Tensor& coef2,
+                       const at::Tensor& offset2, const at::Tensor& base, at::IntArrayRef steps, int64_t path,
+                       const at::Tensor& thresholds, const at::Tensor& signs, bool ties_up) {
+  at::Tensor keep;
+  BinaryConv call = conv_call(x, w_ts, phases, coef2, offset2, base, steps, path, keep);
+  TORCH_CHECK(thresholds.scalar_type() == at::kFloat && thresholds.is_contiguous() && thresholds.dim() == 2 &&
+                  thresholds.size(0) == call.x.c,
+              "thresholds must be a contiguous float32 (in_channels, count) tensor");
+  TORCH_CHECK(signs.scalar_type() == at::kFloat && signs.is_contiguous() && signs.numel() == call.x.c,
+              "signs must be a contiguous float32 tensor of in_channels values");
+  call.levels.thresholds = thresholds.data_ptr<float>();
+  call.levels.signs = signs.data_ptr<float>();
+  call.levels.count = thresholds.size(1);
+  call.levels.ties_up = ties_up;
+  return run_call(call, x);
 }
 
 }  // namespace
@@ -116,4 +149,7 @@ TORCH_LIBRARY(lowbit_bitserial, m) {
   m.def("binary_conv(Tensor x, Tensor[] w_ts, int[] phases, Tensor coef2, Tensor offset2, Tensor base, "
         "int[] steps, int path) -> Tensor",
         &lowbit::binary_conv);
+  m.def("levels_conv(Tensor x, Tensor[] w_ts, int[] phases, Tensor coef2, Tensor offset2, Tensor base, "
+        "int[] steps, int path, Tensor thresholds, Tensor signs, bool ties_up) -> Tensor",
+        &lowbit::levels_conv);
 }

@@ -2,6 +2,12 @@
 #include "driver.h"
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include <unistd.h>
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -44,14 +50,14 @@ PackFn pack_fn(int64_t path, bool nchw) {
   return pack_fn_scalar(nchw);
 }
 
-RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
+RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
 #if defined(__x86_64__)
-  if (path == kAvx512) return pick_row_avx512(planes, co, wc, in_step_w);
-  if (path == kAvx2) return pick_row_avx2(planes, co, wc, in_step_w);
+  if (path == kAvx512) return pick_row_avx512(planes, co, px_words, in_step_w);
+  if (path == kAvx2) return pick_row_avx2(planes, co, px_words, in_step_w);
 #elif defined(__aarch64__)
-  if (path == kNeon) return pick_row_neon(planes, co, wc, in_step_w);
+  if (path == kNeon) return pick_row_neon(planes, co, px_words, in_step_w);
 #endif
-  return pick_row_scalar(planes, co, wc, in_step_w);
+  return pick_row_scalar(planes, co, px_words, in_step_w);
 }
 
 // One phase's geometry as the phase list gives it.
@@ -107,23 +113,100 @@ int64_t padded_words(const Image& x, const PackGeometry& g) {
   return x.n * (x.h + g.pad_top + g.pad_bottom) * (x.w + g.pad_left + g.pad_right) * ((x.c + 63) / 64);
 }
 
-void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel) {
-  const int64_t c = x.c, h = x.h, w = x.w, hw = h * w, wc = (c + 63) / 64;
-  const int64_t hp = h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right;
+namespace {
+
+// Calls pack(image, p0, count, at_word, image_dst) for every chunk of up to kChunk pixels of every image, on
+// `parallel`: at_word[j] is the word of chunk pixel j in its zero-padded image of px_words words a pixel.
+template <typename Pack>
+void for_each_chunk(const Image& x, const PackGeometry& g, int64_t px_words, uint64_t* dst,
+                    const ParallelFor& parallel, const Pack& pack) {
+  const int64_t w = x.w, hw = x.h * w, hp = x.h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right;
   const int64_t chunks = (hw + kChunk - 1) / kChunk;
-  const PackFn pack = pack_fn(path, x.nchw);
   parallel(x.n * chunks, [&](int64_t begin, int64_t end) {
     int64_t at_word[kChunk];
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t i = idx / chunks, p0 = (idx % chunks) * kChunk, count = hw - p0 < kChunk ? hw - p0 : kChunk;
       int64_t y = p0 / w, xc = p0 % w;
       for (int64_t j = 0; j < count; ++j) {
-        at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * wc;
+        at_word[j] = ((y + g.pad_top) * wp + xc + g.pad_left) * px_words;
         if (++xc == w) xc = 0, ++y;
       }
-      pack(x.data + i * c * hw, dst + i * hp * wp * wc, at_word, c, hw, wc, p0, count);
+      pack(x.data + i * x.c * hw, p0, count, at_word, dst + i * hp * wp * px_words);
     }
   });
+}
+
+}  // namespace
+
+void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel) {
+  const int64_t wc = (x.c + 63) / 64, hw = x.h * x.w;
+  const PackFn pack = pack_fn(path, x.nchw);
+  for_each_chunk(x, g, wc, dst, parallel,
+                 [&](const float* image, int64_t p0, int64_t count, const int64_t* at, uint64_t* out) {
+                   pack(image, out, at, x.c, hw, wc, p0, count);
+                 });
+}
+
+int64_t code_planes(int64_t count) {
+  int64_t planes = 1;
+  while ((int64_t{1} << planes) <= count) ++planes;
+  return planes;
+}
+
+namespace {
+
+// The portable level packer (every path but AVX-512; the same comparisons, so the same bits).
+void pack_levels_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw, int64_t wc,
+                          int64_t p0, int64_t count_px, bool nchw, const LevelArgs& l) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const int shift = static_cast<int>(ch % 64);
+    for (int64_t j = 0; j < count_px; ++j) {
+      const float v = nchw ? src[ch * hw + p0 + j] : src[(p0 + j) * c + ch];
+      const auto value = static_cast<uint64_t>(level_code(l.signs[ch] * v, l.thresholds + ch * l.count, l.count,
+                                                          l.ties_up));
+      uint64_t* word = dst + at[j] + ch / 64;
+      for (int64_t b = 0; b < l.planes; ++b) word[b * wc] |= ((value >> b) & 1) << shift;
+    }
+  }
+}
+
+void pack_levels_nchw_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw,
+                               int64_t wc, int64_t p0, int64_t count_px, const LevelArgs& l) {
+  pack_levels_portable(src, dst, at, c, hw, wc, p0, count_px, true, l);
+}
+
+void pack_levels_nhwc_portable(const float* src, uint64_t* dst, const int64_t* at, int64_t c, int64_t hw,
+                               int64_t wc, int64_t p0, int64_t count_px, const LevelArgs& l) {
+  pack_levels_portable(src, dst, at, c, hw, wc, p0, count_px, false, l);
+}
+
+LevelPackFn level_pack_fn(int64_t path, bool nchw) {
+#if defined(__x86_64__)
+  if (path == kAvx512) return level_pack_fn_avx512(nchw);
+  if (path == kAvx2) return level_pack_fn_avx2(nchw);
+#endif
+  return nchw ? pack_levels_nchw_portable : pack_levels_nhwc_portable;
+}
+
+}  // namespace
+
+void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const PackGeometry& g, uint64_t* dst,
+                      const ParallelFor& parallel) {
+  const int64_t hw = x.h * x.w, wc = (x.c + 63) / 64, planes = code_planes(code.count);
+  std::vector<float> transposed(static_cast<size_t>(x.c * code.count));
+  for (int64_t ch = 0; ch < x.c; ++ch) {
+    for (int64_t m = 0; m < code.count; ++m) {
+      transposed[static_cast<size_t>(m * x.c + ch)] = code.thresholds[ch * code.count + m];
+    }
+  }
+  const std::vector<float> ones(static_cast<size_t>(x.c), 1.0f);
+  const LevelArgs args{code.thresholds, transposed.data(), code.signs != nullptr ? code.signs : ones.data(),
+                       code.count, planes, code.ties_up};
+  const LevelPackFn pack = level_pack_fn(path, x.nchw);
+  for_each_chunk(x, g, planes * wc, dst, parallel,
+                 [&](const float* image, int64_t p0, int64_t count, const int64_t* at, uint64_t* out) {
+                   pack(image, out, at, x.c, hw, wc, p0, count, args);
+                 });
 }
 
 std::string check_binary_conv(const BinaryConv& c) {
@@ -135,6 +218,9 @@ std::string check_binary_conv(const BinaryConv& c) {
   const std::string bad = parse_phases(c.phases, taps);
   if (!bad.empty()) return bad;
   if (taps.size() != c.w_ts.size() || taps.size() != c.w_t_words.size()) return "one w_t per phase";
+  if (c.levels.thresholds != nullptr && (c.levels.count < 1 || c.levels.count > 255)) {
+    return "a multi-level input needs 1 to 255 thresholds per channel";
+  }
   if (c.rows_padded % 8 != 0 || c.rows_padded < c.planes * c.co) return "w_t rows must cover planes * co, padded to 8";
   const int64_t wc = (c.x.c + 63) / 64;
   for (size_t k = 0; k < taps.size(); ++k) {
@@ -152,21 +238,27 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   a.wc = (c.x.c + 63) / 64;
   a.ho = c.ho, a.wo = c.wo, a.co = c.co, a.planes = c.planes, a.rows_padded = c.rows_padded;
   a.in_step_h = c.steps[0], a.in_step_w = c.steps[1], a.out_step_h = c.steps[2], a.out_step_w = c.steps[3];
+  const bool multi_level = c.levels.thresholds != nullptr;
+  a.act_planes = multi_level ? code_planes(c.levels.count) : 1;
+  a.px_words = a.act_planes * a.wc;
   // The bit image lives in a per-thread buffer reused across calls: no allocation (or page faults) per call.
   // (It is given back when a call needs under a quarter of a large one, e.g. after one huge batch.)
   thread_local std::vector<uint64_t> bits;
-  const auto needed = static_cast<size_t>(padded_words(c.x, g));
+  const auto needed = static_cast<size_t>(padded_words(c.x, g) * a.act_planes);
   if (bits.capacity() > (size_t{1} << 20) && needed < bits.capacity() / 4) std::vector<uint64_t>().swap(bits);
   bits.assign(needed, 0);
-  pack_sign_into(c.x, c.path, g, bits.data(), parallel);
+  if (multi_level) {
+    pack_levels_into(c.x, c.levels, c.path, g, bits.data(), parallel);
+  } else {
+    pack_sign_into(c.x, c.path, g, bits.data(), parallel);
+  }
   a.hp = c.x.h + g.pad_top + g.pad_bottom, a.wp = c.x.w + g.pad_left + g.pad_right;
   a.x = bits.data();
   a.coef2 = c.coef2, a.offset2 = c.offset2, a.base = c.base, a.out = out;
 
   std::vector<PhaseInfo> infos;
   std::vector<RowFn> fns;
-  std::vector<int64_t> first_row;  // prefix sums of the (image, qh) rows of every phase
-  int64_t total_rows = 0, max_words = 0;
+  int64_t max_qh = 0, max_words = 0;
   const bool few_rows = a.planes * a.co <= kMaxLaneRows;
   for (size_t k = 0; k < taps.size(); ++k) {
     const Taps& t = taps[k];
@@ -174,30 +266,109 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     f.ph = t.ph, f.pw = t.pw;
     f.n_qh = count_q(t.ph, a.ho, a.out_step_h), f.n_qw = count_q(t.pw, a.wo, a.out_step_w);
     for (const int64_t th : t.th) {
-      for (const int64_t tw : t.tw) f.offs.push_back(((th + g.pad_top) * a.wp + tw + g.pad_left) * a.wc);
+      for (const int64_t tw : t.tw) f.offs.push_back(((th + g.pad_top) * a.wp + tw + g.pad_left) * a.px_words);
     }
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
     max_words = std::max(max_words, f.words);
-    first_row.push_back(total_rows);
-    total_rows += c.x.n * f.n_qh;
+    max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
-    fns.push_back(pick_row(c.path, a.planes, a.co, a.wc, a.in_step_w));
+    fns.push_back(pick_row(c.path, a.planes, a.co, a.px_words, a.in_step_w));
   }
-  first_row.push_back(total_rows);
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
-  parallel(total_rows, [&](int64_t begin, int64_t end) {
+  // One task per (image, qh): every phase's row qh, i.e. the output rows qh * out_step_h + ph, so no two
+  // tasks write the same output row (phases interleave within a row: splitting by phase shares cache lines).
+  parallel(c.x.n * max_qh, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.patch.assign(patch_words > 0 ? patch_words : 1, 0);
     s.counts.assign(a.rows_padded > 0 ? a.rows_padded : 8, 0);
-    size_t k = 0;
     for (int64_t idx = begin; idx < end; ++idx) {
-      while (idx >= first_row[k + 1]) ++k;
-      const PhaseInfo& f = infos[k];
-      const int64_t local = idx - first_row[k];
-      fns[k](a, f, local / f.n_qh, local % f.n_qh, s);
+      const int64_t i = idx / max_qh, qh = idx % max_qh;
+      for (size_t k = 0; k < infos.size(); ++k) {
+        if (qh < infos[k].n_qh) fns[k](a, infos[k], i, qh, s);
+      }
     }
   });
+}
+
+namespace {
+
+// A process-wide pool of worker threads (created on first use, grown on demand, never destroyed, so exit-time
+// teardown never meets a running worker). A call hands out blocks of [0, n) from an atomic counter to the
+// caller and `threads - 1` workers; results never depend on the split (every task writes its own outputs).
+class WorkerPool {
+ public:
+  void run(int64_t threads, int64_t n, const ParallelBody& body) {
+    const int64_t helpers = std::min(threads, n) - 1;
+    if (helpers <= 0) {
+      body(0, n);
+      return;
+    }
+    std::lock_guard<std::mutex> one_call(call_mutex_);
+    Job job{&body, n, std::max<int64_t>(1, n / (8 * (helpers + 1)))};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (; started_ < helpers; ++started_) std::thread(&WorkerPool::serve, this, started_).detach();
+      job_ = &job, helpers_ = helpers, busy_ = helpers, ++generation_;
+    }
+    wake_.notify_all();
+    work(job);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  struct Job {
+    const ParallelBody* body;
+    int64_t n, block;
+    std::atomic<int64_t> next{0};
+  };
+
+  static void work(Job& job) {
+    for (;;) {
+      const int64_t begin = job.next.fetch_add(job.block);
+      if (begin >= job.n) return;
+      (*job.body)(begin, std::min(job.n, begin + job.block));
+    }
+  }
+
+  void serve(int64_t index) {
+    int64_t seen = 0;
+    for (;;) {
+      Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= helpers_) continue;  // a smaller call: this worker sits it out
+        job = job_;
+      }
+      work(*job);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex call_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  Job* job_ = nullptr;
+  int64_t started_ = 0, helpers_ = 0, busy_ = 0, generation_ = 0;
+};
+
+}  // namespace
+
+void pool_parallel(int64_t threads, int64_t n, const ParallelBody& body) {
+  // One pool per process: a fork()ed child (e.g. a data-loader worker) gets a fresh one, its parent's
+  // workers do not exist there.
+  static WorkerPool* pool = new WorkerPool();
+  static pid_t owner = getpid();
+  static std::mutex fork_mutex;
+  {
+    std::lock_guard<std::mutex> lock(fork_mutex);
+    if (getpid() != owner) pool = new WorkerPool(), owner = getpid();
+  }
+  pool->run(threads, n, body);
 }
 
 }  // namespace lowbit

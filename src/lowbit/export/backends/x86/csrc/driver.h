@@ -1,7 +1,7 @@
 // The torch-free driver of the bit-serial kernels: which paths this CPU runs, sign packing and binary_conv
 // (every phase of one layer in one call). Compiled into both the torch extension (bitserial.cpp, the
 // binding) and the native runtime (runtime/), so both run the same kernel sources. Threads are the
-// caller's: each gives a ParallelFor (at::parallel_for in torch, std::thread in the runtime).
+// caller's: each gives a ParallelFor (pool_parallel with torch's thread count in the extension, the runtime's own).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,10 @@ bool path_supported(int64_t path);
 using ParallelBody = std::function<void(int64_t, int64_t)>;
 using ParallelFor = std::function<void(int64_t n, const ParallelBody& body)>;
 
+// Runs body over [0, n) on the calling thread and up to threads - 1 workers of a persistent process-wide pool
+// (no thread is created per call), blocks handed out dynamically; returns when all are done.
+void pool_parallel(int64_t threads, int64_t n, const ParallelBody& body);
+
 // Destination of packed bits: (N, H + pad_top + pad_bottom, W + pad_left + pad_right, wc) words, the
 // input image at (pad_top, pad_left) and zeros (no positive bit: "outside the input") around it.
 struct PackGeometry {
@@ -39,6 +43,25 @@ int64_t padded_words(const Image& x, const PackGeometry& g);
 // Sets bit c of a pixel's words iff x[c, pixel] >= 0, into `dst` (padded_words(x, g) zeroed words).
 void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel);
 
+// How a multi-level activation becomes its integer code while packing (docs/export.md "Kernels"): for
+// channel c, y = signs[c] * x and code = #{m : y > thresholds[c, m]} (y >= t when ties_up), thresholds
+// ascending; bit b of the code goes to activation plane b. Per-channel thresholds also carry a folded
+// BatchNorm (signs[c] = -1 where its scale is negative). count = levels - 1 (1 to 255: at most 8 planes).
+struct LevelCode {
+  const float* thresholds = nullptr;  // (C, count); nullptr: one plane, the sign packer (bit iff x >= 0)
+  const float* signs = nullptr;       // (C) of +1 / -1; nullptr: all +1
+  int64_t count = 0;
+  bool ties_up = false;
+};
+
+// Activation bit planes of a code with `count` thresholds: ceil(log2(count + 1)).
+int64_t code_planes(int64_t count);
+
+// Packs the codes of `x` (LevelCode) as code_planes(count) bit planes per pixel, plane b at word b * wc:
+// into `dst` (padded_words(x, g) * planes zeroed words).
+void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const PackGeometry& g, uint64_t* dst,
+                      const ParallelFor& parallel);
+
 // One layer's arguments (see kernels.h): w_ts[f] is phase f's rows (words_f, rows_padded) with
 // words_f = taps_f * ceil(C / 64); phases: per phase [ph, pw, n_tap_h, n_tap_w, tap_h..., tap_w...];
 // coef2 (planes, co), offset2 (co), base (ho, wo, co); steps: [in_step_h, in_step_w, out_step_h, out_step_w].
@@ -54,6 +77,7 @@ struct BinaryConv {
   int64_t ho, wo, co, planes;
   int64_t steps[4];
   int64_t path;
+  LevelCode levels;  // multi-level (or threshold-fused) input; default: sign packing, one plane
 };
 
 // Checks `call` (an empty string when it is consistent, else the reason), so that run_binary_conv reads

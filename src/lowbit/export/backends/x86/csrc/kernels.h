@@ -13,7 +13,11 @@
 // computed once per input size in Python). With an affine codebook w_i = scale_c * z_i + offset_c and
 // z_i = sum_b 2^b z_i^(b):
 //   sum_i w_i xpos_i = sum_b (scale_c 2^b) * popcount(z^(b) & xpos) + offset_c * popcount(xpos)    (2)
-// A general codebook uses one-hot planes instead: sum_l codebook[c, l] * popcount(onehot_l & xpos).
+// A table codebook uses the planes of its cheapest exact decomposition (additive / fixed-point / one-hot,
+// chosen per channel at plan time): w = offset_c + sum_p coef_{p,c} plane_p.
+// Multi-level input (an affine activation low + step * code, code = sum_k 2^k a^(k)): every count becomes
+// sum_k 2^k popcount(. & a^(k)) over A activation planes, accumulated exactly (Horner: acc = 2 acc + count,
+// most significant plane first); the combine below is unchanged (docs/export.md eq. 4).
 // So each output pixel needs popcount(plane_row & patch) for every (plane, channel) row, plus
 // popcount(patch) once. Rows are stored transposed (word-major, rows padded to a multiple of 8) so a
 // broadcast patch word meets 8 rows in one AVX-512 register (4 in AVX2) and no horizontal sums are needed.
@@ -91,13 +95,15 @@ using PackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_
 // accumulated in double in exactly this order on every path, so all paths agree bit for bit.
 
 struct ConvArgs {
-  const uint64_t* x;     // zero-padded bits (N, hp, wp, wc)
+  const uint64_t* x;     // zero-padded bits (N, hp, wp, act_planes, wc): activation bit plane b at word b * wc
   const double* coef2;   // (planes, co)
   const double* offset2; // (co)
   const double* base;    // (Ho, Wo, co): bias - layer(all-ones input)
   float* out;            // (N, Ho, Wo, co): channels-last, one contiguous store per pixel
   int64_t hp, wp, wc, ho, wo, co, planes, rows_padded;
   int64_t in_step_h, in_step_w, out_step_h, out_step_w;
+  int64_t act_planes = 1;  // activation bit planes A: every count is sum_b 2^b popcount(.. & plane_b)
+  int64_t px_words = 0;    // words per padded pixel: act_planes * wc
 };
 
 struct PhaseInfo {
@@ -109,11 +115,12 @@ struct PhaseInfo {
 struct Scratch {
   std::vector<uint64_t> patch;
   std::vector<int64_t> counts;
+  std::vector<int64_t> totals;  // the plane-weighted counts of multi-plane activations
 };
 
 // The output pixel (qh, qw) of phase f reads the padded input from here on (plus f.offs).
 inline const uint64_t* patch_origin(const ConvArgs& a, int64_t i, int64_t qh, int64_t qw) {
-  return a.x + ((i * a.hp + qh * a.in_step_h) * a.wp + qw * a.in_step_w) * a.wc;
+  return a.x + ((i * a.hp + qh * a.in_step_h) * a.wp + qw * a.in_step_w) * a.px_words;
 }
 
 // One output pixel of the register kernels: its patch origin in the padded input, its base and output
@@ -130,8 +137,11 @@ LOWBIT_POPCNT_TARGET inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f
   const int64_t ow = qw * a.out_step_w + f.pw;
   Pixel p{patch_origin(a, i, qh, qw), a.base + (oh * a.wo + ow) * a.co,
           a.out + ((i * a.ho + oh) * a.wo + ow) * a.co, 0};
-  for (const int64_t off : f.offs) {
-    for (int64_t k = 0; k < a.wc; ++k) p.positives += __builtin_popcountll(p.px[off + k]);
+  for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner: positives = sum_b 2^b popcount(plane b)
+    p.positives *= 2;
+    for (const int64_t off : f.offs) {
+      for (int64_t k = 0; k < a.wc; ++k) p.positives += __builtin_popcountll(p.px[off + b * a.wc + k]);
+    }
   }
   return p;
 }
@@ -144,16 +154,23 @@ __attribute__((always_inline)) inline void row_generic(const ConvArgs& a, const 
   const int64_t co = a.co, wc = a.wc, taps = static_cast<int64_t>(f.offs.size());
   const int64_t oh = qh * a.out_step_h + f.ph;
   uint64_t* patch = s.patch.data();
-  const int64_t* cnt = s.counts.data();
   for (int64_t qw = 0; qw < f.n_qw; ++qw) {
     const int64_t ow = qw * a.out_step_w + f.pw;
-    const uint64_t* px = patch_origin(a, i, qh, qw);
-    uint64_t* p = patch;
-    for (int64_t t = 0; t < taps; ++t) {
-      for (int64_t k = 0; k < wc; ++k) *p++ = px[f.offs[t] + k];
+    int64_t positive_count = 0;
+    if (a.act_planes > 1) s.totals.assign(s.counts.size(), 0);
+    for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner over the activation planes, exact integers
+      const uint64_t* px = patch_origin(a, i, qh, qw) + b * wc;
+      uint64_t* p = patch;
+      for (int64_t t = 0; t < taps; ++t) {
+        for (int64_t k = 0; k < wc; ++k) *p++ = px[f.offs[t] + k];
+      }
+      positive_count = 2 * positive_count + Words(patch, f.words);
+      Rows(f.w_t, patch, f.words, a.rows_padded, s.counts.data());
+      if (a.act_planes == 1) break;
+      for (int64_t r = 0; r < a.rows_padded; ++r) s.totals[r] = 2 * s.totals[r] + s.counts[r];
     }
-    const double positives = static_cast<double>(Words(patch, f.words));
-    Rows(f.w_t, patch, f.words, a.rows_padded, s.counts.data());
+    const double positives = static_cast<double>(positive_count);
+    const int64_t* cnt = a.act_planes == 1 ? s.counts.data() : s.totals.data();
     const double* base = a.base + (oh * a.wo + ow) * co;
     float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
     for (int64_t c = 0; c < co; ++c) {
@@ -175,21 +192,25 @@ __attribute__((always_inline)) inline void row_pixels(const ConvArgs& a, const P
   const int64_t* offs = f.offs.data();
   for (int64_t qw = 0; qw < f.n_qw; ++qw) {
     const int64_t ow = qw * a.out_step_w + f.pw;
-    const uint64_t* px = patch_origin(a, i, qh, qw);
     int64_t positives = 0, counts[R] = {};
-    const uint64_t* wrow = f.w_t;
-    if (wc == 1) {  // one word per tap: the common case, without the inner loop
-      for (int64_t t = 0; t < taps; ++t, wrow += rp) {
-        const uint64_t x = px[offs[t]];
-        positives += __builtin_popcountll(x);
-        for (int r = 0; r < R; ++r) counts[r] += __builtin_popcountll(x & wrow[r]);
-      }
-    } else {
-      for (int64_t t = 0; t < taps; ++t) {
-        for (int64_t k = 0; k < wc; ++k, wrow += rp) {
-          const uint64_t x = px[offs[t] + k];
+    for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner over the activation planes
+      const uint64_t* px = patch_origin(a, i, qh, qw) + b * wc;
+      const uint64_t* wrow = f.w_t;
+      positives *= 2;
+      for (int r = 0; r < R; ++r) counts[r] *= 2;
+      if (wc == 1) {  // one word per tap: the common case, without the inner loop
+        for (int64_t t = 0; t < taps; ++t, wrow += rp) {
+          const uint64_t x = px[offs[t]];
           positives += __builtin_popcountll(x);
           for (int r = 0; r < R; ++r) counts[r] += __builtin_popcountll(x & wrow[r]);
+        }
+      } else {
+        for (int64_t t = 0; t < taps; ++t) {
+          for (int64_t k = 0; k < wc; ++k, wrow += rp) {
+            const uint64_t x = px[offs[t] + k];
+            positives += __builtin_popcountll(x);
+            for (int r = 0; r < R; ++r) counts[r] += __builtin_popcountll(x & wrow[r]);
+          }
         }
       }
     }
@@ -261,31 +282,86 @@ __attribute__((always_inline)) inline void row_lanes(const ConvArgs& a, const Ph
   uint64_t* patch = s.patch.data();
   for (int64_t q0 = 0; q0 < f.n_qw; q0 += kLanes) {
     const int64_t lanes = f.n_qw - q0 < kLanes ? f.n_qw - q0 : kLanes;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const uint64_t* px = patch_origin(a, i, qh, q0 + (l < lanes ? l : 0));
-      for (int64_t t = 0; t < taps; ++t) {
-        for (int64_t k = 0; k < wc; ++k) patch[(t * wc + k) * kLanes + l] = l < lanes ? px[f.offs[t] + k] : 0;
+    int64_t positives[kLanes] = {};
+    int64_t counts[kMaxLaneRows][kLanes] = {};
+    for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner over the activation planes
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const uint64_t* px = patch_origin(a, i, qh, q0 + (l < lanes ? l : 0)) + b * wc;
+        for (int64_t t = 0; t < taps; ++t) {
+          for (int64_t k = 0; k < wc; ++k) patch[(t * wc + k) * kLanes + l] = l < lanes ? px[f.offs[t] + k] : 0;
+        }
+      }
+      int64_t plane_positives[kLanes];
+      int64_t plane_counts[kMaxLaneRows][kLanes];
+      Counts(patch, f.w_t, f.words, a.rows_padded, rows, plane_counts, plane_positives);
+      for (int64_t l = 0; l < kLanes; ++l) positives[l] = 2 * positives[l] + plane_positives[l];
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t l = 0; l < kLanes; ++l) counts[r][l] = 2 * counts[r][l] + plane_counts[r][l];
       }
     }
-    int64_t positives[kLanes];
-    int64_t counts[kMaxLaneRows][kLanes];
-    Counts(patch, f.w_t, f.words, a.rows_padded, rows, counts, positives);
     lanes_combine(a, i, oh, q0 * a.out_step_w + f.pw, lanes, counts, positives);
   }
 }
 
 using RowFn = void (*)(const ConvArgs&, const PhaseInfo&, int64_t, int64_t, Scratch&);
 
-// The packer and the per-pixel kernel of each path: pack_fn(nchw) and pick_row(planes, co, rows, wc,
-// in_step_w) for the layer shape (see the header comment for which kernel serves which shape).
+// ----- level coding of multi-level (or threshold-fused) inputs: driver.h LevelCode, prepared per call -----
+constexpr int64_t kMaxCodePlanes = 8;
+
+struct LevelArgs {
+  const float* thresholds;    // (C, count), ascending per channel
+  const float* thresholds_t;  // the same, transposed (count, C): channel vectors for channels-last input
+  const float* signs;         // (C,) of +1 / -1
+  int64_t count, planes;
+  bool ties_up;
+};
+
+// Codes `count_px` pixels from p0 (NCHW or channels-last, as pack_fn) into plane bits at at[j] + plane * wc.
+using LevelPackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             const LevelArgs&);
+// Codes one pixel's channels [first, first + channels) (channels-last, c in all) into the plane words.
+using LevelWordsFn = void (*)(const float*, int64_t, int64_t, int64_t, const LevelArgs&, uint64_t*);
+
+// The channels-last level packer, written once: Words (one per ISA) codes each 64-channel word group.
+template <LevelWordsFn Words>
+__attribute__((always_inline)) inline void pack_levels_nhwc(const float* src, uint64_t* dst, const int64_t* at,
+                                                            int64_t c, int64_t wc, int64_t p0, int64_t count,
+                                                            const LevelArgs& l) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float* pixel = src + (p0 + j) * c;
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      uint64_t words[kMaxCodePlanes] = {};
+      Words(pixel, cw * 64, c - cw * 64 < 64 ? c - cw * 64 : 64, c, l, words);
+      for (int64_t b = 0; b < l.planes; ++b) dst[at[j] + b * wc + cw] = words[b];
+    }
+  }
+}
+
+LevelPackFn level_pack_fn_avx512(bool nchw);
+LevelPackFn level_pack_fn_avx2(bool nchw);
+
+// The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
+inline int64_t level_code(float y, const float* thresholds, int64_t count, bool ties_up) {
+  int64_t code = 0;
+  if (ties_up) {
+    for (int64_t m = 0; m < count; ++m) code += y >= thresholds[m];
+  } else {
+    for (int64_t m = 0; m < count; ++m) code += y > thresholds[m];
+  }
+  return code;
+}
+
+// The packer and the per-pixel kernel of each path: pack_fn(nchw) and pick_row(planes, co, px_words,
+// in_step_w) for the layer shape (px_words: words per padded pixel, all activation planes; see the header
+// comment for which kernel serves which shape).
 PackFn pack_fn_scalar(bool nchw);
 PackFn pack_fn_avx2(bool nchw);
 PackFn pack_fn_avx512(bool nchw);
 PackFn pack_fn_neon(bool nchw);
-RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
-RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
-RowFn pick_row_neon(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);
+RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
+RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
+RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
 // P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1..4.

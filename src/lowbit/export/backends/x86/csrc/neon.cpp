@@ -80,7 +80,7 @@ void lanes_neon(const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Sc
 
 PackFn pack_fn_neon(bool nchw) { return pack_fn_scalar(nchw); }
 
-RowFn pick_row_neon(int64_t planes, int64_t co, int64_t /*wc*/, int64_t /*in_step_w*/) {
+RowFn pick_row_neon(int64_t planes, int64_t co, int64_t /*px_words*/, int64_t /*in_step_w*/) {
   switch (planes * co) {
     case 1: return pixels_neon<1>;
     case 2: return pixels_neon<2>;

@@ -61,7 +61,7 @@ void lanes_scalar(const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, 
 
 PackFn pack_fn_scalar(bool nchw) { return nchw ? pack_nchw_scalar : pack_nhwc_scalar; }
 
-RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t /*wc*/, int64_t /*in_step_w*/) {
+RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t /*px_words*/, int64_t /*in_step_w*/) {
   switch (planes * co) {
     case 1: return pixels_scalar<1>;
     case 2: return pixels_scalar<2>;
