@@ -108,7 +108,7 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
     std::vector<const Tensor*> inputs;
     for (const int i : step.inputs) inputs.push_back(i < 0 ? &x : &values[static_cast<size_t>(i)]);
     if (step.binary) run_binary(*step.binary, *inputs[0], m.path, parallel, out);
-    else run_op(node, inputs, out);
+    else run_op(node, inputs, out, parallel);
     for (const int i : step.inputs) {
       if (i >= 0 && m.last_use[static_cast<size_t>(i)] == static_cast<int>(s) && i != m.graph.output) {
         Tensor().data.swap(values[static_cast<size_t>(i)].data);

@@ -9,6 +9,7 @@
 
 #include "../include/lowbit.h"
 #include "json.h"
+#include "sgemm.h"
 
 namespace lowbit {
 
@@ -74,6 +75,10 @@ struct Weight {
   std::vector<uint8_t> codes;   // unpacked, one per value (packed weights)
   std::vector<float> codebook;  // (rows, levels), rows = shape[channel_dim]
   std::vector<float> bias;      // empty when the layer has none
+  // The float code's product operand, packed at load (prepare_float_layer): per group A (conv, transposed
+  // conv), or B (linear, latent transposed conv).
+  std::vector<PackedWeights> gemm;
+  PackedColumns columns;
 };
 
 struct Node {

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "graph.h"
+#include "ops.h"
 #include "sha256.h"
 
 namespace lowbit {
@@ -609,6 +610,7 @@ void infer_shapes(Graph& graph) {
       batched = batched || i < 0 || graph.nodes[static_cast<size_t>(i)].op != "constant";
     }
     full[k] = infer_shape(node, inputs);
+    if (node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear") prepare_float_layer(node, *inputs[0]);
     if (node.op == "constant") {
       node.out_shape = full[k];
       continue;

@@ -5,8 +5,16 @@
 
 namespace lowbit {
 
-// Runs `node` on its inputs into `out`, whose shape the caller set (infer_shape) and whose data it sized.
-void run_op(const Node& node, const std::vector<const Tensor*>& inputs, Tensor& out);
+// body(0, n) on the calling thread.
+const ParallelFor& serial();
+
+// Runs `node` on its inputs into `out`, whose shape the caller set (infer_shape) and whose data it sized;
+// the float layers' products share out their column tiles through `parallel`.
+void run_op(const Node& node, const std::vector<const Tensor*>& inputs, Tensor& out,
+            const ParallelFor& parallel = serial());
+
+// Packs a conv2d / conv_transpose2d / linear node's float weight for its product, given its full input shape.
+void prepare_float_layer(Node& node, const Shape& input);
 
 // x - shift[c] along dim 1 (a quant_act's per-channel shift), in place.
 void subtract_shift(Tensor& x, const std::vector<float>& shift);
