@@ -3,9 +3,10 @@
 // agree with torch within float rounding (the parity tests state the tolerance).
 #include "ops.h"
 
+#include "activation.h"
+
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <numeric>
 
 namespace lowbit {
@@ -214,9 +215,10 @@ const float* pack_patches(const Patches& g, int64_t col0, int64_t count, float* 
 
 float bias_of(const Weight& w, int64_t channel) { return w.bias.empty() ? 0.0f : w.bias[static_cast<size_t>(channel)]; }
 
-// The product's block (channels first_channel.. + rows) x (sample, pixel) columns into NCHW out, plus bias.
+// The product's block (channels first_channel.. + rows) x (sample, pixel) columns into NCHW out, plus bias,
+// then the fused activation.
 void store_planes(const Weight& weight, const float* block, int64_t width, int64_t col0, int64_t count, int64_t rows,
-                  int64_t first_channel, Tensor& out) {
+                  int64_t first_channel, const Activation& then, Tensor& out) {
   const int64_t channels = out.shape[1], pixels = out.shape[2] * out.shape[3];
   int64_t i = col0 / pixels, p = col0 % pixels;
   for (int64_t j = 0; j < count;) {
@@ -226,13 +228,14 @@ void store_planes(const Weight& weight, const float* block, int64_t width, int64
       float* dst = out.data.data() + (i * channels + first_channel + r) * pixels + p;
       const float b = bias_of(weight, first_channel + r);
       for (int64_t t = 0; t < run; ++t) dst[t] = src[t] + b;
+      activate(then, dst, dst, run);
     }
     j += run, p = 0, ++i;
   }
 }
 
 // A conv as weight (output channel x (input channel, tap)) times patches (.. x (sample, output pixel)), per group.
-void conv2d(const Node& node, const Tensor& input, Tensor& out, const ParallelFor& parallel) {
+void conv2d(const Node& node, const Tensor& input, Tensor& out, const ParallelFor& parallel, const Activation& then) {
   const Attrs& a = node.attrs;
   Tensor padded;
   if (!a.pad.empty()) pad_tensor(input, a.pad, a.pad_mode, 0.0, padded);
@@ -246,16 +249,16 @@ void conv2d(const Node& node, const Tensor& input, Tensor& out, const ParallelFo
     sgemm(node.weight.gemm[static_cast<size_t>(g)], n * pixels,
           [&](int64_t col0, int64_t count, float* scratch, int64_t width) { return pack_patches(src, col0, count, scratch, width); },
           [&](int64_t col0, int64_t count, const float* block, int64_t width) {
-            store_planes(node.weight, block, width, col0, count, cog, g * cog, out);
+            store_planes(node.weight, block, width, col0, count, cog, g * cog, then, out);
           },
           parallel);
   }
 }
 
-// out[r, c] = sum_k x[r, k] * B[k, c] + bias[c / per_bias] for the weight packed as B (linear, latent layer):
+// out[r, c] = then(sum_k x[r, k] * B[k, c] + bias[c / per_bias]) for the weight packed as B (linear, latent layer):
 // rows of x are the product's A, packed per call.
 void rows_times_weight(const Weight& weight, const float* x, int64_t rows, int64_t per_bias, float* out,
-                       const ParallelFor& parallel) {
+                       const ParallelFor& parallel, const Activation& then) {
   const PackedColumns& b = weight.columns;
   const PackedWeights a = pack_weights(x, rows, b.depth, b.depth, 1);
   sgemm(a, b.columns, [&](int64_t col0, int64_t, float*, int64_t) { return b.tile(col0); },
@@ -264,6 +267,7 @@ void rows_times_weight(const Weight& weight, const float* x, int64_t rows, int64
             for (int64_t j = 0; j < count; ++j) {
               out[r * b.columns + col0 + j] = block[r * width + j] + bias_of(weight, (col0 + j) / per_bias);
             }
+            activate(then, out + r * b.columns + col0, out + r * b.columns + col0, count);
           }
         },
         parallel);
@@ -277,9 +281,9 @@ bool is_latent_transpose(const Attrs& a, const Shape& x) {
 }
 
 // One output plane of a transposed conv: bias, then per tap (y, z) ascending the product's column of every
-// input pixel that tap reaches (cols: the plane's (tap x input pixel) rows, `stride` apart).
+// input pixel that tap reaches, then the fused activation (cols: the plane's (tap x input pixel) rows, `stride` apart).
 void add_taps(const Attrs& a, const float* cols, int64_t stride, int64_t h, int64_t w, int64_t ho, int64_t wo, float bias,
-              float* dst) {
+              const Activation& then, float* dst) {
   std::fill(dst, dst + ho * wo, bias);
   for (int64_t y = 0; y < a.kernel[0]; ++y) {
     for (int64_t z = 0; z < a.kernel[1]; ++z, cols += stride) {
@@ -293,16 +297,17 @@ void add_taps(const Attrs& a, const float* cols, int64_t stride, int64_t h, int6
       }
     }
   }
+  activate(then, dst, dst, ho * wo);
 }
 
 // A transposed conv: per group and chunk of samples, the product weight ((output channel, tap) x input channel)
 // times the input ((input channel) x (sample, input pixel)), then every output plane from its taps' columns.
-void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel) {
+void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel, const Activation& then) {
   const Attrs& a = node.attrs;
   const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
   const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3], taps = a.kernel[0] * a.kernel[1];
   if (!node.weight.columns.tiles.empty()) {
-    rows_times_weight(node.weight, x.data.data(), n, taps, out.data.data(), parallel);
+    rows_times_weight(node.weight, x.data.data(), n, taps, out.data.data(), parallel, then);
     return;
   }
   const int64_t cig = ci / a.groups, cog = co / a.groups, rows = cog * taps, in_pixels = h * w;
@@ -322,7 +327,7 @@ void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out, const Para
       parallel(samples * cog, [&](int64_t first, int64_t last) {
         for (int64_t plane = first; plane < last; ++plane) {
           const int64_t i = plane / cog, oc = plane % cog;
-          add_taps(a, cols.data() + oc * taps * columns + i * in_pixels, columns, h, w, ho, wo, bias_of(node.weight, g * cog + oc),
+          add_taps(a, cols.data() + oc * taps * columns + i * in_pixels, columns, h, w, ho, wo, bias_of(node.weight, g * cog + oc), then,
                    out.data.data() + ((i0 + i) * co + g * cog + oc) * ho * wo);
         }
       });
@@ -330,8 +335,8 @@ void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out, const Para
   }
 }
 
-void linear(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel) {
-  rows_times_weight(node.weight, x.data.data(), numel(x.shape) / node.attrs.in_channels, 1, out.data.data(), parallel);
+void linear(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel, const Activation& then) {
+  rows_times_weight(node.weight, x.data.data(), numel(x.shape) / node.attrs.in_channels, 1, out.data.data(), parallel, then);
 }
 
 const float* optional_data(const Node& node, const char* field) {
@@ -348,15 +353,29 @@ void normalize(const float* x, float* y, int64_t count, double mean, double var,
   for (int64_t k = 0; k < count; ++k) y[k] = (x[k] - m) * scale * w + b;
 }
 
-void moments(const float* x, int64_t count, double& mean, double& var) {
-  double sum = 0.0, sq = 0.0;
-  for (int64_t k = 0; k < count; ++k) sum += x[k];
-  mean = sum / static_cast<double>(count);
-  for (int64_t k = 0; k < count; ++k) sq += (x[k] - mean) * (x[k] - mean);
-  var = sq / static_cast<double>(count);  // biased, as torch normalises
+constexpr int64_t kLanes = 8;  // independent double partial sums: vectorised, no add latency chain
+
+// sum_k f(x[k]) in double, lane k % kLanes, lanes added in order at the end (fixed order for any input).
+template <typename Fn>
+double lane_sum(const float* x, int64_t count, Fn f) {
+  double lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += f(static_cast<double>(x[k + l]));
+  }
+  for (; k < count; ++k) lanes[k % kLanes] += f(static_cast<double>(x[k]));
+  double sum = 0.0;
+  for (const double lane : lanes) sum += lane;
+  return sum;
 }
 
-void channel_norm(const Node& node, const Tensor& x, Tensor& out) {
+void moments(const float* x, int64_t count, double& mean, double& var) {
+  mean = lane_sum(x, count, [](double v) { return v; }) / static_cast<double>(count);
+  const double m = mean;
+  var = lane_sum(x, count, [m](double v) { return (v - m) * (v - m); }) / static_cast<double>(count);  // biased, as torch
+}
+
+void channel_norm(const Node& node, const Tensor& x, Tensor& out, const Activation& then) {
   const int64_t n = x.shape[0], c = x.shape[1], inner = inner_size(x.shape, 2);
   const float* weight = optional_data(node, "weight");
   const float* bias = optional_data(node, "bias");
@@ -372,7 +391,9 @@ void channel_norm(const Node& node, const Tensor& x, Tensor& out) {
       } else {
         moments(src, inner, mean, var);
       }
-      normalize(src, out.data.data() + (i * c + ch) * inner, inner, mean, var, node.attrs.eps, weight, bias, ch);
+      float* dst = out.data.data() + (i * c + ch) * inner;
+      normalize(src, dst, inner, mean, var, node.attrs.eps, weight, bias, ch);
+      activate(then, dst, dst, inner);
     }
   }
 }
@@ -436,27 +457,8 @@ void quant_act(const Node& node, const Tensor& input, Tensor& out) {
   }
 }
 
-float gelu(float x, bool tanh_form) {
-  if (tanh_form) {
-    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    return 0.5f * x * (1.0f + std::tanh(inner));
-  }
-  return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
-}
-
 void unary(const Node& node, const Tensor& x, Tensor& out) {
-  const Attrs& a = node.attrs;
-  const std::string& op = node.op;
-  std::function<float(float)> fn;
-  if (op == "relu") fn = [](float v) { return v > 0.0f ? v : 0.0f; };
-  else if (op == "tanh") fn = [](float v) { return std::tanh(v); };
-  else if (op == "sigmoid") fn = [](float v) { return 1.0f / (1.0f + std::exp(-v)); };
-  else if (op == "silu") fn = [](float v) { return v / (1.0f + std::exp(-v)); };
-  else if (op == "leaky_relu") fn = [s = static_cast<float>(a.slope)](float v) { return v > 0.0f ? v : v * s; };
-  else if (op == "elu") fn = [al = static_cast<float>(a.alpha)](float v) { return v > 0.0f ? v : al * std::expm1(v); };
-  else if (op == "gelu") fn = [t = a.gelu_tanh](float v) { return gelu(v, t); };
-  else fn = [lo = static_cast<float>(a.min_val), hi = static_cast<float>(a.max_val)](float v) { return std::min(std::max(v, lo), hi); };
-  std::transform(x.data.begin(), x.data.end(), out.data.begin(), fn);
+  activate(activation_of(node), x.data.data(), out.data.data(), static_cast<int64_t>(x.data.size()));
 }
 
 void prelu(const Node& node, const Tensor& x, Tensor& out) {
@@ -465,6 +467,23 @@ void prelu(const Node& node, const Tensor& x, Tensor& out) {
   for (size_t k = 0; k < x.data.size(); ++k) {
     const float slope = weight.size() == 1 ? weight[0] : weight[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
     out.data[k] = x.data[k] > 0.0f ? x.data[k] : x.data[k] * slope;
+  }
+}
+
+// lowbit.nn.RPReLU (ReActNet eq. 3): u = x - shift_in[c]; y = (u >= 0 ? u : slope[c] * u) + shift_out[c].
+void rprelu(const Node& node, const Tensor& x, Tensor& out) {
+  const float* shift_in = node.tensors.at("shift_in").data.data();
+  const float* slope = node.tensors.at("slope").data.data();
+  const float* shift_out = node.tensors.at("shift_out").data.data();
+  const int64_t channels = x.shape[1], inner = inner_size(x.shape, 2), planes = numel(x.shape) / inner;
+  for (int64_t p = 0; p < planes; ++p) {
+    const int64_t c = p % channels;
+    const float* src = x.data.data() + p * inner;
+    float* dst = out.data.data() + p * inner;
+    for (int64_t k = 0; k < inner; ++k) {
+      const float u = src[k] - shift_in[c];
+      dst[k] = (u >= 0.0f ? u : slope[c] * u) + shift_out[c];
+    }
   }
 }
 
@@ -550,26 +569,44 @@ void for_each_index(const Shape& out, const std::vector<int64_t>& sa, const std:
   }
 }
 
-float arith(const std::string& op, float x, float y) {
-  if (op == "add") return x + y;
-  if (op == "sub") return x - y;
-  if (op == "mul") return x * y;
-  return x / y;
+enum class Arith { Add, Sub, Mul, Div };
+
+Arith arith_of(const std::string& op) {
+  return op == "add" ? Arith::Add : op == "sub" ? Arith::Sub : op == "mul" ? Arith::Mul : Arith::Div;
+}
+
+inline float arith(Arith op, float x, float y) {
+  switch (op) {
+    case Arith::Add: return x + y;
+    case Arith::Sub: return x - y;
+    case Arith::Mul: return x * y;
+    default: return x / y;
+  }
 }
 
 void elementwise(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
-  const std::string& op = node.op;
+  const Arith op = arith_of(node.op);
+  float* dst = out.data.data();
+  const int64_t count = static_cast<int64_t>(out.data.size());
   if (node.attrs.has_scalar) {
     const float s = static_cast<float>(node.attrs.scalar);
-    const bool first = node.attrs.scalar_first;
-    std::transform(in[0]->data.begin(), in[0]->data.end(), out.data.begin(),
-                   [&](float v) { return first ? arith(op, s, v) : arith(op, v, s); });
+    const float* x = in[0]->data.data();
+    if (node.attrs.scalar_first) {
+      for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, s, x[k]);
+    } else {
+      for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, x[k], s);
+    }
     return;
   }
   const Tensor& a = *in[0];
   const Tensor& b = *in[1];
-  for_each_index(out.shape, strides_for(a.shape, out.shape), strides_for(b.shape, out.shape),
-                 [&](int64_t k, int64_t ia, int64_t ib) { out.data[static_cast<size_t>(k)] = arith(op, a.data[static_cast<size_t>(ia)], b.data[static_cast<size_t>(ib)]); });
+  if (a.shape == b.shape) {  // a residual connection: no broadcasting
+    for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, a.data[static_cast<size_t>(k)], b.data[static_cast<size_t>(k)]);
+    return;
+  }
+  for_each_index(out.shape, strides_for(a.shape, out.shape), strides_for(b.shape, out.shape), [&](int64_t k, int64_t ia, int64_t ib) {
+    dst[k] = arith(op, a.data[static_cast<size_t>(ia)], b.data[static_cast<size_t>(ib)]);
+  });
 }
 
 void permute(const Node& node, const Tensor& x, Tensor& out) {
@@ -675,6 +712,11 @@ Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
     if (node.tensors.count("shift")) check_channel_tensor(node, "shift", channels);
     return x;
   }
+  if (op == "rprelu") {
+    require(x.size() >= 2, node, "rprelu wants a channel dimension");
+    for (const char* f : {"shift_in", "slope", "shift_out"}) check_channel_tensor(node, f, channels);
+    return x;
+  }
   if (op == "prelu") {
     const size_t count = node.tensors.at("weight").data.size();
     require(count == 1 || static_cast<int64_t>(count) == channels, node, "prelu weight does not fit the channels");
@@ -732,17 +774,20 @@ void prepare_float_layer(Node& node, const Shape& input) {
   }
 }
 
-void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out, const ParallelFor& parallel) {
+void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out, const ParallelFor& parallel,
+            const Activation& then) {
   const std::string& op = node.op;
+  const bool fuses = op == "conv2d" || op == "conv_transpose2d" || op == "linear" || op == "batch_norm" || op == "instance_norm";
   if (op == "constant") out.data = node.tensors.at("value").data;
-  else if (op == "conv2d") conv2d(node, *in[0], out, parallel);
-  else if (op == "conv_transpose2d") conv_transpose2d(node, *in[0], out, parallel);
-  else if (op == "linear") linear(node, *in[0], out, parallel);
-  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out);
+  else if (op == "conv2d") conv2d(node, *in[0], out, parallel, then);
+  else if (op == "conv_transpose2d") conv_transpose2d(node, *in[0], out, parallel, then);
+  else if (op == "linear") linear(node, *in[0], out, parallel, then);
+  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out, then);
   else if (op == "group_norm") group_norm(node, *in[0], out);
   else if (op == "layer_norm") layer_norm(node, *in[0], out);
   else if (op == "quant_act") quant_act(node, *in[0], out);
   else if (op == "prelu") prelu(node, *in[0], out);
+  else if (op == "rprelu") rprelu(node, *in[0], out);
   else if (op == "pad") pad_tensor(*in[0], node.attrs.pad, node.attrs.pad_mode, node.attrs.pad_value, out);
   else if (op == "interpolate") resize(node, *in[0], out);
   else if (op == "pixel_shuffle") pixel_shuffle(node, *in[0], out);
@@ -752,6 +797,7 @@ void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out,
   else if (op == "mean") mean(node, *in[0], out);
   else if (op == "add" || op == "sub" || op == "mul" || op == "div") elementwise(node, in, out);
   else unary(node, *in[0], out);
+  if (!fuses) activate(then, out.data.data(), out.data.data(), static_cast<int64_t>(out.data.size()));
 }
 
 }  // namespace lowbit

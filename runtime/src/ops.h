@@ -1,6 +1,7 @@
 // The float reference of every IR op (lowbit.export.backends.torch): naive loops, float32 values.
 #pragma once
 
+#include "activation.h"
 #include "graph.h"
 
 namespace lowbit {
@@ -8,10 +9,11 @@ namespace lowbit {
 // body(0, n) on the calling thread.
 const ParallelFor& serial();
 
-// Runs `node` on its inputs into `out`, whose shape the caller set (infer_shape) and whose data it sized;
-// the float layers' products share out their column tiles through `parallel`.
+// Runs `node` on its inputs into `out`, whose shape the caller set (infer_shape) and whose data it sized,
+// then applies `then` (the element-wise activation fused into this op: in the op's own pass for float layers
+// and batch / instance norms); the float layers' products share out their column tiles through `parallel`.
 void run_op(const Node& node, const std::vector<const Tensor*>& inputs, Tensor& out,
-            const ParallelFor& parallel = serial());
+            const ParallelFor& parallel = serial(), const Activation& then = Activation());
 
 // Packs a conv2d / conv_transpose2d / linear node's float weight for its product, given its full input shape.
 void prepare_float_layer(Node& node, const Shape& input);
