@@ -201,16 +201,38 @@ void pack_patch_run(const Patches& g, const float* sample, int64_t oh, int64_t o
   }
 }
 
-// Columns [col0, col0 + count) of the product into dst (depth x width), a run of one output row at a time.
-const float* pack_patches(const Patches& g, int64_t col0, int64_t count, float* dst, int64_t width) {
+// Whether a full tile of `width` pixels from (oh, ow) reads every tap inside the input with unit stride, so
+// each (input channel, tap) row of the product is `width` contiguous input values.
+bool tile_inside(const Patches& g, int64_t oh, int64_t ow, int64_t width) {
+  const int64_t ih = oh * g.stride[0] - g.padding[0], iw = ow - g.padding[1];
+  return g.stride[1] == 1 && ow + width <= g.wo && ih >= 0 && ih + (g.kernel[0] - 1) * g.dilation[0] < g.h && iw >= 0 &&
+         iw + (g.kernel[1] - 1) * g.dilation[1] + width <= g.w;
+}
+
+// Columns [col0, col0 + count) of the product: pointers into the input when the tile lies inside one output
+// row and the input, else gathered into scratch (depth x width) a run of one output row at a time.
+void pack_patches(const Patches& g, int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows) {
   int64_t i = col0 / g.pixels, p = col0 % g.pixels;
+  if (count == width && tile_inside(g, p / g.wo, p % g.wo, width)) {
+    const float* sample = g.x + i * g.sample_stride;
+    const int64_t ih = (p / g.wo) * g.stride[0] - g.padding[0], iw = p % g.wo - g.padding[1];
+    for (int64_t ic = 0; ic < g.channels; ++ic) {
+      for (int64_t y = 0; y < g.kernel[0]; ++y) {
+        const float* row = sample + (ic * g.h + ih + y * g.dilation[0]) * g.w + iw;
+        for (int64_t z = 0; z < g.kernel[1]; ++z) *rows++ = row + z * g.dilation[1];
+      }
+    }
+    return;
+  }
+  const int64_t depth = g.channels * g.kernel[0] * g.kernel[1];
+  for (int64_t k = 0; k < depth; ++k) rows[k] = scratch + k * width;
+  float* dst = scratch;
   for (int64_t j = 0; j < count;) {
     const int64_t ow = p % g.wo, run = std::min(count - j, g.wo - ow);
     pack_patch_run(g, g.x + i * g.sample_stride, p / g.wo, ow, run, dst + j, width);
     j += run, p += run;
     if (p == g.pixels) p = 0, ++i;
   }
-  return dst;
 }
 
 float bias_of(const Weight& w, int64_t channel) { return w.bias.empty() ? 0.0f : w.bias[static_cast<size_t>(channel)]; }
@@ -247,7 +269,9 @@ void conv2d(const Node& node, const Tensor& input, Tensor& out, const ParallelFo
                       {a.kernel[0], a.kernel[1]}, {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]},
                       {a.dilation[0], a.dilation[1]}};
     sgemm(node.weight.gemm[static_cast<size_t>(g)], n * pixels,
-          [&](int64_t col0, int64_t count, float* scratch, int64_t width) { return pack_patches(src, col0, count, scratch, width); },
+          [&](int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows) {
+            pack_patches(src, col0, count, scratch, width, rows);
+          },
           [&](int64_t col0, int64_t count, const float* block, int64_t width) {
             store_planes(node.weight, block, width, col0, count, cog, g * cog, then, out);
           },
@@ -261,7 +285,7 @@ void rows_times_weight(const Weight& weight, const float* x, int64_t rows, int64
                        const ParallelFor& parallel, const Activation& then) {
   const PackedColumns& b = weight.columns;
   const PackedWeights a = pack_weights(x, rows, b.depth, b.depth, 1);
-  sgemm(a, b.columns, [&](int64_t col0, int64_t, float*, int64_t) { return b.tile(col0); },
+  sgemm(a, b.columns, [&](int64_t col0, int64_t, float*, int64_t, const float** rows) { b.tile_rows(col0, rows); },
         [&](int64_t col0, int64_t count, const float* block, int64_t width) {
           for (int64_t r = 0; r < rows; ++r) {
             for (int64_t j = 0; j < count; ++j) {
@@ -319,7 +343,9 @@ void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out, const Para
       const Patches src{x.data.data() + (i0 * ci + g * cig) * in_pixels, ci * in_pixels, cig, h, w, w, in_pixels,
                         {1, 1}, {1, 1}, {0, 0}, {1, 1}};
       sgemm(node.weight.gemm[static_cast<size_t>(g)], columns,
-            [&](int64_t col0, int64_t count, float* scratch, int64_t width) { return pack_patches(src, col0, count, scratch, width); },
+            [&](int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows) {
+            pack_patches(src, col0, count, scratch, width, rows);
+          },
             [&](int64_t col0, int64_t count, const float* block, int64_t width) {
               for (int64_t r = 0; r < rows; ++r) std::copy_n(block + r * width, count, cols.data() + r * columns + col0);
             },

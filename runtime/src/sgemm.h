@@ -31,16 +31,19 @@ int64_t tile_columns();
 struct PackedColumns {
   int64_t depth = 0, columns = 0, width = 0;
   std::vector<float> tiles;
-  const float* tile(int64_t col0) const { return tiles.data() + col0 * depth; }
+  // rows[k] of the tile holding column col0 (a multiple of width).
+  void tile_rows(int64_t col0, const float** rows) const;
 };
 
 // Packs B[k][j] = w[k * depth_stride + j * column_stride].
 PackedColumns pack_columns(const float* w, int64_t depth, int64_t columns, int64_t depth_stride, int64_t column_stride);
 
-// B's columns [col0, col0 + count) as a (depth x width) block, width = tile_columns(): either written to
-// scratch (B[k][col0 + j] at scratch[k * width + j]; the caller zeroes columns count.. width) and scratch
-// returned, or a block packed beforehand (PackedColumns::tile).
-using ColumnSource = std::function<const float*(int64_t col0, int64_t count, float* scratch, int64_t width)>;
+// B's columns [col0, col0 + count) as depth rows of width = tile_columns() values: rows[k] points at
+// B[k][col0 .. col0 + width), either in scratch (depth x width, gathered there; sgemm zeroes columns
+// count.. width first) or straight into the source's own data (a packed PackedColumns tile, or input rows
+// that already lie contiguous: no copy).
+using ColumnSource =
+    std::function<void(int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows)>;
 // Receives C[r][col0 + j] = block[r * width + j] for r < rows, j < count.
 using TileSink = std::function<void(int64_t col0, int64_t count, const float* block, int64_t width)>;
 
