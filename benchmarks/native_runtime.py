@@ -83,7 +83,7 @@ def print_table(title: str, results: dict[str, dict[str, float]], repeats: int) 
 
 
 def megabyte_resnet(folder: Path) -> Path:
-    """The zoo's CycleGAN ResNet at 64 filters (6 blocks), W1A1 with 8-bit first / last layers: ~1 MB packed."""
+    """The zoo's CycleGAN ResNet at 64 filters (6 blocks), W1A1, 8-bit first / last layers: ~1 MB packed."""
     from gan_zoo import ResnetGenerator
 
     torch.manual_seed(0)

@@ -223,8 +223,13 @@ def rprelu_and_sparse(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray, np.
     folder = tmp_path_factory.mktemp("native-rprelu-sparse")
     torch.manual_seed(0)
     stack = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), RPReLU(8), nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8), RPReLU(8), nn.Conv2d(8, 4, 3, padding=1),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        RPReLU(8),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        RPReLU(8),
+        nn.Conv2d(8, 4, 3, padding=1),
     )
     with torch.no_grad():
         for module in (stack[2], stack[5]):
@@ -262,8 +267,6 @@ def test_rprelu_and_pruned_weights_run_natively_like_the_torch_backend(rprelu_an
 
 
 # ----- hostile and corrupted files (under AddressSanitizer + UndefinedBehaviorSanitizer) -----
-
-
 
 
 def _node(arch, op):
@@ -387,7 +390,9 @@ SPARSE_HOSTILE = {
 RPRELU_HOSTILE = {
     "slope short": _tensor_edit(lambda arch: _node(arch, "rprelu"), "slope", lambda t: t[:-1].clone()),
     "shift_in missing": _drop_tensor(lambda arch: _node(arch, "rprelu"), "shift_in"),
-    "shift_out nan": _tensor_edit(lambda arch: _node(arch, "rprelu"), "shift_out", lambda t: t * float("nan")),
+    "shift_out nan": _tensor_edit(
+        lambda arch: _node(arch, "rprelu"), "shift_out", lambda t: t * float("nan")
+    ),
 }
 
 
@@ -397,7 +402,9 @@ def test_hostile_rprelu_and_sparse_fields_fail_cleanly_under_sanitizers(rprelu_a
     truncations and byte flips of both files load or fail cleanly (ASan + UBSan)."""
     for case, hostile in (("sparse", SPARSE_HOSTILE), ("rprelu", RPRELU_HOSTILE)):
         source = rprelu_and_sparse[case][0]
-        files = [resigned(source, tmp_path / f"{case}{i}.lowbit", edit) for i, edit in enumerate(hostile.values())]
+        files = [
+            resigned(source, tmp_path / f"{case}{i}.lowbit", edit) for i, edit in enumerate(hostile.values())
+        ]
         lines = _fuzz("files", *map(str, files)).stdout.splitlines()
         for name, line in zip(hostile, lines, strict=True):
             assert line.startswith("2 ") and "node '" in line, (name, line)
