@@ -1,5 +1,7 @@
 // The C API (include/lowbit.h): a loaded graph, its plan for the chosen kernel path, and running it.
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -224,14 +226,38 @@ int guarded(Fn fn) {
 
 Error argument(const std::string& what) { return Error(LOWBIT_ERROR_ARGUMENT, what); }
 
+// Plans every binary layer (its bit planes: the bulk of start-up) on up to kLoadThreads hardware threads, a
+// layer at a time from a shared counter; the first failure by node order is rethrown. A pruned weight runs
+// on the float code (its zeros are exact there; the kernels' planes have no keep map).
+void plan_binary_layers(lowbit_model& m) {
+  constexpr unsigned kLoadThreads = 8;
+  const size_t count = m.graph.nodes.size();
+  m.binary.resize(count);
+  std::vector<std::exception_ptr> failures(count);
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t k = next++; k < count; k = next++) {
+      try {
+        if (!m.graph.nodes[k].weight.sparse) m.binary[k] = plan_binary(m.graph, static_cast<int>(k));
+      } catch (...) {
+        failures[k] = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> helpers;
+  const unsigned threads = std::min(kLoadThreads, std::max(1u, std::thread::hardware_concurrency()));
+  for (unsigned t = 1; t < threads && t < count; ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& helper : helpers) helper.join();
+  for (const std::exception_ptr& failure : failures) {
+    if (failure) std::rethrow_exception(failure);
+  }
+}
+
 lowbit_model* load(const std::vector<uint8_t>& bytes) {
   auto m = std::make_unique<lowbit_model>();
   m->graph = load_graph(bytes);
-  // A pruned weight runs on the float code (its zeros are exact there; the kernels' planes have no keep map).
-  for (size_t k = 0; k < m->graph.nodes.size(); ++k) {
-    const bool sparse = m->graph.nodes[k].weight.sparse;
-    m->binary.push_back(sparse ? nullptr : plan_binary(m->graph, static_cast<int>(k)));
-  }
+  plan_binary_layers(*m);
   if (lowbit_set_kernel_path(m.get(), "auto") != LOWBIT_OK) throw Error(LOWBIT_ERROR_FORMAT, last_error);
   return m.release();
 }
