@@ -54,7 +54,7 @@ def contestants(
     paths: tuple[str, ...] = ("auto", "float"),
 ) -> dict:
     """FP32 torch, onnxruntime FP32 and liblowbit on the packed file for each of ``paths`` ("auto": the
-    fastest kernel path, "float": the float reference code)."""
+    fastest kernel path, "float": every layer on the float code)."""
     fns = {"FP32 torch": fp32, "onnxruntime FP32": _onnx_session(fp32, example, folder, threads=1)}
     for kernel_path in paths:
         model = native.NativeModel(path.read_bytes(), str(path))

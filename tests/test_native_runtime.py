@@ -105,7 +105,7 @@ def _run_cli(binary: list[str], path: Path, x_npy: Path, out: Path, *extra: str)
 
 @pytest.mark.parametrize(("name", "spec"), CASES)
 def test_native_equals_the_torch_backend_on_the_zoo(zoo, name, spec):
-    """Both the float reference ("float") and the binary kernels ("auto") of liblowbit, through ctypes."""
+    """Both the float code ("float") and the binary kernels ("auto") of liblowbit, through ctypes."""
     path, x_npy, expected = zoo[(name, spec)]
     x = np.load(x_npy)
     model = native.NativeModel(path.read_bytes(), str(path))

@@ -21,13 +21,13 @@ struct PathName {
   int64_t id;
 };
 
-// Fastest first; "float" (every layer on the float reference code) is not a kernel path.
+// Fastest first; "float" (every layer on the float code) is not a kernel path.
 const PathName kPaths[] = {{"avx512", kAvx512}, {"avx2", kAvx2}, {"neon", kNeon}, {"scalar", kScalar}};
 constexpr int64_t kFloatPath = -1;
 
 struct Step {
   int node;
-  const BinaryLayer* binary;  // nullptr: the float reference code
+  const BinaryLayer* binary;  // nullptr: the float code
   std::vector<int> inputs;
   int out;          // the node whose value the step writes: `node`, or the activation fused into it
   Activation then;  // that fused activation (kind None: none)

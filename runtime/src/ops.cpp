@@ -1,4 +1,4 @@
-// Shape inference and float reference code of every IR op, following the torch call each op stands for
+// Shape inference and float code of every IR op, following the torch call each op stands for
 // (lowbit.export.backends.torch). Accumulations are float32 like torch's; the order differs, so results
 // agree with torch within float rounding (the parity tests state the tolerance).
 #include "ops.h"

@@ -1,4 +1,5 @@
-// The float reference of every IR op (lowbit.export.backends.torch): naive loops, float32 values.
+// The float code of every IR op (lowbit.export.backends.torch): float32 values; conv / linear products on
+// sgemm.h.
 #pragma once
 
 #include "activation.h"

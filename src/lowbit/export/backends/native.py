@@ -1,8 +1,9 @@
 """The ``native`` backend: the whole graph runs in liblowbit (``runtime/``, C++ without torch) via ctypes.
 
 The library is the one ``lowbit-run`` uses: it reads the packed file itself, checks it, and runs every op
-(binary layers on the same kernel sources as the ``x86`` backend, the rest on float reference code). It is
-found at ``$LOWBIT_NATIVE_LIB`` or ``runtime/build/liblowbit.so`` of a source checkout (``make runtime``).
+(binary layers on the same kernel sources as the ``x86`` backend, the rest on float code with FMA products
+for conv / linear). It is found at ``$LOWBIT_NATIVE_LIB`` or ``runtime/build/liblowbit.so`` of a source
+checkout (``make runtime``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ LIB_ENV = "LOWBIT_NATIVE_LIB"
 #: liblowbit's error codes (runtime/include/lowbit.h)
 ERROR_UNSUPPORTED = 4
 ERROR_ARGUMENT = 5
-#: every kernel path but the binary kernels: float reference code for all layers
+#: every kernel path but the binary kernels: the float code for all layers
 FLOAT_PATH = "float"
 MAX_RANK = 8
 
