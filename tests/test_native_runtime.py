@@ -6,6 +6,7 @@ and .npy output, and `lowbit.export.load` running on it by default."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import struct
@@ -143,6 +144,34 @@ def test_results_do_not_depend_on_the_thread_count(zoo):
                 model.set_threads(threads)
                 outputs.append(model.run(x))
             assert all(np.array_equal(out, outputs[0]) for out in outputs[1:]), (case, kernel_path)
+
+
+def test_float_tiles_agree_bit_for_bit_and_the_portable_one_within_tolerance(zoo, tmp_path):
+    """The float products on the AVX2 tile equal the AVX-512 tile's bits (same FMAs in the same order); the
+    portable tile (no FMA, for x86 CPUs without AVX2) stays within TOLERANCE of the torch backend."""
+    for case in (("cyclegan-resnet", "w4"), ("examples-dcgan", "w2-em")):
+        path, x_npy, expected = zoo[case]
+        outputs = {}
+        for tile in ("", "avx2", "portable"):
+            result = subprocess.run(
+                [
+                    str(CLI),
+                    str(path),
+                    "--input",
+                    str(x_npy),
+                    "--kernel-path",
+                    "float",
+                    "-o",
+                    str(tmp_path / "t.npy"),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "LOWBIT_FLOAT_TILE": tile},
+            )
+            assert result.returncode == 0, result.stderr
+            outputs[tile] = np.load(tmp_path / "t.npy")
+        assert np.array_equal(outputs["avx2"], outputs[""]), case
+        assert _mismatch(outputs["portable"], expected)[0] <= TOLERANCE, case
 
 
 @pytest.mark.skipif(not ARM_CLI.exists() or QEMU is None, reason="no aarch64 build or qemu-aarch64 here")

@@ -3,6 +3,8 @@
 #include "sgemm.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -101,10 +103,15 @@ struct Micro {
   int64_t width;
 };
 
+// The widest tile this CPU runs; $LOWBIT_FLOAT_TILE = avx2 or portable picks a narrower one (the tests
+// compare them).
 Micro pick_micro() {
+  const char* env = std::getenv("LOWBIT_FLOAT_TILE");
+  const std::string wanted = env ? env : "";
+  if (wanted == "portable") return {micro_portable, 8};
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return {micro_avx512, 32};
+  if (wanted != "avx2" && __builtin_cpu_supports("avx512f")) return {micro_avx512, 32};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {micro_avx2, 16};
 #elif defined(__aarch64__)
   return {micro_neon, 8};
