@@ -2,9 +2,10 @@
 
 The default dcgan-g-28 generator at W1A1 (1-bit minmax weights, sign activations): batch-1 latency and
 batch-64 time of liblowbit through ctypes (the library lowbit-run calls; the "auto" kernel path and the
-float reference path), onnxruntime FP32 (the FP32 model exported with lowbit's ONNX exporter, one intra-op
-thread) and FP32 PyTorch (one thread), timed round-robin, best of ``--repeats`` (wall clock). Start-up is
-the wall time of ``lowbit-run FILE -n 1 -o x.npy`` (process start, load, checks, first sample), best of 5.
+float path, every layer on the FMA float code), onnxruntime FP32 (the FP32 model exported with lowbit's
+ONNX exporter, one intra-op thread) and FP32 PyTorch (one thread), timed round-robin, best of ``--repeats``
+(wall clock). Start-up is the wall time of ``lowbit-run FILE -n 1 -o x.npy`` (process start, load, checks,
+first sample), best of 5, for dcgan-g-28 and for a ~1 MB file (the zoo's ResNet at 64 filters, W1A1).
 
     python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json]
 
@@ -53,12 +54,12 @@ def contestants(
     paths: tuple[str, ...] = ("auto", "float"),
 ) -> dict:
     """FP32 torch, onnxruntime FP32 and liblowbit on the packed file for each of ``paths`` ("auto": the
-    fastest kernel path, "float": the float reference code)."""
+    fastest kernel path, "float": every layer on the float code)."""
     fns = {"FP32 torch": fp32, "onnxruntime FP32": _onnx_session(fp32, example, folder, threads=1)}
     for kernel_path in paths:
         model = native.NativeModel(path.read_bytes(), str(path))
         chosen = model.set_kernel_path(kernel_path)
-        label = "float reference" if kernel_path == "float" else chosen
+        label = "float path" if kernel_path == "float" else chosen
         fns[f"lowbit-run W1A1 ({label})"] = lambda x, model=model: model.run(x.numpy())
     return fns
 
@@ -81,6 +82,30 @@ def print_table(title: str, results: dict[str, dict[str, float]], repeats: int) 
             print(f"  {name:36s} {ms:9.3f}   x{ort / ms:.2f}")
 
 
+def megabyte_resnet(folder: Path) -> Path:
+    """The zoo's CycleGAN ResNet at 64 filters (6 blocks), W1A1, 8-bit first / last layers: ~1 MB packed."""
+    from gan_zoo import ResnetGenerator
+
+    torch.manual_seed(0)
+    model = ResnetGenerator(ngf=64, n_blocks=6)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 64, 64))
+    w8 = {"weight": "minmax", "weight_bits": 8}
+    spec = QuantSpec(
+        weight="bwn", weight_bits=1, act="sign", act_bits=1, overrides={"model.1": w8, "model.23": w8}
+    )
+    example = torch.randn(1, 3, 64, 64)
+    return export_packed(convert(model, spec).eval(), folder / "resnet-64.lowbit", example_input=example)
+
+
+def print_startup(results: dict, name: str, path: Path, folder: Path) -> None:
+    """Start-up of lowbit-run on ``path``, recorded in ``results`` and printed with the file size."""
+    ms, size = startup_ms(path, folder), path.stat().st_size
+    results[f"start-up ms (lowbit-run -n 1), {name}"] = ms
+    results[f"packed file bytes, {name}"] = size
+    print(f"\nstart-up of {name} (lowbit-run -n 1, best of 5): {ms:.1f} ms, file {size:,} bytes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -100,12 +125,8 @@ def main() -> None:
         inputs = {f"batch {b}": torch.randn(b, fp32.latent_dim) for b in (1, 64)}
         results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
         print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
-        results["start-up ms (lowbit-run -n 1)"] = startup_ms(path, folder)
-        results["packed file bytes"] = path.stat().st_size
-        print(
-            f"\nstart-up (lowbit-run -n 1, best of 5): {results['start-up ms (lowbit-run -n 1)']:.1f} ms, "
-            f"file {results['packed file bytes']:,} bytes"
-        )
+        print_startup(results, "dcgan-g-28 W1A1", path, folder)
+        print_startup(results, "ResNet-64 W1A1 (~1 MB)", megabyte_resnet(folder), folder)
         if args.zoo:
             from inference import _zoo_models
 
@@ -114,7 +135,7 @@ def main() -> None:
                 zoo_path = export_packed(
                     convert(model, zoo_spec).eval(), folder / f"{name}.lowbit", example_input=x1
                 )
-                fns = contestants(model, zoo_path, x1, folder, paths=("auto",))  # float: minutes
+                fns = contestants(model, zoo_path, x1, folder, paths=("auto",))
                 inputs = {"batch 1": x1, "batch 16": torch.randn(16, 3, 64, 64)}
                 results[name] = time_batches(fns, inputs, max(3, args.repeats // 3))
                 print_table(

@@ -6,6 +6,7 @@ and .npy output, and `lowbit.export.load` running on it by default."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import struct
@@ -35,7 +36,8 @@ SPECS = zoo_specs()
 #: native vs torch backend: every output within this much of the reference, times max(1, max |reference|).
 #: (float accumulation order differs: ~1e-7 relative is what the zoo shows; binary layers count exactly.)
 TOLERANCE = 5e-5
-#: ARM64 vs x86-64 runtime (the same code; libm's last bit differs, see the test).
+#: ARM64 vs x86-64 runtime (the same code and the same fused multiply-adds; libm's last bit differs, see the
+#: test). On x86 CPUs without AVX2 + FMA the float products multiply then add: within TOLERANCE of the rest.
 ARM_TOLERANCE = 1e-6
 #: binary activations right after a shift-free layer tie at exact zeros and flip (docs/export.md
 #: "Exactness"): the Python kernels warn about these two as well; compared with the kernels' own rule.
@@ -104,7 +106,7 @@ def _run_cli(binary: list[str], path: Path, x_npy: Path, out: Path, *extra: str)
 
 @pytest.mark.parametrize(("name", "spec"), CASES)
 def test_native_equals_the_torch_backend_on_the_zoo(zoo, name, spec):
-    """Both the float reference ("float") and the binary kernels ("auto") of liblowbit, through ctypes."""
+    """Both the float code ("float") and the binary kernels ("auto") of liblowbit, through ctypes."""
     path, x_npy, expected = zoo[(name, spec)]
     x = np.load(x_npy)
     model = native.NativeModel(path.read_bytes(), str(path))
@@ -128,12 +130,57 @@ def test_cli_equals_the_library_and_every_kernel_path_agrees(zoo, tmp_path):
         assert np.array_equal(out, expected), kernel_path
 
 
+def test_results_do_not_depend_on_the_thread_count(zoo):
+    """Threads share out column tiles of the float products and rows of the binary kernels; every output is
+    summed in the same order whatever the count, so 1, 2 and 3 threads give the same bits on both paths."""
+    for case in (("cyclegan-resnet", "w2-em"), ("dcgan-g-28", "w1a1-sign"), ("pix2pix-unet", "w1a1-act")):
+        path, x_npy, _ = zoo[case]
+        x = np.load(x_npy)
+        model = native.NativeModel(path.read_bytes(), str(path))
+        for kernel_path in ("float", "auto"):
+            model.set_kernel_path(kernel_path)
+            outputs = []
+            for threads in (1, 2, 3):
+                model.set_threads(threads)
+                outputs.append(model.run(x))
+            assert all(np.array_equal(out, outputs[0]) for out in outputs[1:]), (case, kernel_path)
+
+
+def test_float_tiles_agree_bit_for_bit_and_the_portable_one_within_tolerance(zoo, tmp_path):
+    """The float products on the AVX2 tile equal the AVX-512 tile's bits (same FMAs in the same order); the
+    portable tile (no FMA, for x86 CPUs without AVX2) stays within TOLERANCE of the torch backend."""
+    for case in (("cyclegan-resnet", "w4"), ("examples-dcgan", "w2-em")):
+        path, x_npy, expected = zoo[case]
+        outputs = {}
+        for tile in ("", "avx2", "portable"):
+            result = subprocess.run(
+                [
+                    str(CLI),
+                    str(path),
+                    "--input",
+                    str(x_npy),
+                    "--kernel-path",
+                    "float",
+                    "-o",
+                    str(tmp_path / "t.npy"),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "LOWBIT_FLOAT_TILE": tile},
+            )
+            assert result.returncode == 0, result.stderr
+            outputs[tile] = np.load(tmp_path / "t.npy")
+        assert np.array_equal(outputs["avx2"], outputs[""]), case
+        assert _mismatch(outputs["portable"], expected)[0] <= TOLERANCE, case
+
+
 @pytest.mark.skipif(not ARM_CLI.exists() or QEMU is None, reason="no aarch64 build or qemu-aarch64 here")
 def test_arm64_build_under_qemu_equals_x86_on_the_zoo(zoo, tmp_path):
     """The static aarch64 lowbit-run (NEON kernels, picked from the hwcaps) against the x86 build on every zoo
-    file: the binary layers count the same integers and the float code has no fused multiply-adds
-    (-ffp-contract=off), but glibc's exp / tanh differ in the last bit between x86-64 (FMA variants picked at
-    run time) and ARM64, so outputs agree within ARM_TOLERANCE, and most files bit for bit."""
+    file: the binary layers count the same integers; the float products sum in the same order with fused
+    multiply-adds on NEON as on AVX2 / AVX-512, tanh / sigmoid are the runtime's own float arithmetic, and the
+    rest has no fused multiply-adds (-ffp-contract=off); glibc's exp / erf (elu, gelu) may still differ in the
+    last bit between x86-64 and ARM64, so outputs agree within ARM_TOLERANCE, and most files bit for bit."""
     exact = 0
     for (name, spec), (path, x_npy, _) in zoo.items():
         x86 = _run_cli([str(CLI)], path, x_npy, tmp_path / "x86.npy")
@@ -192,9 +239,63 @@ def test_cli_reports_damaged_files_in_one_line(zoo, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+# ----- RPReLU and pruned (sparse) weights -----
+
+
+@pytest.fixture(scope="module")
+def rprelu_and_sparse(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray, np.ndarray]]:
+    """name -> (packed file, input, torch-backend output): a conv / BatchNorm / RPReLU / sign stack, and
+    lowbit's DCGAN pruned to 80% (unstructured) at W2 with sign activations."""
+    from lowbit.nn import PruneSpec, QuantSpec, compress
+    from lowbit.nn.rprelu import RPReLU
+
+    folder = tmp_path_factory.mktemp("native-rprelu-sparse")
+    torch.manual_seed(0)
+    stack = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        RPReLU(8),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        RPReLU(8),
+        nn.Conv2d(8, 4, 3, padding=1),
+    )
+    with torch.no_grad():
+        for module in (stack[2], stack[5]):
+            for name in ("shift_in", "slope", "shift_out"):
+                getattr(module, name).uniform_(-0.5, 0.8)
+        stack.train()(torch.randn(8, 3, 8, 8))
+    spec = QuantSpec(weight="minmax", weight_bits=2, act="sign", act_bits=1)
+    models = {
+        "rprelu": (convert(stack.eval(), SPECS["w1a1-sign"]).eval(), [3, 8, 8]),
+        "sparse": (compress(trained_like_dcgan(width=16), [PruneSpec(ratio=0.8), spec]).eval(), [100]),
+    }
+    cases = {}
+    for name, (model, shape) in models.items():
+        x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+        graph, _ = capture(model, x[:1])
+        path = write_graph(graph, folder / f"{name}.lowbit")
+        cases[name] = (path, x.numpy(), PackedModel(graph, "torch")(x).numpy())
+    return cases
+
+
+@pytest.mark.parametrize("name", ["rprelu", "sparse"])
+def test_rprelu_and_pruned_weights_run_natively_like_the_torch_backend(rprelu_and_sparse, name):
+    """liblowbit reads the rprelu node and the sparse storage (keep map + kept codes) itself: both paths
+    agree with the torch backend, and lowbit.export.load now runs such files natively by default."""
+    path, x, expected = rprelu_and_sparse[name]
+    graph_ops = {node.op for node in load(path, kernel_path="torch").graph.nodes}
+    weights = [node.attrs.get("weight", {}) for node in load(path, kernel_path="torch").graph.nodes]
+    assert ("rprelu" in graph_ops) if name == "rprelu" else any(w.get("sparse") for w in weights)
+    model = native.NativeModel(path.read_bytes(), str(path))
+    for kernel_path in ("float", "auto"):
+        model.set_kernel_path(kernel_path)
+        assert _mismatch(model.run(x), expected)[0] <= TOLERANCE, kernel_path
+    assert native.unsupported(load(path, kernel_path="torch").graph.nodes) is None
+    assert load(path).runs_native
+
+
 # ----- hostile and corrupted files (under AddressSanitizer + UndefinedBehaviorSanitizer) -----
-
-
 
 
 def _node(arch, op):
@@ -275,6 +376,70 @@ def test_hostile_and_corrupted_files_fail_cleanly_under_sanitizers(zoo, tmp_path
         summary = _fuzz("random", str(zoo[case][0]), "300", "7").stdout
         counts = dict(zip(*[iter(summary.split())] * 2, strict=True))
         assert int(counts["format"]) + int(counts["checksum"]) > 250, summary
+
+
+def _sparse_weight(arch):
+    return next(node for node in arch["nodes"] if node.get("attrs", {}).get("weight", {}).get("sparse"))
+
+
+def _tensor_edit(node_of, field: str, change):
+    """An edit replacing tensor `field` of the node node_of(arch) picks by change(tensor)."""
+
+    def edit(arch, tensors):
+        key = f"{node_of(arch)['name']}.{field}"
+        tensors[key] = change(tensors[key])
+
+    return edit
+
+
+def _drop_tensor(node_of, field: str):
+    def edit(arch, tensors):
+        del tensors[f"{node_of(arch)['name']}.{field}"]
+
+    return edit
+
+
+def _sparse_flag(value):
+    def edit(arch, tensors):
+        _sparse_weight(arch)["attrs"]["weight"]["sparse"] = value
+
+    return edit
+
+
+#: hostile values of the fields liblowbit reads for RPReLU and pruned weights
+SPARSE_HOSTILE = {
+    "mask missing": _drop_tensor(_sparse_weight, "mask"),
+    "mask short": _tensor_edit(_sparse_weight, "mask", lambda t: t[:-1].clone()),
+    "mask all kept": _tensor_edit(_sparse_weight, "mask", lambda t: torch.full_like(t, 255)),
+    "codes short": _tensor_edit(_sparse_weight, "codes", lambda t: t[:-1].clone()),
+    "codes as float": _tensor_edit(_sparse_weight, "codes", lambda t: t.to(torch.float32)),
+    "sparse not bool": _sparse_flag(1),
+    "mask without sparse": _sparse_flag(False),
+}
+RPRELU_HOSTILE = {
+    "slope short": _tensor_edit(lambda arch: _node(arch, "rprelu"), "slope", lambda t: t[:-1].clone()),
+    "shift_in missing": _drop_tensor(lambda arch: _node(arch, "rprelu"), "shift_in"),
+    "shift_out nan": _tensor_edit(
+        lambda arch: _node(arch, "rprelu"), "shift_out", lambda t: t * float("nan")
+    ),
+}
+
+
+@pytest.mark.skipif(not FUZZ.exists(), reason="no sanitizer build (make -C runtime asan)")
+def test_hostile_rprelu_and_sparse_fields_fail_cleanly_under_sanitizers(rprelu_and_sparse, tmp_path):
+    """Every checked length and flag of the new fields is refused with a format error naming the node; random
+    truncations and byte flips of both files load or fail cleanly (ASan + UBSan)."""
+    for case, hostile in (("sparse", SPARSE_HOSTILE), ("rprelu", RPRELU_HOSTILE)):
+        source = rprelu_and_sparse[case][0]
+        files = [
+            resigned(source, tmp_path / f"{case}{i}.lowbit", edit) for i, edit in enumerate(hostile.values())
+        ]
+        lines = _fuzz("files", *map(str, files)).stdout.splitlines()
+        for name, line in zip(hostile, lines, strict=True):
+            assert line.startswith("2 ") and "node '" in line, (name, line)
+        summary = _fuzz("random", str(source), "150", "11").stdout
+        counts = dict(zip(*[iter(summary.split())] * 2, strict=True))
+        assert int(counts["format"]) + int(counts["checksum"]) > 100, summary
 
 
 # ----- Python on the native backend -----

@@ -35,12 +35,13 @@ int lowbit_input_shape(const lowbit_model* model, int64_t* dims, int max_dims, i
 int lowbit_output_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank);
 
 /* Kernel path for the binary layers: "auto" (the fastest this CPU has), "scalar", "avx2", "avx512", "neon",
- * or "float" (every layer on the float reference code). The default is "auto". */
+ * or "float" (every layer on the float code). The default is "auto". */
 int lowbit_set_kernel_path(lowbit_model* model, const char* path);
 const char* lowbit_kernel_path(const lowbit_model* model);
 /* Bit i set for every kernel path id i this CPU runs (ids as in lowbit's KERNEL_PATHS). */
 int64_t lowbit_supported_paths(void);
-/* Threads used by the binary kernels (default 1). */
+/* Threads used by the binary kernels and the float layers' products (default 1); outputs are identical for
+ * every thread count (each value is summed in the same order). */
 int lowbit_set_threads(lowbit_model* model, int threads);
 
 /* input: batch x input values, output: batch x output values (the caller's buffers). */

@@ -1,7 +1,10 @@
 // The C API (include/lowbit.h): a loaded graph, its plan for the chosen kernel path, and running it.
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <thread>
 
@@ -18,14 +21,16 @@ struct PathName {
   int64_t id;
 };
 
-// Fastest first; "float" (every layer on the float reference code) is not a kernel path.
+// Fastest first; "float" (every layer on the float code) is not a kernel path.
 const PathName kPaths[] = {{"avx512", kAvx512}, {"avx2", kAvx2}, {"neon", kNeon}, {"scalar", kScalar}};
 constexpr int64_t kFloatPath = -1;
 
 struct Step {
   int node;
-  const BinaryLayer* binary;  // nullptr: the float reference code
+  const BinaryLayer* binary;  // nullptr: the float code
   std::vector<int> inputs;
+  int out;          // the node whose value the step writes: `node`, or the activation fused into it
+  Activation then;  // that fused activation (kind None: none)
 };
 
 // Runs body over [0, n) on up to `threads` std::threads (the calling thread takes the first share).
@@ -53,7 +58,11 @@ struct lowbit_model {
   lowbit::Graph graph;
   std::vector<std::unique_ptr<lowbit::BinaryLayer>> binary;  // per node, nullptr where the kernels do not apply
   std::vector<lowbit::Step> steps;
-  std::vector<int> last_use;  // per node: the last step reading it (its tensor is freed after that step)
+  std::vector<int> last_use;  // per node: the last step reading it (its buffer returns to the pool after that step)
+  // Buffers of finished values, reused by later steps and later runs (a run takes the whole pool and puts
+  // it back, so concurrent runs of one model each get their own buffers).
+  std::vector<std::vector<float>> pool;
+  std::mutex pool_lock;
   int64_t path = lowbit::kFloatPath;
   std::string path_name = "float";
   int threads = 1;
@@ -62,12 +71,52 @@ struct lowbit_model {
 namespace lowbit {
 namespace {
 
-// Plans the graph for `path`: binary layers on the kernels, the rest on float code; drops nodes nothing reads.
+// Packs a weight layer's float weight for the float code the first time a plan runs it there (binary layers
+// on the kernels never need it: start-up stays with the kernels' own planning).
+void prepare_layer(Graph& graph, int index) {
+  Node& node = graph.nodes[static_cast<size_t>(index)];
+  const bool layer = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
+  if (!layer || !node.weight.gemm.empty() || !node.weight.columns.tiles.empty()) return;
+  const int source = node.inputs[0];
+  Shape input{1};
+  const Shape& sample = source < 0 ? graph.input_shape : graph.nodes[static_cast<size_t>(source)].out_shape;
+  input.insert(input.end(), sample.begin(), sample.end());
+  prepare_float_layer(node, input);
+}
+
+// Fuses every element-wise activation into the step producing its only input, when nothing else reads that
+// input: the producer writes the activation's value in its own pass (no buffer, no second pass).
+void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
+  std::vector<int> readers(graph.nodes.size(), 0), producer(graph.nodes.size(), -1);
+  for (size_t s = 0; s < steps.size(); ++s) {
+    producer[static_cast<size_t>(steps[s].node)] = static_cast<int>(s);
+    for (const int i : steps[s].inputs) if (i >= 0) ++readers[static_cast<size_t>(i)];
+  }
+  std::vector<bool> fused(steps.size(), false);
+  for (size_t s = 0; s < steps.size(); ++s) {
+    const Node& node = graph.nodes[static_cast<size_t>(steps[s].node)];
+    const Activation act = activation_of(node);
+    if (act.kind == Activation::None || steps[s].inputs.size() != 1) continue;
+    const int source = steps[s].inputs[0];
+    if (source < 0 || source == graph.output || readers[static_cast<size_t>(source)] != 1) continue;
+    Step& from = steps[static_cast<size_t>(producer[static_cast<size_t>(source)])];
+    if (from.then.kind != Activation::None || graph.nodes[static_cast<size_t>(from.node)].op == "constant") continue;
+    from.then = act, from.out = steps[s].node;
+    fused[s] = true;
+  }
+  std::vector<Step> kept;
+  for (size_t s = 0; s < steps.size(); ++s) if (!fused[s]) kept.push_back(steps[s]);
+  steps.swap(kept);
+}
+
+// Plans the graph for `path`: binary layers on the kernels, the rest on float code; drops nodes nothing reads
+// and fuses activations into their producers.
 void plan(lowbit_model& m, int64_t path) {
   std::vector<Step> steps;
   for (size_t k = 0; k < m.graph.nodes.size(); ++k) {
     const BinaryLayer* b = path == kFloatPath ? nullptr : m.binary[k].get();
-    steps.push_back(Step{static_cast<int>(k), b, b ? std::vector<int>{b->source} : m.graph.nodes[k].inputs});
+    steps.push_back(Step{static_cast<int>(k), b, b ? std::vector<int>{b->source} : m.graph.nodes[k].inputs,
+                         static_cast<int>(k), Activation()});
   }
   std::vector<bool> needed(m.graph.nodes.size(), false);
   needed[static_cast<size_t>(m.graph.output)] = true;
@@ -78,6 +127,10 @@ void plan(lowbit_model& m, int64_t path) {
     kept.push_back(*it);
   }
   m.steps.assign(kept.rbegin(), kept.rend());
+  fuse_activations(m.graph, m.steps);
+  for (const Step& step : m.steps) {
+    if (!step.binary) prepare_layer(m.graph, step.node);
+  }
   m.last_use.assign(m.graph.nodes.size(), -1);
   for (size_t s = 0; s < m.steps.size(); ++s) {
     for (const int i : m.steps[s].inputs) if (i >= 0) m.last_use[static_cast<size_t>(i)] = static_cast<int>(s);
@@ -92,31 +145,66 @@ Shape full_shape(const Node& node, int64_t batch) {
   return shape;
 }
 
+using Pool = std::vector<std::vector<float>>;
+
+// Gives `data` `count` values from the pool: the smallest buffer that holds them, else the largest (grown).
+void acquire(Pool& pool, std::vector<float>& data, size_t count) {
+  size_t pick = pool.size();
+  for (size_t k = 0; k < pool.size(); ++k) {
+    const size_t size = pool[k].size(), best = pick < pool.size() ? pool[pick].size() : 0;
+    if (pick == pool.size() || (best >= count ? size >= count && size < best : size > best)) pick = k;
+  }
+  if (pick < pool.size()) {
+    data.swap(pool[pick]);
+    pool.erase(pool.begin() + static_cast<std::ptrdiff_t>(pick));
+  }
+  data.resize(count);
+}
+
+void release(Pool& pool, std::vector<float>& data) {
+  pool.push_back(std::move(data));
+  data = std::vector<float>();
+}
+
 void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
+  Pool pool;
+  {
+    const std::lock_guard<std::mutex> hold(m.pool_lock);
+    pool.swap(m.pool);
+  }
   Tensor x;
   x.shape = {batch};
   x.shape.insert(x.shape.end(), m.graph.input_shape.begin(), m.graph.input_shape.end());
-  x.data.assign(input, input + numel(x.shape));
+  acquire(pool, x.data, static_cast<size_t>(numel(x.shape)));
+  std::copy(input, input + numel(x.shape), x.data.begin());
   std::vector<Tensor> values(m.graph.nodes.size());
   const ParallelFor parallel = thread_pool(m.threads);
   for (size_t s = 0; s < m.steps.size(); ++s) {
     const Step& step = m.steps[s];
     const Node& node = m.graph.nodes[static_cast<size_t>(step.node)];
-    Tensor& out = values[static_cast<size_t>(step.node)];
+    Tensor& out = values[static_cast<size_t>(step.out)];
     out.shape = full_shape(node, batch);
-    out.data.resize(static_cast<size_t>(numel(out.shape)));
+    acquire(pool, out.data, static_cast<size_t>(numel(out.shape)));
     std::vector<const Tensor*> inputs;
     for (const int i : step.inputs) inputs.push_back(i < 0 ? &x : &values[static_cast<size_t>(i)]);
-    if (step.binary) run_binary(*step.binary, *inputs[0], m.path, parallel, out);
-    else run_op(node, inputs, out);
+    if (step.binary) {
+      run_binary(*step.binary, *inputs[0], m.path, parallel, out);
+      activate(step.then, out.data.data(), out.data.data(), static_cast<int64_t>(out.data.size()));
+    } else {
+      run_op(node, inputs, out, parallel, step.then);
+    }
     for (const int i : step.inputs) {
       if (i >= 0 && m.last_use[static_cast<size_t>(i)] == static_cast<int>(s) && i != m.graph.output) {
-        Tensor().data.swap(values[static_cast<size_t>(i)].data);
+        release(pool, values[static_cast<size_t>(i)].data);
       }
     }
   }
   const Tensor& result = values[static_cast<size_t>(m.graph.output)];
   std::copy(result.data.begin(), result.data.end(), output);
+  release(pool, x.data);
+  for (Tensor& value : values) if (!value.data.empty()) release(pool, value.data);
+  const std::lock_guard<std::mutex> hold(m.pool_lock);
+  for (std::vector<float>& buffer : pool) m.pool.push_back(std::move(buffer));
 }
 
 template <typename Fn>
@@ -138,10 +226,38 @@ int guarded(Fn fn) {
 
 Error argument(const std::string& what) { return Error(LOWBIT_ERROR_ARGUMENT, what); }
 
+// Plans every binary layer (its bit planes: the bulk of start-up) on up to kLoadThreads hardware threads, a
+// layer at a time from a shared counter; the first failure by node order is rethrown. A pruned weight runs
+// on the float code (its zeros are exact there; the kernels' planes have no keep map).
+void plan_binary_layers(lowbit_model& m) {
+  constexpr unsigned kLoadThreads = 8;
+  const size_t count = m.graph.nodes.size();
+  m.binary.resize(count);
+  std::vector<std::exception_ptr> failures(count);
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t k = next++; k < count; k = next++) {
+      try {
+        if (!m.graph.nodes[k].weight.sparse) m.binary[k] = plan_binary(m.graph, static_cast<int>(k));
+      } catch (...) {
+        failures[k] = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> helpers;
+  const unsigned threads = std::min(kLoadThreads, std::max(1u, std::thread::hardware_concurrency()));
+  for (unsigned t = 1; t < threads && t < count; ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& helper : helpers) helper.join();
+  for (const std::exception_ptr& failure : failures) {
+    if (failure) std::rethrow_exception(failure);
+  }
+}
+
 lowbit_model* load(const std::vector<uint8_t>& bytes) {
   auto m = std::make_unique<lowbit_model>();
   m->graph = load_graph(bytes);
-  for (size_t k = 0; k < m->graph.nodes.size(); ++k) m->binary.push_back(plan_binary(m->graph, static_cast<int>(k)));
+  plan_binary_layers(*m);
   if (lowbit_set_kernel_path(m.get(), "auto") != LOWBIT_OK) throw Error(LOWBIT_ERROR_FORMAT, last_error);
   return m.release();
 }

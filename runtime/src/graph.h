@@ -9,6 +9,7 @@
 
 #include "../include/lowbit.h"
 #include "json.h"
+#include "sgemm.h"
 
 namespace lowbit {
 
@@ -69,11 +70,16 @@ struct Attrs {
 struct Weight {
   Shape shape;                  // conv (Co, Ci/g, kh, kw), transposed conv (Ci, Co/g, kh, kw), linear (out, in)
   std::vector<float> values;    // codebook[row, code] or the stored float weight
-  bool packed = false, affine = false;
+  bool packed = false, affine = false, sparse = false;
   int64_t channel_dim = 0, levels = 0;
-  std::vector<uint8_t> codes;   // unpacked, one per value (packed weights)
+  std::vector<uint8_t> codes;   // unpacked, one per value (packed weights; 0 where pruned)
+  std::vector<uint8_t> keep;    // sparse (pruned) weights: 1 per kept value, 0 per pruned one
   std::vector<float> codebook;  // (rows, levels), rows = shape[channel_dim]
   std::vector<float> bias;      // empty when the layer has none
+  // The float code's product operand, packed at load (prepare_float_layer): per group A (conv, transposed
+  // conv), or B (linear, latent transposed conv).
+  std::vector<PackedWeights> gemm;
+  PackedColumns columns;
 };
 
 struct Node {

@@ -378,22 +378,51 @@ Shape weight_shape(const Node& node) {
 // k-bit codes stored at 1, 2, 4 or 8 bits a value, the first value in the lowest bits of a byte.
 int storage_bits(int64_t bits) { return bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
 
-void unpack_codes(Node& node, const Stored& codes, int64_t bits) {
-  Weight& w = node.weight;
+// `count` codes below `levels` from the packed tensor `field` (codes, or a sparse weight's 1-bit mask).
+std::vector<uint8_t> unpack_field(const Node& node, const Stored& packed, const char* field, int64_t bits, int64_t count,
+                                  int64_t levels) {
   const int width = storage_bits(bits);
-  const int64_t count = numel(w.shape);
   const int64_t needed = (count * width + 7) / 8;
-  if (codes.dtype != "U8" || codes.shape != Shape{needed}) {
-    throw bad_node(node.name, "tensor 'codes' has shape " + shape_text(codes.shape) + " (" + codes.dtype +
-                                  "), expected [" + std::to_string(needed) + "] (U8)");
+  if (packed.dtype != "U8" || packed.shape != Shape{needed}) {
+    throw bad_node(node.name, std::string("tensor '") + field + "' has shape " + shape_text(packed.shape) + " (" +
+                                  packed.dtype + "), expected [" + std::to_string(needed) + "] (U8)");
   }
-  const int per_byte = 8 / width;
   const unsigned mask = (1u << width) - 1;
-  w.codes.resize(static_cast<size_t>(count));
-  for (int64_t j = 0; j < count; ++j) {
-    const uint8_t code = (codes.data[j / per_byte] >> ((j % per_byte) * width)) & mask;
-    if (code >= w.levels) throw bad_node(node.name, "codes go beyond the " + std::to_string(w.levels) + " levels");
-    w.codes[static_cast<size_t>(j)] = code;
+  std::vector<uint8_t> codes(static_cast<size_t>(count));
+  size_t j = 0;
+  for (int64_t b = 0; b < needed; ++b) {  // a byte at a time, lowest bits first
+    unsigned byte = packed.data[b];
+    for (int shift = 0; shift < 8 && j < codes.size(); shift += width, byte >>= width) codes[j++] = static_cast<uint8_t>(byte & mask);
+  }
+  if (!codes.empty() && *std::max_element(codes.begin(), codes.end()) >= levels) {
+    throw bad_node(node.name, std::string(field) + " go beyond the " + std::to_string(levels) + " levels");
+  }
+  return codes;
+}
+
+const Stored& stored_field(const Node& node, const std::map<std::string, Stored>& own, const char* field) {
+  const auto it = own.find(field);
+  if (it == own.end()) throw bad_node(node.name, std::string("tensor '") + field + "' is missing");
+  return it->second;
+}
+
+// The codes of every weight value. A pruned weight ("sparse": true) stores a 1-bit keep map ('mask', one bit
+// per value) and the codes of the kept values only; pruned values get code 0 and keep 0.
+void read_codes(Node& node, const NodeReader& r, const std::map<std::string, Stored>& own, int64_t bits) {
+  Weight& w = node.weight;
+  const int64_t count = numel(w.shape);
+  w.sparse = r.has("sparse") && r.boolean("sparse");
+  if (!w.sparse) {
+    if (own.count("mask")) throw bad_node(node.name, "tensor 'mask' belongs to a sparse weight, but 'sparse' is not set");
+    w.codes = unpack_field(node, stored_field(node, own, "codes"), "codes", bits, count, w.levels);
+    return;
+  }
+  w.keep = unpack_field(node, stored_field(node, own, "mask"), "mask", 1, count, 2);
+  const int64_t kept = std::count(w.keep.begin(), w.keep.end(), uint8_t{1});
+  const std::vector<uint8_t> stored = unpack_field(node, stored_field(node, own, "codes"), "codes", bits, kept, w.levels);
+  w.codes.assign(static_cast<size_t>(count), 0);
+  for (size_t i = 0, next = 0; i < w.keep.size(); ++i) {
+    if (w.keep[i]) w.codes[i] = stored[next++];
   }
 }
 
@@ -460,9 +489,7 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
   if (declared != w.shape) {
     throw bad_node(node.name, "packed weight shape " + shape_text(declared) + " differs from " + shape_text(w.shape));
   }
-  const auto codes = own.find("codes");
-  if (codes == own.end()) throw bad_node(node.name, "tensor 'codes' is missing");
-  unpack_codes(node, codes->second, bits);
+  read_codes(node, r, own, bits);
   read_codebook(node, own, r.text("codebook"));
   // codebook[row, code], row = index along channel_dim: exactly the simulated layer's weight.
   int64_t inner = 1;
@@ -472,7 +499,9 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
   for (size_t i = 0; i < w.codes.size();) {  // runs of `inner` values share a codebook row
     const int64_t row = (static_cast<int64_t>(i) / inner) % rows;
     const float* book = w.codebook.data() + row * w.levels;
-    for (const size_t end = i + static_cast<size_t>(inner); i < end; ++i) w.values[i] = book[w.codes[i]];
+    for (const size_t end = i + static_cast<size_t>(inner); i < end; ++i) {
+      w.values[i] = w.sparse && !w.keep[i] ? 0.0f : book[w.codes[i]];  // pruned: 0, as the simulated layer
+    }
   }
 }
 
@@ -484,15 +513,16 @@ struct TensorSchema {
 
 const std::vector<TensorSchema>& schemas() {
   static const std::vector<TensorSchema> table = {
-      {"conv2d", {}, {"weight", "codes", "affine", "codebook", "bias"}},
-      {"conv_transpose2d", {}, {"weight", "codes", "affine", "codebook", "bias"}},
-      {"linear", {}, {"weight", "codes", "affine", "codebook", "bias"}},
+      {"conv2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
+      {"conv_transpose2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
+      {"linear", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
       {"batch_norm", {"running_mean", "running_var"}, {"weight", "bias"}},
       {"instance_norm", {}, {"running_mean", "running_var", "weight", "bias"}},
       {"layer_norm", {}, {"weight", "bias"}},
       {"group_norm", {}, {"weight", "bias"}},
       {"quant_act", {"levels"}, {"shift"}},
       {"prelu", {"weight"}, {}},
+      {"rprelu", {"shift_in", "slope", "shift_out"}, {}},
       {"constant", {"value"}, {}},
       {"relu", {}, {}}, {"tanh", {}, {}}, {"sigmoid", {}, {}}, {"silu", {}, {}}, {"leaky_relu", {}, {}},
       {"elu", {}, {}}, {"gelu", {}, {}}, {"hardtanh", {}, {}}, {"pad", {}, {}}, {"interpolate", {}, {}},

@@ -1,11 +1,12 @@
-// Shape inference and float reference code of every IR op, following the torch call each op stands for
+// Shape inference and float code of every IR op, following the torch call each op stands for
 // (lowbit.export.backends.torch). Accumulations are float32 like torch's; the order differs, so results
 // agree with torch within float rounding (the parity tests state the tolerance).
 #include "ops.h"
 
+#include "activation.h"
+
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <numeric>
 
 namespace lowbit {
@@ -161,181 +162,207 @@ Shape norm_shape(const Node& node, const Shape& x) {
 
 // ----- float code -----
 
-constexpr int64_t kColumns = 64;  // output columns kept in registers at once
+// ----- float layers: products on sgemm.h -----
 
-// dst[j] += sum_r x[r] * weight[r * stride + j] for j < count <= kColumns, r ascending (input channel, then
-// tap: the order of the direct loops): the inner loop of conv2d and of the latent layer, partial sums in
-// registers. On x86 also cloned for AVX2 / AVX-512 (picked at load by the dynamic linker); every clone
-// multiplies then adds (no FMA), so all round alike.
-#if defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void accumulate_rows(float* dst, const float* weight, int64_t stride, const float* x, int64_t rows, int64_t count) {
-  if (count < kColumns) {  // the last, partial block
-    for (int64_t j = 0; j < count; ++j) {
-      float sum = dst[j];
-      for (int64_t r = 0; r < rows; ++r) sum += x[r] * weight[r * stride + j];
-      dst[j] = sum;
-    }
-    return;
-  }
-  float acc[kColumns];  // fixed-size loops only, so the compiler keeps it in vector registers
-  for (int64_t j = 0; j < kColumns; ++j) acc[j] = dst[j];
-  for (int64_t r = 0; r < rows; ++r) {
-    const float v = x[r];
-    const float* row = weight + r * stride;
-    for (int64_t j = 0; j < kColumns; ++j) acc[j] += v * row[j];
-  }
-  for (int64_t j = 0; j < kColumns; ++j) dst[j] = acc[j];
-}
+constexpr int64_t kChunkColumns = 4096;  // columns of a transposed conv's product held at once
 
-// Input patches of output pixels [p0, p0 + count) as rows (input channel, tap) x pixels (0 outside the input).
-void gather_patches(const Attrs& a, const float* src, int64_t cig, int64_t h, int64_t w, int64_t wo, int64_t p0,
-                    int64_t count, std::vector<float>& cols) {
-  float* col = cols.data();
-  for (int64_t ic = 0; ic < cig; ++ic) {
-    const float* plane = src + ic * h * w;
-    for (int64_t y = 0; y < a.kernel[0]; ++y) {
-      for (int64_t z = 0; z < a.kernel[1]; ++z, col += count) {
-        int64_t oh = p0 / wo, ow = p0 % wo;  // the pixel of j, stepped along without dividing
-        for (int64_t j = 0; j < count; ++j) {
-          const int64_t ih = oh * a.stride[0] - a.padding[0] + y * a.dilation[0];
-          const int64_t iw = ow * a.stride[1] - a.padding[1] + z * a.dilation[1];
-          col[j] = ih >= 0 && ih < h && iw >= 0 && iw < w ? plane[ih * w + iw] : 0.0f;
-          if (++ow == wo) ow = 0, ++oh;
+// Columns (sample i, output pixel p) of a conv's product: rows (input channel, tap) of `channels` input planes
+// (h x w) at x + i * sample_stride; 0 outside the input.
+struct Patches {
+  const float* x;
+  int64_t sample_stride, channels, h, w, wo, pixels;
+  int64_t kernel[2], stride[2], padding[2], dilation[2];
+};
+
+// A run of `run` output pixels of one row (oh, ow..) of one sample, every (input channel, tap) row into
+// dst[row * width + t]: unit-stride rows are copies between zero edges.
+void pack_patch_run(const Patches& g, const float* sample, int64_t oh, int64_t ow, int64_t run, float* dst, int64_t width) {
+  for (int64_t ic = 0; ic < g.channels; ++ic) {
+    const float* plane = sample + ic * g.h * g.w;
+    for (int64_t y = 0; y < g.kernel[0]; ++y) {
+      const int64_t ih = oh * g.stride[0] - g.padding[0] + y * g.dilation[0];
+      for (int64_t z = 0; z < g.kernel[1]; ++z, dst += width) {
+        const int64_t iw0 = ow * g.stride[1] - g.padding[1] + z * g.dilation[1];
+        if (ih < 0 || ih >= g.h) {
+          std::fill(dst, dst + run, 0.0f);
+        } else if (g.stride[1] == 1) {
+          const int64_t lo = std::min(std::max<int64_t>(-iw0, 0), run), hi = std::min(std::max(g.w - iw0, lo), run);
+          std::fill(dst, dst + lo, 0.0f);
+          if (hi > lo) std::copy(plane + ih * g.w + iw0 + lo, plane + ih * g.w + iw0 + hi, dst + lo);
+          std::fill(dst + hi, dst + run, 0.0f);
+        } else {
+          for (int64_t t = 0; t < run; ++t) {
+            const int64_t iw = iw0 + t * g.stride[1];
+            dst[t] = iw >= 0 && iw < g.w ? plane[ih * g.w + iw] : 0.0f;
+          }
         }
       }
     }
   }
 }
 
-// A conv as (output channel) x (input channel, tap) times the gathered patches, a chunk of output pixels at a
-// time so the patch buffer stays bounded.
-void conv2d(const Node& node, const Tensor& input, Tensor& out) {
-  constexpr int64_t kPixels = 1024;
+// Whether a full tile of `width` pixels from (oh, ow) reads every tap inside the input with unit stride, so
+// each (input channel, tap) row of the product is `width` contiguous input values.
+bool tile_inside(const Patches& g, int64_t oh, int64_t ow, int64_t width) {
+  const int64_t ih = oh * g.stride[0] - g.padding[0], iw = ow - g.padding[1];
+  return g.stride[1] == 1 && ow + width <= g.wo && ih >= 0 && ih + (g.kernel[0] - 1) * g.dilation[0] < g.h && iw >= 0 &&
+         iw + (g.kernel[1] - 1) * g.dilation[1] + width <= g.w;
+}
+
+// Columns [col0, col0 + count) of the product: pointers into the input when the tile lies inside one output
+// row and the input, else gathered into scratch (depth x width) a run of one output row at a time.
+void pack_patches(const Patches& g, int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows) {
+  int64_t i = col0 / g.pixels, p = col0 % g.pixels;
+  if (count == width && tile_inside(g, p / g.wo, p % g.wo, width)) {
+    const float* sample = g.x + i * g.sample_stride;
+    const int64_t ih = (p / g.wo) * g.stride[0] - g.padding[0], iw = p % g.wo - g.padding[1];
+    for (int64_t ic = 0; ic < g.channels; ++ic) {
+      for (int64_t y = 0; y < g.kernel[0]; ++y) {
+        const float* row = sample + (ic * g.h + ih + y * g.dilation[0]) * g.w + iw;
+        for (int64_t z = 0; z < g.kernel[1]; ++z) *rows++ = row + z * g.dilation[1];
+      }
+    }
+    return;
+  }
+  const int64_t depth = g.channels * g.kernel[0] * g.kernel[1];
+  for (int64_t k = 0; k < depth; ++k) rows[k] = scratch + k * width;
+  float* dst = scratch;
+  for (int64_t j = 0; j < count;) {
+    const int64_t ow = p % g.wo, run = std::min(count - j, g.wo - ow);
+    pack_patch_run(g, g.x + i * g.sample_stride, p / g.wo, ow, run, dst + j, width);
+    j += run, p += run;
+    if (p == g.pixels) p = 0, ++i;
+  }
+}
+
+float bias_of(const Weight& w, int64_t channel) { return w.bias.empty() ? 0.0f : w.bias[static_cast<size_t>(channel)]; }
+
+// The product's block (channels first_channel.. + rows) x (sample, pixel) columns into NCHW out, plus bias,
+// then the fused activation.
+void store_planes(const Weight& weight, const float* block, int64_t width, int64_t col0, int64_t count, int64_t rows,
+                  int64_t first_channel, const Activation& then, Tensor& out) {
+  const int64_t channels = out.shape[1], pixels = out.shape[2] * out.shape[3];
+  int64_t i = col0 / pixels, p = col0 % pixels;
+  for (int64_t j = 0; j < count;) {
+    const int64_t run = std::min(count - j, pixels - p);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = block + r * width + j;
+      float* dst = out.data.data() + (i * channels + first_channel + r) * pixels + p;
+      const float b = bias_of(weight, first_channel + r);
+      for (int64_t t = 0; t < run; ++t) dst[t] = src[t] + b;
+      activate(then, dst, dst, run);
+    }
+    j += run, p = 0, ++i;
+  }
+}
+
+// A conv as weight (output channel x (input channel, tap)) times patches (.. x (sample, output pixel)), per group.
+void conv2d(const Node& node, const Tensor& input, Tensor& out, const ParallelFor& parallel, const Activation& then) {
   const Attrs& a = node.attrs;
   Tensor padded;
   if (!a.pad.empty()) pad_tensor(input, a.pad, a.pad_mode, 0.0, padded);
   const Tensor& x = a.pad.empty() ? input : padded;
   const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
-  const int64_t co = out.shape[1], pixels = out.shape[2] * out.shape[3], wo = out.shape[3];
-  const int64_t cig = ci / a.groups, cog = co / a.groups, taps = cig * a.kernel[0] * a.kernel[1];
-  const std::vector<float>& weight = node.weight.values;  // (Co, Ci / g, kh, kw): row oc has `taps` values
-  std::vector<float> cols(static_cast<size_t>(taps * std::min(pixels, kPixels)));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t oc = 0; oc < co; ++oc) {
-      float* dst = out.data.data() + (i * co + oc) * pixels;
-      std::fill(dst, dst + pixels, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
-    }
-    for (int64_t g = 0; g < a.groups; ++g) {
-      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
-        const int64_t count = std::min(kPixels, pixels - p0);
-        gather_patches(a, x.data.data() + (i * ci + g * cig) * h * w, cig, h, w, wo, p0, count, cols);
-        for (int64_t oc = g * cog; oc < (g + 1) * cog; ++oc) {
-          float* dst = out.data.data() + (i * co + oc) * pixels + p0;
-          for (int64_t j0 = 0; j0 < count; j0 += kColumns) {
-            accumulate_rows(dst + j0, cols.data() + j0, count, weight.data() + oc * taps, taps,
-                            std::min(kColumns, count - j0));
-          }
-        }
-      }
-    }
+  const int64_t cig = ci / a.groups, cog = out.shape[1] / a.groups, pixels = out.shape[2] * out.shape[3];
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const Patches src{x.data.data() + g * cig * h * w, ci * h * w, cig, h, w, out.shape[3], pixels,
+                      {a.kernel[0], a.kernel[1]}, {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]},
+                      {a.dilation[0], a.dilation[1]}};
+    sgemm(node.weight.gemm[static_cast<size_t>(g)], n * pixels,
+          [&](int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows) {
+            pack_patches(src, col0, count, scratch, width, rows);
+          },
+          [&](int64_t col0, int64_t count, const float* block, int64_t width) {
+            store_planes(node.weight, block, width, col0, count, cog, g * cog, then, out);
+          },
+          parallel);
   }
 }
 
+// out[r, c] = then(sum_k x[r, k] * B[k, c] + bias[c / per_bias]) for the weight packed as B (linear, latent layer):
+// rows of x are the product's A, packed per call.
+void rows_times_weight(const Weight& weight, const float* x, int64_t rows, int64_t per_bias, float* out,
+                       const ParallelFor& parallel, const Activation& then) {
+  const PackedColumns& b = weight.columns;
+  const PackedWeights a = pack_weights(x, rows, b.depth, b.depth, 1);
+  sgemm(a, b.columns, [&](int64_t col0, int64_t, float*, int64_t, const float** rows) { b.tile_rows(col0, rows); },
+        [&](int64_t col0, int64_t count, const float* block, int64_t width) {
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t j = 0; j < count; ++j) {
+              out[r * b.columns + col0 + j] = block[r * width + j] + bias_of(weight, (col0 + j) / per_bias);
+            }
+            activate(then, out + r * b.columns + col0, out + r * b.columns + col0, count);
+          }
+        },
+        parallel);
+}
 
-// A generator's latent layer: a transposed conv on a 1 x 1 input without padding or groups writes
-// x[ic] * weight[ic] to the whole (Co, kh, kw) output, one contiguous multiply-add row per input channel.
+// A generator's latent layer: a transposed conv on a 1 x 1 input without padding, groups or dilation writes
+// sum_ic x[ic] * weight[ic, (oc, y, z)] to output (oc, y, z): one product with the weight as B.
 bool is_latent_transpose(const Attrs& a, const Shape& x) {
   return x[2] == 1 && x[3] == 1 && a.groups == 1 && a.padding[0] == 0 && a.padding[1] == 0 &&
-         a.output_padding[0] == 0 && a.output_padding[1] == 0;
+         a.output_padding[0] == 0 && a.output_padding[1] == 0 && a.dilation[0] == 1 && a.dilation[1] == 1;
 }
 
-// out[i] (biased already) += sum_ic x[i, ic] * weight[ic]: the same sums in the same order as the general loops,
-// a block of output columns at a time, for the whole batch while that block of every weight row is in cache.
-void latent_transpose(const Tensor& x, const std::vector<float>& weight, int64_t cols, Tensor& out) {
-  const int64_t n = x.shape[0], ci = x.shape[1];
-  for (int64_t j0 = 0; j0 < cols; j0 += kColumns) {
-    for (int64_t i = 0; i < n; ++i) {
-      accumulate_rows(out.data.data() + i * cols + j0, weight.data() + j0, cols, x.data.data() + i * ci, ci,
-                      std::min(kColumns, cols - j0));
-    }
-  }
-}
-
-// The columns of a transposed conv for input pixels [p0, p0 + count): cols[(oc, y, z)][j] = sum_ic
-// weight[ic, oc, y, z] * x[ic, p0 + j] (register-blocked sums over a transposed copy of the group's weight).
-void transpose_columns(const float* planes, int64_t pixels, const std::vector<float>& weight_t, int64_t cig,
-                       int64_t p0, int64_t count, std::vector<float>& cols) {
-  const int64_t rows = static_cast<int64_t>(weight_t.size()) / cig;
-  std::fill(cols.begin(), cols.begin() + rows * count, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j0 = 0; j0 < count; j0 += kColumns) {
-      accumulate_rows(cols.data() + r * count + j0, planes + p0 + j0, pixels, weight_t.data() + r * cig, cig,
-                      std::min(kColumns, count - j0));
-    }
-  }
-}
-
-// A transposed conv: per chunk of input pixels, the columns of every (output channel, tap), each added at the
-// output pixel its tap reaches (the latent 1 x 1 case as latent_transpose).
-void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out) {
-  constexpr int64_t kPixels = 1024;
-  const Attrs& a = node.attrs;
-  const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
-  const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3];
-  const int64_t cig = ci / a.groups, cog = co / a.groups, kh = a.kernel[0], kw = a.kernel[1], taps = kh * kw;
-  const std::vector<float>& weight = node.weight.values;  // (Ci, Co / g, kh, kw)
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t oc = 0; oc < co; ++oc) {
-      float* dst = out.data.data() + ((i * co + oc) * ho) * wo;
-      std::fill(dst, dst + ho * wo, node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(oc)]);
-    }
-  }
-  if (is_latent_transpose(a, x.shape) && ho * wo == kh * kw) {
-    latent_transpose(x, weight, co * kh * kw, out);
-    return;
-  }
-  const int64_t rows = cog * taps, pixels = h * w;
-  std::vector<float> weight_t(static_cast<size_t>(rows * cig)), cols(static_cast<size_t>(rows * std::min(pixels, kPixels)));
-  for (int64_t g = 0; g < a.groups; ++g) {
-    for (int64_t r = 0; r < rows; ++r) {  // (oc, tap) rows of the group, input channels contiguous
-      for (int64_t ic = 0; ic < cig; ++ic) weight_t[static_cast<size_t>(r * cig + ic)] = weight[static_cast<size_t>((g * cig + ic) * rows + r)];
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float* planes = x.data.data() + (i * ci + g * cig) * pixels;
-      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
-        const int64_t count = std::min(kPixels, pixels - p0);
-        transpose_columns(planes, pixels, weight_t, cig, p0, count, cols);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t y = (r % taps) / kw, z = r % kw;
-          float* dst = out.data.data() + (i * co + g * cog + r / taps) * ho * wo;
-          const float* col = cols.data() + r * count;
-          int64_t ih = p0 / w, iw = p0 % w;  // the input pixel of j, stepped along without dividing
-          for (int64_t j = 0; j < count; ++j) {
-            const int64_t oh = ih * a.stride[0] - a.padding[0] + y * a.dilation[0];
-            const int64_t ow = iw * a.stride[1] - a.padding[1] + z * a.dilation[1];
-            if (oh >= 0 && oh < ho && ow >= 0 && ow < wo) dst[oh * wo + ow] += col[j];
-            if (++iw == w) iw = 0, ++ih;
-          }
+// One output plane of a transposed conv: bias, then per tap (y, z) ascending the product's column of every
+// input pixel that tap reaches, then the fused activation (cols: the plane's (tap x input pixel) rows, `stride` apart).
+void add_taps(const Attrs& a, const float* cols, int64_t stride, int64_t h, int64_t w, int64_t ho, int64_t wo, float bias,
+              const Activation& then, float* dst) {
+  std::fill(dst, dst + ho * wo, bias);
+  for (int64_t y = 0; y < a.kernel[0]; ++y) {
+    for (int64_t z = 0; z < a.kernel[1]; ++z, cols += stride) {
+      for (int64_t ih = 0; ih < h; ++ih) {
+        const int64_t oh = ih * a.stride[0] - a.padding[0] + y * a.dilation[0];
+        if (oh < 0 || oh >= ho) continue;
+        for (int64_t iw = 0; iw < w; ++iw) {
+          const int64_t ow = iw * a.stride[1] - a.padding[1] + z * a.dilation[1];
+          if (ow >= 0 && ow < wo) dst[oh * wo + ow] += cols[ih * w + iw];
         }
       }
     }
   }
+  activate(then, dst, dst, ho * wo);
 }
 
-void linear(const Node& node, const Tensor& x, Tensor& out) {
-  const int64_t in = node.attrs.in_channels, outf = node.attrs.out_channels, rows = numel(x.shape) / in;
-  const std::vector<float>& weight = node.weight.values;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = x.data.data() + r * in;
-    for (int64_t o = 0; o < outf; ++o) {
-      const float* wrow = weight.data() + o * in;
-      float sum = 0.0f;
-      for (int64_t k = 0; k < in; ++k) sum += wrow[k] * src[k];
-      out.data[static_cast<size_t>(r * outf + o)] = sum + (node.weight.bias.empty() ? 0.0f : node.weight.bias[static_cast<size_t>(o)]);
+// A transposed conv: per group and chunk of samples, the product weight ((output channel, tap) x input channel)
+// times the input ((input channel) x (sample, input pixel)), then every output plane from its taps' columns.
+void conv_transpose2d(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel, const Activation& then) {
+  const Attrs& a = node.attrs;
+  const int64_t n = x.shape[0], ci = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t co = out.shape[1], ho = out.shape[2], wo = out.shape[3], taps = a.kernel[0] * a.kernel[1];
+  if (!node.weight.columns.tiles.empty()) {
+    rows_times_weight(node.weight, x.data.data(), n, taps, out.data.data(), parallel, then);
+    return;
+  }
+  const int64_t cig = ci / a.groups, cog = co / a.groups, rows = cog * taps, in_pixels = h * w;
+  const int64_t per = std::max<int64_t>(1, kChunkColumns / in_pixels);
+  std::vector<float> cols(static_cast<size_t>(rows * std::min(n, per) * in_pixels));
+  for (int64_t g = 0; g < a.groups; ++g) {
+    for (int64_t i0 = 0; i0 < n; i0 += per) {
+      const int64_t samples = std::min(per, n - i0), columns = samples * in_pixels;
+      const Patches src{x.data.data() + (i0 * ci + g * cig) * in_pixels, ci * in_pixels, cig, h, w, w, in_pixels,
+                        {1, 1}, {1, 1}, {0, 0}, {1, 1}};
+      sgemm(node.weight.gemm[static_cast<size_t>(g)], columns,
+            [&](int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows) {
+            pack_patches(src, col0, count, scratch, width, rows);
+          },
+            [&](int64_t col0, int64_t count, const float* block, int64_t width) {
+              for (int64_t r = 0; r < rows; ++r) std::copy_n(block + r * width, count, cols.data() + r * columns + col0);
+            },
+            parallel);
+      parallel(samples * cog, [&](int64_t first, int64_t last) {
+        for (int64_t plane = first; plane < last; ++plane) {
+          const int64_t i = plane / cog, oc = plane % cog;
+          add_taps(a, cols.data() + oc * taps * columns + i * in_pixels, columns, h, w, ho, wo, bias_of(node.weight, g * cog + oc), then,
+                   out.data.data() + ((i0 + i) * co + g * cog + oc) * ho * wo);
+        }
+      });
     }
   }
+}
+
+void linear(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel, const Activation& then) {
+  rows_times_weight(node.weight, x.data.data(), numel(x.shape) / node.attrs.in_channels, 1, out.data.data(), parallel, then);
 }
 
 const float* optional_data(const Node& node, const char* field) {
@@ -352,15 +379,29 @@ void normalize(const float* x, float* y, int64_t count, double mean, double var,
   for (int64_t k = 0; k < count; ++k) y[k] = (x[k] - m) * scale * w + b;
 }
 
-void moments(const float* x, int64_t count, double& mean, double& var) {
-  double sum = 0.0, sq = 0.0;
-  for (int64_t k = 0; k < count; ++k) sum += x[k];
-  mean = sum / static_cast<double>(count);
-  for (int64_t k = 0; k < count; ++k) sq += (x[k] - mean) * (x[k] - mean);
-  var = sq / static_cast<double>(count);  // biased, as torch normalises
+constexpr int64_t kLanes = 8;  // independent double partial sums: vectorised, no add latency chain
+
+// sum_k f(x[k]) in double, lane k % kLanes, lanes added in order at the end (fixed order for any input).
+template <typename Fn>
+double lane_sum(const float* x, int64_t count, Fn f) {
+  double lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += f(static_cast<double>(x[k + l]));
+  }
+  for (; k < count; ++k) lanes[k % kLanes] += f(static_cast<double>(x[k]));
+  double sum = 0.0;
+  for (const double lane : lanes) sum += lane;
+  return sum;
 }
 
-void channel_norm(const Node& node, const Tensor& x, Tensor& out) {
+void moments(const float* x, int64_t count, double& mean, double& var) {
+  mean = lane_sum(x, count, [](double v) { return v; }) / static_cast<double>(count);
+  const double m = mean;
+  var = lane_sum(x, count, [m](double v) { return (v - m) * (v - m); }) / static_cast<double>(count);  // biased, as torch
+}
+
+void channel_norm(const Node& node, const Tensor& x, Tensor& out, const Activation& then) {
   const int64_t n = x.shape[0], c = x.shape[1], inner = inner_size(x.shape, 2);
   const float* weight = optional_data(node, "weight");
   const float* bias = optional_data(node, "bias");
@@ -376,7 +417,9 @@ void channel_norm(const Node& node, const Tensor& x, Tensor& out) {
       } else {
         moments(src, inner, mean, var);
       }
-      normalize(src, out.data.data() + (i * c + ch) * inner, inner, mean, var, node.attrs.eps, weight, bias, ch);
+      float* dst = out.data.data() + (i * c + ch) * inner;
+      normalize(src, dst, inner, mean, var, node.attrs.eps, weight, bias, ch);
+      activate(then, dst, dst, inner);
     }
   }
 }
@@ -440,27 +483,8 @@ void quant_act(const Node& node, const Tensor& input, Tensor& out) {
   }
 }
 
-float gelu(float x, bool tanh_form) {
-  if (tanh_form) {
-    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    return 0.5f * x * (1.0f + std::tanh(inner));
-  }
-  return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
-}
-
 void unary(const Node& node, const Tensor& x, Tensor& out) {
-  const Attrs& a = node.attrs;
-  const std::string& op = node.op;
-  std::function<float(float)> fn;
-  if (op == "relu") fn = [](float v) { return v > 0.0f ? v : 0.0f; };
-  else if (op == "tanh") fn = [](float v) { return std::tanh(v); };
-  else if (op == "sigmoid") fn = [](float v) { return 1.0f / (1.0f + std::exp(-v)); };
-  else if (op == "silu") fn = [](float v) { return v / (1.0f + std::exp(-v)); };
-  else if (op == "leaky_relu") fn = [s = static_cast<float>(a.slope)](float v) { return v > 0.0f ? v : v * s; };
-  else if (op == "elu") fn = [al = static_cast<float>(a.alpha)](float v) { return v > 0.0f ? v : al * std::expm1(v); };
-  else if (op == "gelu") fn = [t = a.gelu_tanh](float v) { return gelu(v, t); };
-  else fn = [lo = static_cast<float>(a.min_val), hi = static_cast<float>(a.max_val)](float v) { return std::min(std::max(v, lo), hi); };
-  std::transform(x.data.begin(), x.data.end(), out.data.begin(), fn);
+  activate(activation_of(node), x.data.data(), out.data.data(), static_cast<int64_t>(x.data.size()));
 }
 
 void prelu(const Node& node, const Tensor& x, Tensor& out) {
@@ -469,6 +493,23 @@ void prelu(const Node& node, const Tensor& x, Tensor& out) {
   for (size_t k = 0; k < x.data.size(); ++k) {
     const float slope = weight.size() == 1 ? weight[0] : weight[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
     out.data[k] = x.data[k] > 0.0f ? x.data[k] : x.data[k] * slope;
+  }
+}
+
+// lowbit.nn.RPReLU (ReActNet eq. 3): u = x - shift_in[c]; y = (u >= 0 ? u : slope[c] * u) + shift_out[c].
+void rprelu(const Node& node, const Tensor& x, Tensor& out) {
+  const float* shift_in = node.tensors.at("shift_in").data.data();
+  const float* slope = node.tensors.at("slope").data.data();
+  const float* shift_out = node.tensors.at("shift_out").data.data();
+  const int64_t channels = x.shape[1], inner = inner_size(x.shape, 2), planes = numel(x.shape) / inner;
+  for (int64_t p = 0; p < planes; ++p) {
+    const int64_t c = p % channels;
+    const float* src = x.data.data() + p * inner;
+    float* dst = out.data.data() + p * inner;
+    for (int64_t k = 0; k < inner; ++k) {
+      const float u = src[k] - shift_in[c];
+      dst[k] = (u >= 0.0f ? u : slope[c] * u) + shift_out[c];
+    }
   }
 }
 
@@ -554,26 +595,44 @@ void for_each_index(const Shape& out, const std::vector<int64_t>& sa, const std:
   }
 }
 
-float arith(const std::string& op, float x, float y) {
-  if (op == "add") return x + y;
-  if (op == "sub") return x - y;
-  if (op == "mul") return x * y;
-  return x / y;
+enum class Arith { Add, Sub, Mul, Div };
+
+Arith arith_of(const std::string& op) {
+  return op == "add" ? Arith::Add : op == "sub" ? Arith::Sub : op == "mul" ? Arith::Mul : Arith::Div;
+}
+
+inline float arith(Arith op, float x, float y) {
+  switch (op) {
+    case Arith::Add: return x + y;
+    case Arith::Sub: return x - y;
+    case Arith::Mul: return x * y;
+    default: return x / y;
+  }
 }
 
 void elementwise(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
-  const std::string& op = node.op;
+  const Arith op = arith_of(node.op);
+  float* dst = out.data.data();
+  const int64_t count = static_cast<int64_t>(out.data.size());
   if (node.attrs.has_scalar) {
     const float s = static_cast<float>(node.attrs.scalar);
-    const bool first = node.attrs.scalar_first;
-    std::transform(in[0]->data.begin(), in[0]->data.end(), out.data.begin(),
-                   [&](float v) { return first ? arith(op, s, v) : arith(op, v, s); });
+    const float* x = in[0]->data.data();
+    if (node.attrs.scalar_first) {
+      for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, s, x[k]);
+    } else {
+      for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, x[k], s);
+    }
     return;
   }
   const Tensor& a = *in[0];
   const Tensor& b = *in[1];
-  for_each_index(out.shape, strides_for(a.shape, out.shape), strides_for(b.shape, out.shape),
-                 [&](int64_t k, int64_t ia, int64_t ib) { out.data[static_cast<size_t>(k)] = arith(op, a.data[static_cast<size_t>(ia)], b.data[static_cast<size_t>(ib)]); });
+  if (a.shape == b.shape) {  // a residual connection: no broadcasting
+    for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, a.data[static_cast<size_t>(k)], b.data[static_cast<size_t>(k)]);
+    return;
+  }
+  for_each_index(out.shape, strides_for(a.shape, out.shape), strides_for(b.shape, out.shape), [&](int64_t k, int64_t ia, int64_t ib) {
+    dst[k] = arith(op, a.data[static_cast<size_t>(ia)], b.data[static_cast<size_t>(ib)]);
+  });
 }
 
 void permute(const Node& node, const Tensor& x, Tensor& out) {
@@ -679,6 +738,11 @@ Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
     if (node.tensors.count("shift")) check_channel_tensor(node, "shift", channels);
     return x;
   }
+  if (op == "rprelu") {
+    require(x.size() >= 2, node, "rprelu wants a channel dimension");
+    for (const char* f : {"shift_in", "slope", "shift_out"}) check_channel_tensor(node, f, channels);
+    return x;
+  }
   if (op == "prelu") {
     const size_t count = node.tensors.at("weight").data.size();
     require(count == 1 || static_cast<int64_t>(count) == channels, node, "prelu weight does not fit the channels");
@@ -710,17 +774,46 @@ Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
   return x;  // element-wise activations
 }
 
-void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
+const ParallelFor& serial() {
+  static const ParallelFor one = [](int64_t n, const ParallelBody& body) {
+    if (n > 0) body(0, n);
+  };
+  return one;
+}
+
+void prepare_float_layer(Node& node, const Shape& input) {
+  Weight& w = node.weight;
+  const Attrs& a = node.attrs;
+  const int64_t taps = a.kernel[0] * a.kernel[1];
+  if (node.op == "linear") {
+    w.columns = pack_columns(w.values.data(), a.in_channels, a.out_channels, 1, a.in_channels);
+  } else if (node.op == "conv_transpose2d" && is_latent_transpose(a, input)) {
+    w.columns = pack_columns(w.values.data(), a.in_channels, a.out_channels * taps, a.out_channels * taps, 1);
+  } else {
+    const bool transposed = node.op == "conv_transpose2d";
+    const int64_t cig = a.in_channels / a.groups, cog = a.out_channels / a.groups;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      // conv: (Co, Ci/g, kh, kw) rows by output channel; transposed: (Ci, Co/g, kh, kw) read as (oc, tap) x ic.
+      w.gemm.push_back(transposed ? pack_weights(w.values.data() + g * cig * cog * taps, cog * taps, cig, 1, cog * taps)
+                                  : pack_weights(w.values.data() + g * cog * cig * taps, cog, cig * taps, cig * taps, 1));
+    }
+  }
+}
+
+void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out, const ParallelFor& parallel,
+            const Activation& then) {
   const std::string& op = node.op;
+  const bool fuses = op == "conv2d" || op == "conv_transpose2d" || op == "linear" || op == "batch_norm" || op == "instance_norm";
   if (op == "constant") out.data = node.tensors.at("value").data;
-  else if (op == "conv2d") conv2d(node, *in[0], out);
-  else if (op == "conv_transpose2d") conv_transpose2d(node, *in[0], out);
-  else if (op == "linear") linear(node, *in[0], out);
-  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out);
+  else if (op == "conv2d") conv2d(node, *in[0], out, parallel, then);
+  else if (op == "conv_transpose2d") conv_transpose2d(node, *in[0], out, parallel, then);
+  else if (op == "linear") linear(node, *in[0], out, parallel, then);
+  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out, then);
   else if (op == "group_norm") group_norm(node, *in[0], out);
   else if (op == "layer_norm") layer_norm(node, *in[0], out);
   else if (op == "quant_act") quant_act(node, *in[0], out);
   else if (op == "prelu") prelu(node, *in[0], out);
+  else if (op == "rprelu") rprelu(node, *in[0], out);
   else if (op == "pad") pad_tensor(*in[0], node.attrs.pad, node.attrs.pad_mode, node.attrs.pad_value, out);
   else if (op == "interpolate") resize(node, *in[0], out);
   else if (op == "pixel_shuffle") pixel_shuffle(node, *in[0], out);
@@ -730,6 +823,7 @@ void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out)
   else if (op == "mean") mean(node, *in[0], out);
   else if (op == "add" || op == "sub" || op == "mul" || op == "div") elementwise(node, in, out);
   else unary(node, *in[0], out);
+  if (!fuses) activate(then, out.data.data(), out.data.data(), static_cast<int64_t>(out.data.size()));
 }
 
 }  // namespace lowbit

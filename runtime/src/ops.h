@@ -1,12 +1,23 @@
-// The float reference of every IR op (lowbit.export.backends.torch): naive loops, float32 values.
+// The float code of every IR op (lowbit.export.backends.torch): float32 values; conv / linear products on
+// sgemm.h.
 #pragma once
 
+#include "activation.h"
 #include "graph.h"
 
 namespace lowbit {
 
-// Runs `node` on its inputs into `out`, whose shape the caller set (infer_shape) and whose data it sized.
-void run_op(const Node& node, const std::vector<const Tensor*>& inputs, Tensor& out);
+// body(0, n) on the calling thread.
+const ParallelFor& serial();
+
+// Runs `node` on its inputs into `out`, whose shape the caller set (infer_shape) and whose data it sized,
+// then applies `then` (the element-wise activation fused into this op: in the op's own pass for float layers
+// and batch / instance norms); the float layers' products share out their column tiles through `parallel`.
+void run_op(const Node& node, const std::vector<const Tensor*>& inputs, Tensor& out,
+            const ParallelFor& parallel = serial(), const Activation& then = Activation());
+
+// Packs a conv2d / conv_transpose2d / linear node's float weight for its product, given its full input shape.
+void prepare_float_layer(Node& node, const Shape& input);
 
 // x - shift[c] along dim 1 (a quant_act's per-channel shift), in place.
 void subtract_shift(Tensor& x, const std::vector<float>& shift);

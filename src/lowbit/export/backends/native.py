@@ -1,8 +1,9 @@
 """The ``native`` backend: the whole graph runs in liblowbit (``runtime/``, C++ without torch) via ctypes.
 
 The library is the one ``lowbit-run`` uses: it reads the packed file itself, checks it, and runs every op
-(binary layers on the same kernel sources as the ``x86`` backend, the rest on float reference code). It is
-found at ``$LOWBIT_NATIVE_LIB`` or ``runtime/build/liblowbit.so`` of a source checkout (``make runtime``).
+(binary layers on the same kernel sources as the ``x86`` backend, the rest on float code with FMA products
+for conv / linear). It is found at ``$LOWBIT_NATIVE_LIB`` or ``runtime/build/liblowbit.so`` of a source
+checkout (``make runtime``).
 """
 
 from __future__ import annotations
@@ -21,23 +22,22 @@ LIB_ENV = "LOWBIT_NATIVE_LIB"
 #: liblowbit's error codes (runtime/include/lowbit.h)
 ERROR_UNSUPPORTED = 4
 ERROR_ARGUMENT = 5
-#: every kernel path but the binary kernels: float reference code for all layers
+#: every kernel path but the binary kernels: the float code for all layers
 FLOAT_PATH = "float"
 MAX_RANK = 8
 
-#: IR features liblowbit does not implement yet; a graph using one runs on the Python backends instead
-UNSUPPORTED_OPS = ("rprelu",)
+#: IR ops liblowbit does not implement yet; a graph using one runs on the Python backends instead (every op
+#: of the IR runs natively now, RPReLU and pruned sparse weights included)
+UNSUPPORTED_OPS: tuple[str, ...] = ()
 
 _LIBRARY: dict[str, ctypes.CDLL | None] = {}
 
 
 def unsupported(nodes: list) -> str | None:
-    """Why liblowbit cannot run these IR nodes (an op or a pruned sparse weight it lacks), or None."""
+    """Why liblowbit cannot run these IR nodes (an op it lacks), or None."""
     for node in nodes:
         if node.op in UNSUPPORTED_OPS:
             return f"op '{node.op}'"
-        if node.attrs.get("weight", {}).get("sparse"):
-            return "pruned (sparse) weights"
     return None
 
 
