@@ -115,14 +115,17 @@ class I2ITrainer:
     """G, the conditional D and their optimisers; ``d_step``/``g_step`` are one update of each."""
 
     def __init__(self, cfg: I2IConfig, generator: nn.Module, discriminator: nn.Module,
-                 device: torch.device, teacher: nn.Module | None = None) -> None:
+                 device: torch.device, teacher: nn.Module | None = None,
+                 example: torch.Tensor | None = None) -> None:
+        """``teacher``: the FP generator to distil from; ``example``: a few inputs (default zeros) on which
+        the distillation's feature taps probe both networks' channel counts."""
         self.loss: GanLoss = get_loss(cfg.loss)
         self.device, self.l1_weight = device, cfg.l1_weight
         self.G, self.D = generator.to(device), discriminator.to(device)
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr = cfg.generator.lr or self.loss.lr
-        example = torch.zeros(2, *unwrap(generator).input_shape, device=device)
-        self.distiller = distiller(cfg, teacher, self.G, example, self.loss, g_lr, betas)
+        example = torch.zeros(2, *unwrap(generator).input_shape) if example is None else example
+        self.distiller = distiller(cfg, teacher, self.G, example.to(device), self.loss, g_lr, betas)
         self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas)
         self.opt_d = network_optimizer(self.loss, self.D, cfg.discriminator.lr or self.loss.lr, betas)
         self.lr_scale = LrScale(self.opt_g, self.opt_d)
@@ -187,8 +190,9 @@ class I2ITask:
 
     def __init__(self, cfg: I2IConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.device = cfg, device
-        self.trainer = I2ITrainer(cfg, *build_networks(cfg), device, teacher_of(cfg))
-        self.inputs, self.targets = load_paired(cfg, self.trainer.G)
+        generator, discriminator = build_networks(cfg)
+        self.inputs, self.targets = load_paired(cfg, generator)
+        self.trainer = I2ITrainer(cfg, generator, discriminator, device, teacher_of(cfg), self.inputs[:2])
         index = torch.arange(self.inputs.shape[0]).view(-1, 1, 1, 1)
         self.stream = BatchStream(index, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
         order = torch.randperm(self.inputs.shape[0], generator=seeded_generator(cfg.seed, 0, 99))
