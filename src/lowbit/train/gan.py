@@ -36,7 +36,7 @@ from lowbit.models import create_model, hub
 from lowbit.nn import QuantSpec, anneal, compress, param_group, quantize_weights
 from lowbit.nn.transforms import spec_from_dict
 from lowbit.quant.search import SEARCH_LOGITS
-from lowbit.train.checkpoint import load_checkpoint, load_weights  # noqa: F401  (load_weights: public here)
+from lowbit.train.checkpoint import load_checkpoint, load_weights
 from lowbit.train.distill import Distiller, DistillWeights
 from lowbit.train.distill import check_weights as check_distill_weights
 from lowbit.train.distributed import DistContext
