@@ -248,6 +248,27 @@ def test_quantization_aware_fine_tuning_starts_from_the_fp_run(digits_pairs, tmp
     assert any(type(m).__name__ == "QuantConv2d" for m in load_generator(result.model_path).modules())
 
 
+def test_distillation_pulls_the_quantized_generator_towards_the_fp_teacher(digits_pairs, tmp_path):
+    fp = train_i2i(tiny_i2i(digits_pairs, steps=20), tmp_path / "fp", progress=False)
+    teacher = load_generator(fp.model_path)
+    a, _ = load_pairs("paired-folder", root=digits_pairs, limit=64)
+    with torch.no_grad():
+        target = teacher(a)
+    quant = {"weight": "dorefa", "weight_bits": 4, "act": "act", "act_bits": 1}
+    kwargs = {"size": 28, "scale": 2, "width": 8, "dropout": 0.0}
+    generator = {"model": "unet-g", "quant": quant, "kwargs": kwargs}
+    gaps = {}
+    for weight in (0.0, 100.0):
+        cfg = tiny_i2i(digits_pairs, steps=30, init_from=str(fp.model_path), generator=generator,
+                       l1_weight=0.0, distill=weight, distill_features=weight / 10)
+        result = train_i2i(cfg, tmp_path / f"d{weight}", progress=False)
+        with torch.no_grad():
+            gaps[weight] = float((load_generator(result.model_path).eval()(a) - target).abs().mean())
+    assert gaps[100.0] < 0.75 * gaps[0.0], gaps
+    with pytest.raises(ConfigError, match="'distill_features' must be >= 0 and needs init_from"):
+        tiny_i2i(digits_pairs, distill_features=1.0)
+
+
 def test_bad_image_to_image_configs_are_rejected_before_any_file(digits_pairs, tmp_path):
     wrong_scale = {"model": "unet-g", "kwargs": {"size": 28, "scale": 4, "width": 8}}
     with pytest.raises(ConfigError, match=r"gives \(1, 14, 14\) inputs .* needs \(1, 7, 7\)"):

@@ -47,7 +47,7 @@ GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
 GRID_PAIRS = 16
 #: QAT settings that only the noise-GAN trainer has
-GAN_ONLY_QAT = ("distill", "distill_features", "weights_from_step", "ema", "search_sgd")
+GAN_ONLY_QAT = ("weights_from_step", "ema", "search_sgd")
 
 
 @dataclass

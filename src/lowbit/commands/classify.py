@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.commands import add_config_args, add_run_dir_args
+from lowbit.commands.train import add_nproc_arg, in_process_group, launch_workers
 
 #: an ``init_from`` value "@TRIAL" means "the model of TRIAL with the same seed" (or of TRIAL's
 #: first seed when TRIAL does not run this one).
@@ -68,6 +69,7 @@ def register(sub) -> None:
     )
     add_config_args(parser)
     add_run_dir_args(parser)
+    add_nproc_arg(parser)
     parser.set_defaults(func=run_train_classifier)
 
     study = sub.add_parser(
@@ -91,10 +93,14 @@ def run_train_classifier(args) -> int:
     out_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     sets = [part for item in args.overrides for part in ("--set", item)]
     command = shlex.join(["lowbit", "train-classifier", args.config, *sets])
-    metrics = train_classifier(cfg, out_dir, resume=args.resume, overwrite=args.force,
-                               progress=not args.quiet, command=command)
-    print(f"{cfg.name}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
-          f"multiplication-free {metrics['multiplication_free']}; model: {out_dir / 'model.safetensors'}")
+    code = launch_workers(args, out_dir, "train-classifier")
+    if code is not None:
+        return code
+    metrics, main = in_process_group(lambda: train_classifier(
+        cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet, command=command))
+    if main:
+        print(f"{cfg.name}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
+              f"multiplication-free {metrics['multiplication_free']}; model: {out_dir / 'model.safetensors'}")
     return 0
 
 

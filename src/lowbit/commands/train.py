@@ -3,9 +3,13 @@ quantization-aware."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from lowbit.commands import add_config_args, add_run_dir_args
+
+T = TypeVar("T")
 
 
 def register(sub) -> None:
@@ -18,10 +22,15 @@ def register(sub) -> None:
     )
     add_config_args(parser)
     add_run_dir_args(parser)
+    add_nproc_arg(parser)
+    parser.set_defaults(func=run_train)
+
+
+def add_nproc_arg(parser) -> None:
+    """``--nproc N``: data-parallel training in N processes (torchrun; gloo on CPU)."""
     parser.add_argument(
         "--nproc", type=int, default=1, help="processes for data-parallel training (torchrun)"
     )
-    parser.set_defaults(func=run_train)
 
 
 def default_out_dir(config: str) -> Path:
@@ -54,25 +63,44 @@ def training_job(config: str, overrides: list[str]):
     return from_dict(GanConfig, data, where=""), train_gan
 
 
-def run_train(args) -> int:
-    """Validate the config, then train in this process (one torchrun rank, or alone) or launch workers."""
+def launch_workers(args, out_dir: Path, command: str) -> int | None:
+    """With ``--nproc N`` > 1: run ``lowbit COMMAND`` as N data-parallel workers (torchrun) and return
+    their exit code; None with one process (the caller trains in this process)."""
     from lowbit.errors import ConfigError
     from lowbit.train import distributed
 
-    cfg, train = training_job(args.config, args.overrides)
-    out_dir = Path(args.out) if args.out else default_out_dir(args.config)
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc > 1:
-        return distributed.launch(args.nproc, worker_argv(args, out_dir))
+    if args.nproc == 1:
+        return None
+    return distributed.launch(args.nproc, worker_argv(args, out_dir), entry=("-m", "lowbit.cli", command))
+
+
+def in_process_group(train: Callable[[], T]) -> tuple[T, bool]:
+    """Run ``train`` inside the process group torchrun described (alone without one), leaving the group
+    afterwards (also after an error); returns its result and whether this process is rank 0."""
+    from lowbit.train import distributed
+
     ctx = distributed.setup()
     try:
-        result = train(cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet)
+        result = train()
     except BaseException:
         distributed.cleanup(synchronize=False)
         raise
     distributed.cleanup()
-    if ctx.is_main:
+    return result, ctx.is_main
+
+
+def run_train(args) -> int:
+    """Validate the config, then train in this process (one torchrun rank, or alone) or launch workers."""
+    cfg, train = training_job(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config)
+    code = launch_workers(args, out_dir, "train")
+    if code is not None:
+        return code
+    result, main = in_process_group(
+        lambda: train(cfg, out_dir, resume=args.resume, overwrite=args.force, progress=not args.quiet))
+    if main:
         last = result.history[-1] if result.history else {}
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
         print(f"trained {cfg.name} for {cfg.steps} steps ({summary}); model: {result.model_path}")

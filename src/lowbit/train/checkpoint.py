@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lowbit.errors import CheckpointError
 from lowbit.io import atomic_path, atomic_write_text, sha256_file
@@ -206,3 +207,15 @@ def _to_lists(value: Any) -> Any:
 
 def _to_tuples(value: Any) -> Any:
     return tuple(_to_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict, turning a shape/key mismatch into a CheckpointError that names ``source``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{source} does not fit {getattr(model, 'lowbit_name', 'the model')} ({first}); "
+            "use a checkpoint of the same architecture and quantization"
+        ) from None

@@ -36,8 +36,9 @@ from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
 from lowbit.quant.registry import get_method
 from lowbit.train.checkpoint import checkpoint_content, load_checkpoint
+from lowbit.train.distributed import DistContext, all_reduce_sum
 from lowbit.train.guard import DivergenceGuard, GuardSpec
-from lowbit.train.loop import LoopSettings, run_training
+from lowbit.train.loop import LoopSettings, run_training, wrap_ddp
 from lowbit.train.optim import fused_if_supported
 
 CHECKPOINT_KIND = "lowbit-classifier"
@@ -337,12 +338,15 @@ class ClassifierTask:
     loss_names = {"train_loss": "training loss", "top1": "top-1 accuracy", "top5": "top-5 accuracy",
                   "test_loss": "test loss"}
 
-    def __init__(self, cfg: ClassifierConfig, guard: DivergenceGuard, progress: bool = True) -> None:
-        self.cfg, self.guard, self.progress = cfg, guard, progress
+    def __init__(self, cfg: ClassifierConfig, guard: DivergenceGuard, progress: bool = True,
+                 ctx: DistContext | None = None) -> None:
+        self.cfg, self.guard, self.progress, self.ctx = cfg, guard, progress, ctx or DistContext()
         self.train_x, self.train_y = load_split(cfg.data, "train")
+        check_shards(len(self.train_x), cfg.batch_size, ctx.world_size)
         self.test_x, self.test_y = load_split(cfg.data, "test")
         self.augment = uses_augmentation(cfg.data, self.train_x.shape[-1])
         self.model = build_classifier(cfg)
+        self.trained = self.model  # what the batches go through: the model, or its DDP wrapper
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.epoch = 0
         self.last: dict[str, float] = {}
@@ -375,7 +379,8 @@ class ClassifierTask:
         return self.model
 
     def distribute(self, device: torch.device) -> None:
-        raise ConfigError("train-classifier runs in one process; drop --nproc / torchrun")
+        """Train through DDP: each rank takes its share of every global batch (``shard_batch``)."""
+        self.trained = wrap_ddp(self.model, device)
 
     def _batches(self, epoch: int) -> tuple[Any, torch.Generator]:
         seed = self.cfg.seed * 1_000_003 + epoch
@@ -383,8 +388,12 @@ class ClassifierTask:
         return loader, torch.Generator().manual_seed(seed)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, measure: bool) -> float:
+        """One update on this rank's share of a global batch; returns the share's summed loss."""
+        count, world = len(labels), self.ctx.world_size
+        images, labels = shard_batch(images, self.ctx), shard_batch(labels, self.ctx)
         with SavedTensorMeter() as meter:
-            loss = F.cross_entropy(self.model(images), labels)
+            losses = F.cross_entropy(self.trained(images), labels, reduction="none")
+            loss = losses.mean() if world == 1 else losses.sum() * (world / count)
         self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss.detach())})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,7 +401,7 @@ class ClassifierTask:
         if measure:
             step_bytes = meter.nbytes() + parameter_bytes(self.model, self.optimizer)
             self.peak_bytes = max(self.peak_bytes, step_bytes)
-        return loss.item()
+        return float(losses.detach().sum())
 
     def train_epoch(self) -> float:
         """One pass over the training set; returns the mean training loss."""
@@ -402,18 +411,18 @@ class ClassifierTask:
         self.model.train()
         loader, generator = self._batches(self.epoch)
         bar = tqdm(loader, desc=f"{self.cfg.name} epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   disable=not self.progress, leave=False)
+                   disable=not (self.progress and self.ctx.is_main), leave=False)
         total, count = 0.0, 0
         start = time.perf_counter()
         for index, (images, labels) in enumerate(bar):
             if self.augment:
                 images = random_crop_flip(images, generator)
-            loss = self._step(images, labels, measure=index == 0)
+            total += self._step(images, labels, measure=index == 0)
             self.guard.check_models(f"epoch {self.epoch + 1}", index, [self.model])
-            total, count = total + loss * len(labels), count + len(labels)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            count += len(labels)
+            bar.set_postfix(loss=f"{total * self.ctx.world_size / count:.4f}")
         self.train_seconds += time.perf_counter() - start
-        return total / count
+        return float(all_reduce_sum(torch.tensor(total, dtype=torch.float64), self.ctx)) / count
 
     def step(self, step: int) -> dict[str, float]:
         """Epoch ``step`` (1-based): train, recalibrate BatchNorm if asked, evaluate on the test split."""
@@ -436,6 +445,25 @@ class ClassifierTask:
                 "seconds_per_epoch": self.train_seconds / self.epoch, "peak_train_bytes": self.peak_bytes,
                 "multiplication_free": multiplication_free(self.model),
                 "n_train": len(self.train_x), "n_test": len(self.test_x)}
+
+
+def check_shards(n_train: int, batch_size: int, world: int) -> None:
+    """Data-parallel training splits every global batch over ``world`` ranks: the batch size must be a
+    multiple of the rank count and the epoch's last, partial batch must give every rank an image."""
+    if world == 1:
+        return
+    tail = n_train % batch_size
+    if batch_size % world or 0 < tail < world:
+        raise ConfigError(f"batch_size {batch_size} does not split over {world} processes (the last batch of "
+                          f"each epoch holds {tail or batch_size} of {n_train} images); use a multiple of "
+                          f"{world} that leaves no remainder below {world}, or fewer processes")
+
+
+def shard_batch(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's rows of a global batch (rows ``rank``, ``rank + world``, ...; the whole batch alone).
+    Each rank's loss is its summed loss x world / global count, so DDP's gradient average equals the
+    one-process gradient of the whole batch's mean loss (BatchNorm still normalises per rank)."""
+    return batch if ctx.world_size == 1 else batch[ctx.rank::ctx.world_size]
 
 
 def describe_method(spec: QuantSpec | None) -> str:
@@ -475,11 +503,12 @@ def train_classifier(cfg: ClassifierConfig, out_dir: str | Path | None = None, r
                             volatile=("epochs", "guard"), guard=cfg.guard,
                             fix=f"lower optim.lr (now {cfg.optim.lr})")
     result = run_training(cfg, settings, out_dir,
-                          lambda device, ctx, guard: ClassifierTask(cfg, guard, progress),
+                          lambda device, ctx, guard: ClassifierTask(cfg, guard, progress, ctx),
                           resume=resume, overwrite=overwrite, progress=progress)
     task: ClassifierTask = result.task
     metrics = task.metrics()
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    if cfg.ship_extractor is not None:
-        _ship(task, metrics, command)
+    if task.ctx.is_main:
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if cfg.ship_extractor is not None:
+            _ship(task, metrics, command)
     return metrics

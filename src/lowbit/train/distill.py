@@ -12,14 +12,16 @@ each BatchNorm) and of the student modules of the same name (its ``QuantAct``, o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.nn import HIDDEN_ACTIVATIONS
+from lowbit.train.checkpoint import load_weights
 
 
 def tap_names(teacher: nn.Module, student: nn.Module) -> list[str]:
@@ -92,3 +94,70 @@ class FeatureTaps:
         terms = [(self._adapted(n, student[n]) - teacher[n].detach()).square().mean() for n in self.names]
         self.features = {"student": {}, "teacher": {}}
         return torch.stack(terms).mean()
+
+
+#: builds the adapters' optimiser from their parameters
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class DistillWeights(Protocol):
+    """The config fields of distillation (GanConfig and I2IConfig have them)."""
+
+    distill: float
+    distill_features: float
+    init_from: str | None
+
+
+def check_weights(distill: float, distill_features: float, init_from: str | None) -> None:
+    """Both distillation weights must be >= 0, and either one needs ``init_from`` (the FP teacher)."""
+    for key, value in (("distill", distill), ("distill_features", distill_features)):
+        if value < 0 or (value and init_from is None):
+            raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher), got {value}")
+
+
+class Distiller:
+    """The FP teacher's pull on a generator: ``distill`` x mean |G(x) - T(x)| (output L1) plus
+    ``distill_features`` x the ``FeatureTaps`` loss; owns the adapters and their optimiser. Shared by
+    the noise GAN (x = latents) and the image-to-image GAN (x = input images)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, example: torch.Tensor, distill: float,
+                 distill_features: float, optimizer: OptimizerFactory) -> None:
+        self.teacher = teacher.to(example.device).eval().requires_grad_(False)
+        self.distill, self.distill_features = distill, distill_features
+        self.taps = FeatureTaps(student, self.teacher, example) if distill_features else None
+        adapters = list(self.taps.adapters.to(example.device).parameters()) if self.taps is not None else []
+        self.opt_adapters = optimizer(adapters) if adapters else None
+
+    def forward(self, student: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(student(x), teacher(x))``, recording both networks' features when feature distillation is on."""
+        with self.taps.recording() if self.taps is not None else nullcontext():
+            out = student(x)
+            with torch.no_grad():
+                target = self.teacher(x)
+        return out, target
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The weighted output L1 plus the weighted feature loss of the last ``forward``."""
+        loss = self.distill * (out - target).abs().mean() if self.distill else out.new_zeros(())
+        if self.taps is not None:
+            loss = loss + self.distill_features * self.taps.loss()
+        return loss
+
+    def step(self) -> None:
+        """One update of the adapters (after the generator's backward pass)."""
+        if self.opt_adapters is not None:
+            self.opt_adapters.step()
+            self.opt_adapters.zero_grad(set_to_none=True)
+
+    def state(self) -> dict[str, Any]:
+        """The adapters and their optimiser (empty without adapters), for a checkpoint."""
+        if self.opt_adapters is None:
+            return {}
+        return {"distill_adapters": self.taps.adapters.state_dict(),
+                "optim_adapters": self.opt_adapters.state_dict()}
+
+    def load_state(self, state: dict[str, Any], source: str) -> None:
+        """Restore what ``state()`` saved; a mismatch names ``source``."""
+        if self.opt_adapters is not None:
+            load_weights(self.taps.adapters, state["distill_adapters"], f"{source} (distillation adapters)")
+            self.opt_adapters.load_state_dict(state["optim_adapters"])

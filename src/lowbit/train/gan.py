@@ -14,7 +14,6 @@ networks is ``lowbit.train.networks``; this module supplies the GAN step (``GanT
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Iterator
@@ -34,7 +33,9 @@ from lowbit.errors import (  # TrainingDivergedError: raised by the guard, impor
 )
 from lowbit.nn import anneal, param_group, quantize_weights
 from lowbit.quant.search import SEARCH_LOGITS
-from lowbit.train.distill import FeatureTaps
+from lowbit.train.checkpoint import load_weights
+from lowbit.train.distill import Distiller, DistillWeights
+from lowbit.train.distill import check_weights as check_distill_weights
 from lowbit.train.distributed import DistContext
 from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
 from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
@@ -52,7 +53,6 @@ from lowbit.train.networks import (
     NetSpec,
     build_networks,
     load_generator,
-    load_weights,
     read_gan_checkpoint,
 )
 from lowbit.train.optim import LrScale, Optimizers, fused_if_supported
@@ -113,10 +113,7 @@ class GanConfig(StepLoopConfig):
         super().__post_init__()
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
-        for key in ("distill", "distill_features"):
-            value = getattr(self, key)
-            if value < 0 or (value and self.init_from is None):
-                raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher), got {value}")
+        check_distill_weights(self.distill, self.distill_features, self.init_from)
         if self.weights_from_step < 0:
             raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
                               f"got {self.weights_from_step}")
@@ -196,6 +193,21 @@ def latent(n: int, dim: int, gen: torch.Generator, device: torch.device) -> torc
 # ----------------------------------------------------------------------------- the update rules
 
 
+def distiller(cfg: DistillWeights, teacher: nn.Module | None, generator: nn.Module, example: torch.Tensor,
+              loss: GanLoss, lr: float, betas: tuple[float, float]) -> Distiller | None:
+    """The FP teacher's distillation of ``generator`` (``cfg.distill`` / ``cfg.distill_features``, adapters
+    trained with G's optimiser settings), or None when neither weight is set or there is no teacher."""
+    if teacher is None or not (cfg.distill or cfg.distill_features):
+        return None
+    return Distiller(teacher, unwrap(generator), example, cfg.distill, cfg.distill_features,
+                     lambda params: make_optimizer(loss, params, lr, betas))
+
+
+def teacher_of(cfg: DistillWeights) -> nn.Module | None:
+    """The FP generator ``cfg.init_from`` when the config distils from it, else None."""
+    return load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
+
+
 def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],
                       search_sgd: SearchSGD | None = None) -> torch.optim.Optimizer | Optimizers:
     """The loss's optimiser over ``model``; with ``search_sgd``, its search logits go to a fused SGD
@@ -239,18 +251,12 @@ class GanTrainer:
         self.loss: GanLoss = get_loss(cfg.loss)
         self.device = device
         self.G, self.D = generator.to(device), discriminator.to(device)
-        self.teacher = None if teacher is None else teacher.to(device).eval().requires_grad_(False)
-        self.distill = cfg.distill
-        self.distill_features = cfg.distill_features
-        use_taps = self.teacher is not None and cfg.distill_features
         self.latent_dim = int(unwrap(generator).latent_dim)
-        example = torch.randn(2, self.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-        self.taps = FeatureTaps(unwrap(self.G), self.teacher, example) if use_taps else None
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
+        example = torch.randn(2, self.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        self.distiller = distiller(cfg, teacher, self.G, example, self.loss, g_lr, betas)
         self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas, cfg.search_sgd)
-        adapters = list(self.taps.adapters.to(device).parameters()) if self.taps is not None else []
-        self.opt_adapters = make_optimizer(self.loss, adapters, g_lr, betas) if adapters else None
         self.opt_d = network_optimizer(self.loss, self.D, d_lr, betas, cfg.search_sgd)
         self.clip = cfg.clip if cfg.clip is not None else self.loss.clip
         self.gp_weight = cfg.gp_weight if cfg.gp_weight is not None else self.loss.gp_weight
@@ -295,29 +301,18 @@ class GanTrainer:
         ``distill`` x mean |G(z) - teacher(z)| and ``distill_features`` x the feature loss
         (``lowbit.train.distill``) when a full-precision teacher is given (distillation)."""
         z = latent(n, self.latent_dim, gen, self.device)
-        with self._feature_taps():
-            fake = self.G(z)
-            target = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    target = self.teacher(z)
+        fake, target = self.distiller.forward(self.G, z) if self.distiller else (self.G(z), None)
         with frozen(unwrap(self.D)) as critic:
             loss = self.loss.g_loss(critic(fake))
-            if target is not None and self.distill:
-                loss = loss + self.distill * (fake - target).abs().mean()
-            if self.taps is not None:
-                loss = loss + self.distill_features * self.taps.loss()
+            if self.distiller:
+                loss = loss + self.distiller.loss(fake, target)
             loss.backward()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
-        if self.opt_adapters is not None:
-            self.opt_adapters.step()
-            self.opt_adapters.zero_grad(set_to_none=True)
+        if self.distiller:
+            self.distiller.step()
         self._update_ema()
         return float(loss.detach())
-
-    def _feature_taps(self) -> contextlib.AbstractContextManager[Any]:
-        return self.taps.recording() if self.taps is not None else contextlib.nullcontext()
 
     def set_weight_quantization(self, enabled: bool) -> None:
         """Quantized (True) or float (False) weights in every network (the staged schedule)."""
@@ -347,9 +342,8 @@ class GanTrainer:
         }
         if self.G_ema is not None:
             state["generator_ema"] = self.G_ema.state_dict()
-        if self.opt_adapters is not None:
-            state["distill_adapters"] = self.taps.adapters.state_dict()
-            state["optim_adapters"] = self.opt_adapters.state_dict()
+        if self.distiller:
+            state.update(self.distiller.state())
         return state
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
@@ -360,9 +354,8 @@ class GanTrainer:
         self.opt_d.load_state_dict(state["optim_d"])
         if self.G_ema is not None:
             load_weights(self.G_ema, state["generator_ema"], f"{source} (generator average)")
-        if self.opt_adapters is not None:
-            load_weights(self.taps.adapters, state["distill_adapters"], f"{source} (distillation adapters)")
-            self.opt_adapters.load_state_dict(state["optim_adapters"])
+        if self.distiller:
+            self.distiller.load_state(state, source)
 
     def models(self) -> list[nn.Module]:
         """Every network this trainer updates (G, D and the G average when ema is on)."""
@@ -386,8 +379,7 @@ class GanTask:
 
     def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.rank = cfg, ctx.rank
-        teacher = load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
-        self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher)
+        self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher_of(cfg))
         images = load_images(cfg, unwrap(self.trainer.G).image_shape)
         self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
         noise_rng = seeded_generator(cfg.seed, 0, 99)

@@ -20,8 +20,19 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.train.checkpoint import load_weights
+from lowbit.train.distill import check_weights as check_distill_weights
 from lowbit.train.distributed import DistContext
-from lowbit.train.gan import LR_DECAYS, BatchStream, DataSpec, TrainResult, frozen, network_optimizer
+from lowbit.train.gan import (
+    LR_DECAYS,
+    BatchStream,
+    DataSpec,
+    TrainResult,
+    distiller,
+    frozen,
+    network_optimizer,
+    teacher_of,
+)
 from lowbit.train.gan_losses import GanLoss, get_loss
 from lowbit.train.loop import (
     Evaluator,
@@ -33,7 +44,7 @@ from lowbit.train.loop import (
     unwrap,
     wrap_ddp,
 )
-from lowbit.train.networks import I2I_KIND, NetSpec, build_networks, load_weights, read_gan_checkpoint
+from lowbit.train.networks import I2I_KIND, NetSpec, build_networks, read_gan_checkpoint
 from lowbit.train.optim import LrScale
 
 SAMPLE_ROWS = 16
@@ -62,10 +73,13 @@ class I2IConfig(StepLoopConfig):
     batch_size: int = 16
     betas: list[float] | None = None
     init_from: str | None = None
+    distill: float = 0.0
+    distill_features: float = 0.0
     lr_decay: str = "constant"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_distill_weights(self.distill, self.distill_features, self.init_from)
         if self.l1_weight < 0:
             raise ConfigError(f"'l1_weight' must be >= 0 (pix2pix uses 100), got {self.l1_weight}")
         if self.loss not in I2I_LOSSES:
@@ -98,12 +112,18 @@ class I2ITrainer:
     """G, the conditional D and their optimisers; ``d_step``/``g_step`` are one update of each."""
 
     def __init__(self, cfg: I2IConfig, generator: nn.Module, discriminator: nn.Module,
-                 device: torch.device) -> None:
+                 device: torch.device, teacher: nn.Module | None = None,
+                 example: torch.Tensor | None = None) -> None:
+        """``teacher``: the FP generator to distil from; ``example``: a few inputs (default zeros) on which
+        the distillation's feature taps probe both networks' channel counts."""
         self.loss: GanLoss = get_loss(cfg.loss)
         self.device, self.l1_weight = device, cfg.l1_weight
         self.G, self.D = generator.to(device), discriminator.to(device)
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
-        self.opt_g = network_optimizer(self.loss, self.G, cfg.generator.lr or self.loss.lr, betas)
+        g_lr = cfg.generator.lr or self.loss.lr
+        example = torch.zeros(2, *unwrap(generator).input_shape) if example is None else example
+        self.distiller = distiller(cfg, teacher, self.G, example.to(device), self.loss, g_lr, betas)
+        self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas)
         self.opt_d = network_optimizer(self.loss, self.D, cfg.discriminator.lr or self.loss.lr, betas)
         self.lr_scale = LrScale(self.opt_g, self.opt_d)
 
@@ -118,20 +138,26 @@ class I2ITrainer:
         return float(loss.detach())
 
     def g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-        """One G update on adversarial + l1_weight x L1; returns (total loss, L1)."""
-        fake = self.G(a)
+        """One G update on adversarial + l1_weight x L1 (+ the FP teacher's distillation terms when
+        ``distill`` / ``distill_features`` are set, ``lowbit.train.distill``); returns (total loss, L1)."""
+        fake, teacher = self.distiller.forward(self.G, a) if self.distiller else (self.G(a), None)
         with frozen(unwrap(self.D)) as critic:
             l1 = (fake - b).abs().mean()
             loss = self.loss.g_loss(critic(a, fake)) + self.l1_weight * l1
+            if self.distiller:
+                loss = loss + self.distiller.loss(fake, teacher)
             loss.backward()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
+        if self.distiller:
+            self.distiller.step()
         return float(loss.detach()), float(l1.detach())
 
     def state(self) -> dict[str, Any]:
         """Both networks' weights and both optimisers' states (for a checkpoint)."""
-        return {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict(),
-                "optim_g": self.opt_g.state_dict(), "optim_d": self.opt_d.state_dict()}
+        state = {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict(),
+                 "optim_g": self.opt_g.state_dict(), "optim_d": self.opt_d.state_dict()}
+        return {**state, **self.distiller.state()} if self.distiller else state
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
         """Restore what ``state()`` saved; a mismatch names ``source``."""
@@ -139,6 +165,8 @@ class I2ITrainer:
         load_weights(unwrap(self.D), state["discriminator"], f"{source} (discriminator)")
         self.opt_g.load_state_dict(state["optim_g"])
         self.opt_d.load_state_dict(state["optim_d"])
+        if self.distiller:
+            self.distiller.load_state(state, source)
 
 
 def comparison_grid(models: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, path: Path) -> Path:
@@ -159,8 +187,9 @@ class I2ITask:
 
     def __init__(self, cfg: I2IConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.device = cfg, device
-        self.trainer = I2ITrainer(cfg, *build_networks(cfg), device)
-        self.inputs, self.targets = load_paired(cfg, self.trainer.G)
+        generator, discriminator = build_networks(cfg)
+        self.inputs, self.targets = load_paired(cfg, generator)
+        self.trainer = I2ITrainer(cfg, generator, discriminator, device, teacher_of(cfg), self.inputs[:2])
         index = torch.arange(self.inputs.shape[0]).view(-1, 1, 1, 1)
         self.stream = BatchStream(index, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
         order = torch.randperm(self.inputs.shape[0], generator=seeded_generator(cfg.seed, 0, 99))

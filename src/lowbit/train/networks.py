@@ -21,7 +21,7 @@ from lowbit.errors import CheckpointError, ConfigError
 from lowbit.models import create_model, hub
 from lowbit.nn import QuantSpec, compress
 from lowbit.nn.transforms import spec_from_dict
-from lowbit.train.checkpoint import load_checkpoint
+from lowbit.train.checkpoint import load_checkpoint, load_weights
 
 CHECKPOINT_KIND = "lowbit-gan"
 #: the image-to-image GAN's checkpoints (``lowbit.train.i2i``): the same layout, an I2IConfig inside
@@ -84,18 +84,6 @@ def quantize_network(model: nn.Module, spec: NetSpec) -> nn.Module:
     """``model`` with the spec's transforms applied (pruning, quantization; unchanged when it has none)."""
     specs = spec.transform_specs()
     return compress(model, specs, inplace=True) if specs else model
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict, turning a shape/key mismatch into a CheckpointError that names ``source``."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{source} does not fit {getattr(model, 'lowbit_name', 'the model')} ({first}); "
-            "use a checkpoint of the same architecture and quantization"
-        ) from None
 
 
 def read_gan_checkpoint(path: str | Path) -> dict[str, Any]:
