@@ -236,14 +236,15 @@ def prune_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor | No
     ignored += output_layers(model, example)
     modes = {m: m.training for m in model.modules()}
     try:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=_importance(spec.criterion),
-            pruning_ratio=spec.ratio,
-            ignored_layers=ignored,
-        )
-        pruner.step()
+        with torch.enable_grad():  # torch-pruning traces its dependency graph through autograd
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example,
+                importance=_importance(spec.criterion),
+                pruning_ratio=spec.ratio,
+                ignored_layers=ignored,
+            )
+            pruner.step()
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types; all become one clear error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from lowbit.errors import ConfigError
 from lowbit.studies.execute import check_trial_ref, execute_trial, failed_record, trial_module
+from lowbit.studies.measures import apply_measures, pending_measures
 from lowbit.studies.spec import Trial
 from lowbit.studies.store import read_record, trial_dir, write_record, write_table
 
@@ -108,7 +109,7 @@ class StudyRunner:
         for trial in trials:
             previous = read_record(self.results_dir, trial.id)
             if previous is not None and previous.get("status") == "ok":
-                self.records[trial.id] = previous
+                self.records[trial.id] = self._measured(previous)
             else:
                 self.records.setdefault(trial.id, None)
                 todo.append(trial)
@@ -116,6 +117,7 @@ class StudyRunner:
             bar = tqdm(total=len(todo), desc=self.desc, unit="trial", disable=not self.progress)
             stream = self._pool(todo) if self.backend == "pool" else self._ray(todo)
             for record in stream:
+                record = self._measured(record)
                 self.records[record["id"]] = record
                 self._write_table()
                 bar.set_postfix_str(f"{record['name']}: {record['status']}", refresh=False)
@@ -123,6 +125,13 @@ class StudyRunner:
             bar.close()
         self._write_table()
         return [self.records[trial.id] for trial in trials]
+
+    def _measured(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` after the measures registered for its trial kind (``lowbit.studies.measures``)."""
+        if pending_measures(self.trial_ref, record):
+            apply_measures(self.trial_ref, record, trial_dir(self.results_dir, record["id"]))
+            write_record(self.results_dir, record)
+        return record
 
     def finished(self) -> list[dict[str, Any]]:
         """Records of every finished trial requested so far, in request order."""
