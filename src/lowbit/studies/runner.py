@@ -28,7 +28,7 @@ from lowbit.errors import ConfigError
 from lowbit.studies.execute import check_trial_ref, execute_trial, failed_record, trial_module
 from lowbit.studies.measures import apply_measures, pending_measures
 from lowbit.studies.spec import Trial
-from lowbit.studies.store import read_record, trial_dir, write_record, write_table
+from lowbit.studies.store import read_record, stored_form, trial_dir, write_record, write_table
 
 Backend = Literal["pool", "ray"]
 # imported once by the fork server instead of by every trial (torch's optimizers import dynamo lazily, ~2 s)
@@ -109,6 +109,7 @@ class StudyRunner:
         for trial in trials:
             previous = read_record(self.results_dir, trial.id)
             if previous is not None and previous.get("status") == "ok":
+                self._check_same_config(previous, trial)
                 self.records[trial.id] = self._measured(previous)
             else:
                 self.records.setdefault(trial.id, None)
@@ -125,6 +126,13 @@ class StudyRunner:
             bar.close()
         self._write_table()
         return [self.records[trial.id] for trial in trials]
+
+    def _check_same_config(self, record: dict[str, Any], trial: Trial) -> None:
+        """A finished trial is reused only if it ran exactly this config (ids without a config hash, as
+        named trials have, could otherwise reuse another config's run)."""
+        if record.get("config") != stored_form(trial.config):
+            raise ConfigError(f"{trial_dir(self.results_dir, trial.id)} holds a finished run of another "
+                              "config; use another results directory or delete that trial's directory")
 
     def _measured(self, record: dict[str, Any]) -> dict[str, Any]:
         """``record`` after the measures registered for its trial kind (``lowbit.studies.measures``)."""
