@@ -8,11 +8,14 @@ import torch
 
 import lowbit.metrics
 from lowbit.commands.study import measure_packed_generator
+from lowbit.config import to_dict
 from lowbit.export import load
 from lowbit.report.plots import pareto_front
+from lowbit.report.studies import build_study_page
 from lowbit.studies.measures import register_measure, unregister_measure
 from lowbit.studies.runner import StudyRunner
 from lowbit.studies.spec import Axis, StudyConfig, expand
+from lowbit.studies.store import dump_json
 from lowbit.studies.trials import gan_trial
 from lowbit.train.gan import load_generator
 from test_studies_trials import TRAIN, fake_evaluate
@@ -21,7 +24,7 @@ TRIAL = "test_studies:digits_trial"
 
 
 def _png_bytes(record, out_dir):
-    return {"png_bytes": (out_dir / record["artifacts"]["samples"]).stat().st_size}
+    return {"bops": (out_dir / record["artifacts"]["samples"]).stat().st_size}
 
 
 def _broken(record, out_dir):
@@ -50,7 +53,10 @@ def test_measures_run_in_the_runner_on_new_and_finished_trials(tmp_path, measure
     records = runner.run(trials)
     for record in records:
         png = tmp_path / "trials" / record["id"] / "templates.png"
-        assert record["metrics"]["png_bytes"] == png.stat().st_size and record["measured"] == ["png"]
+        assert record["metrics"]["bops"] == png.stat().st_size and record["measured"] == ["png"]
+    dump_json(tmp_path / "study.json", {"name": "m", "config": to_dict(study)})
+    page = build_study_page(tmp_path).read_text()
+    assert "accuracy against bit operations (BOPs): Pareto front in red" in page
     measures("broken", _broken)  # a later measure reaches finished records without re-running them
     again = StudyRunner(tmp_path, TRIAL, progress=False, allow_imports=True).run(trials)
     assert all(r["status"] == "failed" and r["error"] == "measure 'broken': OSError: disk on fire"
