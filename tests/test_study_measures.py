@@ -9,6 +9,7 @@ import torch
 import lowbit.metrics
 from lowbit.commands.study import measure_packed_generator
 from lowbit.config import to_dict
+from lowbit.errors import ConfigError
 from lowbit.export import load
 from lowbit.report.plots import pareto_front
 from lowbit.report.studies import build_study_page
@@ -49,7 +50,9 @@ def test_measures_run_in_the_runner_on_new_and_finished_trials(tmp_path, measure
                         axes=[Axis("bits", [1, 32], keys=["bits"])])
     trials = expand(study)
     measures("png", _png_bytes)
-    runner = StudyRunner(tmp_path, TRIAL, progress=False, allow_imports=True)
+    with pytest.raises(ConfigError, match="measure 'latency' is not registered for .*registered: png"):
+        StudyRunner(tmp_path, TRIAL, progress=False, allow_imports=True, measures=["latency"])
+    runner = StudyRunner(tmp_path, TRIAL, progress=False, allow_imports=True, measures=["png"])
     records = runner.run(trials)
     for record in records:
         png = tmp_path / "trials" / record["id"] / "templates.png"
@@ -58,7 +61,8 @@ def test_measures_run_in_the_runner_on_new_and_finished_trials(tmp_path, measure
     page = build_study_page(tmp_path).read_text()
     assert "accuracy against bit operations (BOPs): Pareto front in red" in page
     measures("broken", _broken)  # a later measure reaches finished records without re-running them
-    again = StudyRunner(tmp_path, TRIAL, progress=False, allow_imports=True).run(trials)
+    again = StudyRunner(tmp_path, TRIAL, progress=False, allow_imports=True,
+                        measures=["png", "broken"]).run(trials)
     assert all(r["status"] == "failed" and r["error"] == "measure 'broken': OSError: disk on fire"
                for r in again)
     assert all((tmp_path / "trials" / r["id"] / "calls.txt").read_text().count("call") == 1 for r in again)

@@ -2,9 +2,10 @@
 
 Some costs need code the studies layer may not import (the packed file's bytes and latency need the
 exporter, which sits above studies). The command layer registers a measure per trial kind
-(``register_measure("gan", "packed", fn)``); the ``StudyRunner`` calls it in its own process on every
-ok record that lacks it (new trials, and finished ones of an earlier run) and adds the returned scalars to
-the record's metrics, listing the measure under ``record["measured"]``.
+(``register_measure("gan", "packed", fn)``); a study asks for it by name (``measures: [packed]``), and the
+``StudyRunner`` calls it in its own process on every ok record that lacks it (new trials, and finished
+ones of an earlier run) and adds the returned scalars to the record's metrics, listing the measure under
+``record["measured"]``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lowbit.errors import ConfigError
 
 #: ``fn(record, trial_dir) -> {metric: number}``
 MeasureFn = Callable[[dict[str, Any], Path], dict[str, float]]
@@ -30,18 +33,29 @@ def unregister_measure(trial_kind: str, name: str) -> None:
     _MEASURES.get(trial_kind, {}).pop(name, None)
 
 
-def pending_measures(trial_kind: str, record: dict[str, Any]) -> dict[str, MeasureFn]:
-    """The measures of ``trial_kind`` an ok ``record`` has not been through yet."""
+def check_measures(trial_kind: str, names: list[str]) -> None:
+    """Every measure a study asks for must be registered for its trial kind (``lowbit study`` registers
+    ``packed`` for ``gan``)."""
+    known = _MEASURES.get(trial_kind, {})
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"measure '{name}' is not registered for '{trial_kind}' trials (registered: "
+                              f"{', '.join(known) or 'none'}); run the study with `lowbit study`, or "
+                              "register it with lowbit.studies.measures.register_measure")
+
+
+def pending_measures(trial_kind: str, names: list[str], record: dict[str, Any]) -> dict[str, MeasureFn]:
+    """The measures ``names`` of ``trial_kind`` an ok ``record`` has not been through yet."""
     if record.get("status") != "ok":
         return {}
     done = set(record.get("measured", []))
-    return {name: fn for name, fn in _MEASURES.get(trial_kind, {}).items() if name not in done}
+    return {name: _MEASURES[trial_kind][name] for name in names if name not in done}
 
 
-def apply_measures(trial_kind: str, record: dict[str, Any], out_dir: Path) -> bool:
+def apply_measures(trial_kind: str, names: list[str], record: dict[str, Any], out_dir: Path) -> bool:
     """Run the pending measures on ``record`` in place; True when any ran. A measure that raises fails
     the record (its error names the measure), so the next run of the study tries the trial again."""
-    pending = pending_measures(trial_kind, record)
+    pending = pending_measures(trial_kind, names, record)
     for name, fn in pending.items():
         try:
             values = fn(record, out_dir)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lowbit.errors import ConfigError
 from lowbit.studies.execute import check_trial_ref, execute_trial, failed_record, trial_module
-from lowbit.studies.measures import apply_measures, pending_measures
+from lowbit.studies.measures import apply_measures, check_measures, pending_measures
 from lowbit.studies.spec import Trial
 from lowbit.studies.store import read_record, stored_form, trial_dir, write_record, write_table
 
@@ -86,8 +86,9 @@ class StudyRunner:
 
     def __init__(self, results_dir: str | Path, trial_ref: str, workers: int = 1, backend: Backend = "pool",
                  address: str | None = None, state_metric: str = "fid", progress: bool = True,
-                 desc: str = "study", allow_imports: bool = False) -> None:
+                 desc: str = "study", allow_imports: bool = False, measures: Sequence[str] = ()) -> None:
         check_trial_ref(trial_ref, allow_imports)
+        check_measures(trial_ref, list(measures))
         if workers < 1:
             raise ConfigError(f"workers={workers}: give at least 1 worker")
         if backend not in ("pool", "ray"):
@@ -101,6 +102,7 @@ class StudyRunner:
         self.state_metric = state_metric
         self.progress = progress
         self.desc = desc
+        self.measures = list(measures)
         self.records: dict[str, dict[str, Any] | None] = {}  # None: requested, not finished yet
 
     def run(self, trials: Sequence[Trial]) -> list[dict[str, Any]]:
@@ -135,9 +137,9 @@ class StudyRunner:
                               "config; use another results directory or delete that trial's directory")
 
     def _measured(self, record: dict[str, Any]) -> dict[str, Any]:
-        """``record`` after the measures registered for its trial kind (``lowbit.studies.measures``)."""
-        if pending_measures(self.trial_ref, record):
-            apply_measures(self.trial_ref, record, trial_dir(self.results_dir, record["id"]))
+        """``record`` after the study's measures (``lowbit.studies.measures``)."""
+        if pending_measures(self.trial_ref, self.measures, record):
+            apply_measures(self.trial_ref, self.measures, record, trial_dir(self.results_dir, record["id"]))
             write_record(self.results_dir, record)
         return record
 

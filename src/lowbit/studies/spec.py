@@ -86,6 +86,7 @@ class SearchSpec:
 class StudyConfig:
     """A whole study: which trial function runs, its shared config, the grid, search or named trials, and
     resources. ``base`` may name a YAML file (relative to the study file) holding the shared config.
+    ``measures`` names registered per-trial measures (``lowbit.studies.measures``, e.g. ``packed``).
 
     Named trials: ``trials`` maps a name to overrides merged into ``base``; each runs once per seed of
     ``seeds`` (a trial's own ``seeds`` list restricts it); ``init_from: "@NAME"`` starts a trial from the
@@ -99,6 +100,7 @@ class StudyConfig:
     trials: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     reference: str | None = None
+    measures: list[str] = dataclasses.field(default_factory=list)
     select: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     search: SearchSpec | None = None
     state_metric: str = "fid"

@@ -27,7 +27,7 @@ def run_study(study: StudyConfig, results_dir: str | Path | None = None, workers
     runner = StudyRunner(results_dir, study.trial, workers=workers or study.workers,
                          backend=backend or study.backend, address=address or study.address,
                          state_metric=study.state_metric, progress=progress, desc=study.name,
-                         allow_imports=allow_imports)
+                         allow_imports=allow_imports, measures=study.measures)
     kind = "search" if study.search else "named" if study.trials else "grid"
     dump_json(results_dir / "study.json", {"name": study.name, "kind": kind, "config": to_dict(study)})
     if study.search is not None:
