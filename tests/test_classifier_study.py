@@ -15,7 +15,7 @@ from lowbit import cli
 from lowbit.commands.classify import summarize
 from lowbit.config import from_dict
 from lowbit.errors import ConfigError
-from lowbit.studies import StudyConfig
+from lowbit.studies import StudyConfig, run_study
 from lowbit.studies.named import dependency_waves, expand_named, named_trial
 
 BASE = {"model": "extractor-8", "kwargs": {"feature_dim": 16}, "data": {"dataset": "digits", "limit": 300},
@@ -55,6 +55,8 @@ def test_trial_config_merges_overrides_and_resolves_trial_references(tmp_path):
     with pytest.raises(ConfigError, match="reference"):
         _study(trials={"a": {}}, reference="fp")
     assert _study(trials={"a": {}, "b": {}}).reference == "a"
+    with pytest.raises(ConfigError, match="names a file, which only load_study reads"):
+        run_study(from_dict(StudyConfig, {"name": "s", "base": "b.yaml", "trials": {"a": {}}}), tmp_path)
     with pytest.raises(ConfigError, match="named 'trials' and 'axes'"):
         _study(trials={"a": {}}, axes=[{"name": "bits", "values": [1]}])
 

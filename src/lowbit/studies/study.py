@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.config import to_dict
+from lowbit.errors import ConfigError
 from lowbit.studies.named import dependency_waves, expand_named
 from lowbit.studies.runner import Backend, StudyRunner
 from lowbit.studies.search import PrecisionSearch
@@ -23,6 +24,9 @@ def run_study(study: StudyConfig, results_dir: str | Path | None = None, workers
 
     ``allow_imports`` lets the study's ``trial`` be an import path (``module:function``): code the config
     names is then imported and run, so pass it only for configs you trust."""
+    if isinstance(study.base, str):
+        raise ConfigError(f"study '{study.name}': base '{study.base}' names a file, which only load_study "
+                          "reads (relative to the study file); load the study with load_study(path)")
     results_dir = Path(results_dir or study.results_dir())
     runner = StudyRunner(results_dir, study.trial, workers=workers or study.workers,
                          backend=backend or study.backend, address=address or study.address,
