@@ -1,18 +1,22 @@
-"""Classifier studies (seed 002 Tables 1/3/4 shape): trial configs, reuse of finished runs,
-ratios against the reference trial and the CLI, on a tiny digits setup."""
+"""Classifier studies (seed 002 Tables 1/3/4 shape) as named-trial studies of ``lowbit.studies``: trial
+configs, dependency order, reuse of finished runs, ratios against the reference trial and the CLI, on a
+tiny digits setup."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from lowbit import cli
-from lowbit.commands.classify import ClassifierStudy, summarize, trial_config
+from lowbit.commands.classify import summarize
 from lowbit.config import from_dict
 from lowbit.errors import ConfigError
+from lowbit.studies import StudyConfig, run_study
+from lowbit.studies.named import dependency_waves, expand_named, named_trial
 
 BASE = {"model": "extractor-8", "kwargs": {"feature_dim": 16}, "data": {"dataset": "digits", "limit": 300},
         "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0}, "epochs": 2, "batch_size": 64,
@@ -22,28 +26,39 @@ TRIALS = {"fp": {}, "sgt-w1": {"init_from": "@fp", "epochs": 1,
                                          "weight_opts": {"scale": 1.0, "mode": "sgt"}}}}
 
 
+def _study(**fields) -> StudyConfig:
+    return from_dict(StudyConfig, {"name": "s", "trial": "classifier", "base": BASE, **fields})
+
+
 def test_trial_config_merges_overrides_and_resolves_trial_references(tmp_path):
-    study = from_dict(ClassifierStudy, {"name": "s", "base": "b.yaml", "trials": TRIALS, "seeds": [4]})
-    cfg = trial_config(study, BASE, "sgt-w1", 4, tmp_path)
-    assert cfg.init_from == str(tmp_path / "fp-s4" / "model.safetensors")
-    assert cfg.seed == 4 and cfg.epochs == 1 and cfg.data.limit == 300 and cfg.optim.name == "adam"
-    assert cfg.quant.weight_opts["mode"] == "sgt" and cfg.name == "sgt-w1-s4"
-    bad = from_dict(ClassifierStudy, {"name": "s", "base": "b",
-                                      "trials": {"fp": {}, "x": {"init_from": "@y"}}})
+    study = _study(trials=TRIALS, seeds=[4])
+    trial = named_trial(study, "sgt-w1", 4, tmp_path)
+    cfg = trial.config
+    assert cfg["init_from"] == str(tmp_path / "trials" / "fp-s4" / "run" / "model.safetensors")
+    assert trial.after == ("fp-s4",) and trial.id == "sgt-w1-s4"
+    assert trial.params == {"trial": "sgt-w1", "seed": 4}
+    assert cfg["seed"] == 4 and cfg["epochs"] == 1 and cfg["data"]["limit"] == 300
+    assert cfg["optim"]["name"] == "adam"
+    assert cfg["quant"]["weight_opts"]["mode"] == "sgt" and cfg["name"] == "sgt-w1-s4"
     with pytest.raises(ConfigError, match="names no trial"):
-        trial_config(bad, BASE, "x", 0, tmp_path)
-    typo = from_dict(ClassifierStudy, {"name": "s", "base": "b", "trials": {"fp": {}, "x": {"epoch": 1}}})
+        named_trial(_study(trials={"fp": {}, "x": {"init_from": "@y"}}), "x", 0, tmp_path)
     with pytest.raises(ConfigError, match=r"'trials\.x\.epoch' \(did you mean 'epochs'"):
-        trial_config(typo, BASE, "x", 0, tmp_path)
-    shared = from_dict(ClassifierStudy, {"name": "s", "base": "b", "seeds": [0, 4],
-                                         "trials": {"fp": {"seeds": [0]}, **{"sgt-w1": TRIALS["sgt-w1"]}}})
+        named_trial(_study(trials={"fp": {}, "x": {"epoch": 1}}), "x", 0, tmp_path)
+    shared = _study(seeds=[0, 4], trials={"fp": {"seeds": [0]}, "sgt-w1": TRIALS["sgt-w1"]})
     assert shared.trial_seeds("fp") == [0] and shared.trial_seeds("sgt-w1") == [0, 4]
-    assert trial_config(shared, BASE, "sgt-w1", 4, tmp_path).init_from == str(tmp_path / "fp-s0" /
-                                                                              "model.safetensors")
+    assert named_trial(shared, "sgt-w1", 4, tmp_path).config["init_from"] == str(
+        tmp_path / "trials" / "fp-s0" / "run" / "model.safetensors")
+    waves = dependency_waves(expand_named(shared, tmp_path))
+    assert [[t.id for t in wave] for wave in waves] == [["fp-s0"], ["sgt-w1-s0", "sgt-w1-s4"]]
     with pytest.raises(ConfigError, match="runs none of the study seeds"):
-        from_dict(ClassifierStudy, {"name": "s", "base": "b", "trials": {"fp": {"seeds": [7]}}})
+        _study(trials={"fp": {"seeds": [7]}})
     with pytest.raises(ConfigError, match="reference"):
-        from_dict(ClassifierStudy, {"name": "s", "base": "b.yaml", "trials": {"a": {}}})
+        _study(trials={"a": {}}, reference="fp")
+    assert _study(trials={"a": {}, "b": {}}).reference == "a"
+    with pytest.raises(ConfigError, match="names a file, which only load_study reads"):
+        run_study(from_dict(StudyConfig, {"name": "s", "base": "b.yaml", "trials": {"a": {}}}), tmp_path)
+    with pytest.raises(ConfigError, match="named 'trials' and 'axes'"):
+        _study(trials={"a": {}}, axes=[{"name": "bits", "values": [1]}])
 
 
 def test_summary_averages_and_picks_the_best_seed():
@@ -69,15 +84,17 @@ def test_study_cli_runs_trials_writes_tables_and_reuses_finished_runs(tmp_path, 
     assert float(sgt["delta_top1"]) == pytest.approx(float(fp["top1"]) - float(sgt["top1"]))
     assert sgt["multiplication_free"] == "True" and fp["multiplication_free"] == "False"
     assert float(sgt["top1"]) > 30.0  # chance is 10%
-    sgt_metrics = json.loads((out / "sgt-w1-s0" / "metrics.json").read_text())
+    run = out / "trials" / "{}-s0" / "run" / "metrics.json"
+    sgt_metrics = json.loads(Path(str(run).format("sgt-w1")).read_text())
     assert float(sgt["memory_ratio"]) == pytest.approx(sgt_metrics["peak_train_bytes"] / json.loads(
-        (out / "fp-s0" / "metrics.json").read_text())["peak_train_bytes"])
+        Path(str(run).format("fp")).read_text())["peak_train_bytes"])
     assert (out / "tiny-study.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "tiny-study-summary.csv").is_file()
     assert json.loads((out / "tiny-study.json").read_text())[1]["trial"] == "sgt-w1"
-    stamp = (out / "fp-s0" / "metrics.json").stat().st_mtime_ns
+    assert len(json.loads((out / "results.json").read_text())) == 2  # the shared study table has both
+    stamp = Path(str(run).format("fp")).stat().st_mtime_ns
     assert cli.main(["classifier-study", str(study), "--out", str(out), "--quiet"]) == 0  # reuses both runs
-    assert (out / "fp-s0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert Path(str(run).format("fp")).stat().st_mtime_ns == stamp
     code = cli.main(["classifier-study", str(study), "--out", str(out), "--quiet",
                      "--set", "trials.fp.epochs=3"])
     assert code == 2 and "another config" in capsys.readouterr().err

@@ -46,9 +46,11 @@ def test_gan_trial_scores_the_start_the_curve_and_leaves_artifacts(tmp_path, mon
     assert scored == [0, 3, 6]
     assert result["fid"] == result["history"][-1]["fid"] and result["steps"] == 6
     assert result["reference"] == {}  # no init_from: nothing to compare with
-    assert sorted(result["artifacts"]) == ["D weights", "G weights", "samples"]
-    for path in result["artifacts"].values():
-        assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(result["artifacts"]) == ["D weights", "G weights", "model", "samples"]
+    for name, path in result["artifacts"].items():
+        if name != "model":
+            assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / result["artifacts"]["model"]).name == "model.safetensors"
 
 
 def test_generator_layers_count_weights_flops_and_input_bits():

@@ -1,62 +1,24 @@
 """``lowbit train-classifier CONFIG``: train a CNN classifier (full precision or quantization-aware).
 
-``lowbit classifier-study STUDY``: run the trials x seeds of a classifier study (seed 002 Tables 1,
-3, 4) one after another and write ``<name>.csv``/``<name>.json`` (accuracy, loss vs the reference
-trial, time and peak training memory relative to it, the multiplication-free flag),
-``<name>-summary.csv`` (average and best over seeds) and ``<name>.png``, named after the study so
-that studies can share one output directory (and its runs).
+``lowbit classifier-study STUDY``: run the named trials x seeds of a classifier study (seed 002 Tables 1,
+3, 4) through ``lowbit.studies`` (trial kind ``classifier``; ``lowbit study`` runs the same config) and
+write ``<name>.csv``/``<name>.json`` (accuracy, loss vs the reference trial, time and peak training
+memory relative to it, the multiplication-free flag), ``<name>-summary.csv`` (average and best over
+seeds) and ``<name>.png``, named after the study so that studies can share one output directory (and
+its runs, ``trials/<trial>-s<seed>/``).
 """
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowbit.commands import add_config_args, add_run_dir_args
 from lowbit.commands.train import add_nproc_arg, in_process_group, launch_workers
 
-#: an ``init_from`` value "@TRIAL" means "the model of TRIAL with the same seed" (or of TRIAL's
-#: first seed when TRIAL does not run this one).
-TRIAL_REF = "@"
-#: a trial key (not a ClassifierConfig field) restricting the seeds that trial runs.
-TRIAL_SEEDS = "seeds"
-
-
-@dataclass
-class ClassifierStudy:
-    """A base ``ClassifierConfig`` YAML (path relative to the study file), named trials (nested
-    overrides merged into the base, run in order; an optional ``seeds`` list inside a trial
-    restricts it to those seeds) and seeds; ratios are against ``reference``."""
-
-    name: str
-    base: str
-    trials: dict[str, dict[str, Any]]
-    seeds: list[int] = field(default_factory=lambda: [0])
-    reference: str = "fp"
-
-    def __post_init__(self) -> None:
-        from lowbit.errors import ConfigError
-
-        if self.reference not in self.trials:
-            raise ConfigError(f"study reference '{self.reference}' is not a trial; "
-                              f"trials: {', '.join(self.trials)}")
-        if not self.seeds:
-            raise ConfigError("study seeds must list at least one seed, e.g. [0, 1, 2]")
-        for trial in self.trials:
-            if not self.trial_seeds(trial):
-                raise ConfigError(f"trial '{trial}' runs none of the study seeds {self.seeds}; fix its seeds")
-
-    def trial_seeds(self, trial: str) -> list[int]:
-        """The study seeds that ``trial`` runs."""
-        only = (self.trials[trial] or {}).get(TRIAL_SEEDS)
-        return [seed for seed in self.seeds if only is None or seed in only]
-
-    def seed_of(self, trial: str, seed: int) -> int:
-        """The seed of ``trial``'s run that stands for ``seed`` (itself, or the trial's first seed)."""
-        seeds = self.trial_seeds(trial)
-        return seed if seed in seeds else seeds[0]
+if TYPE_CHECKING:
+    from lowbit.studies import StudyConfig
 
 
 def register(sub) -> None:
@@ -104,35 +66,7 @@ def run_train_classifier(args) -> int:
     return 0
 
 
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``changes`` merged in recursively (mappings merge, other values replace)."""
-    merged = dict(base)
-    for key, value in changes.items():
-        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both_maps else value
-    return merged
-
-
-def trial_config(study: ClassifierStudy, base: dict[str, Any], trial: str, seed: int, out_dir: Path):
-    """The ``ClassifierConfig`` of one trial and seed (``init_from: "@fp"`` -> that trial's model)."""
-    from lowbit.config import from_dict
-    from lowbit.errors import ConfigError
-    from lowbit.train.classifier import ClassifierConfig
-
-    changes = {k: v for k, v in (study.trials[trial] or {}).items() if k != TRIAL_SEEDS}
-    data = _merge(base, changes)
-    data.update(name=f"{trial}-s{seed}", seed=seed)
-    source = data.get("init_from")
-    if isinstance(source, str) and source.startswith(TRIAL_REF):
-        parent = source[len(TRIAL_REF):]
-        if parent not in study.trials:
-            raise ConfigError(f"trial '{trial}': init_from '{source}' names no trial; "
-                              f"trials: {', '.join(study.trials)}")
-        data["init_from"] = str(out_dir / f"{parent}-s{study.seed_of(parent, seed)}" / "model.safetensors")
-    return from_dict(ClassifierConfig, data, where=f"trials.{trial}")
-
-
-def _relative_rows(study: ClassifierStudy, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _relative_rows(study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add accuracy loss and time / memory ratios against the reference trial's run of the same
     seed (or its first seed)."""
     refs = {row["seed"]: row for row in rows if row["trial"] == study.reference}
@@ -199,41 +133,21 @@ def _plot(path: Path, summary: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def check_same_config(run_dir: Path, cfg) -> None:
-    """A finished run is reused only if it was trained with exactly this trial's config."""
+def write_study_tables(study: StudyConfig, records: list[dict[str, Any]], out_dir: Path
+                       ) -> list[dict[str, Any]]:
+    """The per-run rows of a finished classifier study, with ratios against its reference trial, written
+    as NAME.csv / NAME.json, NAME-summary.csv and NAME.png; returns the rows."""
     import json
 
-    from lowbit.config import to_dict
-    from lowbit.errors import ConfigError
-    from lowbit.train.checkpoint import load_checkpoint
-
-    saved = load_checkpoint(run_dir / "model.safetensors")["config"]
-    if saved != json.loads(json.dumps(to_dict(cfg))):
-        raise ConfigError(f"{run_dir} holds a finished run of another config; use another --out or delete it")
-
-
-def run_study(study: ClassifierStudy, base: dict[str, Any], out_dir: Path, progress: bool = True
-              ) -> list[dict[str, Any]]:
-    """Run (or reuse) every trial x seed; write the tables and the plot; return the per-run rows."""
-    import json
-
+    from lowbit.errors import DataError
     from lowbit.io import atomic_write_text
-    from lowbit.train.classifier import train_classifier
+    from lowbit.studies.named import rows_by_trial
 
-    rows = []
-    for seed in study.seeds:
-        for trial in (t for t in study.trials if seed in study.trial_seeds(t)):
-            run_dir = out_dir / f"{trial}-s{seed}"
-            cfg = trial_config(study, base, trial, seed, out_dir)
-            finished = run_dir / "metrics.json"
-            if finished.is_file():
-                check_same_config(run_dir, cfg)
-                metrics = json.loads(finished.read_text(encoding="utf-8"))
-            else:
-                resume = (run_dir / "checkpoints" / "last.safetensors").is_file()
-                metrics = train_classifier(cfg, run_dir, resume=resume, progress=progress)
-            rows.append({"trial": trial, **{k: v for k, v in metrics.items() if k != "name"}})
-    rows = _relative_rows(study, rows)
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        raise DataError("classifier study trials failed: " + "; ".join(
+            f"{r['id']}: {r.get('error')}" for r in failed) + f" (see {out_dir}/trials/<id>/worker.log)")
+    rows = _relative_rows(study, rows_by_trial(records))
     summary = summarize(rows)
     _write_table(out_dir / f"{study.name}.csv", rows)
     atomic_write_text(out_dir / f"{study.name}.json", json.dumps(rows, indent=1) + "\n")
@@ -243,13 +157,13 @@ def run_study(study: ClassifierStudy, base: dict[str, Any], out_dir: Path, progr
 
 
 def run_classifier_study(args) -> int:
-    """Load the study and its base config, run it, print the summary table."""
-    from lowbit.config import load_config, read_yaml
+    """Load the study, run it with ``lowbit.studies`` (one trial at a time), print the summary table."""
+    from lowbit.studies import load_study, run_study
 
-    study = load_config(ClassifierStudy, args.config, args.overrides)
-    base = read_yaml(Path(args.config).parent / study.base)
+    study = load_study(args.config, ["trial=classifier", *args.overrides])
     out_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    rows = run_study(study, base, out_dir, progress=not args.quiet)
+    records = run_study(study, results_dir=out_dir, workers=1, progress=not args.quiet)
+    rows = write_study_tables(study, records, out_dir)
     for row in summarize(rows):
         print(f"{row['trial']:>14}  {row['method']:<16} avg {row['avg_top1']:6.2f}%  "
               f"best {row['best_top1']:6.2f}%  "

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 from lowbit.commands import add_config_args
+
+#: the packed generator's latency is timed at this batch size, on one thread, best of LATENCY_REPEATS calls
+LATENCY_BATCH = 64
+LATENCY_REPEATS = 5
+PACKED_NAME = "generator.lowbit"
 
 
 def register(sub) -> None:
@@ -28,10 +37,47 @@ def register(sub) -> None:
     parser.set_defaults(func=run_study_command)
 
 
+def best_latency(model: Any, x: Any, repeats: int = LATENCY_REPEATS) -> float:
+    """Seconds of the fastest of ``repeats`` calls ``model(x)`` on one torch thread (after one warm-up)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            model(x)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return min(times)
+
+
+def measure_packed_generator(record: dict[str, Any], out_dir: Path) -> dict[str, float]:
+    """Export a GAN trial's trained generator to the packed format, load it and time it: the file's
+    bytes and its latency at batch LATENCY_BATCH (one thread, best of LATENCY_REPEATS; native when built)."""
+    import torch
+
+    from lowbit.export import export_packed, load
+    from lowbit.train.gan import load_generator
+
+    generator = load_generator(out_dir / record["artifacts"]["model"])
+    path = export_packed(generator, out_dir / PACKED_NAME)
+    packed = load(path)
+    latents = torch.randn(LATENCY_BATCH, *packed.input_shape, generator=torch.Generator().manual_seed(0))
+    return {"packed_bytes": path.stat().st_size,
+            "latency_b64_ms": 1000 * best_latency(packed, latents)}
+
+
 def run_study_command(args) -> int:
     """Run the study and print where its table went (failed trials are results, listed, not an error)."""
     from lowbit.studies import load_study, run_study
+    from lowbit.studies.measures import register_measure
 
+    register_measure("gan", "packed", measure_packed_generator)
     study = load_study(args.config, args.overrides)
     records = run_study(study, results_dir=args.out, workers=args.workers, backend=args.backend,
                         address=args.address, progress=not args.quiet,

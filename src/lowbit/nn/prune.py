@@ -25,7 +25,7 @@ from lowbit.errors import ConfigError
 from lowbit.nn.inputs import default_example
 
 KINDS = ("unstructured", "channels")
-CRITERIA = {"unstructured": ("magnitude",), "channels": ("l1", "bn_gamma", "group_l2")}
+CRITERIA = {"unstructured": ("magnitude",), "channels": ("l1", "bn_gamma", "group_l2", "learned")}
 SCOPES = ("layer", "global")
 SCHEDULES = ("oneshot", "gradual")
 WEIGHT_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -37,8 +37,10 @@ class PruneSpec:
     """What to prune and how: ``kind`` unstructured (``magnitude``, per ``layer`` or ``global``, ``oneshot``
     or ``gradual`` from ``start_step`` to ``end_step`` every ``every`` steps) or channels (``l1`` norm of
     the filters, ``bn_gamma`` = network slimming's BatchNorm scales, ``group_l2`` = the L2 norm of every
-    coupled group). ``ratio`` in [0, 1) is the share removed; ``layers`` / ``keep`` are module-name patterns
-    (fnmatch) of the layers pruned and of those left whole (the output layer always keeps its outputs)."""
+    coupled group, ``learned`` = per-channel gates learned with an L1 penalty, ``learn_*``, see
+    ``learn_channel_gates``). ``ratio`` in [0, 1) is the share removed; ``layers`` / ``keep`` are module-name
+    patterns (fnmatch) of the layers pruned and of those left whole (the output layer always keeps its
+    outputs)."""
 
     kind: str = "unstructured"
     ratio: float = 0.5
@@ -50,6 +52,10 @@ class PruneSpec:
     every: int = 100
     layers: list[str] = field(default_factory=lambda: ["*"])
     keep: list[str] = field(default_factory=list)
+    learn_steps: int = 150
+    learn_penalty: float = 0.3
+    learn_lr: float = 0.03
+    learn_batch: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,6 +88,10 @@ class PruneSpec:
             )
         if not self.layers:
             raise ConfigError("prune layers must name at least one pattern, e.g. ['*']")
+        if min(self.learn_steps, self.learn_batch) < 1 or self.learn_penalty < 0 or not self.learn_lr > 0:
+            raise ConfigError(f"learned channel gates need learn_steps >= 1, learn_batch >= 1, learn_penalty "
+                              f">= 0 and learn_lr > 0, got {self.learn_steps}, {self.learn_batch}, "
+                              f"{self.learn_penalty}, {self.learn_lr}")
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -189,9 +199,70 @@ def _importance(criterion: str) -> Any:
 
     return {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
-        "bn_gamma": lambda: tp.importance.BNScaleImportance(),
+        "bn_gamma": tp.importance.BNScaleImportance,
         "group_l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "learned": tp.importance.BNScaleImportance,  # on the scales the learned gates were folded into
     }[criterion]()
+
+
+def _affine_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+
+
+def _gate(gate: torch.Tensor) -> Any:
+    """A forward hook scaling a norm layer's output channels (dim 1) by ``gate``."""
+    return lambda module, inputs, output: output * gate.view(1, -1, *([1] * (output.dim() - 2)))
+
+
+def learn_channel_gates(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> list[torch.Tensor]:
+    """Learned channel importance (network slimming's sparse scales, Liu et al. 2017 §3, learned as in He
+    et al. 2017's LASSO channel selection): a gate s_c per BatchNorm channel, from 1, minimises
+    ``|f_s(z) - f(z)|^2 / |f(z)|^2 + learn_penalty * mean |s|`` over ``learn_steps`` Adam steps on fresh
+    inputs z ~ N(0, I) shaped like ``example`` (the model's own input distribution: a latent), weights
+    frozen; the gates are then folded into the scales and shifts (gamma, beta <- s gamma, s beta), so the
+    channels the output needs least carry the smallest |gamma| for the ``bn_gamma`` ranking. In place;
+    returns the gates."""
+    norms = _affine_norms(model)
+    gates = [torch.ones(norm.num_features, requires_grad=True) for norm in norms]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(gates, lr=spec.learn_lr)
+    noise = torch.Generator().manual_seed(0)
+    try:
+        for _ in range(spec.learn_steps):
+            z = torch.randn(spec.learn_batch, *example.shape[1:], generator=noise)
+            with torch.no_grad():
+                target = model(z)
+            hooks = [norm.register_forward_hook(_gate(gate)) for norm, gate in zip(norms, gates, strict=True)]
+            try:
+                error = (model(z) - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            sparsity = torch.cat(gates).abs().mean()
+            optimizer.zero_grad()
+            (error + spec.learn_penalty * sparsity).backward()
+            optimizer.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        for norm, gate in zip(norms, gates, strict=True):
+            norm.weight.mul_(gate)
+            norm.bias.mul_(gate)
+    return [gate.detach() for gate in gates]
+
+
+def _check_criterion(model: nn.Module, spec: PruneSpec) -> None:
+    """The ranking's needs: affine BatchNorm scales (bn_gamma, learned) and a latent input (learned)."""
+    if spec.criterion in ("bn_gamma", "learned") and not _affine_norms(model):
+        raise ConfigError(f"criterion {spec.criterion} (network slimming) needs BatchNorm layers with affine "
+                          f"scales; {type(model).__name__} has none: use l1 or group_l2")
+    if spec.criterion == "learned" and not getattr(model, "latent_dim", None):
+        raise ConfigError(f"criterion learned fits its gates on the model's own inputs drawn as N(0, I) "
+                          f"latents; {type(model).__name__} has no latent_dim (it takes images): use l1, "
+                          "bn_gamma or group_l2")
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -215,8 +286,6 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
 def prune_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor | None = None) -> None:
     """Remove ``ratio`` of the output channels of every target layer (and all coupled to them) in place,
     keeping the model's input and output shapes."""
-    import torch_pruning as tp
-
     from lowbit.nn.layers import QuantAct, QuantLayerMixin
 
     if any(isinstance(m, (QuantLayerMixin, QuantAct)) for m in model.modules()):
@@ -224,10 +293,7 @@ def prune_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor | No
             "channel pruning must come before quantization (its quantizers hold per-channel state); "
             "list the PruneSpec before the QuantSpec"
         )
-    if spec.criterion == "bn_gamma" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-                                                for m in model.modules()):
-        raise ConfigError(f"criterion bn_gamma (network slimming) needs BatchNorm layers with affine scales; "
-                          f"{type(model).__name__} has none: use l1 or group_l2")
+    _check_criterion(model, spec)
     if spec.ratio == 0:
         return
     example = _example_input(model, example)
@@ -236,13 +302,24 @@ def prune_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor | No
     ignored += output_layers(model, example)
     modes = {m: m.training for m in model.modules()}
     try:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=_importance(spec.criterion),
-            pruning_ratio=spec.ratio,
-            ignored_layers=ignored,
-        )
+        with torch.enable_grad():  # gates learn, and torch-pruning traces its graph, through autograd
+            if spec.criterion == "learned":
+                learn_channel_gates(model.eval(), spec, example)
+            _remove_channels(model, spec, example, ignored)
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+def _remove_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor, ignored: list[nn.Module]
+                     ) -> None:
+    """torch-pruning's MetaPruner at ``spec.ratio`` with the spec's ranking; its errors become one clear
+    ConfigError."""
+    import torch_pruning as tp
+
+    try:
+        pruner = tp.pruner.MetaPruner(model, example, importance=_importance(spec.criterion),
+                                      pruning_ratio=spec.ratio, ignored_layers=ignored)
         pruner.step()
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types; all become one clear error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -250,9 +327,6 @@ def prune_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor | No
             f"channel pruning of {type(model).__name__} failed in torch-pruning ({first[:200]}); "
             "keep the layer it names out with `keep`, or use unstructured pruning"
         ) from None
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
 
 
 def slimming_penalty(model: nn.Module, weight: float) -> torch.Tensor:

@@ -75,3 +75,33 @@ def curves_by_state(curves: Sequence[Curve], metric: str) -> bytes:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return _png(figure)
+
+
+def pareto_front(points: Sequence[tuple[float, float, str]], higher_is_better: bool = False
+                 ) -> list[tuple[float, float, str]]:
+    """The (cost, score, label) points no other point beats on both: cheaper-or-equal cost and a better
+    score (lower, or higher with ``higher_is_better``), in order of cost."""
+    sign = -1.0 if higher_is_better else 1.0
+    front: list[tuple[float, float, str]] = []
+    for point in sorted(points, key=lambda p: (p[0], sign * p[1])):
+        if point[1] == point[1] and (not front or sign * point[1] < sign * front[-1][1]):
+            front.append(point)
+    return front
+
+
+def score_vs_cost(points: Sequence[tuple[float, float, str]], metric: str, cost_label: str) -> bytes:
+    """Every trial as a (cost, score) dot on a log cost axis, its Pareto front as a labelled step line."""
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:gray", s=18, label="trials")
+    front = pareto_front(points, higher_is_better=metric == "is")
+    axis.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", marker="o",
+              label="Pareto front")
+    for cost, score, label in front:
+        axis.annotate(label, (cost, score), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel(cost_label)
+    log_y_if_wide(axis, [p[1] for p in points])
+    axis.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _png(figure)

@@ -19,6 +19,10 @@ from lowbit.report.html import HtmlReport
 from lowbit.studies.store import read_json, table_columns, table_rows, trial_dir
 
 SCORE_METRICS = ("fid", "is", "kid", "accuracy")
+#: cost metrics a trial or a registered measure may report, drawn as score-vs-cost Pareto fronts
+COST_METRICS = {"bops": "bit operations (BOPs)", "bytes": "stored bytes (compression report)",
+                "packed_bytes": "packed file bytes",
+                "latency_b64_ms": "packed latency, batch 64, 1 thread (ms)"}
 PAGE = "report.html"
 SAMPLE_WIDTH = 280  # sample grids of small images (8x8 digits, 28x28 MNIST) are scaled up to this width
 
@@ -101,6 +105,18 @@ def _add_score_plots(page: HtmlReport, study: dict[str, Any], records: list[dict
                        caption=f"{_label(metric)} against {x or 'bits'}")
 
 
+def _add_pareto(page: HtmlReport, records: list[dict[str, Any]]) -> None:
+    """One score-vs-cost plot per (score, cost) pair the ok trials report, with its Pareto front."""
+    ok = _ok(records)
+    for metric in _metrics_present(ok)[:1]:
+        for cost, label in COST_METRICS.items():
+            points = [(float(r["metrics"][cost]), float(r["metrics"][metric]), r["name"]) for r in ok
+                      if _is_number(r["metrics"].get(cost)) and _is_number(r["metrics"].get(metric))]
+            if len(points) > 1:
+                page.image(plots.score_vs_cost(points, metric, label),
+                           caption=f"{_label(metric)} against {label}: Pareto front in red")
+
+
 def _add_curves(page: HtmlReport, records: list[dict[str, Any]], state_metric: str) -> None:
     for metric in dict.fromkeys([state_metric, *SCORE_METRICS]):
         curves = [(r["name"], r.get("state"), [(row["step"], row[metric]) for row in r.get("history", [])
@@ -164,6 +180,7 @@ def build_study_page(results_dir: str | Path) -> Path:
     page.table(rows, columns=[c for c in table_columns(rows) if c != "id"])
     page.heading("Scores against the study axes")
     _add_score_plots(page, study, records, summary)
+    _add_pareto(page, records)
     page.heading("Training curves")
     _add_curves(page, records, config.get("state_metric", "fid"))
     if summary is not None:

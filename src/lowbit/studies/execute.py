@@ -8,6 +8,7 @@ scalar metrics, plus optionally ``history`` (list of dicts, one per evaluation: 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import numbers
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lowbit.config import unknown_name_error
+from lowbit.config import from_dict, unknown_name_error
 from lowbit.errors import ConfigError
 from lowbit.studies.spec import Trial
 from lowbit.studies.states import classify_history
@@ -24,16 +25,51 @@ from lowbit.studies.store import trial_dir, write_record
 
 TrialFn = Callable[[dict[str, Any], Path], dict[str, Any]]
 
-TRIALS = {
-    "gan": "lowbit.studies.trials:gan_trial",
-    "classifier": "lowbit.studies.trials:classifier_trial",
-}
+
+@dataclasses.dataclass(frozen=True)
+class TrialKind:
+    """A registered trial kind: its function and config dataclass (``module:name`` each, imported when
+    needed) and where its trained model lands inside the trial directory (for ``@trial`` references)."""
+
+    function: str
+    config: str
+    model: str = "run/model.safetensors"
+
+
+TRIALS: dict[str, TrialKind] = {}
+
+
+def register_trial(name: str, kind: TrialKind) -> None:
+    """Make ``name`` a trial kind study configs may use (``trial: NAME``)."""
+    TRIALS[name] = kind
+
+
+register_trial("gan", TrialKind("lowbit.studies.trials:gan_trial", "lowbit.studies.trials:GanTrialConfig"))
+register_trial("classifier", TrialKind("lowbit.studies.trials:classifier_trial",
+                                       "lowbit.train.classifier:ClassifierConfig"))
 EXTRA_KEYS = ("history", "reference", "artifacts")
+
+
+def _function_path(ref: str) -> str:
+    return TRIALS[ref].function if ref in TRIALS else ref
 
 
 def trial_module(ref: str) -> str:
     """The module that defines trial ``ref`` (imported ahead of time by pool workers)."""
-    return TRIALS.get(ref, ref).split(":", 1)[0]
+    return _function_path(ref).split(":", 1)[0]
+
+
+def registered_kind(ref: str) -> TrialKind:
+    """The registered kind ``ref`` (features such as ``@trial`` references need one)."""
+    if ref not in TRIALS:
+        raise unknown_name_error("registered trial kind", ref, list(TRIALS))
+    return TRIALS[ref]
+
+
+def check_trial_config(ref: str, config: dict[str, Any], where: str) -> None:
+    """Validate ``config`` against the config dataclass of trial kind ``ref`` (errors name the key)."""
+    module_name, class_name = registered_kind(ref).config.split(":", 1)
+    from_dict(getattr(importlib.import_module(module_name), class_name), config, where=where)
 
 
 def check_trial_ref(ref: str, allow_imports: bool = False) -> None:
@@ -53,8 +89,7 @@ def resolve_trial(ref: str, allow_imports: bool = False) -> TrialFn:
     """A trial function by registered name (``gan``, ``classifier``) or, with ``allow_imports``, by import
     path ``module:function``."""
     check_trial_ref(ref, allow_imports)
-    path = TRIALS.get(ref, ref)
-    module_name, func_name = path.split(":", 1)
+    module_name, func_name = _function_path(ref).split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from lowbit.errors import ConfigError
 from lowbit.studies.execute import check_trial_ref, execute_trial, failed_record, trial_module
+from lowbit.studies.measures import apply_measures, check_measures, pending_measures
 from lowbit.studies.spec import Trial
-from lowbit.studies.store import read_record, trial_dir, write_record, write_table
+from lowbit.studies.store import read_record, stored_form, trial_dir, write_record, write_table
 
 Backend = Literal["pool", "ray"]
 # imported once by the fork server instead of by every trial (torch's optimizers import dynamo lazily, ~2 s)
@@ -85,8 +86,9 @@ class StudyRunner:
 
     def __init__(self, results_dir: str | Path, trial_ref: str, workers: int = 1, backend: Backend = "pool",
                  address: str | None = None, state_metric: str = "fid", progress: bool = True,
-                 desc: str = "study", allow_imports: bool = False) -> None:
+                 desc: str = "study", allow_imports: bool = False, measures: Sequence[str] = ()) -> None:
         check_trial_ref(trial_ref, allow_imports)
+        check_measures(trial_ref, list(measures))
         if workers < 1:
             raise ConfigError(f"workers={workers}: give at least 1 worker")
         if backend not in ("pool", "ray"):
@@ -100,6 +102,7 @@ class StudyRunner:
         self.state_metric = state_metric
         self.progress = progress
         self.desc = desc
+        self.measures = list(measures)
         self.records: dict[str, dict[str, Any] | None] = {}  # None: requested, not finished yet
 
     def run(self, trials: Sequence[Trial]) -> list[dict[str, Any]]:
@@ -108,7 +111,8 @@ class StudyRunner:
         for trial in trials:
             previous = read_record(self.results_dir, trial.id)
             if previous is not None and previous.get("status") == "ok":
-                self.records[trial.id] = previous
+                self._check_same_config(previous, trial)
+                self.records[trial.id] = self._measured(previous)
             else:
                 self.records.setdefault(trial.id, None)
                 todo.append(trial)
@@ -116,6 +120,7 @@ class StudyRunner:
             bar = tqdm(total=len(todo), desc=self.desc, unit="trial", disable=not self.progress)
             stream = self._pool(todo) if self.backend == "pool" else self._ray(todo)
             for record in stream:
+                record = self._measured(record)
                 self.records[record["id"]] = record
                 self._write_table()
                 bar.set_postfix_str(f"{record['name']}: {record['status']}", refresh=False)
@@ -123,6 +128,20 @@ class StudyRunner:
             bar.close()
         self._write_table()
         return [self.records[trial.id] for trial in trials]
+
+    def _check_same_config(self, record: dict[str, Any], trial: Trial) -> None:
+        """A finished trial is reused only if it ran exactly this config (ids without a config hash, as
+        named trials have, could otherwise reuse another config's run)."""
+        if record.get("config") != stored_form(trial.config):
+            raise ConfigError(f"{trial_dir(self.results_dir, trial.id)} holds a finished run of another "
+                              "config; use another results directory or delete that trial's directory")
+
+    def _measured(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` after the study's measures (``lowbit.studies.measures``)."""
+        if pending_measures(self.trial_ref, self.measures, record):
+            apply_measures(self.trial_ref, self.measures, record, trial_dir(self.results_dir, record["id"]))
+            write_record(self.results_dir, record)
+        return record
 
     def finished(self) -> list[dict[str, Any]]:
         """Records of every finished trial requested so far, in request order."""

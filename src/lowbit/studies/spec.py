@@ -1,4 +1,5 @@
-"""Study configs: a base trial config plus axes whose cartesian product is the list of trials.
+"""Study configs: a base trial config plus axes whose cartesian product is the list of trials, or named
+trials (override mappings) x seeds (``lowbit.studies.named``).
 
 An axis is either a list of values set on dotted ``keys`` (or kept only as a named parameter),
 or a mapping ``label -> overrides`` (named variants). Any string ``"$name"`` in the base or in a
@@ -17,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from lowbit.config import closest, load_config
+from lowbit.config import closest, load_config, read_yaml
 from lowbit.errors import ConfigError
 
 
@@ -83,12 +84,23 @@ class SearchSpec:
 
 @dataclasses.dataclass
 class StudyConfig:
-    """A whole study: which trial function runs, its shared config, the grid (or search) and resources."""
+    """A whole study: which trial function runs, its shared config, the grid, search or named trials, and
+    resources. ``base`` may name a YAML file (relative to the study file) holding the shared config.
+    ``measures`` names registered per-trial measures (``lowbit.studies.measures``, e.g. ``packed``).
+
+    Named trials: ``trials`` maps a name to overrides merged into ``base``; each runs once per seed of
+    ``seeds`` (a trial's own ``seeds`` list restricts it); ``init_from: "@NAME"`` starts a trial from the
+    model NAME trained with the same seed (or NAME's first seed); ``reference`` (default: the first trial)
+    is the trial others are compared with."""
 
     name: str
     trial: str = "gan"
-    base: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base: dict[str, Any] | str = dataclasses.field(default_factory=dict)
     axes: list[Axis] = dataclasses.field(default_factory=list)
+    trials: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    reference: str | None = None
+    measures: list[str] = dataclasses.field(default_factory=list)
     select: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     search: SearchSpec | None = None
     state_metric: str = "fid"
@@ -108,25 +120,63 @@ class StudyConfig:
             if key not in names:
                 raise ConfigError(f"select: '{key}' is not an axis{closest(key, names)}; "
                                   f"valid: {', '.join(names)}")
+        if self.trials:
+            self._check_named()
+        elif self.seeds != [0] or self.reference is not None:
+            raise ConfigError(f"study '{self.name}': 'seeds' and 'reference' apply to named 'trials'; "
+                              "for a grid add a seed axis (values: [0, 1], keys: [train.seed])")
+
+    def _check_named(self) -> None:
+        if self.axes or self.search is not None:
+            raise ConfigError(f"study '{self.name}' has named 'trials' and 'axes'/'search'; use one of them")
+        if not self.seeds:
+            raise ConfigError("study seeds must list at least one seed, e.g. [0, 1, 2]")
+        self.reference = self.reference or next(iter(self.trials))
+        if self.reference not in self.trials:
+            raise ConfigError(f"study reference '{self.reference}' is not a trial; "
+                              f"trials: {', '.join(self.trials)}")
+        for trial in self.trials:
+            if not self.trial_seeds(trial):
+                raise ConfigError(f"trial '{trial}' runs none of the study seeds {self.seeds}; fix its seeds")
+
+    def trial_seeds(self, trial: str) -> list[int]:
+        """The study seeds that named trial ``trial`` runs."""
+        only = (self.trials[trial] or {}).get(TRIAL_SEEDS)
+        return [seed for seed in self.seeds if only is None or seed in only]
+
+    def seed_of(self, trial: str, seed: int) -> int:
+        """The seed of named trial ``trial``'s run that stands for ``seed`` (itself, or its first seed)."""
+        seeds = self.trial_seeds(trial)
+        return seed if seed in seeds else seeds[0]
 
     def results_dir(self) -> Path:
         """Where this study writes its table, trials and plots."""
         return Path(self.out_dir or Path("results") / self.name)
 
 
+#: a key of a named trial (not a config field) restricting the seeds that trial runs
+TRIAL_SEEDS = "seeds"
+
+
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """One job of a study: a stable id, a readable name, its axis values and its full config."""
+    """One job of a study: a stable id, a readable name, its axis values, its full config and the ids of
+    the trials it starts from (run before it)."""
 
     id: str
     name: str
     params: dict[str, Any]
     config: dict[str, Any]
+    after: tuple[str, ...] = ()
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Read and validate a study YAML (with ``key=value`` overrides)."""
-    return load_config(StudyConfig, path, overrides)
+    """Read and validate a study YAML (with ``key=value`` overrides); a ``base`` file name is read,
+    relative to the study file."""
+    study = load_config(StudyConfig, path, overrides)
+    if isinstance(study.base, str):
+        study.base = read_yaml(Path(path).parent / study.base)
+    return study
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

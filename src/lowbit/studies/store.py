@@ -39,6 +39,11 @@ def _json_safe(node: Any) -> Any:
     return node
 
 
+def stored_form(data: Any) -> Any:
+    """``data`` as it reads back from ``dump_json`` (tuples as lists, NaN as None, other types as str)."""
+    return json.loads(json.dumps(_json_safe(data), default=str))
+
+
 def dump_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented standard JSON, atomically."""
     atomic_write_text(path, json.dumps(_json_safe(data), indent=1, default=str) + "\n")

@@ -121,6 +121,7 @@ def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     metrics.update({f"{k}_fp": v for k, v in reference.items() if k in ("fid", "is")})
     metrics.update(_costs(result.model_path))
     artifacts = _histograms(result.model_path, out_dir) if trial.histograms else {}
+    artifacts["model"] = str(result.model_path.relative_to(out_dir))
     if result.samples is not None:
         artifacts["samples"] = str(result.samples.relative_to(out_dir))
     return {**metrics, "history": history, "reference": reference, "artifacts": artifacts}

@@ -36,6 +36,7 @@ from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
 from lowbit.quant import Quantizer
 from lowbit.quant.registry import get_method
 from lowbit.train.checkpoint import checkpoint_content, load_checkpoint
+from lowbit.train.distill import logit_distillation_loss
 from lowbit.train.distributed import DistContext, all_reduce_sum
 from lowbit.train.guard import DivergenceGuard, GuardSpec
 from lowbit.train.loop import LoopSettings, run_training, wrap_ddp
@@ -88,7 +89,10 @@ class ClassifierConfig:
     """Everything ``train_classifier`` needs. ``init_from`` starts from a full-precision run's
     ``model.safetensors``; ``recalibrate_bn`` > 0 re-estimates the BatchNorm statistics on that many
     training batches before every evaluation; ``ship_extractor`` (a directory) also writes the
-    trained net as a domain feature extractor (``<dataset>.safetensors`` + JSON card)."""
+    trained net as a domain feature extractor (``<dataset>.safetensors`` + JSON card). ``distill`` > 0
+    adds ``distill x T^2 KL(teacher || student)`` on logits softened by ``distill_temperature`` T
+    (Hinton et al. 2015) to the cross-entropy; the teacher is ``teacher`` (a classifier
+    ``model.safetensors``), else ``init_from``."""
 
     name: str = "classifier"
     model: str = "resnet20"
@@ -104,6 +108,9 @@ class ClassifierConfig:
     seed: int = 0
     threads: int = 0
     ship_extractor: str | None = None
+    distill: float = 0.0
+    distill_temperature: float = 4.0
+    teacher: str | None = None
     guard: GuardSpec = field(default_factory=GuardSpec)
 
     def __post_init__(self) -> None:
@@ -115,8 +122,20 @@ class ClassifierConfig:
                 raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
         if self.ship_extractor is not None and self.quant is not None:
             raise ConfigError("ship_extractor needs a full-precision net; remove 'quant' from this config")
+        if not (self.distill >= 0 and self.distill_temperature > 0):
+            raise ConfigError(f"need distill >= 0 and distill_temperature > 0, got distill={self.distill}, "
+                              f"distill_temperature={self.distill_temperature}")
+        if self.distill and self.teacher_path is None:
+            raise ConfigError("distill > 0 needs a teacher: set 'teacher' (a classifier model.safetensors) "
+                              "or 'init_from' (its full-precision run is then the teacher)")
         if any(m > self.epochs for m in self.optim.milestones):
             raise ConfigError(f"optim.milestones {self.optim.milestones} lie beyond epochs={self.epochs}")
+
+
+    @property
+    def teacher_path(self) -> str | None:
+        """The distillation teacher's model file: ``teacher``, else ``init_from``."""
+        return self.teacher or self.init_from
 
 
 # ---------------------------------------------------------------- data and augmentation
@@ -329,6 +348,13 @@ def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
                            fused=fused)
 
 
+def load_teacher(path: str) -> nn.Module:
+    """The frozen distillation teacher (eval mode); the first step checks its logits against the
+    student's (``logit_distillation_loss``), so a teacher of other classes fails before any update."""
+    teacher, _ = rebuild_classifier(path)
+    return teacher.requires_grad_(False)
+
+
 class ClassifierTask:
     """The classifier's part of the shared training loop (``lowbit.train.loop``): one step is one
     epoch (step-decayed learning rate, search temperature, augmented batches), then the optional
@@ -347,6 +373,7 @@ class ClassifierTask:
         self.augment = uses_augmentation(cfg.data, self.train_x.shape[-1])
         self.model = build_classifier(cfg)
         self.trained = self.model  # what the batches go through: the model, or its DDP wrapper
+        self.teacher = load_teacher(cfg.teacher_path) if cfg.distill else None
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.epoch = 0
         self.last: dict[str, float] = {}
@@ -392,8 +419,15 @@ class ClassifierTask:
         count, world = len(labels), self.ctx.world_size
         images, labels = shard_batch(images, self.ctx), shard_batch(labels, self.ctx)
         with SavedTensorMeter() as meter:
-            losses = F.cross_entropy(self.trained(images), labels, reduction="none")
-            loss = losses.mean() if world == 1 else losses.sum() * (world / count)
+            logits = self.trained(images)
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            share = 1.0 if world == 1 else len(labels) * world / count  # this rank's part of the global mean
+            loss = losses.mean() * share
+            if self.teacher is not None:
+                with torch.no_grad():
+                    target = self.teacher(images)
+                loss = loss + share * self.cfg.distill * logit_distillation_loss(logits, target,
+                                                                                 self.cfg.distill_temperature)
         self.guard.check_losses(f"epoch {self.epoch + 1}", {"training loss": float(loss.detach())})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -161,3 +161,15 @@ class Distiller:
         if self.opt_adapters is not None:
             load_weights(self.taps.adapters, state["distill_adapters"], f"{source} (distillation adapters)")
             self.opt_adapters.load_state_dict(state["optim_adapters"])
+
+
+def logit_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015 (§2): ``T^2 KL(softmax(t/T) || softmax(s/T))``, batch mean; the T^2 keeps the
+    soft targets' gradients at the scale of the hard-label loss when T changes."""
+    if student.shape != teacher.shape:
+        raise ConfigError(f"logit distillation: the student gives logits of shape {list(student.shape)}, the "
+                          f"teacher {list(teacher.shape)}; use a teacher trained on the same classes")
+    log_student = torch.log_softmax(student / temperature, dim=1)
+    log_teacher = torch.log_softmax(teacher / temperature, dim=1)
+    kl = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    return temperature**2 * kl
