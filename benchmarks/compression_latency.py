@@ -26,7 +26,7 @@ from inference import best_times  # noqa: E402
 
 from lowbit.export import export_packed, load  # noqa: E402
 from lowbit.nn import PruneSpec, QuantSpec, compress  # noqa: E402
-from lowbit.train.gan import load_generator, resolve_checkpoint  # noqa: E402
+from lowbit.train.networks import load_generator, resolve_checkpoint
 
 W4A1 = QuantSpec(weight="dorefa", weight_bits=4, act="act", act_bits=1, act_opts={"learn_range": True},
                  overrides={"9": {"weight": "minmax"}})

@@ -176,7 +176,7 @@ def _output_error(model: nn.Module, spec: PruneSpec, z: torch.Tensor) -> float:
 
 
 def test_learned_channel_gates_keep_the_output_closer_than_filter_norms():
-    from lowbit.train.gan import load_generator, resolve_checkpoint
+    from lowbit.train.networks import load_generator, resolve_checkpoint
 
     torch.set_num_threads(1)
     generator = load_generator(resolve_checkpoint("dcgan-mnist"))

@@ -18,7 +18,7 @@ from lowbit.studies.runner import StudyRunner
 from lowbit.studies.spec import Axis, StudyConfig, expand
 from lowbit.studies.store import dump_json
 from lowbit.studies.trials import gan_trial
-from lowbit.train.gan import load_generator
+from lowbit.train.networks import load_generator
 from test_studies_trials import TRAIN, fake_evaluate
 
 TRIAL = "test_studies:digits_trial"

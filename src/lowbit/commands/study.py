@@ -62,7 +62,7 @@ def measure_packed_generator(record: dict[str, Any], out_dir: Path) -> dict[str,
     import torch
 
     from lowbit.export import export_packed, load
-    from lowbit.train.gan import load_generator
+    from lowbit.train.networks import load_generator
 
     generator = load_generator(out_dir / record["artifacts"]["model"])
     path = export_packed(generator, out_dir / PACKED_NAME)
