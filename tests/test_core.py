@@ -53,6 +53,17 @@ def test_config_types_and_overrides(tmp_path):
         apply_overrides({}, ["nonsense"])
 
 
+def test_exponent_numbers_without_a_dot_are_floats(tmp_path):
+    """``5e-5`` is a float to a user (and to YAML 1.2), though PyYAML's YAML 1.1 rules read it as a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nlr: 5e-5\ninner:\n  bits: 2\n")
+    assert load_config(Outer, path).lr == 5e-5
+    assert load_config(Outer, path, ["lr=-1E+2"]).lr == -100.0
+    assert load_config(Outer, path, ["name=1e3x"]).name == "1e3x"
+    with pytest.raises(ConfigError, match="inner.bits: expected an integer"):
+        load_config(Outer, path, ["inner.bits=2e0"])
+
+
 def test_config_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(Outer, tmp_path / "nope.yaml")

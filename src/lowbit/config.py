@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -72,6 +73,16 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
     return visit(root, 0, frozenset())
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading exponent numbers without a dot (``5e-5``, ``1E+3``) as floats as YAML 1.2
+    and every user do; PyYAML's YAML 1.1 rules would leave them strings that a float field then refuses."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """Parse one YAML document with the safe loader, bounded in size, alias expansion and depth.
 
@@ -81,7 +92,7 @@ def parse_yaml(text: str, where: str) -> Any:
         raise LimitError(f"{where}: {len(text):,} characters of YAML exceed the limit of "
                          f"{limit('config_bytes'):,}; shorten it or raise {env_name('config_bytes')}")
     try:
-        loader = yaml.SafeLoader(text)  # its reader already rejects control characters
+        loader = _Loader(text)  # its reader already rejects control characters
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML ({yaml_problem(exc)}); remove that character") from None
     try:

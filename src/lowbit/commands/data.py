@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
+from lowbit.config import parse_yaml
 from lowbit.errors import ConfigError
 
 
@@ -17,7 +16,7 @@ def _parse_options(items: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--option '{item}' must look like key=value, e.g. --option size=16")
-        options[key.strip()] = yaml.safe_load(raw)
+        options[key.strip()] = parse_yaml(raw, f"--option '{key}'")
     return options
 
 
