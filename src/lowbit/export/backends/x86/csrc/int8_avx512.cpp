@@ -1,0 +1,131 @@
+// The AVX-512 integer path (F, BW, VNNI): vpdpbusd adds 4 code x weight byte products into each of 16 int32
+// lanes; the code search gathers the two bounds around each guess (int8.h).
+#include "int8.h"
+
+#if defined(__x86_64__)  // an x86 instruction set: nothing to build on other CPUs
+#include <immintrin.h>
+
+#define LOWBIT_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+namespace lowbit {
+namespace {
+
+LOWBIT_VNNI512 void codes_avx512(const float* src, float shift, int64_t n, const Int8Levels& l, uint8_t* codes) {
+  const __m512 lo = _mm512_set1_ps(l.lo), inv = _mm512_set1_ps(l.inv_step), half = _mm512_set1_ps(0.5f);
+  const __m512 top = _mm512_set1_ps(static_cast<float>(l.count - 1)), zero = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, src + j), sh);
+    // max(NaN, 0) = 0 (the second operand), as the scalar search's clamp
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, lo), inv), half), zero), top);
+    __m512i g = _mm512_cvttps_epi32(t);
+    for (;;) {
+      const __m512 below = _mm512_i32gather_ps(g, l.bounds, 4);
+      const __m512 above = _mm512_i32gather_ps(_mm512_add_epi32(g, one), l.bounds, 4);
+      const __mmask16 down = _mm512_cmp_ps_mask(v, below, _CMP_LE_OQ) & _mm512_cmpgt_epi32_mask(g, _mm512_setzero_si512());
+      const __mmask16 up = _mm512_cmp_ps_mask(v, above, _CMP_GT_OQ);
+      if (((down | up) & valid) == 0) break;
+      g = _mm512_mask_sub_epi32(g, down & valid, g, one);
+      g = _mm512_mask_add_epi32(g, up & valid, g, one);
+    }
+    _mm512_mask_cvtepi32_storeu_epi8(codes + j, valid, g);
+  }
+}
+
+// Dot products of PB pixels (patch origins px, int32 words) with CV * 16 output channels from c0 on.
+template <int PB, int CV>
+LOWBIT_VNNI512 inline void dots(const Int8Args& a, const Int8Phase& f, const int32_t* const* px, int64_t c0,
+                                int32_t* d) {
+  __m512i acc[PB][CV];
+  for (int p = 0; p < PB; ++p) {
+    for (int v = 0; v < CV; ++v) acc[p][v] = _mm512_setzero_si512();
+  }
+  const int64_t taps = static_cast<int64_t>(f.offs.size()), wc = a.wc, cp = a.co_pad;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int32_t* wr = f.w_t + t * wc * cp + c0;
+    const int64_t o = f.offs[t];
+    for (int64_t k = 0; k < wc; ++k, wr += cp) {
+      __m512i w[CV];
+      for (int v = 0; v < CV; ++v) w[v] = _mm512_loadu_si512(wr + 16 * v);
+      for (int p = 0; p < PB; ++p) {
+        const __m512i x = _mm512_set1_epi32(px[p][o + k]);
+        for (int v = 0; v < CV; ++v) acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], x, w[v]);
+      }
+    }
+  }
+  for (int p = 0; p < PB; ++p) {
+    for (int v = 0; v < CV; ++v) _mm512_storeu_si512(d + p * cp + c0 + 16 * v, acc[p][v]);
+  }
+}
+
+template <int PB, int CV>
+LOWBIT_VNNI512 inline void pixels(const Int8Args& a, const Int8Phase& f, int64_t i, int64_t qh, int64_t qw,
+                                  int32_t* d) {
+  const auto* x = reinterpret_cast<const int32_t*>(a.x);
+  const int32_t* px[PB];
+  int64_t pixel[PB];
+  for (int p = 0; p < PB; ++p) pixel[p] = int8_origin(a, i, qh, qw + p), px[p] = x + pixel[p] * a.wc;
+  for (int64_t c0 = 0; c0 < a.co_pad; c0 += 16 * CV) dots<PB, CV>(a, f, px, c0, d);
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  for (int p = 0; p < PB; ++p) {
+    int8_combine(a, i, oh, (qw + p) * a.out_step_w + f.pw, int8_patch_sum(a, f, pixel[p]), d + p * a.co_pad);
+  }
+}
+
+// Many channels: 4 pixels x CV channel vectors in registers, a broadcast code word meets CV weight vectors.
+template <int CV>
+LOWBIT_VNNI512 void row_channels(const Int8Args& a, const Int8Phase& f, int64_t i, int64_t qh, int32_t* d) {
+  int64_t qw = 0;
+  for (; qw + 4 <= f.n_qw; qw += 4) pixels<4, CV>(a, f, i, qh, qw, d);
+  for (; qw < f.n_qw; ++qw) pixels<1, CV>(a, f, i, qh, qw, d);
+}
+
+// Few channels (co <= 4): per pixel, each tap's code words (16 at a time) against each channel's weights,
+// then one horizontal sum per channel.
+template <int CO>
+LOWBIT_VNNI512 void row_few(const Int8Args& a, const Int8Phase& f, int64_t i, int64_t qh, int32_t* d) {
+  const auto* x = reinterpret_cast<const int32_t*>(a.x);
+  const int64_t oh = qh * a.out_step_h + f.ph, taps = static_cast<int64_t>(f.offs.size()), wc = a.wc;
+  for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+    const int64_t pixel = int8_origin(a, i, qh, qw);
+    const int32_t* px = x + pixel * wc;
+    __m512i acc[CO];
+    for (int c = 0; c < CO; ++c) acc[c] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t k = 0; k < wc; k += 16) {
+        const __mmask16 m = wc - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (wc - k)) - 1u);
+        const __m512i xv = _mm512_maskz_loadu_epi32(m, px + f.offs[t] + k);
+        for (int c = 0; c < CO; ++c) {
+          const __m512i wv = _mm512_maskz_loadu_epi32(m, f.w_r.data() + c * f.words + t * wc + k);
+          acc[c] = _mm512_dpbusd_epi32(acc[c], xv, wv);
+        }
+      }
+    }
+    for (int c = 0; c < CO; ++c) d[c] = _mm512_reduce_add_epi32(acc[c]);
+    int8_combine(a, i, oh, qw * a.out_step_w + f.pw, int8_patch_sum(a, f, pixel), d);
+  }
+}
+
+}  // namespace
+
+CodesFn int8_codes_avx512() { return codes_avx512; }
+
+Int8RowFn int8_row_avx512(const Int8Args& a) {
+  switch (a.co) {
+    case 1: return row_few<1>;
+    case 2: return row_few<2>;
+    case 3: return row_few<3>;
+    case 4: return row_few<4>;
+    default: break;
+  }
+  const int64_t vectors = a.co_pad / 16;
+  if (vectors % 4 == 0) return row_channels<4>;
+  if (vectors % 2 == 0) return row_channels<2>;
+  return row_channels<1>;
+}
+
+}  // namespace lowbit
+
+#endif
