@@ -1,0 +1,209 @@
+"""The integer path of the ``x86`` backend: weight layers fed by a uniform multi-level activation (e.g. the
+8-bit ``act`` / DoReFa quantizers: levels ``lo + step * q``) with affine k-bit weights (k <= 8) run on the
+int8 dot-product kernels of ``csrc/int8*.cpp`` (AVX-512 VNNI, AVX2, NEON sdot, scalar).
+
+Derivation in ``csrc/int8.h`` and docs/export.md "The integer path": with ``q`` the activation's level
+index and ``z`` the weight code, ``sum_i w_i x_i = step*scale * sum z q + step*offset * sum q + lo * (layer on
+ones)``; the two sums are exact int32, the combine is float64 in one fixed order, so every kernel path gives
+the same bits and differs from the torch backend only by float rounding (``TOLERANCE``).
+
+A node is claimed when the bit-serial path does not take it (two-level inputs stay there) and its input comes
+from such an activation, possibly through the ops that commute with it (as for binary layers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.export.backends import torch as torch_backend
+from lowbit.export.backends.x86 import build, claims, kernel_layer
+from lowbit.export.backends.x86.binary import QuantWeightLayer
+from lowbit.export.ir import Node
+
+NAME = "x86-int8"
+WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
+#: ops between the activation and the layer that commute with an element-wise activation.
+COMMUTING_PADS = ("reflect", "replicate")
+MAX_LEVELS = 256
+#: how far (in steps) a stored level may sit from lo + k * step and still count as uniform.
+UNIFORM_SLACK = 1e-3
+CO_ALIGN = 16
+BYTES_PER_WORD = 4
+#: |kernel - torch backend| <= TOLERANCE * (1 + |torch backend|): float32 vs float64 sums of the same products.
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class UniformInput:
+    """A multi-level activation with levels ``lo + step * q`` (q = 0..count-1) as the kernels see it.
+
+    ``bounds`` are -inf, the float32 midpoints the torch backend buckets with, +inf: the kernels find each
+    input's level exactly as ``torch.bucketize`` does (nearest, ties down)."""
+
+    lo: float
+    step: float
+    count: int
+    bounds: torch.Tensor
+
+    @property
+    def terms(self) -> tuple[float, float]:
+        """``(a, c)`` with ``sum_i w_i x_i = c * sum_valid(w) + a * sum_i w_i q_i`` (see ``BinaryInput.terms``)."""
+        return self.step, self.lo
+
+
+def uniform_input(act: Node) -> UniformInput | None:
+    """The levels of a ``quant_act`` node when they are 3..256 evenly spaced values, else None."""
+    if act.op != "quant_act":
+        return None
+    levels = act.tensors["levels"].to(torch.float32).sort().values
+    count = levels.numel()
+    if not 2 < count <= MAX_LEVELS or not torch.isfinite(levels).all():
+        return None
+    lo, step = float(levels[0]), (float(levels[-1]) - float(levels[0])) / (count - 1)
+    ideal = lo + step * torch.arange(count, dtype=torch.float64)
+    if step <= 0 or float((levels.double() - ideal).abs().max()) > UNIFORM_SLACK * step:
+        return None
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    infinity = torch.tensor([math.inf])
+    return UniformInput(lo, step, count, torch.cat([-infinity, midpoints, infinity]).contiguous())
+
+
+def _commutes(node: Node) -> bool:
+    if node.op == "pad":
+        return node.attrs["mode"] in COMMUTING_PADS
+    if node.op == "interpolate":
+        return node.attrs["mode"] == "nearest"
+    return node.op == "reshape"
+
+
+def _source(node: Node, producers: dict[str, Node]) -> tuple[Node, list[Node]] | None:
+    """The uniform activation feeding ``node`` and the commuting nodes in between (in order)."""
+    chain: list[Node] = []
+    current = producers.get(node.inputs[0])
+    while current is not None and _commutes(current):
+        chain.insert(0, current)
+        current = producers.get(current.inputs[0])
+    if current is None or uniform_input(current) is None:
+        return None
+    return current, chain
+
+
+def claims_int8(node: Node, producers: dict[str, Node]) -> bool:
+    """Whether the integer path runs ``node``: a packed, ungrouped, unpruned weight layer with an affine
+    codebook of at most 256 levels, fed by a uniform activation, that the bit-serial path does not take."""
+    if node.op not in WEIGHT_OPS or claims(node, producers):
+        return False
+    weight = node.attrs["weight"]
+    if weight["format"] != "packed" or weight["codebook"] != "affine" or weight.get("sparse"):
+        return False
+    if weight["levels"] > MAX_LEVELS or node.attrs.get("groups", 1) != 1:
+        return False
+    if node.attrs.get("pad") is not None and node.attrs.get("pad_mode", "reflect") == "constant":
+        return False
+    found = _source(node, producers)
+    if found is None:
+        return False
+    return node.op == "linear" or not any(step.op == "reshape" for step in found[1])
+
+
+@dataclass
+class Int8Plan:
+    """A layer's arguments to ``int8_conv``: per phase the weight bytes as int32 words (words, co_pad), the
+    phase list, coef = step * scale and offset = step * (offset + zero_point * scale) per channel, steps."""
+
+    w_ts: list[torch.Tensor]
+    phases: list[int]
+    coef: torch.Tensor
+    offset: torch.Tensor
+    steps: list[int]
+
+
+def _weight_words(z: torch.Tensor, co_pad: int) -> torch.Tensor:
+    """Signed weight bytes (Co, Ci, taps) -> int32 words (taps * ceil(Ci/4), co_pad), channel 4k + b of a
+    word in its byte b (little endian, as x86 and ARM64 store it)."""
+    out_channels, in_channels, taps = z.shape
+    wc = math.ceil(in_channels / BYTES_PER_WORD)
+    padded = torch.zeros(taps, wc * BYTES_PER_WORD, co_pad, dtype=torch.int8)
+    padded[:, :in_channels, :out_channels] = z.permute(2, 1, 0).to(torch.int8)
+    words = padded.reshape(taps, wc, BYTES_PER_WORD, co_pad).permute(0, 1, 3, 2).contiguous()
+    return words.view(torch.int32).reshape(taps * wc, co_pad).contiguous()
+
+
+def build_plan(layer: QuantWeightLayer, source: UniformInput) -> Int8Plan:
+    """Weight words per phase (codes minus 128 for 8-bit codebooks, so they fit signed bytes), phases, and the
+    combine's coefficients (see the module docstring)."""
+    codes = layer._conv_codes().to(torch.int16)
+    book = layer.codebook.to(torch.float64)
+    offset = book[:, 0]
+    scale = book[:, 1] - book[:, 0] if book.shape[1] > 1 else torch.zeros_like(offset)
+    zero_point = 128 if book.shape[1] > 128 else 0
+    out_channels = codes.shape[0]
+    co_pad = math.ceil(out_channels / CO_ALIGN) * CO_ALIGN
+    w_ts, phases = [], []
+    for ph, pw, kh, kw, th, tw in layer._phase_taps(tuple(codes.shape[2:])):
+        sub = codes[:, :, kh][:, :, :, kw] - zero_point
+        w_ts.append(_weight_words(sub.reshape(out_channels, codes.shape[1], -1), co_pad))
+        phases += [ph, pw, len(th), len(tw), *th, *tw]
+    stride = layer._geometry()[0]
+    in_step, out_step = ((1, 1), stride) if layer.kind == "conv_transpose2d" else (stride, (1, 1))
+    coef = source.step * scale
+    return Int8Plan(w_ts, phases, coef.contiguous(), (source.step * offset + zero_point * coef).contiguous(),
+                    [*in_step, *out_step])
+
+
+class Int8Layer:
+    """A packed weight layer on the integer kernels: quantizes its float input to level indices itself."""
+
+    def __init__(self, node: Node, source: UniformInput, shift: torch.Tensor | None, path: str) -> None:
+        self.layer = kernel_layer(node, None)
+        self.layer.binary_input = source  # the all-ones term of QuantWeightLayer._base: lo * layer(ones)
+        self.source, self.shift, self.path = source, shift, path
+        self.plan = build_plan(self.layer, source)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.layer.kind == "linear"
+        x4 = (x.reshape(x.shape[0], x.shape[1], 1, 1) if flat else x).to(torch.float32)
+        base = self.layer._base(x4.shape[2], x4.shape[3])
+        plan = self.plan
+        out = build.kernel_ops().int8_conv(
+            x4,
+            self.shift,
+            self.source.bounds,
+            self.source.lo,
+            1.0 / self.source.step,
+            plan.w_ts,
+            plan.phases,
+            plan.coef,
+            plan.offset,
+            base,
+            plan.steps,
+            build.path_id(self.path),
+        )
+        return out.reshape(out.shape[0], -1) if flat else out.permute(0, 3, 1, 2)
+
+
+def plan_int8(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..., torch.Tensor], list[str]]:
+    """(callable, inputs) running ``node`` on ``path``'s integer kernels from its activation's input."""
+    act, chain = _source(node, producers)
+    shift = act.tensors.get("shift")
+    steps = [torch_backend.build(step) for step in chain]
+    pad = node.attrs.get("pad")
+    if pad is not None:
+        steps.append(lambda x: torch.nn.functional.pad(x, pad, mode=node.attrs["pad_mode"]))
+    # The kernel subtracts a per-channel shift itself when nothing moves channels before it.
+    inner_shift = shift.to(torch.float32).contiguous() if shift is not None and not steps else None
+    layer = Int8Layer(node, uniform_input(act), inner_shift, path)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if shift is not None and inner_shift is None:
+            x = x - shift.reshape(1, -1, *([1] * (x.dim() - 2)))
+        for step in steps:
+            x = step(x)
+        with torch.no_grad():
+            return layer(x)
+
+    return run, [act.inputs[0]]
