@@ -7,6 +7,35 @@
 #include "ops.h"
 
 namespace lowbit {
+
+Geometry geometry(const Node& node) {
+  const Attrs& a = node.attrs;
+  const Shape& s = node.weight.shape;
+  if (node.op == "linear") return {s[0], s[1], 1, 1, {1, 1}, {0, 0}, {1, 1}, s[1], 1, 1};
+  const bool transposed = node.op == "conv_transpose2d";
+  const int64_t co = transposed ? s[1] : s[0], ci = transposed ? s[0] : s[1], taps = s[2] * s[3];
+  return {co, ci, s[2], s[3], {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]}, {a.dilation[0], a.dilation[1]},
+          transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
+}
+
+// (kernel indices, input offsets) of one axis of one phase: all taps for a conv, the sub-pixel subset for a
+// transposed conv (taps k with (phase + padding - k * dilation) divisible by the stride).
+void axis_taps(const Node& node, const Geometry& g, int dim, int64_t phase, std::vector<int64_t>& ks,
+               std::vector<int64_t>& offsets) {
+  const int64_t kernel = dim == 0 ? g.kh : g.kw;
+  for (int64_t k = 0; k < kernel; ++k) {
+    if (node.op != "conv_transpose2d") {
+      ks.push_back(k), offsets.push_back(k * g.dilation[dim] - g.padding[dim]);
+      continue;
+    }
+    const int64_t shifted = phase + g.padding[dim] - k * g.dilation[dim];
+    if (shifted % g.stride[dim] != 0) continue;
+    ks.push_back(k);
+    // floor division, as Python's //
+    offsets.push_back(shifted >= 0 ? shifted / g.stride[dim] : -((-shifted + g.stride[dim] - 1) / g.stride[dim]));
+  }
+}
+
 namespace {
 
 bool commutes(const Node& node) {
@@ -21,25 +50,6 @@ bool two_level(const Node& act, float& low, float& high) {
   if (levels.size() != 2) return false;
   low = std::min(levels[0], levels[1]), high = std::max(levels[0], levels[1]);
   return high > low;
-}
-
-// A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
-// row) in its stored weight (conv (Co, Ci, kh, kw), transposed conv (Ci, Co, kh, kw), linear (Co, Ci)).
-struct Geometry {
-  int64_t co, ci, kh, kw, stride[2], padding[2], dilation[2];
-  int64_t step_co, step_ci, step_y;
-
-  int64_t index(int64_t c, int64_t i, int64_t y, int64_t z) const { return c * step_co + i * step_ci + y * step_y + z; }
-};
-
-Geometry geometry(const Node& node) {
-  const Attrs& a = node.attrs;
-  const Shape& s = node.weight.shape;
-  if (node.op == "linear") return {s[0], s[1], 1, 1, {1, 1}, {0, 0}, {1, 1}, s[1], 1, 1};
-  const bool transposed = node.op == "conv_transpose2d";
-  const int64_t co = transposed ? s[1] : s[0], ci = transposed ? s[0] : s[1], taps = s[2] * s[3];
-  return {co, ci, s[2], s[3], {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]}, {a.dilation[0], a.dilation[1]},
-          transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
 }
 
 // Planes: bit b of the codes (affine codebooks) or code == level (tables); w = offset + sum_p coef[p] plane_p.
@@ -72,24 +82,6 @@ void planes_of(const Node& node, int64_t co, std::vector<std::vector<uint8_t>>& 
       coef.push_back(static_cast<double>(w.codebook[static_cast<size_t>(c * levels + level)]) -
                      static_cast<double>(w.codebook[static_cast<size_t>(c * levels)]));
     }
-  }
-}
-
-// (kernel indices, input offsets) of one axis of one phase: all taps for a conv, the sub-pixel subset for a
-// transposed conv (taps k with (phase + padding - k * dilation) divisible by the stride).
-void axis_taps(const Node& node, const Geometry& g, int dim, int64_t phase, std::vector<int64_t>& ks,
-               std::vector<int64_t>& offsets) {
-  const int64_t kernel = dim == 0 ? g.kh : g.kw;
-  for (int64_t k = 0; k < kernel; ++k) {
-    if (node.op != "conv_transpose2d") {
-      ks.push_back(k), offsets.push_back(k * g.dilation[dim] - g.padding[dim]);
-      continue;
-    }
-    const int64_t shifted = phase + g.padding[dim] - k * g.dilation[dim];
-    if (shifted % g.stride[dim] != 0) continue;
-    ks.push_back(k);
-    // floor division, as Python's //
-    offsets.push_back(shifted >= 0 ? shifted / g.stride[dim] : -((-shifted + g.stride[dim] - 1) / g.stride[dim]));
   }
 }
 
@@ -130,10 +122,12 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<std::vect
   b.steps[2] = sh, b.steps[3] = sw;
 }
 
+}  // namespace
+
 // bias + c * (the layer on an all-ones input of the packed size), (Ho, Wo, Co) in float64.
-void build_base(BinaryLayer& b, const Geometry& g, double c_term, const Shape& out) {
-  const Node& node = *b.layer;
-  const int64_t h = b.packed[1], w = b.packed[2], ho = out[0], wo = out[1];
+std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
+  const Geometry g = geometry(node);
+  const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
   std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);  // sum over input channels
   for (int64_t c = 0; c < g.co; ++c) {
     for (int64_t y = 0; y < g.kh; ++y) {
@@ -168,44 +162,80 @@ void build_base(BinaryLayer& b, const Geometry& g, double c_term, const Shape& o
       }
     }
   }
-  b.base.resize(corr.size());
+  std::vector<double> base(corr.size());
   for (size_t k = 0; k < corr.size(); ++k) {
     const int64_t c = static_cast<int64_t>(k) % g.co;
-    b.base[k] = c_term * corr[k] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+    base[k] = c_term * corr[k] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+  }
+  return base;
+}
+
+Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source) {
+  const int64_t n = source.shape[0];
+  Tensor x = source;
+  if (act.tensors.count("shift")) subtract_shift(x, act.tensors.at("shift").data);
+  for (const Node* step : chain) {
+    Tensor next;
+    next.shape = {n};
+    next.shape.insert(next.shape.end(), step->out_shape.begin(), step->out_shape.end());
+    next.data.resize(static_cast<size_t>(numel(next.shape)));
+    run_op(*step, {&x}, next);
+    x = std::move(next);
+  }
+  if (!layer.attrs.pad.empty()) {
+    Tensor padded;
+    pad_tensor(x, layer.attrs.pad, layer.attrs.pad_mode, 0.0, padded);
+    x = std::move(padded);
+  }
+  return x;
+}
+
+void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = 0; p < pixels; ++p) {
+      for (int64_t c = 0; c < co; ++c) {
+        out.data[static_cast<size_t>((i * co + c) * pixels + p)] = nhwc[static_cast<size_t>((i * pixels + p) * co + c)];
+      }
+    }
   }
 }
 
-}  // namespace
+bool kernel_source(const Graph& graph, int index, KernelSource& found) {
+  const Node& node = graph.nodes[static_cast<size_t>(index)];
+  const bool weight_op = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
+  if (!weight_op || !node.weight.packed || node.attrs.groups != 1) return false;
+  if (!node.attrs.pad.empty() && node.attrs.pad_mode == "constant") return false;
+  int current = node.inputs[0];
+  while (current >= 0 && commutes(graph.nodes[static_cast<size_t>(current)])) {
+    found.chain.insert(found.chain.begin(), &graph.nodes[static_cast<size_t>(current)]);
+    current = graph.nodes[static_cast<size_t>(current)].inputs[0];
+  }
+  if (current < 0 || graph.nodes[static_cast<size_t>(current)].op != "quant_act") return false;
+  found.act = &graph.nodes[static_cast<size_t>(current)];
+  found.source = found.act->inputs[0];
+  for (const Node* step : found.chain) {
+    if (step->op == "reshape" && node.op != "linear") return false;
+  }
+  // What the kernel packs: the last commuting op's output, padded by the layer's own reflect/replicate pad.
+  const Shape& before = found.chain.empty() ? (found.source < 0 ? graph.input_shape : graph.nodes[static_cast<size_t>(found.source)].out_shape)
+                                            : found.chain.back()->out_shape;
+  if (node.op == "linear") {
+    if (before.size() != 1) return false;
+    found.packed = {before[0], 1, 1};
+  } else {
+    found.packed = node.attrs.pad.empty() ? before : padded_shape(before, node.attrs.pad);
+  }
+  return found.source < 0 || graph.nodes[static_cast<size_t>(found.source)].op != "constant";
+}
 
 std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   const Node& node = graph.nodes[static_cast<size_t>(index)];
-  const bool weight_op = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
-  if (!weight_op || !node.weight.packed || node.attrs.groups != 1) return nullptr;
-  if (!node.attrs.pad.empty() && node.attrs.pad_mode == "constant") return nullptr;
+  KernelSource found;
+  float low = 0.0f, high = 0.0f;
+  if (!kernel_source(graph, index, found) || !two_level(*found.act, low, high)) return nullptr;
   auto b = std::make_unique<BinaryLayer>();
   b->layer = &node;
-  int current = node.inputs[0];
-  while (current >= 0 && commutes(graph.nodes[static_cast<size_t>(current)])) {
-    b->chain.insert(b->chain.begin(), &graph.nodes[static_cast<size_t>(current)]);
-    current = graph.nodes[static_cast<size_t>(current)].inputs[0];
-  }
-  float low = 0.0f, high = 0.0f;
-  if (current < 0 || !two_level(graph.nodes[static_cast<size_t>(current)], low, high)) return nullptr;
-  b->act = &graph.nodes[static_cast<size_t>(current)];
-  b->source = b->act->inputs[0];
-  for (const Node* step : b->chain) {
-    if (step->op == "reshape" && node.op != "linear") return nullptr;
-  }
-  // What the kernel packs: the last commuting op's output, padded by the layer's own reflect/replicate pad.
-  const Shape& before = b->chain.empty() ? (b->source < 0 ? graph.input_shape : graph.nodes[static_cast<size_t>(b->source)].out_shape)
-                                         : b->chain.back()->out_shape;
-  if (node.op == "linear") {
-    if (before.size() != 1) return nullptr;
-    b->packed = {before[0], 1, 1};
-  } else {
-    b->packed = node.attrs.pad.empty() ? before : padded_shape(before, node.attrs.pad);
-  }
-  if (b->source >= 0 && graph.nodes[static_cast<size_t>(b->source)].op == "constant") return nullptr;
+  b->act = found.act, b->chain = found.chain, b->source = found.source, b->packed = found.packed;
   // Sign (levels {-1, +1}) ties go up: a = 2, c = -1; otherwise ties go to `low`: a = -(high - low), c = high.
   const double gap = static_cast<double>(high) - static_cast<double>(low);
   b->ties_up = low == -1.0f && high == 1.0f;
@@ -222,27 +252,13 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   b->coef2 = coef, b->offset2 = offset;
   build_phases(*b, g, planes);
   const Shape& out = node.out_shape;
-  build_base(*b, g, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
+  b->base = all_ones_base(node, b->packed, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
   return b;
 }
 
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
-  Tensor x = source;
-  if (b.act->tensors.count("shift")) subtract_shift(x, b.act->tensors.at("shift").data);
-  for (const Node* step : b.chain) {
-    Tensor next;
-    next.shape = {n};
-    next.shape.insert(next.shape.end(), step->out_shape.begin(), step->out_shape.end());
-    next.data.resize(static_cast<size_t>(numel(next.shape)));
-    run_op(*step, {&x}, next);
-    x = std::move(next);
-  }
-  if (!b.layer->attrs.pad.empty()) {
-    Tensor padded;
-    pad_tensor(x, b.layer->attrs.pad, b.layer->attrs.pad_mode, 0.0, padded);
-    x = std::move(padded);
-  }
+  Tensor x = kernel_input(*b.act, b.chain, *b.layer, source);
   // The kernels pack bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`).
   const float t = b.threshold;
   if (!b.ties_up) {
@@ -268,14 +284,7 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
   std::vector<float> nhwc(static_cast<size_t>(n * call.ho * call.wo * co));
   run_binary_conv(call, nhwc.data(), parallel);
-  const int64_t pixels = call.ho * call.wo;  // channels-last -> NCHW (a linear layer's output is N x Co either way)
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t p = 0; p < pixels; ++p) {
-      for (int64_t c = 0; c < co; ++c) {
-        out.data[static_cast<size_t>((i * co + c) * pixels + p)] = nhwc[static_cast<size_t>((i * pixels + p) * co + c)];
-      }
-    }
-  }
+  channels_first(nhwc, n, call.ho * call.wo, co, out);
 }
 
 }  // namespace lowbit

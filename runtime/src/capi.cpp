@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "binary.h"
+#include "int8_layer.h"
 #include "ops.h"
 
 namespace lowbit {
@@ -25,6 +26,7 @@ constexpr int64_t kFloatPath = -1;
 struct Step {
   int node;
   const BinaryLayer* binary;  // nullptr: the float reference code
+  const Int8Layer* int8;      // the integer kernels (nullptr: not these)
   std::vector<int> inputs;
 };
 
@@ -52,6 +54,7 @@ ParallelFor thread_pool(int threads) {
 struct lowbit_model {
   lowbit::Graph graph;
   std::vector<std::unique_ptr<lowbit::BinaryLayer>> binary;  // per node, nullptr where the kernels do not apply
+  std::vector<std::unique_ptr<lowbit::Int8Layer>> int8;      // per node, where the binary kernels do not apply
   std::vector<lowbit::Step> steps;
   std::vector<int> last_use;  // per node: the last step reading it (its tensor is freed after that step)
   int64_t path = lowbit::kFloatPath;
@@ -67,7 +70,9 @@ void plan(lowbit_model& m, int64_t path) {
   std::vector<Step> steps;
   for (size_t k = 0; k < m.graph.nodes.size(); ++k) {
     const BinaryLayer* b = path == kFloatPath ? nullptr : m.binary[k].get();
-    steps.push_back(Step{static_cast<int>(k), b, b ? std::vector<int>{b->source} : m.graph.nodes[k].inputs});
+    const Int8Layer* q = path == kFloatPath ? nullptr : m.int8[k].get();
+    const std::vector<int> inputs = b ? std::vector<int>{b->source} : q ? std::vector<int>{q->input.source} : m.graph.nodes[k].inputs;
+    steps.push_back(Step{static_cast<int>(k), b, q, inputs});
   }
   std::vector<bool> needed(m.graph.nodes.size(), false);
   needed[static_cast<size_t>(m.graph.output)] = true;
@@ -108,6 +113,7 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
     std::vector<const Tensor*> inputs;
     for (const int i : step.inputs) inputs.push_back(i < 0 ? &x : &values[static_cast<size_t>(i)]);
     if (step.binary) run_binary(*step.binary, *inputs[0], m.path, parallel, out);
+    else if (step.int8) run_int8(*step.int8, *inputs[0], m.path, parallel, out);
     else run_op(node, inputs, out);
     for (const int i : step.inputs) {
       if (i >= 0 && m.last_use[static_cast<size_t>(i)] == static_cast<int>(s) && i != m.graph.output) {
@@ -141,7 +147,10 @@ Error argument(const std::string& what) { return Error(LOWBIT_ERROR_ARGUMENT, wh
 lowbit_model* load(const std::vector<uint8_t>& bytes) {
   auto m = std::make_unique<lowbit_model>();
   m->graph = load_graph(bytes);
-  for (size_t k = 0; k < m->graph.nodes.size(); ++k) m->binary.push_back(plan_binary(m->graph, static_cast<int>(k)));
+  for (size_t k = 0; k < m->graph.nodes.size(); ++k) {
+    m->binary.push_back(plan_binary(m->graph, static_cast<int>(k)));
+    m->int8.push_back(m->binary.back() ? nullptr : plan_int8(m->graph, static_cast<int>(k)));
+  }
   if (lowbit_set_kernel_path(m.get(), "auto") != LOWBIT_OK) throw Error(LOWBIT_ERROR_FORMAT, last_error);
   return m.release();
 }

@@ -40,8 +40,9 @@ struct Int8Levels {
   const float* bounds;          // L + 1 values
 };
 
-// codes[j] = bucket of src[j] - shift for j < n (one row of one channel).
-using CodesFn = void (*)(const float* src, float shift, int64_t n, const Int8Levels& levels, uint8_t* codes);
+// codes[j] = bucket of src[j] - shift[j * shift_step] for j < n (a channel's row: step 0; a pixel's channels: 1).
+using CodesFn = void (*)(const float* src, const float* shift, int64_t shift_step, int64_t n, const Int8Levels& levels,
+                        uint8_t* codes);
 
 struct Int8Args {
   const uint8_t* x;       // codes (N, hp, wp, 4 * wc)

@@ -11,13 +11,14 @@
 namespace lowbit {
 namespace {
 
-LOWBIT_AVX2 void codes_avx2(const float* src, float shift, int64_t n, const Int8Levels& l, uint8_t* codes) {
+LOWBIT_AVX2 void codes_avx2(const float* src, const float* shift, int64_t shift_step, int64_t n, const Int8Levels& l,
+                            uint8_t* codes) {
   const __m256 lo = _mm256_set1_ps(l.lo), inv = _mm256_set1_ps(l.inv_step), half = _mm256_set1_ps(0.5f);
   const __m256 top = _mm256_set1_ps(static_cast<float>(l.count - 1)), zero = _mm256_setzero_ps();
-  const __m256 sh = _mm256_set1_ps(shift);
   const __m256i one = _mm256_set1_epi32(1), izero = _mm256_setzero_si256();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
+    const __m256 sh = shift_step ? _mm256_loadu_ps(shift + j) : _mm256_set1_ps(*shift);
     const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(src + j), sh);
     const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, lo), inv), half), zero), top);
     __m256i g = _mm256_cvttps_epi32(t);
@@ -34,7 +35,7 @@ LOWBIT_AVX2 void codes_avx2(const float* src, float shift, int64_t n, const Int8
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), g);
     for (int k = 0; k < 8; ++k) codes[j + k] = static_cast<uint8_t>(lanes[k]);
   }
-  for (; j < n; ++j) codes[j] = int8_code(src[j] - shift, l);
+  for (; j < n; ++j) codes[j] = int8_code(src[j] - shift[j * shift_step], l);
 }
 
 // acc += the 8 int32 dot products of the 4 code bytes in x with the 4 weight bytes of each lane of w.

@@ -10,13 +10,14 @@
 namespace lowbit {
 namespace {
 
-LOWBIT_VNNI512 void codes_avx512(const float* src, float shift, int64_t n, const Int8Levels& l, uint8_t* codes) {
+LOWBIT_VNNI512 void codes_avx512(const float* src, const float* shift, int64_t shift_step, int64_t n,
+                                 const Int8Levels& l, uint8_t* codes) {
   const __m512 lo = _mm512_set1_ps(l.lo), inv = _mm512_set1_ps(l.inv_step), half = _mm512_set1_ps(0.5f);
   const __m512 top = _mm512_set1_ps(static_cast<float>(l.count - 1)), zero = _mm512_setzero_ps();
-  const __m512 sh = _mm512_set1_ps(shift);
   const __m512i one = _mm512_set1_epi32(1);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 sh = shift_step ? _mm512_maskz_loadu_ps(valid, shift + j) : _mm512_set1_ps(*shift);
     const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, src + j), sh);
     // max(NaN, 0) = 0 (the second operand), as the scalar search's clamp
     const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, lo), inv), half), zero), top);

@@ -74,15 +74,12 @@ void quantize_row(const Int8Conv& c, const PackGeometry& g, CodesFn codes, const
     tmp.resize(static_cast<size_t>(w));
     for (int64_t k = 0; k < ch; ++k) {
       const float* shift = c.shift ? c.shift + k : &kZero;
-      codes(c.x.data + ((i * ch + k) * h + y) * w, *shift, w, levels, tmp.data());
+      codes(c.x.data + ((i * ch + k) * h + y) * w, shift, 0, w, levels, tmp.data());
       for (int64_t x = 0; x < w; ++x) row[x * cq + k] = tmp[static_cast<size_t>(x)];
     }
   } else {
     for (int64_t x = 0; x < w; ++x) {
-      const float* pixel = c.x.data + ((i * h + y) * w + x) * ch;
-      for (int64_t k = 0; k < ch; ++k) {
-        codes(pixel + k, c.shift ? c.shift[k] : 0.0f, 1, levels, row + x * cq + k);
-      }
+      codes(c.x.data + ((i * h + y) * w + x) * ch, c.shift ? c.shift : &kZero, c.shift ? 1 : 0, ch, levels, row + x * cq);
     }
   }
   for (int64_t x = 0; x < w; ++x) {

@@ -6,8 +6,9 @@
 namespace lowbit {
 namespace {
 
-void codes_scalar(const float* src, float shift, int64_t n, const Int8Levels& levels, uint8_t* codes) {
-  for (int64_t j = 0; j < n; ++j) codes[j] = int8_code(src[j] - shift, levels);
+void codes_scalar(const float* src, const float* shift, int64_t shift_step, int64_t n, const Int8Levels& levels,
+                  uint8_t* codes) {
+  for (int64_t j = 0; j < n; ++j) codes[j] = int8_code(src[j] - shift[j * shift_step], levels);
 }
 
 // d[c] = sum over the patch's words and their 4 bytes of code * weight, for every output channel.
