@@ -18,11 +18,11 @@ namespace {
 constexpr int64_t kChains = 8;
 constexpr int64_t kBufferWords = 512;  // 4 KiB of uint64
 
+#if defined(__x86_64__)
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-#if defined(__x86_64__)
 // Stores the chains' sum where the compiler cannot see it unused, so the loop stays.
 volatile long long g_sink = 0;
 
