@@ -62,8 +62,13 @@ def _case(seed: int) -> tuple[PackedModel, torch.Tensor, str]:
     torch.manual_seed(seed)
     model = nn.Sequential(stem, nn.ReLU(), target).eval()
     bits = rng.randint(1, 8)
-    spec = QuantSpec(weight="minmax", weight_bits=bits, act="act", act_bits=rng.choice([2, 5, 8]),
-                     overrides={"0": {"weight_bits": 32}})
+    spec = QuantSpec(
+        weight="minmax",
+        weight_bits=bits,
+        act="act",
+        act_bits=rng.choice([2, 5, 8]),
+        overrides={"0": {"weight_bits": 32}},
+    )
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(seed))
     graph, _ = capture(convert(model, spec).eval(), x[:1])
     act = next(node for node in graph.nodes if node.op == "quant_act")
@@ -118,14 +123,17 @@ def test_two_level_inputs_stay_on_the_binary_kernels_and_tables_on_torch():
 
 
 def _dcgan(weight_bits: int) -> nn.Module:
-    return convert(trained_like_dcgan(width=16), QuantSpec(weight="minmax", weight_bits=weight_bits, act="act",
-                                                           act_bits=8)).eval()
+    return convert(
+        trained_like_dcgan(width=16),
+        QuantSpec(weight="minmax", weight_bits=weight_bits, act="act", act_bits=8),
+    ).eval()
 
 
 @pytest.mark.parametrize("weight_bits", [2, 4])
 def test_w_a8_dcgan_runs_on_the_integer_path_end_to_end(weight_bits, tmp_path):
-    """Python x86 and native runtime plan every hidden layer on the integer kernels and agree; against the torch
-    backend the only differences are levels that flip where a value sits on a midpoint within float error."""
+    """Python x86 and native runtime plan every hidden layer on the integer kernels and agree; against the
+    torch backend the only differences are levels that flip where a value sits on a midpoint within float
+    error."""
     path = write_graph(capture(_dcgan(weight_bits), torch.randn(1, 100))[0], tmp_path / "g.lowbit")
     z = torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
     expected = load(path, kernel_path="torch")(z)
@@ -147,14 +155,27 @@ def test_bad_kernel_arguments_get_a_clear_error():
     ops = build.kernel_ops()
     x = torch.randn(1, 4, 3, 3)
     w_t = torch.zeros(9, 16, dtype=torch.int32)
-    args = (x, None, torch.tensor([0.0, 0.5, 1.0]), 0.0, 2.0, [w_t], [0, 0, 3, 3, -1, 0, 1, -1, 0, 1],
-            torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
-            torch.zeros(3, 3, 2, dtype=torch.float64), [1, 1, 1, 1], build.path_id("scalar"))
+    args = (
+        x,
+        None,
+        torch.tensor([0.0, 0.5, 1.0]),
+        0.0,
+        2.0,
+        [w_t],
+        [0, 0, 3, 3, -1, 0, 1, -1, 0, 1],
+        torch.ones(2, dtype=torch.float64),
+        torch.ones(2, dtype=torch.float64),
+        torch.zeros(3, 3, 2, dtype=torch.float64),
+        [1, 1, 1, 1],
+        build.path_id("scalar"),
+    )
     with pytest.raises(RuntimeError, match="bounds must start at -inf"):
         ops.int8_conv(*args)
 
 
-@pytest.mark.skipif(not ARM_CLI.exists() or QEMU is None or not CLI.exists(), reason="no aarch64 build or qemu")
+@pytest.mark.skipif(
+    not ARM_CLI.exists() or QEMU is None or not CLI.exists(), reason="no aarch64 build or qemu"
+)
 def test_arm64_build_under_qemu_equals_x86(tmp_path):
     """sdot on q - 128 (NEON), the portable loops under qemu, and the x86 kernels count the same integers."""
     path = write_graph(capture(_dcgan(4), torch.randn(1, 100))[0], tmp_path / "g.lowbit")
@@ -168,6 +189,9 @@ def test_arm64_build_under_qemu_equals_x86(tmp_path):
         return np.load(out)
 
     x86 = run([str(CLI)])
-    neon, portable = run([QEMU, str(ARM_CLI)], "--kernel-path", "neon"), run([QEMU, str(ARM_CLI)], "--kernel-path", "scalar")
+    neon, portable = (
+        run([QEMU, str(ARM_CLI)], "--kernel-path", "neon"),
+        run([QEMU, str(ARM_CLI)], "--kernel-path", "scalar"),
+    )
     assert np.array_equal(neon, portable)
     assert float(np.abs(neon - x86).max()) <= ARM_TOLERANCE

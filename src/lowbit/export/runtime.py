@@ -148,7 +148,10 @@ class PackedModel(nn.Module):
 
 def _native_step(step: Step, path: str) -> Step:
     """The Python plan's step relabelled with where liblowbit runs it (same claim rule as the x86 backend)."""
-    kernels = {f"{x86.NAME}:{path}": f"{native_backend.NAME}:{path}", f"{int8.NAME}:{path}": f"native-int8:{path}"}
+    kernels = {
+        f"{x86.NAME}:{path}": f"{native_backend.NAME}:{path}",
+        f"{int8.NAME}:{path}": f"{native_backend.NAME}-int8:{path}",
+    }
     backend = kernels.get(step.backend, "native:float")
     return Step(step.node, step.run, step.inputs, backend)
 

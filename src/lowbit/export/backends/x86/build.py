@@ -34,7 +34,12 @@ TORCH_PATH = "torch"
 CSRC = Path(__file__).parent / "csrc"
 #: the integer path (int8.h): its binding, driver, roofline probes and one file per ISA.
 INT8_SOURCES = (
-    "int8_torch.cpp", "int8_driver.cpp", "int8_roofline.cpp", "int8_scalar.cpp", "int8_avx2.cpp", "int8_avx512.cpp",
+    "int8_torch.cpp",
+    "int8_driver.cpp",
+    "int8_roofline.cpp",
+    "int8_scalar.cpp",
+    "int8_avx2.cpp",
+    "int8_avx512.cpp",
     "int8_neon.cpp",
 )
 #: the torch binding first, the shared driver, then one file per ISA; kernels.h is shared by all.

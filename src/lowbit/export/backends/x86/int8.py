@@ -33,7 +33,8 @@ MAX_LEVELS = 256
 UNIFORM_SLACK = 1e-3
 CO_ALIGN = 16
 BYTES_PER_WORD = 4
-#: |kernel - torch backend| <= TOLERANCE * (1 + |torch backend|): float32 vs float64 sums of the same products.
+#: |kernel - torch backend| <= TOLERANCE * (1 + max |torch backend|) on one layer fed the same input:
+#: float32 vs float64 sums of the same products.
 TOLERANCE = 1e-4
 
 
@@ -51,7 +52,7 @@ class UniformInput:
 
     @property
     def terms(self) -> tuple[float, float]:
-        """``(a, c)`` with ``sum_i w_i x_i = c * sum_valid(w) + a * sum_i w_i q_i`` (see ``BinaryInput.terms``)."""
+        """``(a, c)``: ``sum_i w_i x_i = c * sum_valid(w) + a * sum_i w_i q_i`` (as ``BinaryInput.terms``)."""
         return self.step, self.lo
 
 
@@ -151,8 +152,13 @@ def build_plan(layer: QuantWeightLayer, source: UniformInput) -> Int8Plan:
     stride = layer._geometry()[0]
     in_step, out_step = ((1, 1), stride) if layer.kind == "conv_transpose2d" else (stride, (1, 1))
     coef = source.step * scale
-    return Int8Plan(w_ts, phases, coef.contiguous(), (source.step * offset + zero_point * coef).contiguous(),
-                    [*in_step, *out_step])
+    return Int8Plan(
+        w_ts,
+        phases,
+        coef.contiguous(),
+        (source.step * offset + zero_point * coef).contiguous(),
+        [*in_step, *out_step],
+    )
 
 
 class Int8Layer:
@@ -186,7 +192,9 @@ class Int8Layer:
         return out.reshape(out.shape[0], -1) if flat else out.permute(0, 3, 1, 2)
 
 
-def plan_int8(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..., torch.Tensor], list[str]]:
+def plan_int8(
+    node: Node, producers: dict[str, Node], path: str
+) -> tuple[Callable[..., torch.Tensor], list[str]]:
     """(callable, inputs) running ``node`` on ``path``'s integer kernels from its activation's input."""
     act, chain = _source(node, producers)
     shift = act.tensors.get("shift")
