@@ -83,29 +83,35 @@ LOWBIT_VNNI512 void row_channels(const Int8Args& a, const Int8Phase& f, int64_t 
   for (; qw < f.n_qw; ++qw) pixels<1, CV>(a, f, i, qh, qw, d);
 }
 
-// Few channels (co <= 4): per pixel, each tap's code words (16 at a time) against each channel's weights,
-// then one horizontal sum per channel.
+// Few channels (co <= 4): 16 neighbouring output pixels of a phase row in the 16 lanes, each patch word of the
+// 16 gathered into one register and met by the channel's broadcast weight word; lane sums land per pixel.
 template <int CO>
 LOWBIT_VNNI512 void row_few(const Int8Args& a, const Int8Phase& f, int64_t i, int64_t qh, int32_t* d) {
   const auto* x = reinterpret_cast<const int32_t*>(a.x);
   const int64_t oh = qh * a.out_step_h + f.ph, taps = static_cast<int64_t>(f.offs.size()), wc = a.wc;
-  for (int64_t qw = 0; qw < f.n_qw; ++qw) {
-    const int64_t pixel = int8_origin(a, i, qh, qw);
-    const int32_t* px = x + pixel * wc;
+  const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32(static_cast<int>(a.in_step_w * wc)));
+  alignas(64) int32_t lanes[CO][16];
+  for (int64_t q0 = 0; q0 < f.n_qw; q0 += 16) {
+    const int64_t count = f.n_qw - q0 < 16 ? f.n_qw - q0 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    const int32_t* base = x + int8_origin(a, i, qh, q0) * wc;
     __m512i acc[CO];
     for (int c = 0; c < CO; ++c) acc[c] = _mm512_setzero_si512();
     for (int64_t t = 0; t < taps; ++t) {
-      for (int64_t k = 0; k < wc; k += 16) {
-        const __mmask16 m = wc - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (wc - k)) - 1u);
-        const __m512i xv = _mm512_maskz_loadu_epi32(m, px + f.offs[t] + k);
-        for (int c = 0; c < CO; ++c) {
-          const __m512i wv = _mm512_maskz_loadu_epi32(m, f.w_r.data() + c * f.words + t * wc + k);
-          acc[c] = _mm512_dpbusd_epi32(acc[c], xv, wv);
-        }
+      const int32_t* tap = base + f.offs[t];
+      const int32_t* w = f.w_r.data() + t * wc;
+      for (int64_t k = 0; k < wc; ++k) {
+        const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k, 4);
+        for (int c = 0; c < CO; ++c) acc[c] = _mm512_dpbusd_epi32(acc[c], xv, _mm512_set1_epi32(w[c * f.words + k]));
       }
     }
-    for (int c = 0; c < CO; ++c) d[c] = _mm512_reduce_add_epi32(acc[c]);
-    int8_combine(a, i, oh, qw * a.out_step_w + f.pw, int8_patch_sum(a, f, pixel), d);
+    for (int c = 0; c < CO; ++c) _mm512_store_si512(lanes[c], acc[c]);
+    for (int64_t l = 0; l < count; ++l) {
+      for (int c = 0; c < CO; ++c) d[c] = lanes[c][l];
+      const int64_t qw = q0 + l;
+      int8_combine(a, i, oh, qw * a.out_step_w + f.pw, int8_patch_sum(a, f, int8_origin(a, i, qh, qw)), d);
+    }
   }
 }
 
