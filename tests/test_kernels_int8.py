@@ -6,6 +6,7 @@ threads; W2A8 / W4A8 DCGAN end to end in Python and in the native runtime; the A
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import subprocess
@@ -149,6 +150,48 @@ def test_w_a8_dcgan_runs_on_the_integer_path_end_to_end(weight_bits, tmp_path):
             f"native-int8:{runtime.kernel_path}"
         ] * 3
         assert float((runtime(z) - out).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("count", [3, 16, 256])
+def test_codes_equal_torch_bucketize_on_and_beside_every_bucket_edge(count):
+    """A 1x1 layer whose channel c reads only input channel c with weight 1 outputs the level index itself:
+    inputs on each float32 midpoint, one ulp either side, far outside and NaN-free, on every path."""
+    levels = torch.linspace(-0.5, 1.5, count)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    edges = torch.cat(
+        [midpoints, torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1)]
+    )
+    values = torch.cat([edges, torch.tensor([-1e30, -3.0, 0.0, 3.0, 1e30]), torch.randn(61)])
+    values = values[: values.numel() // 4 * 4]
+    x = values.reshape(4, 1, -1)[None].contiguous()  # (1, 4 channels, 1, W)
+    words = torch.zeros(1, 4, 16, dtype=torch.int8)
+    words[0, torch.arange(4), torch.arange(4)] = 1
+    w_t = words.permute(0, 2, 1).contiguous().view(torch.int32).reshape(1, 16)
+    source = int8.UniformInput(
+        float(levels[0]),
+        float(levels[1] - levels[0]),
+        count,
+        torch.cat([torch.tensor([-math.inf]), midpoints, torch.tensor([math.inf])]),
+    )
+    base = torch.zeros(1, x.shape[3], 4, dtype=torch.float64)
+    ones = torch.ones(4, dtype=torch.float64)
+    expected = torch.bucketize(x[0, :, 0], midpoints).t().to(torch.float32)
+    for path in PATHS:
+        out = build.kernel_ops().int8_conv(
+            x,
+            None,
+            source.bounds,
+            source.lo,
+            1 / source.step,
+            [w_t],
+            [0, 0, 1, 1, 0, 0],
+            ones,
+            torch.zeros(4, dtype=torch.float64),
+            base,
+            [1, 1, 1, 1],
+            build.path_id(path),
+        )
+        assert torch.equal(out[0, 0], expected), path
 
 
 def test_bad_kernel_arguments_get_a_clear_error():

@@ -15,21 +15,29 @@ LOWBIT_VNNI512 void codes_avx512(const float* src, const float* shift, int64_t s
   const __m512 lo = _mm512_set1_ps(l.lo), inv = _mm512_set1_ps(l.inv_step), half = _mm512_set1_ps(0.5f);
   const __m512 top = _mm512_set1_ps(static_cast<float>(l.count - 1)), zero = _mm512_setzero_ps();
   const __m512i one = _mm512_set1_epi32(1);
+  const __m512 margin = _mm512_set1_ps(l.margin), far = _mm512_set1_ps(1.0f - l.margin);
+  const __m512 last = _mm512_set1_ps(static_cast<float>(l.count - 1) + l.margin);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
     const __m512 sh = shift_step ? _mm512_maskz_loadu_ps(valid, shift + j) : _mm512_set1_ps(*shift);
     const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, src + j), sh);
     // max(NaN, 0) = 0 (the second operand), as the scalar search's clamp
-    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, lo), inv), half), zero), top);
+    const __m512 raw = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, lo), inv), half);
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(raw, zero), top);
     __m512i g = _mm512_cvttps_epi32(t);
-    for (;;) {
-      const __m512 below = _mm512_i32gather_ps(g, l.bounds, 4);
-      const __m512 above = _mm512_i32gather_ps(_mm512_add_epi32(g, one), l.bounds, 4);
-      const __mmask16 down = _mm512_cmp_ps_mask(v, below, _CMP_LE_OQ) & _mm512_cmpgt_epi32_mask(g, _mm512_setzero_si512());
-      const __mmask16 up = _mm512_cmp_ps_mask(v, above, _CMP_GT_OQ);
-      if (((down | up) & valid) == 0) break;
-      g = _mm512_mask_sub_epi32(g, down & valid, g, one);
-      g = _mm512_mask_add_epi32(g, up & valid, g, one);
+    // only lanes within `margin` of an inner bucket edge (t = 1 .. L - 1), and NaN, need the exact search
+    const __m512 frac = _mm512_sub_ps(t, _mm512_cvtepi32_ps(g));
+    const __mmask16 inside = _mm512_cmp_ps_mask(raw, far, _CMP_GE_OQ) & _mm512_cmp_ps_mask(raw, last, _CMP_LE_OQ);
+    const __mmask16 edge = _mm512_cmp_ps_mask(frac, margin, _CMP_LT_OQ) | _mm512_cmp_ps_mask(frac, far, _CMP_GT_OQ);
+    const __mmask16 near = ((inside & edge) | _mm512_cmp_ps_mask(raw, raw, _CMP_UNORD_Q)) & valid;
+    for (__mmask16 active = near; active;) {
+      const __m512 below = _mm512_mask_i32gather_ps(zero, active, g, l.bounds, 4);
+      const __m512 above = _mm512_mask_i32gather_ps(zero, active, _mm512_add_epi32(g, one), l.bounds, 4);
+      const __mmask16 down = _mm512_mask_cmp_ps_mask(active, v, below, _CMP_LE_OQ) & _mm512_cmpgt_epi32_mask(g, _mm512_setzero_si512());
+      const __mmask16 up = _mm512_mask_cmp_ps_mask(active, v, above, _CMP_GT_OQ);
+      g = _mm512_mask_sub_epi32(g, down, g, one);
+      g = _mm512_mask_add_epi32(g, up, g, one);
+      active = down | up;
     }
     _mm512_mask_cvtepi32_storeu_epi8(codes + j, valid, g);
   }
@@ -96,17 +104,26 @@ LOWBIT_VNNI512 void row_few(const Int8Args& a, const Int8Phase& f, int64_t i, in
     const int64_t count = f.n_qw - q0 < 16 ? f.n_qw - q0 : 16;
     const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
     const int32_t* base = x + int8_origin(a, i, qh, q0) * wc;
-    __m512i acc[CO];
-    for (int c = 0; c < CO; ++c) acc[c] = _mm512_setzero_si512();
+    __m512i even[CO], odd[CO];  // two chains per channel: consecutive words do not wait on each other
+    for (int c = 0; c < CO; ++c) even[c] = odd[c] = _mm512_setzero_si512();
     for (int64_t t = 0; t < taps; ++t) {
       const int32_t* tap = base + f.offs[t];
       const int32_t* w = f.w_r.data() + t * wc;
-      for (int64_t k = 0; k < wc; ++k) {
-        const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k, 4);
-        for (int c = 0; c < CO; ++c) acc[c] = _mm512_dpbusd_epi32(acc[c], xv, _mm512_set1_epi32(w[c * f.words + k]));
+      int64_t k = 0;
+      for (; k + 2 <= wc; k += 2) {
+        const __m512i x0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k, 4);
+        const __m512i x1 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k + 1, 4);
+        for (int c = 0; c < CO; ++c) {
+          even[c] = _mm512_dpbusd_epi32(even[c], x0, _mm512_set1_epi32(w[c * f.words + k]));
+          odd[c] = _mm512_dpbusd_epi32(odd[c], x1, _mm512_set1_epi32(w[c * f.words + k + 1]));
+        }
+      }
+      if (k < wc) {
+        const __m512i x0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k, 4);
+        for (int c = 0; c < CO; ++c) even[c] = _mm512_dpbusd_epi32(even[c], x0, _mm512_set1_epi32(w[c * f.words + k]));
       }
     }
-    for (int c = 0; c < CO; ++c) _mm512_store_si512(lanes[c], acc[c]);
+    for (int c = 0; c < CO; ++c) _mm512_store_si512(lanes[c], _mm512_add_epi32(even[c], odd[c]));
     for (int64_t l = 0; l < count; ++l) {
       for (int c = 0; c < CO; ++c) d[c] = lanes[c][l];
       const int64_t qw = q0 + l;

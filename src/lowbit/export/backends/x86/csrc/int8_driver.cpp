@@ -1,5 +1,6 @@
 // The torch-free driver of the integer path (int8.h): checks a call, turns the float input into the padded
 // code image and its per-pixel code sums, then runs every phase's output rows on the path's row kernel.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -50,6 +51,17 @@ std::string check_bounds(const Int8Conv& c) {
   }
   if (!std::isfinite(c.lo) || !std::isfinite(c.inv_step) || !(c.inv_step > 0.0f)) return "bad lo / step";
   return "";
+}
+
+// How far the bucket edges sit from the integers of t = (v - lo) * inv_step + 1/2, plus 1e-3 for the float32
+// rounding of t itself (|t| <= 256: under 1e-4).
+float edge_margin(const Int8Conv& c) {
+  double worst = 0.0;
+  for (size_t g = 1; g + 1 < c.bounds.size(); ++g) {
+    const double t = (static_cast<double>(c.bounds[g]) - c.lo) * c.inv_step + 0.5;
+    worst = std::max(worst, std::fabs(t - static_cast<double>(g)));
+  }
+  return static_cast<float>(worst + 1e-3);
 }
 
 bool any_wide_byte(const Int8Conv& c) {
@@ -143,7 +155,8 @@ void run_int8_conv(const Int8Conv& c, float* out, const ParallelFor& parallel) {
   const int64_t cq = 4 * a.wc, pixels = c.x.n * a.hp * a.wp;
   image.assign(static_cast<size_t>(pixels * cq), 0);
   sums.assign(static_cast<size_t>(pixels), 0);
-  const Int8Levels levels{c.lo, c.inv_step, static_cast<int64_t>(c.bounds.size()) - 1, c.bounds.data()};
+  const Int8Levels levels{c.lo, c.inv_step, static_cast<int64_t>(c.bounds.size()) - 1, c.bounds.data(),
+                          edge_margin(c)};
   const CodesFn codes = codes_fn(kernel_path);
   uint8_t* image_data = image.data();
   int32_t* sums_data = sums.data();
