@@ -31,6 +31,7 @@
 namespace lowbit {
 
 constexpr int64_t kInt8CoAlign = 16;
+constexpr int64_t kInt8FewChannels = 4;
 
 // The uniform levels of the activation and how codes are found: guess round((v - lo) / step), then move to
 // the exact bucket of the stored midpoints: bounds[g] < v <= bounds[g + 1], bounds = (-inf, mid..., +inf).
@@ -57,6 +58,8 @@ struct Int8Args {
   int64_t hp, wp, wc, ho, wo, co, co_pad;
   int64_t in_step_h, in_step_w, out_step_h, out_step_w;
   bool wide;              // some weight byte outside [-64, 64] (AVX2 then splits bytes into nibbles)
+  const int32_t* planar;  // layers with few channels (co <= kInt8FewChannels): the code words as (N, hp, wc, wp),
+                          // so 16 neighbouring pixels' word k are one load; nullptr otherwise
 };
 
 struct Int8Phase {
@@ -64,6 +67,7 @@ struct Int8Phase {
   std::vector<int32_t> w_r;   // (co, words): the same bytes channel-major, for the few-channel kernels
   std::vector<int64_t> offs;  // word offset of every tap from the output pixel's patch origin
   std::vector<int64_t> pix;   // pixel offset of every tap (into sums)
+  std::vector<int64_t> tap_y, tap_x;  // every tap's row and column offset in the padded image
   std::vector<int32_t> zsum_pad;  // (co_pad): sum of the signed weight bytes (the NEON path's q - 128 fix)
   int64_t ph, pw, n_qh, n_qw, words;
 };

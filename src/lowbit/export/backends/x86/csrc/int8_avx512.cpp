@@ -91,35 +91,41 @@ LOWBIT_VNNI512 void row_channels(const Int8Args& a, const Int8Phase& f, int64_t 
   for (; qw < f.n_qw; ++qw) pixels<1, CV>(a, f, i, qh, qw, d);
 }
 
+// 16 pixels' word from `words` on (one load when they are neighbours, else a gather).
+template <bool Contiguous>
+LOWBIT_VNNI512 inline __m512i lane_words(const int32_t* words, __mmask16 valid, __m512i offsets) {
+  if (Contiguous) return _mm512_maskz_loadu_epi32(valid, words);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, offsets, words, 4);
+}
+
 // Few channels (co <= 4): 16 neighbouring output pixels of a phase row in the 16 lanes, each patch word of the
-// 16 gathered into one register and met by the channel's broadcast weight word; lane sums land per pixel.
-template <int CO>
+// 16 read from the planar code image and met by the channel's broadcast weight word; lane sums land per pixel.
+template <int CO, bool Contiguous>
 LOWBIT_VNNI512 void row_few(const Int8Args& a, const Int8Phase& f, int64_t i, int64_t qh, int32_t* d) {
-  const auto* x = reinterpret_cast<const int32_t*>(a.x);
-  const int64_t oh = qh * a.out_step_h + f.ph, taps = static_cast<int64_t>(f.offs.size()), wc = a.wc;
+  const int64_t oh = qh * a.out_step_h + f.ph, taps = static_cast<int64_t>(f.offs.size()), wc = a.wc, wp = a.wp;
   const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(static_cast<int>(a.in_step_w * wc)));
+                                                  _mm512_set1_epi32(static_cast<int>(a.in_step_w)));
+  const int64_t row0 = i * a.hp + qh * a.in_step_h;
   alignas(64) int32_t lanes[CO][16];
   for (int64_t q0 = 0; q0 < f.n_qw; q0 += 16) {
     const int64_t count = f.n_qw - q0 < 16 ? f.n_qw - q0 : 16;
     const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
-    const int32_t* base = x + int8_origin(a, i, qh, q0) * wc;
     __m512i even[CO], odd[CO];  // two chains per channel: consecutive words do not wait on each other
     for (int c = 0; c < CO; ++c) even[c] = odd[c] = _mm512_setzero_si512();
     for (int64_t t = 0; t < taps; ++t) {
-      const int32_t* tap = base + f.offs[t];
+      const int32_t* tap = a.planar + (row0 + f.tap_y[t]) * wc * wp + f.tap_x[t] + q0 * a.in_step_w;
       const int32_t* w = f.w_r.data() + t * wc;
       int64_t k = 0;
       for (; k + 2 <= wc; k += 2) {
-        const __m512i x0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k, 4);
-        const __m512i x1 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k + 1, 4);
+        const __m512i x0 = lane_words<Contiguous>(tap + k * wp, valid, lane_offsets);
+        const __m512i x1 = lane_words<Contiguous>(tap + (k + 1) * wp, valid, lane_offsets);
         for (int c = 0; c < CO; ++c) {
           even[c] = _mm512_dpbusd_epi32(even[c], x0, _mm512_set1_epi32(w[c * f.words + k]));
           odd[c] = _mm512_dpbusd_epi32(odd[c], x1, _mm512_set1_epi32(w[c * f.words + k + 1]));
         }
       }
       if (k < wc) {
-        const __m512i x0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lane_offsets, tap + k, 4);
+        const __m512i x0 = lane_words<Contiguous>(tap + k * wp, valid, lane_offsets);
         for (int c = 0; c < CO; ++c) even[c] = _mm512_dpbusd_epi32(even[c], x0, _mm512_set1_epi32(w[c * f.words + k]));
       }
     }
@@ -137,11 +143,12 @@ LOWBIT_VNNI512 void row_few(const Int8Args& a, const Int8Phase& f, int64_t i, in
 CodesFn int8_codes_avx512() { return codes_avx512; }
 
 Int8RowFn int8_row_avx512(const Int8Args& a) {
+  const bool contiguous = a.in_step_w == 1;
   switch (a.co) {
-    case 1: return row_few<1>;
-    case 2: return row_few<2>;
-    case 3: return row_few<3>;
-    case 4: return row_few<4>;
+    case 1: return contiguous ? row_few<1, true> : row_few<1, false>;
+    case 2: return contiguous ? row_few<2, true> : row_few<2, false>;
+    case 3: return contiguous ? row_few<3, true> : row_few<3, false>;
+    case 4: return contiguous ? row_few<4, true> : row_few<4, false>;
     default: break;
   }
   const int64_t vectors = a.co_pad / 16;

@@ -90,8 +90,11 @@ void quantize_row(const Int8Conv& c, const PackGeometry& g, CodesFn codes, const
       for (int64_t x = 0; x < w; ++x) row[x * cq + k] = tmp[static_cast<size_t>(x)];
     }
   } else {
-    for (int64_t x = 0; x < w; ++x) {
-      codes(c.x.data + ((i * h + y) * w + x) * ch, c.shift ? c.shift : &kZero, c.shift ? 1 : 0, ch, levels, row + x * cq);
+    const float* src = c.x.data + (i * h + y) * w * ch;
+    if (!c.shift && cq == ch) {  // the row's codes are as contiguous as its floats: one call
+      codes(src, &kZero, 0, w * ch, levels, row);
+    } else {
+      for (int64_t x = 0; x < w; ++x) codes(src + x * ch, c.shift ? c.shift : &kZero, c.shift ? 1 : 0, ch, levels, row + x * cq);
     }
   }
   for (int64_t x = 0; x < w; ++x) {
@@ -167,6 +170,21 @@ void run_int8_conv(const Int8Conv& c, float* out, const ParallelFor& parallel) {
     }
   });
   a.x = image_data, a.sums = sums_data;
+  thread_local std::vector<int32_t> planar;
+  a.planar = nullptr;
+  if (a.co <= kInt8FewChannels) {
+    planar.resize(static_cast<size_t>(pixels * a.wc));
+    const auto* words = reinterpret_cast<const int32_t*>(image_data);
+    int32_t* dst = planar.data();
+    parallel(c.x.n * a.hp, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t k = 0; k < a.wc; ++k) {
+          for (int64_t x = 0; x < a.wp; ++x) dst[(r * a.wc + k) * a.wp + x] = words[(r * a.wp + x) * a.wc + k];
+        }
+      }
+    });
+    a.planar = dst;
+  }
 
   std::vector<Int8Phase> infos;
   std::vector<int64_t> first_row;  // prefix sums of the (image, qh) rows of every phase
@@ -179,6 +197,7 @@ void run_int8_conv(const Int8Conv& c, float* out, const ParallelFor& parallel) {
     for (const int64_t th : t.th) {
       for (const int64_t tw : t.tw) {
         f.pix.push_back((th + g.pad_top) * a.wp + tw + g.pad_left);
+        f.tap_y.push_back(th + g.pad_top), f.tap_x.push_back(tw + g.pad_left);
         f.offs.push_back(f.pix.back() * a.wc);
       }
     }
