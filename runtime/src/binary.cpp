@@ -86,40 +86,28 @@ void planes_of(const Node& node, int64_t co, std::vector<std::vector<uint8_t>>& 
 }
 
 void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<std::vector<uint8_t>>& planes) {
-  const Node& node = *b.layer;
   const int64_t wc = (g.ci + 63) / 64, rows = b.planes * g.co;
   b.rows_padded = (rows + 7) / 8 * 8;
-  const bool transposed = node.op == "conv_transpose2d";
-  const int64_t sh = transposed ? g.stride[0] : 1, sw = transposed ? g.stride[1] : 1;
-  for (int64_t ph = 0; ph < sh; ++ph) {
-    for (int64_t pw = 0; pw < sw; ++pw) {
-      std::vector<int64_t> kh, kw, th, tw;
-      axis_taps(node, g, 0, ph, kh, th);
-      axis_taps(node, g, 1, pw, kw, tw);
-      b.phases.insert(b.phases.end(), {ph, pw, static_cast<int64_t>(th.size()), static_cast<int64_t>(tw.size())});
-      b.phases.insert(b.phases.end(), th.begin(), th.end());
-      b.phases.insert(b.phases.end(), tw.begin(), tw.end());
-      const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
-      std::vector<uint64_t> w_t(static_cast<size_t>(taps * wc * b.rows_padded), 0);
-      for (int64_t p = 0; p < b.planes; ++p) {
-        for (int64_t c = 0; c < g.co; ++c) {
-          const int64_t row = p * g.co + c;
-          for (size_t y = 0; y < kh.size(); ++y) {
-            for (size_t z = 0; z < kw.size(); ++z) {
-              const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
-              for (int64_t ci = 0; ci < g.ci; ++ci) {
-                if (!planes[static_cast<size_t>(p)][static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))]) continue;
-                w_t[static_cast<size_t>((tap * wc + ci / 64) * b.rows_padded + row)] |= uint64_t{1} << (ci % 64);
-              }
+  for (const PhaseTaps& phase : layer_phases(*b.layer, g, b.phases, b.steps)) {
+    const std::vector<int64_t>&kh = phase.kh, &kw = phase.kw;
+    const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
+    std::vector<uint64_t> w_t(static_cast<size_t>(taps * wc * b.rows_padded), 0);
+    for (int64_t p = 0; p < b.planes; ++p) {
+      for (int64_t c = 0; c < g.co; ++c) {
+        const int64_t row = p * g.co + c;
+        for (size_t y = 0; y < kh.size(); ++y) {
+          for (size_t z = 0; z < kw.size(); ++z) {
+            const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
+            for (int64_t ci = 0; ci < g.ci; ++ci) {
+              if (!planes[static_cast<size_t>(p)][static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))]) continue;
+              w_t[static_cast<size_t>((tap * wc + ci / 64) * b.rows_padded + row)] |= uint64_t{1} << (ci % 64);
             }
           }
         }
       }
-      b.w_ts.push_back(std::move(w_t));
     }
+    b.w_ts.push_back(std::move(w_t));
   }
-  b.steps[0] = transposed ? 1 : g.stride[0], b.steps[1] = transposed ? 1 : g.stride[1];
-  b.steps[2] = sh, b.steps[3] = sw;
 }
 
 }  // namespace
@@ -168,6 +156,27 @@ std::vector<double> all_ones_base(const Node& node, const Shape& packed, double 
     base[k] = c_term * corr[k] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
   }
   return base;
+}
+
+std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::vector<int64_t>& phases, int64_t steps[4]) {
+  const bool transposed = node.op == "conv_transpose2d";
+  const int64_t sh = transposed ? g.stride[0] : 1, sw = transposed ? g.stride[1] : 1;
+  std::vector<PhaseTaps> all;
+  for (int64_t ph = 0; ph < sh; ++ph) {
+    for (int64_t pw = 0; pw < sw; ++pw) {
+      PhaseTaps phase;
+      std::vector<int64_t> th, tw;
+      axis_taps(node, g, 0, ph, phase.kh, th);
+      axis_taps(node, g, 1, pw, phase.kw, tw);
+      phases.insert(phases.end(), {ph, pw, static_cast<int64_t>(th.size()), static_cast<int64_t>(tw.size())});
+      phases.insert(phases.end(), th.begin(), th.end());
+      phases.insert(phases.end(), tw.begin(), tw.end());
+      all.push_back(std::move(phase));
+    }
+  }
+  steps[0] = transposed ? 1 : g.stride[0], steps[1] = transposed ? 1 : g.stride[1];
+  steps[2] = sh, steps[3] = sw;
+  return all;
 }
 
 Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source) {

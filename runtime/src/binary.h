@@ -38,6 +38,15 @@ Geometry geometry(const Node& node);
 void axis_taps(const Node& node, const Geometry& g, int dim, int64_t phase, std::vector<int64_t>& ks,
                std::vector<int64_t>& offsets);
 
+// The kernel rows and columns one phase of a layer uses.
+struct PhaseTaps {
+  std::vector<int64_t> kh, kw;
+};
+
+// Appends every phase of `node` (one for a conv, stride^2 sub-pixel phases for a transposed conv) to the
+// kernels' phase list, sets their [in_step_h, in_step_w, out_step_h, out_step_w], returns each phase's taps.
+std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::vector<int64_t>& phases, int64_t steps[4]);
+
 // bias + c_term * (the layer on an all-ones input of the packed (C, H, W) size), (Ho, Wo, Co) in float64: the
 // input-independent term of the binary and the integer path.
 std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out);

@@ -38,36 +38,25 @@ void build_words(Int8Layer& l, const Geometry& g, int zero_point) {
   const Node& node = *l.layer;
   const int64_t wc = (g.ci + 3) / 4;
   l.co_pad = (g.co + kInt8CoAlign - 1) / kInt8CoAlign * kInt8CoAlign;
-  const bool transposed = node.op == "conv_transpose2d";
-  const int64_t sh = transposed ? g.stride[0] : 1, sw = transposed ? g.stride[1] : 1;
-  for (int64_t ph = 0; ph < sh; ++ph) {
-    for (int64_t pw = 0; pw < sw; ++pw) {
-      std::vector<int64_t> kh, kw, th, tw;
-      axis_taps(node, g, 0, ph, kh, th);
-      axis_taps(node, g, 1, pw, kw, tw);
-      l.phases.insert(l.phases.end(), {ph, pw, static_cast<int64_t>(th.size()), static_cast<int64_t>(tw.size())});
-      l.phases.insert(l.phases.end(), th.begin(), th.end());
-      l.phases.insert(l.phases.end(), tw.begin(), tw.end());
-      const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
-      std::vector<int8_t> bytes(static_cast<size_t>(taps * wc * l.co_pad * 4), 0);
-      for (size_t y = 0; y < kh.size(); ++y) {
-        for (size_t z = 0; z < kw.size(); ++z) {
-          const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
-          for (int64_t c = 0; c < g.co; ++c) {
-            for (int64_t ci = 0; ci < g.ci; ++ci) {
-              const int code = node.weight.codes[static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))];
-              bytes[static_cast<size_t>(((tap * wc + ci / 4) * l.co_pad + c) * 4 + ci % 4)] = static_cast<int8_t>(code - zero_point);
-            }
+  for (const PhaseTaps& phase : layer_phases(node, g, l.phases, l.steps)) {
+    const std::vector<int64_t>&kh = phase.kh, &kw = phase.kw;
+    const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
+    std::vector<int8_t> bytes(static_cast<size_t>(taps * wc * l.co_pad * 4), 0);
+    for (size_t y = 0; y < kh.size(); ++y) {
+      for (size_t z = 0; z < kw.size(); ++z) {
+        const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
+        for (int64_t c = 0; c < g.co; ++c) {
+          for (int64_t ci = 0; ci < g.ci; ++ci) {
+            const int code = node.weight.codes[static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))];
+            bytes[static_cast<size_t>(((tap * wc + ci / 4) * l.co_pad + c) * 4 + ci % 4)] = static_cast<int8_t>(code - zero_point);
           }
         }
       }
-      std::vector<int32_t> words(bytes.size() / 4);
-      std::memcpy(words.data(), bytes.data(), bytes.size());
-      l.w_ts.push_back(std::move(words));
     }
+    std::vector<int32_t> words(bytes.size() / 4);
+    std::memcpy(words.data(), bytes.data(), bytes.size());
+    l.w_ts.push_back(std::move(words));
   }
-  l.steps[0] = transposed ? 1 : g.stride[0], l.steps[1] = transposed ? 1 : g.stride[1];
-  l.steps[2] = sh, l.steps[3] = sw;
 }
 
 }  // namespace

@@ -46,14 +46,17 @@ def _commutes(node: Node) -> bool:
     return node.op in PASSTHROUGH
 
 
-def _source(node: Node, producers: dict[str, Node]) -> tuple[Node, list[Node]] | None:
-    """The two-level activation feeding ``node`` and the commuting nodes in between (in order)."""
+def activation_source(
+    node: Node, producers: dict[str, Node], accepts: Callable[[Node], object] = binary_input
+) -> tuple[Node, list[Node]] | None:
+    """The activation feeding ``node`` that ``accepts`` takes (default: a two-level one) and the commuting
+    nodes in between (in order)."""
     chain: list[Node] = []
     current = producers.get(node.inputs[0])
     while current is not None and _commutes(current):
         chain.insert(0, current)
         current = producers.get(current.inputs[0])
-    if current is None or binary_input(current) is None:
+    if current is None or accepts(current) is None:
         return None
     return current, chain
 
@@ -95,7 +98,7 @@ def claims(node: Node, producers: dict[str, Node]) -> bool:
         return False
     if node.attrs.get("groups", 1) != 1 or node.attrs.get("pad_mode", "reflect") == "constant":
         return False
-    found = _source(node, producers)
+    found = activation_source(node, producers)
     if found is None:
         return False
     chain = found[1]
@@ -104,7 +107,7 @@ def claims(node: Node, producers: dict[str, Node]) -> bool:
 
 def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..., torch.Tensor], list[str]]:
     """(callable, inputs) running ``node`` on ``path``'s kernels from its activation's input."""
-    act, chain = _source(node, producers)
+    act, chain = activation_source(node, producers)
     binary = binary_input(act)
     layer = kernel_layer(node, binary)
     layer.kernel_path = path

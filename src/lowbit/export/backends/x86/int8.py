@@ -20,14 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.export.backends import torch as torch_backend
-from lowbit.export.backends.x86 import build, claims, kernel_layer
+from lowbit.export.backends.x86 import activation_source, build, claims, kernel_layer
 from lowbit.export.backends.x86.binary import QuantWeightLayer
 from lowbit.export.ir import Node
 
 NAME = "x86-int8"
 WEIGHT_OPS = ("conv2d", "conv_transpose2d", "linear")
-#: ops between the activation and the layer that commute with an element-wise activation.
-COMMUTING_PADS = ("reflect", "replicate")
 MAX_LEVELS = 256
 #: how far (in steps) a stored level may sit from lo + k * step and still count as uniform.
 UNIFORM_SLACK = 1e-3
@@ -73,26 +71,6 @@ def uniform_input(act: Node) -> UniformInput | None:
     return UniformInput(lo, step, count, torch.cat([-infinity, midpoints, infinity]).contiguous())
 
 
-def _commutes(node: Node) -> bool:
-    if node.op == "pad":
-        return node.attrs["mode"] in COMMUTING_PADS
-    if node.op == "interpolate":
-        return node.attrs["mode"] == "nearest"
-    return node.op == "reshape"
-
-
-def _source(node: Node, producers: dict[str, Node]) -> tuple[Node, list[Node]] | None:
-    """The uniform activation feeding ``node`` and the commuting nodes in between (in order)."""
-    chain: list[Node] = []
-    current = producers.get(node.inputs[0])
-    while current is not None and _commutes(current):
-        chain.insert(0, current)
-        current = producers.get(current.inputs[0])
-    if current is None or uniform_input(current) is None:
-        return None
-    return current, chain
-
-
 def claims_int8(node: Node, producers: dict[str, Node]) -> bool:
     """Whether the integer path runs ``node``: a packed, ungrouped, unpruned weight layer with an affine
     codebook of at most 256 levels, fed by a uniform activation, that the bit-serial path does not take."""
@@ -105,7 +83,7 @@ def claims_int8(node: Node, producers: dict[str, Node]) -> bool:
         return False
     if node.attrs.get("pad") is not None and node.attrs.get("pad_mode", "reflect") == "constant":
         return False
-    found = _source(node, producers)
+    found = activation_source(node, producers, uniform_input)
     if found is None:
         return False
     return node.op == "linear" or not any(step.op == "reshape" for step in found[1])
@@ -196,7 +174,7 @@ def plan_int8(
     node: Node, producers: dict[str, Node], path: str
 ) -> tuple[Callable[..., torch.Tensor], list[str]]:
     """(callable, inputs) running ``node`` on ``path``'s integer kernels from its activation's input."""
-    act, chain = _source(node, producers)
+    act, chain = activation_source(node, producers, uniform_input)
     shift = act.tensors.get("shift")
     steps = [torch_backend.build(step) for step in chain]
     pad = node.attrs.get("pad")
