@@ -111,7 +111,20 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
     binary = binary_input(act)
     layer = kernel_layer(node, binary)
     layer.kernel_path = path
-    shift = act.tensors.get("shift")
+    prelude = kernel_prelude(node, chain, act.tensors.get("shift"))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return layer(prelude(x))
+
+    return run, [act.inputs[0]]
+
+
+def kernel_prelude(
+    node: Node, chain: list[Node], shift: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a kernel layer applies to its activation's input first: minus the per-channel ``shift`` (if
+    given), the commuting ``chain``, then the layer's own reflect / replicate pad."""
     steps = [torch_backend.build(step) for step in chain]
     pad = node.attrs.get("pad")
     if pad is not None:
@@ -122,10 +135,9 @@ def plan(node: Node, producers: dict[str, Node], path: str) -> tuple[Callable[..
             x = x - shift.reshape(1, -1, *([1] * (x.dim() - 2)))
         for step in steps:
             x = step(x)
-        with torch.no_grad():
-            return layer(x)
+        return x
 
-    return run, [act.inputs[0]]
+    return run
 
 
 def claims_latent(node: Node) -> bool:

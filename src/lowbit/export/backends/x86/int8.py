@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.export.backends import torch as torch_backend
-from lowbit.export.backends.x86 import activation_source, build, claims, kernel_layer
+from lowbit.export.backends.x86 import activation_source, build, claims, kernel_layer, kernel_prelude
 from lowbit.export.backends.x86.binary import QuantWeightLayer
 from lowbit.export.ir import Node
 
@@ -176,20 +175,14 @@ def plan_int8(
     """(callable, inputs) running ``node`` on ``path``'s integer kernels from its activation's input."""
     act, chain = activation_source(node, producers, uniform_input)
     shift = act.tensors.get("shift")
-    steps = [torch_backend.build(step) for step in chain]
-    pad = node.attrs.get("pad")
-    if pad is not None:
-        steps.append(lambda x: torch.nn.functional.pad(x, pad, mode=node.attrs["pad_mode"]))
-    # The kernel subtracts a per-channel shift itself when nothing moves channels before it.
-    inner_shift = shift.to(torch.float32).contiguous() if shift is not None and not steps else None
-    layer = Int8Layer(node, uniform_input(act), inner_shift, path)
+    # The kernel subtracts a per-channel shift itself when nothing moves values before it.
+    in_kernel = shift is not None and not chain and node.attrs.get("pad") is None
+    prelude = kernel_prelude(node, chain, None if in_kernel else shift)
+    kernel_shift = shift.to(torch.float32).contiguous() if in_kernel else None
+    layer = Int8Layer(node, uniform_input(act), kernel_shift, path)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if shift is not None and inner_shift is None:
-            x = x - shift.reshape(1, -1, *([1] * (x.dim() - 2)))
-        for step in steps:
-            x = step(x)
         with torch.no_grad():
-            return layer(x)
+            return layer(prelude(x))
 
     return run, [act.inputs[0]]
