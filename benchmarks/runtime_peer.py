@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ def ort_int8_session(fp32_onnx: Path, shape: tuple[int, ...], threads: int) -> t
     import onnxruntime
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing advice, once per layer
     target = fp32_onnx.with_suffix(".int8.onnx")
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, *shape, generator=generator).numpy() for _ in range(8)]
