@@ -6,8 +6,9 @@ uniform levels) and the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 
 last layer 8-bit weights, the rest W1A1, as ``inference.py --zoo``). onnxruntime runs the FP32 generator
 exported by lowbit's ONNX exporter; its int8 model is ``onnxruntime.quantization.quantize_static`` (QDQ,
 per-channel int8 weights, uint8 activations calibrated on 8 random batches) of that file, where ORT quantizes
-the layers. Every (batch, threads) group is timed round-robin (wall clock, best of ``--repeats``), so the
-ratios in one row come from the same moments of a shared machine. Then: the plan (which backend runs each
+the layers. Every (batch, threads) group is timed round-robin (best of ``--repeats``), so the ratios in one
+row come from the same moments of a shared machine: one-thread groups in process CPU time (time spent
+preempted does not count; equal to latency on an idle machine), two-thread groups in wall time. Then: the plan (which backend runs each
 layer), a per-layer table (batch 64, one thread, Python x86 backend) with each kernel's achieved binary or
 int8 operations per second and its share of the peak measured in the same run (VPOPCNTDQ / VNNI loops,
 ``csrc/int8_roofline.cpp``), and each target of issue 13, met or missed and by how much.
@@ -123,10 +124,11 @@ def peer_contestants(fp32: nn.Module, example: torch.Tensor, folder: Path, threa
     return fns, reason
 
 
-def time_group(fns: dict[str, Callable], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """ms per call of every contestant on x, round-robin, best of ``repeats`` (wall clock)."""
+def time_group(fns: dict[str, Callable], x: torch.Tensor, repeats: int, threads: int) -> dict[str, float]:
+    """ms per call of every contestant on x, round-robin, best of ``repeats`` (CPU time for one thread)."""
+    clock = time.process_time if threads == 1 else time.perf_counter
     with torch.inference_mode():
-        best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, time.perf_counter)
+        best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, clock)
     return {name: 1e3 * seconds for name, seconds in best.items()}
 
 
@@ -165,7 +167,7 @@ def layer_table(
             continue
         inputs = [values[n] for n in step.inputs]
         with torch.inference_mode():
-            seconds = best_times({"k": partial(step.run, *inputs)}, repeats, time.perf_counter)["k"]
+            seconds = best_times({"k": partial(step.run, *inputs)}, repeats, time.process_time)["k"]
         ops, unit = layer_ops(step.node, step.backend, inputs[0], values[step.node.name])
         peak = peaks["vnni"] if unit == "int8 MAC" else peaks["popcount"]
         rate = ops / seconds
@@ -244,7 +246,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
                 fns.update(lowbit_contestants(model_name, path, threads))
             for batch in batches:
                 x = torch.randn(batch, *example.shape[1:])
-                results["timings"][f"{name}|{batch}|{threads}"] = time_group(fns, x, args.repeats)
+                results["timings"][f"{name}|{batch}|{threads}"] = time_group(fns, x, args.repeats, threads)
     torch.set_num_threads(1)
     results["peaks"] = measure_peaks()
     z64 = torch.randn(64, 100)
@@ -262,8 +264,8 @@ def _group_of(model: str) -> str:
 
 def print_report(results: dict, args: argparse.Namespace) -> None:
     print(
-        f"# runtime_peer on {_cpu_model()}, torch {torch.__version__}, wall clock, best of {args.repeats}, "
-        "round-robin per group; x = onnxruntime FP32 time / this time"
+        f"# runtime_peer on {_cpu_model()}, torch {torch.__version__}, best of {args.repeats}, round-robin "
+        "per group, 1 thread: process CPU time, 2 threads: wall time; x = onnxruntime FP32 time / this time"
     )
     for key, row in results["timings"].items():
         group, batch, threads = key.split("|")

@@ -3,8 +3,9 @@
 //   * binary ops/s: AND + VPOPCNTQ + add of 512-bit vectors, one weight bit x one activation bit per op;
 //   * int8 MAC/s: VPDPBUSD, 64 byte products (16 lanes x 4) per instruction.
 // Each runs `iterations` rounds of independent chains (8, 16) over weights from a 4 KiB (L1) buffer, as the kernels'
-// inner loops stream weight rows against a broadcast input word.
-#include <chrono>
+// inner loops stream weight rows against a broadcast input word. Timed in this thread's CPU time, so time the
+// thread spends preempted on a shared machine does not count.
+#include <ctime>
 
 #include "int8.h"
 
@@ -20,8 +21,10 @@ constexpr int64_t kVnniChains = 16;  // VPDPBUSD latency ~5 at up to 2 per cycle
 constexpr int64_t kBufferWords = 512;  // 4 KiB of uint64
 
 #if defined(__x86_64__)
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+double thread_seconds() {
+  timespec now{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+  return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
 }
 
 // Stores the chains' sum where the compiler cannot see it unused, so the loop stays.
@@ -37,14 +40,14 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) double popcount_rate(int64_t 
   __m512i acc[kChains];
   for (auto& v : acc) v = _mm512_setzero_si512();
   const __m512i x = _mm512_set1_epi64(0x5555aaaa3333cccbLL);
-  const auto start = std::chrono::steady_clock::now();
+  const double start = thread_seconds();
   for (int64_t r = 0; r < iterations; ++r) {
     const uint64_t* row = buffer + (r * kChains * 8) % kBufferWords;
     for (int64_t k = 0; k < kChains; ++k) {
       acc[k] = _mm512_add_epi64(acc[k], _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(row + 8 * k), x)));
     }
   }
-  const double elapsed = seconds_since(start);
+  const double elapsed = thread_seconds() - start;
   __m512i total = acc[0];
   for (int64_t k = 1; k < kChains; ++k) total = _mm512_add_epi64(total, acc[k]);
   keep(total);
@@ -55,12 +58,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) double vnni_rate(int64_t 
   __m512i acc[kVnniChains];
   for (auto& v : acc) v = _mm512_setzero_si512();
   const __m512i x = _mm512_set1_epi32(0x01020304);
-  const auto start = std::chrono::steady_clock::now();
+  const double start = thread_seconds();
   for (int64_t r = 0; r < iterations; ++r) {
     const uint64_t* row = buffer + (r * kVnniChains * 8) % kBufferWords;
     for (int64_t k = 0; k < kVnniChains; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], x, _mm512_loadu_si512(row + 8 * k));
   }
-  const double elapsed = seconds_since(start);
+  const double elapsed = thread_seconds() - start;
   __m512i total = acc[0];
   for (int64_t k = 1; k < kVnniChains; ++k) total = _mm512_add_epi32(total, acc[k]);
   keep(total);
