@@ -10,8 +10,9 @@ the layers. Every (batch, threads) group is timed round-robin (best of ``--repea
 row come from the same moments of a shared machine: one-thread groups in process CPU time (time spent
 preempted does not count; equal to latency on an idle machine), two-thread groups in wall time. Then:
 the plan (which backend runs each layer), a per-layer table (batch 64, one thread, Python x86 backend) with
-each kernel's achieved binary or int8 operations per second and its share of the peak measured in the same run (VPOPCNTDQ / VNNI loops,
-``csrc/int8_roofline.cpp``), and each target of issue 13, met or missed and by how much.
+each kernel's achieved binary or int8 operations per second and its share of the peak measured in the same
+run (VPOPCNTDQ / VNNI loops, ``csrc/int8_roofline.cpp``), and each target of issue 13, met or missed and by
+how much.
 
     python benchmarks/runtime_peer.py --repeats 10 [--zoo-batch 8] [--json results.json]
 """
