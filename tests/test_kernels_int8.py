@@ -82,16 +82,22 @@ def _case(seed: int) -> tuple[PackedModel, torch.Tensor, str]:
     return PackedModel(graph, build.TORCH_PATH), x, layer
 
 
-def _layer_output(model: PackedModel, path: str, x: torch.Tensor, layer: str, threads: int) -> torch.Tensor:
-    """The layer's output on ``path`` for the torch backend's own input to it (so only this layer differs)."""
+def _layer_output(
+    model: PackedModel, path: str, x: torch.Tensor, layer: str, threads: int, channels_last: bool = False
+) -> torch.Tensor:
+    """The layer's output on ``path`` for the torch backend's own input to it (so only this layer differs),
+    that input optionally in channels-last memory (as a previous kernel layer leaves it)."""
     reference = run_steps(model.steps, model._input(x))
     model.set_kernel_path(path)
     step = next(step for step in model.steps if step.node.name == layer)
     assert step.backend == f"{int8.NAME}:{path}"
+    inputs = [reference[name] for name in step.inputs]
+    if channels_last and inputs[0].dim() == 4:
+        inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = step.run(*(reference[name] for name in step.inputs))
+        out = step.run(*inputs)
     finally:
         torch.set_num_threads(previous)
         model.set_kernel_path(build.TORCH_PATH)
@@ -108,6 +114,7 @@ def test_every_path_equals_scalar_and_the_torch_backend_within_tolerance(seed):
     for path in PATHS:
         for threads in (1, 2):
             assert torch.equal(_layer_output(model, path, x, layer, threads), scalar), (path, threads)
+        assert torch.equal(_layer_output(model, path, x, layer, 1, channels_last=True), scalar), path
 
 
 def test_two_level_inputs_stay_on_the_binary_kernels_and_tables_on_torch():
