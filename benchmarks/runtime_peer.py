@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import _cpu_model, _generator, _onnx_session, _zoo_models, best_times  # noqa: E402
 
 from lowbit.export import export_packed, load  # noqa: E402
-from lowbit.export.backends import native  # noqa: E402
+from lowbit.export.backends import native, x86  # noqa: E402
 from lowbit.export.backends.x86 import build  # noqa: E402
 from lowbit.export.runtime import PackedModel, run_steps  # noqa: E402
 from lowbit.nn import QuantSpec, convert  # noqa: E402
@@ -141,8 +142,9 @@ def _phase_taps(size: int, kernel: int, stride: int, padding: int, dilation: int
     )
 
 
-def layer_ops(node, backend: str, x: torch.Tensor, out: torch.Tensor) -> tuple[int, str]:
-    """(operations, unit) of one kernel layer call: int8 MACs, or binary ops = MACs x weight planes."""
+def layer_ops(node, backend: str, x: torch.Tensor, out: torch.Tensor, act_planes: int) -> tuple[int, str]:
+    """(operations, unit) of one kernel layer call: int8 MACs, or binary ops = MACs x weight planes x
+    activation planes."""
     weight = node.attrs["weight"]
     shape = weight["shape"]
     if node.op == "linear":
@@ -157,7 +159,14 @@ def layer_ops(node, backend: str, x: torch.Tensor, out: torch.Tensor) -> tuple[i
         ]
         macs = out.shape[0] * shape[0] * shape[1] * taps[0] * taps[1]
     planes = weight["bits"] if weight["codebook"] == "affine" else weight["levels"] - 1
-    return (macs, "int8 MAC") if backend.startswith("x86-int8") else (macs * planes, "binary op")
+    return (macs, "int8 MAC") if backend.startswith("x86-int8") else (macs * planes * act_planes, "binary op")
+
+
+def activation_planes(node, producers: dict) -> int:
+    """Bit planes of the activation a bit-serial layer codes (1 for two levels)."""
+    coding = x86.activation_input(x86.activation_source(node, producers)[0])
+    levels = getattr(coding, "levels", None)
+    return 1 if levels is None else math.ceil(math.log2(len(levels)))
 
 
 def layer_table(
@@ -165,6 +174,7 @@ def layer_table(
 ) -> list[dict]:
     """Every kernel layer of the Python x86 plan on its own input: ms, ops, achieved rate, share of peak."""
     values = run_steps(model.steps, model._input(x))
+    producers = {node.name: node for node in model.graph.nodes}
     rows = []
     for step in model.steps:
         if not step.backend.startswith("x86") or step.backend == "x86:gemm":
@@ -172,7 +182,8 @@ def layer_table(
         inputs = [values[n] for n in step.inputs]
         with torch.inference_mode():
             seconds = best_times({"k": partial(step.run, *inputs)}, repeats, time.process_time)["k"]
-        ops, unit = layer_ops(step.node, step.backend, inputs[0], values[step.node.name])
+        planes = 1 if step.backend.startswith("x86-int8") else activation_planes(step.node, producers)
+        ops, unit = layer_ops(step.node, step.backend, inputs[0], values[step.node.name], planes)
         peak = peaks["vnni"] if unit == "int8 MAC" else peaks["popcount"]
         rate = ops / seconds
         rows.append(

@@ -62,19 +62,24 @@ def _case(seed: int) -> tuple[PackedModel, torch.Tensor, str]:
     stem = nn.Linear(7, cin) if kind == "linear" else nn.Conv2d(3, cin, 3, padding=1)
     torch.manual_seed(seed)
     model = nn.Sequential(stem, nn.ReLU(), target).eval()
-    bits = rng.randint(1, 8)
+    act_bits = rng.choice([2, 5, 8])
+    signed = rng.random() < 0.5  # signed codes: levels symmetric around 0, like a signed 8-bit activation
+    count = rng.choice([16, 255, 256]) if signed else 2**act_bits
+    act_planes = math.ceil(math.log2(count))
+    # The claim policy leaves at most 4 weight x activation plane pairs of <= 16 levels to the bit planes.
+    low_bits = 4 // act_planes + 1 if count <= 16 else 1
+    bits = rng.randint(low_bits, 8)
     spec = QuantSpec(
         weight="minmax",
         weight_bits=bits,
         act="act",
-        act_bits=rng.choice([2, 5, 8]),
+        act_bits=act_bits,
         overrides={"0": {"weight_bits": 32}},
     )
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(seed))
     graph, _ = capture(convert(model, spec).eval(), x[:1])
     act = next(node for node in graph.nodes if node.op == "quant_act")
-    if rng.random() < 0.5:  # signed codes: levels symmetric around 0, like a signed 8-bit activation
-        count = rng.choice([16, 255, 256])
+    if signed:
         act.tensors["levels"] = torch.linspace(-0.8, 0.8, count)
     if rng.random() < 0.5:
         act.tensors["shift"] = 0.2 * torch.randn(cin, generator=torch.Generator().manual_seed(seed + 1))
@@ -245,3 +250,22 @@ def test_arm64_build_under_qemu_equals_x86(tmp_path):
     )
     assert np.array_equal(neon, portable)
     assert float(np.abs(neon - x86).max()) <= ARM_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("weight_bits", "act_bits", "family"),
+    [(2, 2, "x86"), (4, 4, int8.NAME), (2, 8, int8.NAME)],
+)
+def test_claim_policy_picks_the_stated_kernel_family(weight_bits, act_bits, family, tmp_path):
+    """docs/export.md "Which kernels run a layer": W2A2 (4 plane pairs) on the bit planes, W4A4 (16 pairs) and
+    W2A8 (256 levels) on the integer path, in the Python plan and in liblowbit's own plan."""
+    spec = QuantSpec(weight="minmax", weight_bits=weight_bits, act="dorefa", act_bits=act_bits)
+    model = convert(trained_like_dcgan(width=16), spec).eval()
+    path = write_graph(capture(model, torch.randn(1, 100))[0], tmp_path / "g.lowbit")
+    python = load(path, kernel_path=PATHS[0], backend="python")
+    hidden = [row["backend"] for row in python.plan_table() if row["op"] == "conv_transpose2d"][1:]
+    assert hidden == [f"{family}:{PATHS[0]}"] * 3
+    if native.available():
+        lib = native.NativeModel(path.read_bytes(), str(path))
+        lib.set_kernel_path("auto")
+        assert lib.kernel_layers() == ((3, 0) if family == "x86" else (0, 3))

@@ -342,6 +342,14 @@ int lowbit_set_kernel_path(lowbit_model* model, const char* path) {
 
 const char* lowbit_kernel_path(const lowbit_model* model) { return model ? model->path_name.c_str() : ""; }
 
+int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t* integer) {
+  return guarded([&] {
+    if (!model || !bit_planes || !integer) throw lowbit::argument("null model or count");
+    *bit_planes = 0, *integer = 0;
+    for (const lowbit::Step& step : model->steps) *bit_planes += step.binary != nullptr, *integer += step.int8 != nullptr;
+  });
+}
+
 int lowbit_set_threads(lowbit_model* model, int threads) {
   return guarded([&] {
     if (!model || threads < 1 || threads > 1024) throw lowbit::argument("threads must be 1..1024");
