@@ -34,7 +34,7 @@ void lowbit_free(lowbit_model* model);
 int lowbit_input_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank);
 int lowbit_output_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank);
 
-/* Kernel path for the binary layers: "auto" (the fastest this CPU has), "scalar", "avx2", "avx512", "neon",
+/* Kernel path for the kernel layers (bit planes and integer): "auto" (the fastest this CPU has), "scalar", "avx2", "avx512", "neon",
  * or "float" (every layer on the float code). The default is "auto". */
 int lowbit_set_kernel_path(lowbit_model* model, const char* path);
 const char* lowbit_kernel_path(const lowbit_model* model);

@@ -101,7 +101,7 @@ void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
   steps.swap(kept);
 }
 
-// Plans the graph for `path`: binary layers on the kernels, the rest on float code; drops nodes nothing reads
+// Plans the graph for `path`: kernel layers (bit planes or integer) on the kernels, the rest on float code; drops nodes nothing reads
 // and fuses activations into their producers.
 void plan(lowbit_model& m, int64_t path) {
   std::vector<Step> steps;
