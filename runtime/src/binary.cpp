@@ -468,18 +468,11 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   }
   BinaryConv call;
   call.x = Image{x.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
-  for (const auto& w_t : b.w_ts) {
-    call.w_ts.push_back(w_t.data());
-    call.w_t_words.push_back(static_cast<int64_t>(w_t.size()) / b.rows_padded);
-  }
+  layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
   call.rows_padded = b.rows_padded;
-  call.phases = b.phases;
   call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.data();
   const int64_t co = static_cast<int64_t>(b.offset2.size());
-  const bool flat = b.layer->op == "linear";
-  call.ho = flat ? 1 : out.shape[2], call.wo = flat ? 1 : out.shape[3], call.co = co, call.planes = b.planes;
-  for (int k = 0; k < 4; ++k) call.steps[k] = b.steps[k];
-  call.path = path;
+  call.co = co, call.planes = b.planes;
   if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);

@@ -78,6 +78,22 @@ bool kernel_source(const Graph& graph, int index, KernelSource& found);
 Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
                     bool shifted = true);
 
+// The arguments every kernel call (driver.h BinaryConv, int8.h Int8Conv) takes from a planned layer: each
+// phase's weights and its words per `row_width`-wide row, the phase list, the output size, steps and path.
+template <typename Call, typename Word>
+void layer_call(Call& call, const std::vector<std::vector<Word>>& w_ts, int64_t row_width, const std::vector<int64_t>& phases,
+                const Node& layer, const Tensor& out, const int64_t steps[4], int64_t path) {
+  for (const auto& w_t : w_ts) {
+    call.w_ts.push_back(w_t.data());
+    call.w_t_words.push_back(static_cast<int64_t>(w_t.size()) / row_width);
+  }
+  call.phases = phases;
+  const bool flat = layer.op == "linear";
+  call.ho = flat ? 1 : out.shape[2], call.wo = flat ? 1 : out.shape[3];
+  for (int k = 0; k < 4; ++k) call.steps[k] = steps[k];
+  call.path = path;
+}
+
 // A kernel's channels-last (n, pixels, co) output into `out` (NCHW; a linear layer's N x Co either way).
 void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out);
 

@@ -90,18 +90,11 @@ void run_int8(const Int8Layer& l, const Tensor& source, int64_t path, const Para
   Int8Conv call;
   call.x = Image{x.data.data(), true, n, l.input.packed[0], l.input.packed[1], l.input.packed[2]};
   call.bounds = l.bounds, call.lo = l.lo, call.inv_step = l.inv_step;
-  for (const auto& w_t : l.w_ts) {
-    call.w_ts.push_back(w_t.data());
-    call.w_t_words.push_back(static_cast<int64_t>(w_t.size()) / l.co_pad);
-  }
+  layer_call(call, l.w_ts, l.co_pad, l.phases, *l.layer, out, l.steps, path);
   call.co_pad = l.co_pad;
-  call.phases = l.phases;
   call.coef = l.coef.data(), call.offset = l.offset.data(), call.base = l.base.data();
   const int64_t co = static_cast<int64_t>(l.coef.size());
-  const bool flat = l.layer->op == "linear";
-  call.ho = flat ? 1 : out.shape[2], call.wo = flat ? 1 : out.shape[3], call.co = co;
-  for (int k = 0; k < 4; ++k) call.steps[k] = l.steps[k];
-  call.path = path;
+  call.co = co;
   const std::string bad = check_int8_conv(call);
   if (!bad.empty()) throw bad_node(l.layer->name, "integer kernel arguments: " + bad);
   std::vector<float> nhwc(static_cast<size_t>(n * call.ho * call.wo * co));
