@@ -103,7 +103,7 @@ def test_two_level_act_generator_runs_on_the_kernels(tmp_path, path):
     assert [step.node.module for step in _kernel_layers(packed)] == ["3", "6", "9"]
     assert not any(step.node.op == "quant_act" for step in packed.steps)  # every act fused into packing
     for step in _kernel_layers(packed):
-        binary = x86.binary_input(x86._source(step.node, producers)[0])
+        binary = x86.binary_input(x86.activation_source(step.node, producers)[0])
         assert binary.low == 0.0 < binary.high
     z = torch.randn(32, 100, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

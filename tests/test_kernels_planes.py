@@ -310,13 +310,15 @@ def test_conv2d_coverage_against_the_torch_backend(case):
     graph, _ = capture(model, x[:1])
     expected = PackedModel(graph, "torch")(x)
     scale = max(1.0, expected.abs().max().item())
+    # The claim policy: bit planes for two levels or at most 4 weight x activation plane pairs, else integer.
+    family = "x86" if abits == 1 or wbits * abits <= 4 else "x86-int8"
     outputs = []
     for path in KERNEL_PATHS:
         packed = PackedModel(graph, path)
-        assert [step.backend for step in packed.steps].count(f"x86:{path}") == 1
+        assert [step.backend for step in packed.steps].count(f"{family}:{path}") == 1
         outputs.append(packed(x))
         share = ((outputs[-1] - expected).abs() > 1e-3 * scale).float().mean().item()
-        assert share < 0.01  # only BN-folding rounding at a threshold may flip a code
+        assert share < 0.01  # only BN-folding rounding at a threshold (or a midpoint tie) may flip a code
     for other in outputs[1:]:
         assert torch.equal(outputs[0], other)
 

@@ -34,10 +34,13 @@ void lowbit_free(lowbit_model* model);
 int lowbit_input_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank);
 int lowbit_output_shape(const lowbit_model* model, int64_t* dims, int max_dims, int* rank);
 
-/* Kernel path for the binary layers: "auto" (the fastest this CPU has), "scalar", "avx2", "avx512", "neon",
+/* Kernel path for the kernel layers (bit planes and integer): "auto" (the fastest this CPU has), "scalar", "avx2", "avx512", "neon",
  * or "float" (every layer on the float code). The default is "auto". */
 int lowbit_set_kernel_path(lowbit_model* model, const char* path);
 const char* lowbit_kernel_path(const lowbit_model* model);
+/* How many layers of the current plan run on the bit-serial kernels and on the integer kernels (the claim
+ * policy: docs/export.md "Which kernels run a layer"); both 0 on the "float" path. */
+int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t* integer);
 /* Bit i set for every kernel path id i this CPU runs (ids as in lowbit's KERNEL_PATHS). */
 int64_t lowbit_supported_paths(void);
 /* Threads used by the binary kernels and the float layers' products (default 1); outputs are identical for

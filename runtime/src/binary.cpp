@@ -8,6 +8,37 @@
 #include "ops.h"
 
 namespace lowbit {
+
+Geometry geometry(const Node& node) {
+  const Attrs& a = node.attrs;
+  const Shape& s = node.weight.shape;
+  if (node.op == "linear") return {s[0], s[1], 1, 1, {1, 1}, {0, 0}, {1, 1}, s[1], 1, 1};
+  const bool transposed = node.op == "conv_transpose2d";
+  const int64_t co = transposed ? s[1] : s[0], ci = transposed ? s[0] : s[1], taps = s[2] * s[3];
+  return {co, ci, s[2], s[3], {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]}, {a.dilation[0], a.dilation[1]},
+          transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
+}
+
+bool integer_weights(const Weight& w) { return w.packed && w.affine && !w.sparse && w.levels <= kMaxIntegerLevels; }
+
+// (kernel indices, input offsets) of one axis of one phase: all taps for a conv, the sub-pixel subset for a
+// transposed conv (taps k with (phase + padding - k * dilation) divisible by the stride).
+void axis_taps(const Node& node, const Geometry& g, int dim, int64_t phase, std::vector<int64_t>& ks,
+               std::vector<int64_t>& offsets) {
+  const int64_t kernel = dim == 0 ? g.kh : g.kw;
+  for (int64_t k = 0; k < kernel; ++k) {
+    if (node.op != "conv_transpose2d") {
+      ks.push_back(k), offsets.push_back(k * g.dilation[dim] - g.padding[dim]);
+      continue;
+    }
+    const int64_t shifted = phase + g.padding[dim] - k * g.dilation[dim];
+    if (shifted % g.stride[dim] != 0) continue;
+    ks.push_back(k);
+    // floor division, as Python's //
+    offsets.push_back(shifted >= 0 ? shifted / g.stride[dim] : -((-shifted + g.stride[dim] - 1) / g.stride[dim]));
+  }
+}
+
 namespace {
 
 bool commutes(const Node& node) {
@@ -18,6 +49,7 @@ bool commutes(const Node& node) {
 
 constexpr size_t kMaxLevels = 16;          // binary.py MAX_LEVELS: 4 activation planes
 constexpr double kAffineTolerance = 1e-6;  // binary.py AFFINE_TOLERANCE
+constexpr int64_t kMaxPlanePairs = 4;      // x86/__init__.py MAX_PLANE_PAIRS
 
 // The sorted levels of a quant_act the kernels code: two distinct levels, or 3 to 16 affine ones
 // (|level_j - (low + step * j)| <= 1e-6 max |level|, computed as binary.py affine_levels does).
@@ -40,6 +72,18 @@ bool coded_levels(const Node& act, std::vector<float>& levels) {
     }
   }
   return true;
+}
+
+// Planes needed for codes 0..levels-1.
+int64_t bits_of(int64_t levels) {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::log2(static_cast<double>(levels)))));
+}
+
+// x86/__init__.py prefers_planes: two-level inputs run as bit planes; 3-16 affine levels too when weight planes x
+// activation planes <= kMaxPlanePairs or the integer path cannot take the weights; otherwise the integer path.
+bool prefers_planes(const Weight& w, size_t act_levels) {
+  if (act_levels <= 2 || !integer_weights(w)) return true;
+  return bits_of(w.levels) * bits_of(static_cast<int64_t>(act_levels)) <= kMaxPlanePairs;
 }
 
 // The float32 midpoints of sorted levels, as the torch backend and ops.cpp quant_act compute them.
@@ -91,25 +135,6 @@ int fusable_norm(const Graph& graph, const BinaryLayer& b) {
     if (step->op == "reshape") return -1;
   }
   return source;
-}
-
-// A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
-// row) in its stored weight (conv (Co, Ci, kh, kw), transposed conv (Ci, Co, kh, kw), linear (Co, Ci)).
-struct Geometry {
-  int64_t co, ci, kh, kw, stride[2], padding[2], dilation[2];
-  int64_t step_co, step_ci, step_y;
-
-  int64_t index(int64_t c, int64_t i, int64_t y, int64_t z) const { return c * step_co + i * step_ci + y * step_y + z; }
-};
-
-Geometry geometry(const Node& node) {
-  const Attrs& a = node.attrs;
-  const Shape& s = node.weight.shape;
-  if (node.op == "linear") return {s[0], s[1], 1, 1, {1, 1}, {0, 0}, {1, 1}, s[1], 1, 1};
-  const bool transposed = node.op == "conv_transpose2d";
-  const int64_t co = transposed ? s[1] : s[0], ci = transposed ? s[0] : s[1], taps = s[2] * s[3];
-  return {co, ci, s[2], s[3], {a.stride[0], a.stride[1]}, {a.padding[0], a.padding[1]}, {a.dilation[0], a.dilation[1]},
-          transposed ? taps : ci * taps, transposed ? co * taps : taps, s[3]};
 }
 
 // A codebook row as offset + sum_p coef[p] * bit_p(mask[code]) (binary.py Decomposition).
@@ -230,65 +255,37 @@ void planes_of(const Node& node, const Geometry& g, std::vector<std::vector<uint
   }
 }
 
-// (kernel indices, input offsets) of one axis of one phase: all taps for a conv, the sub-pixel subset for a
-// transposed conv (taps k with (phase + padding - k * dilation) divisible by the stride).
-void axis_taps(const Node& node, const Geometry& g, int dim, int64_t phase, std::vector<int64_t>& ks,
-               std::vector<int64_t>& offsets) {
-  const int64_t kernel = dim == 0 ? g.kh : g.kw;
-  for (int64_t k = 0; k < kernel; ++k) {
-    if (node.op != "conv_transpose2d") {
-      ks.push_back(k), offsets.push_back(k * g.dilation[dim] - g.padding[dim]);
-      continue;
-    }
-    const int64_t shifted = phase + g.padding[dim] - k * g.dilation[dim];
-    if (shifted % g.stride[dim] != 0) continue;
-    ks.push_back(k);
-    // floor division, as Python's //
-    offsets.push_back(shifted >= 0 ? shifted / g.stride[dim] : -((-shifted + g.stride[dim] - 1) / g.stride[dim]));
-  }
-}
-
 void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<std::vector<uint8_t>>& planes) {
-  const Node& node = *b.layer;
   const int64_t wc = (g.ci + 63) / 64, rows = b.planes * g.co;
   b.rows_padded = (rows + 7) / 8 * 8;
-  const bool transposed = node.op == "conv_transpose2d";
-  const int64_t sh = transposed ? g.stride[0] : 1, sw = transposed ? g.stride[1] : 1;
-  for (int64_t ph = 0; ph < sh; ++ph) {
-    for (int64_t pw = 0; pw < sw; ++pw) {
-      std::vector<int64_t> kh, kw, th, tw;
-      axis_taps(node, g, 0, ph, kh, th);
-      axis_taps(node, g, 1, pw, kw, tw);
-      b.phases.insert(b.phases.end(), {ph, pw, static_cast<int64_t>(th.size()), static_cast<int64_t>(tw.size())});
-      b.phases.insert(b.phases.end(), th.begin(), th.end());
-      b.phases.insert(b.phases.end(), tw.begin(), tw.end());
-      const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
-      std::vector<uint64_t> w_t(static_cast<size_t>(taps * wc * b.rows_padded), 0);
-      for (int64_t p = 0; p < b.planes; ++p) {
-        for (int64_t c = 0; c < g.co; ++c) {
-          const int64_t row = p * g.co + c;
-          for (size_t y = 0; y < kh.size(); ++y) {
-            for (size_t z = 0; z < kw.size(); ++z) {
-              const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
-              for (int64_t ci = 0; ci < g.ci; ++ci) {
-                if (!planes[static_cast<size_t>(p)][static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))]) continue;
-                w_t[static_cast<size_t>((tap * wc + ci / 64) * b.rows_padded + row)] |= uint64_t{1} << (ci % 64);
-              }
+  for (const PhaseTaps& phase : layer_phases(*b.layer, g, b.phases, b.steps)) {
+    const std::vector<int64_t>&kh = phase.kh, &kw = phase.kw;
+    const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
+    std::vector<uint64_t> w_t(static_cast<size_t>(taps * wc * b.rows_padded), 0);
+    for (int64_t p = 0; p < b.planes; ++p) {
+      for (int64_t c = 0; c < g.co; ++c) {
+        const int64_t row = p * g.co + c;
+        for (size_t y = 0; y < kh.size(); ++y) {
+          for (size_t z = 0; z < kw.size(); ++z) {
+            const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
+            for (int64_t ci = 0; ci < g.ci; ++ci) {
+              if (!planes[static_cast<size_t>(p)][static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))]) continue;
+              w_t[static_cast<size_t>((tap * wc + ci / 64) * b.rows_padded + row)] |= uint64_t{1} << (ci % 64);
             }
           }
         }
       }
-      b.w_ts.push_back(std::move(w_t));
     }
+    b.w_ts.push_back(std::move(w_t));
   }
-  b.steps[0] = transposed ? 1 : g.stride[0], b.steps[1] = transposed ? 1 : g.stride[1];
-  b.steps[2] = sh, b.steps[3] = sw;
 }
 
+}  // namespace
+
 // bias + c * (the layer on an all-ones input of the packed size), (Ho, Wo, Co) in float64.
-void build_base(BinaryLayer& b, const Geometry& g, double c_term, const Shape& out) {
-  const Node& node = *b.layer;
-  const int64_t h = b.packed[1], w = b.packed[2], ho = out[0], wo = out[1];
+std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
+  const Geometry g = geometry(node);
+  const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
   std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);  // sum over input channels
   for (int64_t c = 0; c < g.co; ++c) {
     for (int64_t y = 0; y < g.kh; ++y) {
@@ -323,46 +320,107 @@ void build_base(BinaryLayer& b, const Geometry& g, double c_term, const Shape& o
       }
     }
   }
-  b.base.resize(corr.size());
+  std::vector<double> base(corr.size());
   for (size_t k = 0; k < corr.size(); ++k) {
     const int64_t c = static_cast<int64_t>(k) % g.co;
-    b.base[k] = c_term * corr[k] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+    base[k] = c_term * corr[k] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+  }
+  return base;
+}
+
+std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::vector<int64_t>& phases, int64_t steps[4]) {
+  const bool transposed = node.op == "conv_transpose2d";
+  const int64_t sh = transposed ? g.stride[0] : 1, sw = transposed ? g.stride[1] : 1;
+  std::vector<PhaseTaps> all;
+  for (int64_t ph = 0; ph < sh; ++ph) {
+    for (int64_t pw = 0; pw < sw; ++pw) {
+      PhaseTaps phase;
+      std::vector<int64_t> th, tw;
+      axis_taps(node, g, 0, ph, phase.kh, th);
+      axis_taps(node, g, 1, pw, phase.kw, tw);
+      phases.insert(phases.end(), {ph, pw, static_cast<int64_t>(th.size()), static_cast<int64_t>(tw.size())});
+      phases.insert(phases.end(), th.begin(), th.end());
+      phases.insert(phases.end(), tw.begin(), tw.end());
+      all.push_back(std::move(phase));
+    }
+  }
+  steps[0] = transposed ? 1 : g.stride[0], steps[1] = transposed ? 1 : g.stride[1];
+  steps[2] = sh, steps[3] = sw;
+  return all;
+}
+
+Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
+                    bool shifted) {
+  const int64_t n = source.shape[0];
+  Tensor x = source;
+  if (shifted && act.tensors.count("shift")) subtract_shift(x, act.tensors.at("shift").data);
+  for (const Node* step : chain) {
+    Tensor next;
+    next.shape = {n};
+    next.shape.insert(next.shape.end(), step->out_shape.begin(), step->out_shape.end());
+    next.data.resize(static_cast<size_t>(numel(next.shape)));
+    run_op(*step, {&x}, next);
+    x = std::move(next);
+  }
+  if (!layer.attrs.pad.empty()) {
+    Tensor padded;
+    pad_tensor(x, layer.attrs.pad, layer.attrs.pad_mode, 0.0, padded);
+    x = std::move(padded);
+  }
+  return x;
+}
+
+void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = 0; p < pixels; ++p) {
+      for (int64_t c = 0; c < co; ++c) {
+        out.data[static_cast<size_t>((i * co + c) * pixels + p)] = nhwc[static_cast<size_t>((i * pixels + p) * co + c)];
+      }
+    }
   }
 }
 
-}  // namespace
+bool kernel_source(const Graph& graph, int index, KernelSource& found) {
+  const Node& node = graph.nodes[static_cast<size_t>(index)];
+  const bool weight_op = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
+  if (!weight_op || !node.weight.packed || node.attrs.groups != 1) return false;
+  if (!node.attrs.pad.empty() && node.attrs.pad_mode == "constant") return false;
+  int current = node.inputs[0];
+  while (current >= 0 && commutes(graph.nodes[static_cast<size_t>(current)])) {
+    found.chain.insert(found.chain.begin(), &graph.nodes[static_cast<size_t>(current)]);
+    current = graph.nodes[static_cast<size_t>(current)].inputs[0];
+  }
+  if (current < 0 || graph.nodes[static_cast<size_t>(current)].op != "quant_act") return false;
+  found.act = &graph.nodes[static_cast<size_t>(current)];
+  found.source = found.act->inputs[0];
+  for (const Node* step : found.chain) {
+    if (step->op == "reshape" && node.op != "linear") return false;
+  }
+  // What the kernel packs: the last commuting op's output, padded by the layer's own reflect/replicate pad.
+  const Shape& before = found.chain.empty() ? (found.source < 0 ? graph.input_shape : graph.nodes[static_cast<size_t>(found.source)].out_shape)
+                                            : found.chain.back()->out_shape;
+  if (node.op == "linear") {
+    if (before.size() != 1) return false;
+    found.packed = {before[0], 1, 1};
+  } else {
+    found.packed = node.attrs.pad.empty() ? before : padded_shape(before, node.attrs.pad);
+  }
+  return found.source < 0 || graph.nodes[static_cast<size_t>(found.source)].op != "constant";
+}
 
 std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   const Node& node = graph.nodes[static_cast<size_t>(index)];
-  const bool weight_op = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
-  if (!weight_op || !node.weight.packed || node.attrs.groups != 1) return nullptr;
-  if (!node.attrs.pad.empty() && node.attrs.pad_mode == "constant") return nullptr;
+  KernelSource found;
+  std::vector<float> levels;
+  if (!kernel_source(graph, index, found) || !coded_levels(*found.act, levels)) return nullptr;
+  if (!prefers_planes(node.weight, levels.size())) return nullptr;
+  const float low = levels.front(), high = levels.back();
   auto b = std::make_unique<BinaryLayer>();
   b->layer = &node;
-  int current = node.inputs[0];
-  while (current >= 0 && commutes(graph.nodes[static_cast<size_t>(current)])) {
-    b->chain.insert(b->chain.begin(), &graph.nodes[static_cast<size_t>(current)]);
-    current = graph.nodes[static_cast<size_t>(current)].inputs[0];
-  }
-  std::vector<float> levels;
-  if (current < 0 || !coded_levels(graph.nodes[static_cast<size_t>(current)], levels)) return nullptr;
-  const float low = levels.front(), high = levels.back();
-  b->act = &graph.nodes[static_cast<size_t>(current)];
+  b->act = found.act, b->chain = found.chain, b->packed = found.packed;
   const int norm = fusable_norm(graph, *b);
   if (norm >= 0) b->norm = &graph.nodes[static_cast<size_t>(norm)];
-  b->source = b->norm != nullptr ? b->norm->inputs[0] : b->act->inputs[0];
-  for (const Node* step : b->chain) {
-    if (step->op == "reshape" && node.op != "linear") return nullptr;
-  }
-  // What the kernel packs: the last commuting op's output, padded by the layer's own reflect/replicate pad.
-  const Shape& before = b->chain.empty() ? (b->source < 0 ? graph.input_shape : graph.nodes[static_cast<size_t>(b->source)].out_shape)
-                                         : b->chain.back()->out_shape;
-  if (node.op == "linear") {
-    if (before.size() != 1) return nullptr;
-    b->packed = {before[0], 1, 1};
-  } else {
-    b->packed = node.attrs.pad.empty() ? before : padded_shape(before, node.attrs.pad);
-  }
+  b->source = b->norm != nullptr ? b->norm->inputs[0] : found.source;
   if (b->source >= 0 && graph.nodes[static_cast<size_t>(b->source)].op == "constant") return nullptr;
   // Sign (levels {-1, +1}) ties go up: a = 2, c = -1; otherwise ties go to `low`: a = -(high - low), c = high.
   // Coded inputs (more levels, or a folded BatchNorm): value = low + step * code, a = step, c = low.
@@ -393,27 +451,13 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   b->coef2 = coef, b->offset2 = offset;
   build_phases(*b, g, planes);
   const Shape& out = node.out_shape;
-  build_base(*b, g, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
+  b->base = all_ones_base(node, b->packed, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
   return b;
 }
 
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
-  Tensor x = source;
-  if (b.act->tensors.count("shift") && b.norm == nullptr) subtract_shift(x, b.act->tensors.at("shift").data);
-  for (const Node* step : b.chain) {
-    Tensor next;
-    next.shape = {n};
-    next.shape.insert(next.shape.end(), step->out_shape.begin(), step->out_shape.end());
-    next.data.resize(static_cast<size_t>(numel(next.shape)));
-    run_op(*step, {&x}, next);
-    x = std::move(next);
-  }
-  if (!b.layer->attrs.pad.empty()) {
-    Tensor padded;
-    pad_tensor(x, b.layer->attrs.pad, b.layer->attrs.pad_mode, 0.0, padded);
-    x = std::move(padded);
-  }
+  Tensor x = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
   // Sign packing takes bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`);
   // coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
   const float t = b.threshold;
@@ -424,31 +468,17 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   }
   BinaryConv call;
   call.x = Image{x.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
-  for (const auto& w_t : b.w_ts) {
-    call.w_ts.push_back(w_t.data());
-    call.w_t_words.push_back(static_cast<int64_t>(w_t.size()) / b.rows_padded);
-  }
+  layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
   call.rows_padded = b.rows_padded;
-  call.phases = b.phases;
   call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.data();
   const int64_t co = static_cast<int64_t>(b.offset2.size());
-  const bool flat = b.layer->op == "linear";
-  call.ho = flat ? 1 : out.shape[2], call.wo = flat ? 1 : out.shape[3], call.co = co, call.planes = b.planes;
-  for (int k = 0; k < 4; ++k) call.steps[k] = b.steps[k];
-  call.path = path;
+  call.co = co, call.planes = b.planes;
   if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
   std::vector<float> nhwc(static_cast<size_t>(n * call.ho * call.wo * co));
   run_binary_conv(call, nhwc.data(), parallel);
-  const int64_t pixels = call.ho * call.wo;  // channels-last -> NCHW (a linear layer's output is N x Co either way)
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t p = 0; p < pixels; ++p) {
-      for (int64_t c = 0; c < co; ++c) {
-        out.data[static_cast<size_t>((i * co + c) * pixels + p)] = nhwc[static_cast<size_t>((i * pixels + p) * co + c)];
-      }
-    }
-  }
+  channels_first(nhwc, n, call.ho * call.wo, co, out);
 }
 
 }  // namespace lowbit

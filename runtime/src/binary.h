@@ -27,7 +27,78 @@ struct BinaryLayer {
   int64_t rows_padded = 0, planes = 0, steps[4] = {1, 1, 1, 1};
 };
 
-// The binary layer for node `index`, or nullptr when the kernels do not take it.
+// A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
+// row) in its stored weight (conv (Co, Ci, kh, kw), transposed conv (Ci, Co, kh, kw), linear (Co, Ci)).
+struct Geometry {
+  int64_t co, ci, kh, kw, stride[2], padding[2], dilation[2];
+  int64_t step_co, step_ci, step_y;
+
+  int64_t index(int64_t c, int64_t i, int64_t y, int64_t z) const { return c * step_co + i * step_ci + y * step_y + z; }
+};
+
+Geometry geometry(const Node& node);
+
+constexpr int64_t kMaxIntegerLevels = 256;  // x86/__init__.py MAX_INTEGER_LEVELS: signed-byte weight codes
+
+// Whether the integer path can take a weight: packed, affine, unpruned, at most 8 bits (x86 integer_weights).
+bool integer_weights(const Weight& w);
+
+// (kernel indices, input offsets) of one axis of one phase (see binary.cpp).
+void axis_taps(const Node& node, const Geometry& g, int dim, int64_t phase, std::vector<int64_t>& ks,
+               std::vector<int64_t>& offsets);
+
+// The kernel rows and columns one phase of a layer uses.
+struct PhaseTaps {
+  std::vector<int64_t> kh, kw;
+};
+
+// Appends every phase of `node` (one for a conv, stride^2 sub-pixel phases for a transposed conv) to the
+// kernels' phase list, sets their [in_step_h, in_step_w, out_step_h, out_step_w], returns each phase's taps.
+std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::vector<int64_t>& phases, int64_t steps[4]);
+
+// bias + c_term * (the layer on an all-ones input of the packed (C, H, W) size), (Ho, Wo, Co) in float64: the
+// input-independent term of the binary and the integer path.
+std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out);
+
+// The activation a kernel layer reads through: a quant_act, the commuting ops (reflect / replicate pads, nearest
+// resizes, reshapes before a linear layer) in between, the node it reads (-1: the graph input) and the
+// per-sample (C, H, W) the kernel sees (after the layer's own pad).
+struct KernelSource {
+  const Node* act = nullptr;
+  std::vector<const Node*> chain;
+  int source = -1;
+  Shape packed;
+};
+
+// Whether node `index` is an ungrouped packed weight layer fed by a quant_act that way (then `found` is set).
+bool kernel_source(const Graph& graph, int index, KernelSource& found);
+
+// What a kernel layer reads: `source` (the activation's input) minus the activation's shift (when `shifted`; a
+// folded BatchNorm holds it in its thresholds), through the commuting `chain` and the layer's own pad.
+Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
+                    bool shifted = true);
+
+// The arguments every kernel call (driver.h BinaryConv, int8.h Int8Conv) takes from a planned layer: each
+// phase's weights and its words per `row_width`-wide row, the phase list, the output size, steps and path.
+template <typename Call, typename Word>
+void layer_call(Call& call, const std::vector<std::vector<Word>>& w_ts, int64_t row_width, const std::vector<int64_t>& phases,
+                const Node& layer, const Tensor& out, const int64_t steps[4], int64_t path) {
+  for (const auto& w_t : w_ts) {
+    call.w_ts.push_back(w_t.data());
+    call.w_t_words.push_back(static_cast<int64_t>(w_t.size()) / row_width);
+  }
+  call.phases = phases;
+  const bool flat = layer.op == "linear";
+  call.ho = flat ? 1 : out.shape[2], call.wo = flat ? 1 : out.shape[3];
+  for (int k = 0; k < 4; ++k) call.steps[k] = steps[k];
+  call.path = path;
+}
+
+// A kernel's channels-last (n, pixels, co) output into `out` (NCHW; a linear layer's N x Co either way).
+void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out);
+
+// The binary layer for node `index`, or nullptr when the kernels do not take it or the claim policy
+// (x86/__init__.py prefers_planes) gives it to the integer path.
 std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index);
 
 // Runs the layer on `source` (the activation's input) with kernel path `path` into out (full NCHW shape set).

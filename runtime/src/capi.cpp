@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "binary.h"
+#include "int8_layer.h"
 #include "ops.h"
 
 namespace lowbit {
@@ -27,28 +28,18 @@ constexpr int64_t kFloatPath = -1;
 
 struct Step {
   int node;
-  const BinaryLayer* binary;  // nullptr: the float code
+  const BinaryLayer* binary;  // the bit-serial kernels (nullptr: not these)
+  const Int8Layer* int8;      // the integer kernels (nullptr: not these; both nullptr: the float code)
   std::vector<int> inputs;
   int out;          // the node whose value the step writes: `node`, or the activation fused into it
   Activation then;  // that fused activation (kind None: none)
 };
 
-// Runs body over [0, n) on up to `threads` std::threads (the calling thread takes the first share).
+// Runs body over [0, n) on the calling thread and up to threads - 1 workers of the kernels' persistent pool
+// (driver.h pool_parallel: no thread started per section; every task writes its own outputs, so results do
+// not depend on the thread count).
 ParallelFor thread_pool(int threads) {
-  return [threads](int64_t n, const ParallelBody& body) {
-    const int64_t workers = std::min<int64_t>(threads, n);
-    if (workers <= 1) {
-      if (n > 0) body(0, n);
-      return;
-    }
-    std::vector<std::thread> pool;
-    const int64_t share = (n + workers - 1) / workers;
-    for (int64_t begin = share; begin < n; begin += share) {
-      pool.emplace_back([&body, begin, end = std::min(n, begin + share)] { body(begin, end); });
-    }
-    body(0, std::min(n, share));
-    for (std::thread& t : pool) t.join();
-  };
+  return [threads](int64_t n, const ParallelBody& body) { pool_parallel(threads, n, body); };
 }
 
 }  // namespace
@@ -57,6 +48,7 @@ ParallelFor thread_pool(int threads) {
 struct lowbit_model {
   lowbit::Graph graph;
   std::vector<std::unique_ptr<lowbit::BinaryLayer>> binary;  // per node, nullptr where the kernels do not apply
+  std::vector<std::unique_ptr<lowbit::Int8Layer>> int8;      // per node, where the binary kernels do not apply
   std::vector<lowbit::Step> steps;
   std::vector<int> last_use;  // per node: the last step reading it (its buffer returns to the pool after that step)
   // Buffers of finished values, reused by later steps and later runs (a run takes the whole pool and puts
@@ -109,14 +101,17 @@ void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
   steps.swap(kept);
 }
 
-// Plans the graph for `path`: binary layers on the kernels, the rest on float code; drops nodes nothing reads
+// Plans the graph for `path`: kernel layers (bit planes or integer) on the kernels, the rest on float code; drops nodes nothing reads
 // and fuses activations into their producers.
 void plan(lowbit_model& m, int64_t path) {
   std::vector<Step> steps;
   for (size_t k = 0; k < m.graph.nodes.size(); ++k) {
     const BinaryLayer* b = path == kFloatPath ? nullptr : m.binary[k].get();
-    steps.push_back(Step{static_cast<int>(k), b, b ? std::vector<int>{b->source} : m.graph.nodes[k].inputs,
-                         static_cast<int>(k), Activation()});
+    const Int8Layer* q = path == kFloatPath ? nullptr : m.int8[k].get();
+    const std::vector<int> inputs = b   ? std::vector<int>{b->source}
+                                    : q ? std::vector<int>{q->input.source}
+                                        : m.graph.nodes[k].inputs;
+    steps.push_back(Step{static_cast<int>(k), b, q, inputs, static_cast<int>(k), Activation()});
   }
   std::vector<bool> needed(m.graph.nodes.size(), false);
   needed[static_cast<size_t>(m.graph.output)] = true;
@@ -129,7 +124,7 @@ void plan(lowbit_model& m, int64_t path) {
   m.steps.assign(kept.rbegin(), kept.rend());
   fuse_activations(m.graph, m.steps);
   for (const Step& step : m.steps) {
-    if (!step.binary) prepare_layer(m.graph, step.node);
+    if (!step.binary && !step.int8) prepare_layer(m.graph, step.node);
   }
   m.last_use.assign(m.graph.nodes.size(), -1);
   for (size_t s = 0; s < m.steps.size(); ++s) {
@@ -187,8 +182,9 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
     acquire(pool, out.data, static_cast<size_t>(numel(out.shape)));
     std::vector<const Tensor*> inputs;
     for (const int i : step.inputs) inputs.push_back(i < 0 ? &x : &values[static_cast<size_t>(i)]);
-    if (step.binary) {
-      run_binary(*step.binary, *inputs[0], m.path, parallel, out);
+    if (step.binary || step.int8) {
+      if (step.binary) run_binary(*step.binary, *inputs[0], m.path, parallel, out);
+      else run_int8(*step.int8, *inputs[0], m.path, parallel, out);
       activate(step.then, out.data.data(), out.data.data(), static_cast<int64_t>(out.data.size()));
     } else {
       run_op(node, inputs, out, parallel, step.then);
@@ -226,19 +222,22 @@ int guarded(Fn fn) {
 
 Error argument(const std::string& what) { return Error(LOWBIT_ERROR_ARGUMENT, what); }
 
-// Plans every binary layer (its bit planes: the bulk of start-up) on up to kLoadThreads hardware threads, a
-// layer at a time from a shared counter; the first failure by node order is rethrown. A pruned weight runs
-// on the float code (its zeros are exact there; the kernels' planes have no keep map).
-void plan_binary_layers(lowbit_model& m) {
+// Plans every kernel layer (bit planes or integer words: the bulk of start-up) on up to kLoadThreads hardware
+// threads, a layer at a time from a shared counter; the first failure by node order is rethrown. A pruned
+// weight runs on the float code (its zeros are exact there; the kernels' planes have no keep map).
+void plan_kernel_layers(lowbit_model& m) {
   constexpr unsigned kLoadThreads = 8;
   const size_t count = m.graph.nodes.size();
   m.binary.resize(count);
+  m.int8.resize(count);
   std::vector<std::exception_ptr> failures(count);
   std::atomic<size_t> next{0};
   auto work = [&] {
     for (size_t k = next++; k < count; k = next++) {
       try {
-        if (!m.graph.nodes[k].weight.sparse) m.binary[k] = plan_binary(m.graph, static_cast<int>(k));
+        if (m.graph.nodes[k].weight.sparse) continue;
+        m.binary[k] = plan_binary(m.graph, static_cast<int>(k));
+        if (!m.binary[k]) m.int8[k] = plan_int8(m.graph, static_cast<int>(k));
       } catch (...) {
         failures[k] = std::current_exception();
       }
@@ -257,7 +256,7 @@ void plan_binary_layers(lowbit_model& m) {
 lowbit_model* load(const std::vector<uint8_t>& bytes) {
   auto m = std::make_unique<lowbit_model>();
   m->graph = load_graph(bytes);
-  plan_binary_layers(*m);
+  plan_kernel_layers(*m);
   if (lowbit_set_kernel_path(m.get(), "auto") != LOWBIT_OK) throw Error(LOWBIT_ERROR_FORMAT, last_error);
   return m.release();
 }
@@ -342,6 +341,14 @@ int lowbit_set_kernel_path(lowbit_model* model, const char* path) {
 }
 
 const char* lowbit_kernel_path(const lowbit_model* model) { return model ? model->path_name.c_str() : ""; }
+
+int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t* integer) {
+  return guarded([&] {
+    if (!model || !bit_planes || !integer) throw lowbit::argument("null model or count");
+    *bit_planes = 0, *integer = 0;
+    for (const lowbit::Step& step : model->steps) *bit_planes += step.binary != nullptr, *integer += step.int8 != nullptr;
+  });
+}
 
 int lowbit_set_threads(lowbit_model* model, int threads) {
   return guarded([&] {

@@ -45,7 +45,8 @@ def _tied_activations(graph: Graph, values: dict[str, torch.Tensor]) -> list[tup
     the kernels count exactly, so each tie may flip a bit and flips cascade (e.g. a freshly converted binary
     generator: BatchNorm at its initial statistics passes exact zeros of +-1 sums to sign)."""
     producers = {node.name: node for node in graph.nodes}
-    acts = {x86._source(node, producers)[0].name for node in graph.nodes if x86.claims(node, producers)}
+    claimed = [node for node in graph.nodes if x86.claims(node, producers)]
+    acts = {x86.activation_source(node, producers)[0].name for node in claimed}
     tied = []
     for node in graph.nodes:
         if node.name not in acts:

@@ -22,7 +22,7 @@ from lowbit.errors import ConfigError
 from lowbit.export.backends import native as native_backend
 from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends import x86
-from lowbit.export.backends.x86 import build
+from lowbit.export.backends.x86 import build, int8
 from lowbit.export.ir import INPUT, Graph, Node, tensor_bytes
 
 
@@ -49,6 +49,9 @@ def plan_graph(graph: Graph, kernel_path: str, fuse_norm: bool = True) -> list[S
         if kernel_path != build.TORCH_PATH and x86.claims(node, producers):
             run, inputs = x86.plan(node, producers, kernel_path, fuse_norm)
             steps.append(Step(node, run, inputs, f"{x86.NAME}:{kernel_path}"))
+        elif kernel_path != build.TORCH_PATH and int8.claims_int8(node, producers):
+            run, inputs = int8.plan_int8(node, producers, kernel_path)
+            steps.append(Step(node, run, inputs, f"{int8.NAME}:{kernel_path}"))
         elif kernel_path != build.TORCH_PATH and x86.claims_latent(node):
             steps.append(Step(node, x86.plan_latent(node), list(node.inputs), f"{x86.NAME}:gemm"))
         else:
@@ -146,7 +149,11 @@ class PackedModel(nn.Module):
 
 def _native_step(step: Step, path: str) -> Step:
     """The Python plan's step relabelled with where liblowbit runs it (same claim rule as the x86 backend)."""
-    backend = f"{native_backend.NAME}:{path}" if step.backend == f"{x86.NAME}:{path}" else "native:float"
+    kernels = {
+        f"{x86.NAME}:{path}": f"{native_backend.NAME}:{path}",
+        f"{int8.NAME}:{path}": f"{native_backend.NAME}-int8:{path}",
+    }
+    backend = kernels.get(step.backend, "native:float")
     return Step(step.node, step.run, step.inputs, backend)
 
 

@@ -76,6 +76,8 @@ def library() -> ctypes.CDLL | None:
             lib.lowbit_kernel_path.argtypes = [handle]
             lib.lowbit_kernel_path.restype = ctypes.c_char_p
             lib.lowbit_set_threads.argtypes = [handle, ctypes.c_int]
+            counts = ctypes.POINTER(ctypes.c_int64)
+            lib.lowbit_kernel_layers.argtypes = [handle, counts, counts]
             lib.lowbit_run.argtypes = [handle, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
             lib.lowbit_supported_paths.restype = ctypes.c_int64
             lib.lowbit_last_error.restype = ctypes.c_char_p
@@ -125,6 +127,13 @@ class NativeModel:
             choices = ", ".join([*available_paths(), FLOAT_PATH])
             raise ConfigError(f"{self._error()}; available here: {choices}")
         return self._lib.lowbit_kernel_path(self._handle).decode()
+
+    def kernel_layers(self) -> tuple[int, int]:
+        """(bit-serial, integer) kernel layers of liblowbit's own plan for the current path."""
+        planes, integer = ctypes.c_int64(), ctypes.c_int64()
+        if self._lib.lowbit_kernel_layers(self._handle, ctypes.byref(planes), ctypes.byref(integer)):
+            raise ConfigError(self._error())
+        return planes.value, integer.value
 
     def set_threads(self, threads: int) -> None:
         if self._lib.lowbit_set_threads(self._handle, threads):

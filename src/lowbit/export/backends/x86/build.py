@@ -32,8 +32,18 @@ from lowbit.io import cache_dir
 KERNEL_PATHS = ("scalar", "avx2", "avx512", "neon")
 TORCH_PATH = "torch"
 CSRC = Path(__file__).parent / "csrc"
+#: the integer path (int8.h): its binding, driver, roofline probes and one file per ISA.
+INT8_SOURCES = (
+    "int8_torch.cpp",
+    "int8_driver.cpp",
+    "int8_roofline.cpp",
+    "int8_scalar.cpp",
+    "int8_avx2.cpp",
+    "int8_avx512.cpp",
+    "int8_neon.cpp",
+)
 #: the torch binding first, the shared driver, then one file per ISA; kernels.h is shared by all.
-SOURCES = ("bitserial.cpp", "driver.cpp", "scalar.cpp", "avx2.cpp", "avx512.cpp", "neon.cpp")
+SOURCES = ("bitserial.cpp", "driver.cpp", "scalar.cpp", "avx2.cpp", "avx512.cpp", "neon.cpp", *INT8_SOURCES)
 #: environment variable that picks the default path ("auto", "avx512", "avx2", "scalar", "torch").
 PATH_ENV = "LOWBIT_KERNEL_PATH"
 #: a build lock older than this (seconds) was left by a killed build.

@@ -60,14 +60,7 @@ RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t px_words, int64
   return pick_row_scalar(planes, co, px_words, in_step_w);
 }
 
-// One phase's geometry as the phase list gives it.
-struct Taps {
-  int64_t ph, pw;
-  std::vector<int64_t> th, tw;
-};
-
-// Taps are offsets into the input: far beyond any real kernel, but small enough that no product overflows.
-constexpr int64_t kMaxTap = int64_t{1} << 20;
+}  // namespace
 
 std::string parse_phases(const std::vector<int64_t>& phases, std::vector<Taps>& taps) {
   for (size_t pos = 0; pos < phases.size();) {
@@ -84,30 +77,6 @@ std::string parse_phases(const std::vector<int64_t>& phases, std::vector<Taps>& 
   }
   return "";
 }
-
-int64_t count_q(int64_t phase, int64_t size, int64_t step) {
-  return phase >= 0 && phase < size ? (size - phase + step - 1) / step : int64_t{0};
-}
-
-// The padding that keeps every tap of every output pixel of every phase inside the bit image.
-PackGeometry padding_for(const BinaryConv& c, const std::vector<Taps>& taps) {
-  PackGeometry g;
-  for (const Taps& t : taps) {
-    const int64_t n_qh = count_q(t.ph, c.ho, c.steps[2]), n_qw = count_q(t.pw, c.wo, c.steps[3]);
-    if (n_qh == 0 || n_qw == 0) continue;
-    for (const int64_t v : t.th) {
-      g.pad_top = std::max(g.pad_top, -v);
-      g.pad_bottom = std::max(g.pad_bottom, (n_qh - 1) * c.steps[0] + v - (c.x.h - 1));
-    }
-    for (const int64_t v : t.tw) {
-      g.pad_left = std::max(g.pad_left, -v);
-      g.pad_right = std::max(g.pad_right, (n_qw - 1) * c.steps[1] + v - (c.x.w - 1));
-    }
-  }
-  return g;
-}
-
-}  // namespace
 
 int64_t padded_words(const Image& x, const PackGeometry& g) {
   return x.n * (x.h + g.pad_top + g.pad_bottom) * (x.w + g.pad_left + g.pad_right) * ((x.c + 63) / 64);

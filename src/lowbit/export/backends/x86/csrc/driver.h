@@ -40,6 +40,44 @@ struct Image {
 
 int64_t padded_words(const Image& x, const PackGeometry& g);
 
+// One phase's geometry as the phase list gives it (shared by the binary and the integer path).
+struct Taps {
+  int64_t ph, pw;
+  std::vector<int64_t> th, tw;
+};
+
+// Taps are offsets into the input: far beyond any real kernel, but small enough that no product overflows.
+constexpr int64_t kMaxTap = int64_t{1} << 20;
+
+// Parses a phase list ([ph, pw, n_tap_h, n_tap_w, tap_h..., tap_w...] per phase): "" or what is wrong.
+std::string parse_phases(const std::vector<int64_t>& phases, std::vector<Taps>& taps);
+
+inline int64_t count_q(int64_t phase, int64_t size, int64_t step) {
+  return phase >= 0 && phase < size ? (size - phase + step - 1) / step : int64_t{0};
+}
+
+// The padding that keeps every tap of every output pixel of every phase inside the padded image of a call
+// (BinaryConv or Int8Conv: input x, output ho x wo, steps [in_step_h, in_step_w, out_step_h, out_step_w]).
+template <typename Call>
+PackGeometry padding_for(const Call& c, const std::vector<Taps>& taps) {
+  PackGeometry g;
+  for (const Taps& t : taps) {
+    const int64_t n_qh = count_q(t.ph, c.ho, c.steps[2]), n_qw = count_q(t.pw, c.wo, c.steps[3]);
+    if (n_qh == 0 || n_qw == 0) continue;
+    for (const int64_t v : t.th) {
+      g.pad_top = g.pad_top > -v ? g.pad_top : -v;
+      const int64_t bottom = (n_qh - 1) * c.steps[0] + v - (c.x.h - 1);
+      g.pad_bottom = g.pad_bottom > bottom ? g.pad_bottom : bottom;
+    }
+    for (const int64_t v : t.tw) {
+      g.pad_left = g.pad_left > -v ? g.pad_left : -v;
+      const int64_t right = (n_qw - 1) * c.steps[1] + v - (c.x.w - 1);
+      g.pad_right = g.pad_right > right ? g.pad_right : right;
+    }
+  }
+  return g;
+}
+
 // Sets bit c of a pixel's words iff x[c, pixel] >= 0, into `dst` (padded_words(x, g) zeroed words).
 void pack_sign_into(const Image& x, int64_t path, const PackGeometry& g, uint64_t* dst, const ParallelFor& parallel);
 
