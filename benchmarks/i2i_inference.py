@@ -5,7 +5,8 @@ against onnxruntime FP32 on the same model).
     python benchmarks/i2i_inference.py runs/sr4-fashion-w4a1 --threads 1 --repeats 30
 
 Reads the run's ``results.json`` (the pretrained FP checkpoint) and ``generator.lowbit.safetensors``;
-timing as ``benchmarks/inference.py`` (best of ``--repeats``, round-robin, process CPU clock).
+timing as ``benchmarks/inference.py`` (best of ``--repeats``, round-robin, process CPU clock). "packed native"
+is liblowbit (the default backend of ``lowbit.export.load``); "packed <path>" the Python x86 backend.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lowbit.train.networks import load_generator
 
 
 def bench_run(run_dir: Path, repeats: int, threads: int, clock: str) -> list[dict]:
-    """Times of FP32 torch, ORT FP32 and the packed file on every kernel path, batch 1 and 16."""
+    """Times of FP32 torch, ORT FP32 and the packed file natively and on every kernel path, batch 1 and 16."""
     results = json.loads((run_dir / "results.json").read_text())
     fp32 = load_generator(results["pretrained"])
     packed = run_dir / "generator.lowbit.safetensors"
@@ -33,6 +34,9 @@ def bench_run(run_dir: Path, repeats: int, threads: int, clock: str) -> list[dic
     rows = []
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
         contestants = {"FP32 torch": fp32, "ORT FP32": _onnx_session(fp32, x1, Path(folder), threads)}
+        native = load(packed)  # liblowbit when built (the default backend), else the Python x86 backend
+        if native.native is not None:
+            contestants["packed native"] = native
         contestants.update({f"packed {p}": load(packed, kernel_path=p) for p in available_paths()})
         for batch, x in (("b1", x1), ("b16", x16)):
             timed = {key: partial(fn, x) for key, fn in contestants.items()}
