@@ -184,7 +184,8 @@ def _zoo_models() -> dict[str, tuple[nn.Module, QuantSpec]]:
         model.train()
         with torch.no_grad():
             model(torch.randn(4, 3, 64, 64))
-        w8 = {"weight": "minmax", "weight_bits": 8}
+        # act null: with input_act the 8-bit first layer keeps reading the float image
+        w8 = {"weight": "minmax", "weight_bits": 8, "act": None, "act_bits": 32}
         spec = QuantSpec(
             weight="bwn",
             weight_bits=1,

@@ -141,6 +141,8 @@ def test_export_runs_every_layer_but_the_first_on_the_kernels_with_parity(tmp_pa
 def test_bad_input_act_values_get_a_clear_error():
     with pytest.raises(ConfigError, match="input_act"):
         QuantSpec.from_dict({"weight_bits": 1, "act": "sign", "act_bits": 1, "input_act": "yes"})
+    with pytest.raises(ConfigError, match="input_act must be true or false, got 'yes'"):
+        QuantSpec(weight_bits=1, act="sign", act_bits=1, input_act="yes")
     with pytest.raises(ConfigError, match="input_act: true .* act is null"):
         QuantSpec(weight_bits=1, input_act=True)
 
