@@ -24,6 +24,7 @@ packed model per backend, at batch 1 and 16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -183,7 +184,8 @@ def _zoo_models() -> dict[str, tuple[nn.Module, QuantSpec]]:
         model.train()
         with torch.no_grad():
             model(torch.randn(4, 3, 64, 64))
-        w8 = {"weight": "minmax", "weight_bits": 8}
+        # act null: with input_act the 8-bit first layer keeps reading the float image
+        w8 = {"weight": "minmax", "weight_bits": 8, "act": None, "act_bits": 32}
         spec = QuantSpec(
             weight="bwn",
             weight_bits=1,
@@ -193,6 +195,19 @@ def _zoo_models() -> dict[str, tuple[nn.Module, QuantSpec]]:
         )
         result[name] = (model.eval(), spec)
     return result
+
+
+#: zoo models also measured with ``input_act`` (issue 13: convs reading a float residual stream)
+INPUT_ACT_MODELS = ("cyclegan-resnet-6",)
+
+
+def zoo_variants(name: str, spec: QuantSpec) -> dict[str, QuantSpec]:
+    """Label -> spec of the packed files measured for a zoo model: its W1A1 spec, and for ``INPUT_ACT_MODELS``
+    the same with an activation quantizer in front of every layer with a float input (``input_act``)."""
+    variants = {name: spec}
+    if name in INPUT_ACT_MODELS:
+        variants[f"{name} input_act"] = dataclasses.replace(spec, input_act=True)
+    return variants
 
 
 def bench_zoo(repeats: int, folder: Path, clock: Callable[[], float], threads: int) -> list[dict]:

@@ -10,7 +10,8 @@ first sample), best of 5, for dcgan-g-28 and for a ~1 MB file (the zoo's ResNet 
     python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json]
 
 ``--zoo`` adds the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 x 64 x 64 images (first and last
-layers 8-bit weights, every hidden layer W1A1, as ``inference.py --zoo``) at batch 1 and 16.
+layers 8-bit weights, every hidden layer W1A1, as ``inference.py --zoo``) at batch 1 and 16; the ResNet also
+with ``input_act`` (row "W1A1 input_act": a sign in front of the convs reading the float residual stream).
 """
 
 from __future__ import annotations
@@ -48,19 +49,20 @@ def startup_ms(path: Path, folder: Path, tries: int = 5) -> float:
 
 def contestants(
     fp32: torch.nn.Module,
-    path: Path,
+    files: dict[str, Path],
     example: torch.Tensor,
     folder: Path,
     paths: tuple[str, ...] = ("auto", "float"),
 ) -> dict:
-    """FP32 torch, onnxruntime FP32 and liblowbit on the packed file for each of ``paths`` ("auto": the
-    fastest kernel path, "float": every layer on the float code)."""
+    """FP32 torch, onnxruntime FP32 and liblowbit on each packed file (label -> path) for each of ``paths``
+    ("auto": the fastest kernel path, "float": every layer on the float code)."""
     fns = {"FP32 torch": fp32, "onnxruntime FP32": _onnx_session(fp32, example, folder, threads=1)}
-    for kernel_path in paths:
-        model = native.NativeModel(path.read_bytes(), str(path))
-        chosen = model.set_kernel_path(kernel_path)
-        label = "float path" if kernel_path == "float" else chosen
-        fns[f"lowbit-run W1A1 ({label})"] = lambda x, model=model: model.run(x.numpy())
+    for tag, path in files.items():
+        for kernel_path in paths:
+            model = native.NativeModel(path.read_bytes(), str(path))
+            chosen = model.set_kernel_path(kernel_path)
+            label = "float path" if kernel_path == "float" else chosen
+            fns[f"lowbit-run {tag} ({label})"] = lambda x, model=model: model.run(x.numpy())
     return fns
 
 
@@ -121,21 +123,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         path = export_packed(convert(fp32, spec).eval(), folder / "w1a1.lowbit")
-        fns = contestants(fp32, path, torch.randn(1, fp32.latent_dim), folder)
+        fns = contestants(fp32, {"W1A1": path}, torch.randn(1, fp32.latent_dim), folder)
         inputs = {f"batch {b}": torch.randn(b, fp32.latent_dim) for b in (1, 64)}
         results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
         print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
         print_startup(results, "dcgan-g-28 W1A1", path, folder)
         print_startup(results, "ResNet-64 W1A1 (~1 MB)", megabyte_resnet(folder), folder)
         if args.zoo:
-            from inference import _zoo_models
+            from inference import _zoo_models, zoo_variants
 
             for name, (model, zoo_spec) in _zoo_models().items():
                 x1 = torch.randn(1, 3, 64, 64)
-                zoo_path = export_packed(
-                    convert(model, zoo_spec).eval(), folder / f"{name}.lowbit", example_input=x1
-                )
-                fns = contestants(model, zoo_path, x1, folder, paths=("auto",))
+                zoo_files = {
+                    "W1A1" + label[len(name):]: export_packed(
+                        convert(model, spec).eval(), folder / f"{label}.lowbit", example_input=x1
+                    )
+                    for label, spec in zoo_variants(name, zoo_spec).items()
+                }
+                fns = contestants(model, zoo_files, x1, folder, paths=("auto",))
                 inputs = {"batch 1": x1, "batch 16": torch.randn(16, 3, 64, 64)}
                 results[name] = time_batches(fns, inputs, max(3, args.repeats // 3))
                 print_table(

@@ -3,16 +3,18 @@ onnxruntime's own int8 QDQ model, side by side with lowbit's Python x86 backend 
 
 Models: dcgan-g-28 at W1A1 / W4A1 (sign activations), W2A2 / W4A4 / W2A8 / W4A8 (the ``act`` quantizer,
 uniform levels) and the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 x 64 x 64 images (first and
-last layer 8-bit weights, the rest W1A1, as ``inference.py --zoo``). onnxruntime runs the FP32 generator
-exported by lowbit's ONNX exporter; its int8 model is ``onnxruntime.quantization.quantize_static`` (QDQ,
-per-channel int8 weights, uint8 activations calibrated on 8 random batches) of that file, where ORT quantizes
-the layers. Every (batch, threads) group is timed round-robin (best of ``--repeats``), so the ratios in one
-row come from the same moments of a shared machine: one-thread groups in process CPU time (time spent
-preempted does not count; equal to latency on an idle machine), two-thread groups in wall time. Then:
-the plan (which backend runs each layer), a per-layer table (batch 64, one thread, Python x86 backend) with
-each kernel's achieved binary or int8 operations per second and its share of the peak measured in the same
-run (VPOPCNTDQ / VNNI loops, ``csrc/int8_roofline.cpp``), and each target of issue 13, met or missed and by
-how much.
+last layer 8-bit weights, the rest W1A1, as ``inference.py --zoo``); the ResNet twice: as converted (the convs
+reading the float residual stream run float math) and with ``input_act`` (a sign in front of those convs, so
+every layer but the 8-bit first one runs on the kernels; its quality cost is not measured here). onnxruntime
+runs the FP32 generator exported by lowbit's ONNX exporter; its int8 model is
+``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations calibrated on 8
+random batches) of that file, where ORT quantizes the layers. Every (batch, threads) group is timed
+round-robin (best of ``--repeats``), so the ratios in one row come from the same moments of a shared machine:
+one-thread groups in process CPU time (time spent preempted does not count; equal to latency on an idle
+machine), two-thread groups in wall time. Then: the plan (which backend runs each layer), a per-layer table
+(batch 64, one thread, Python x86 backend) with each kernel's achieved binary or int8 operations per second
+and its share of the peak measured in the same run (VPOPCNTDQ / VNNI loops, ``csrc/int8_roofline.cpp``), and
+each target of issue 13, met or missed and by how much.
 
     python benchmarks/runtime_peer.py --repeats 10 [--zoo-batch 8] [--json results.json]
 """
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import _cpu_model, _generator, _onnx_session, _zoo_models, best_times  # noqa: E402
+from inference import _cpu_model, _generator, _onnx_session, _zoo_models, best_times, zoo_variants  # noqa: E402
 
 from lowbit.export import export_packed, load  # noqa: E402
 from lowbit.export.backends import native, x86  # noqa: E402
@@ -62,7 +64,8 @@ TARGETS = [
     ("dcgan-g-28 W2A2 batch 64", "dcgan-g-28 W2A2", 64, 1, 2.5),
     ("dcgan-g-28 W4A4 batch 64", "dcgan-g-28 W4A4", 64, 1, 1.5),
     ("dcgan-g-28 W4A8 batch 64", "dcgan-g-28 W4A8", 64, 1, 1.3),
-    ("cyclegan-resnet-6 batch 1", "cyclegan-resnet-6", 1, 1, 4.0),
+    ("cyclegan-resnet-6 batch 1 (float residual-stream inputs)", "cyclegan-resnet-6", 1, 1, 4.0),
+    ("cyclegan-resnet-6 batch 1 (input_act)", "cyclegan-resnet-6 input_act", 1, 1, 4.0),
 ]
 THREAD_GAIN_TARGET, PEAK_SHARE_TARGET = 1.7, 0.40
 GAIN_MODELS = ("dcgan-g-28 W1A1", "dcgan-g-28 W4A1", "dcgan-g-28 W4A8")
@@ -244,11 +247,14 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         for label, spec in DCGAN_SPECS.items()
     }
     zoo = _zoo_models()
+    variants = {name: zoo_variants(name, spec) for name, (_, spec) in zoo.items()}
     zoo_files = {
-        name: export_packed(
-            convert(model, spec).eval(), folder / f"{name}.lowbit", example_input=torch.randn(1, 3, 64, 64)
+        label: export_packed(
+            convert(zoo[name][0], spec).eval(), folder / f"{label}.lowbit",
+            example_input=torch.randn(1, 3, 64, 64),
         )
-        for name, (model, spec) in zoo.items()
+        for name in zoo
+        for label, spec in variants[name].items()
     }
     results: dict = {"timings": {}, "plans": {}, "ort_int8": {}}
     for name, path in {**files, **zoo_files}.items():
@@ -259,7 +265,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         ]
     groups = [("dcgan-g-28", dcgan, torch.randn(1, 100), files, (1, 64))]
     groups += [
-        (name, model, torch.randn(1, 3, 64, 64), {name: zoo_files[name]}, (1, args.zoo_batch))
+        (name, model, torch.randn(1, 3, 64, 64), {label: zoo_files[label] for label in variants[name]},
+         (1, args.zoo_batch))
         for name, (model, _) in zoo.items()
     ]
     for threads in (1, 2):
@@ -288,7 +295,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
 
 
 def _group_of(model: str) -> str:
-    return "dcgan-g-28" if model.startswith("dcgan-g-28") else model
+    """The timing group of a contestant model: "dcgan-g-28 W1A1" -> "dcgan-g-28", "X input_act" -> "X"."""
+    return model.split(" ")[0]
 
 
 def print_report(results: dict, args: argparse.Namespace) -> None:

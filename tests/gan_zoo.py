@@ -317,6 +317,7 @@ def zoo_specs() -> dict:
         "w2-em": QuantSpec(weight="em", weight_bits=2),
         "w1a1-sign": QuantSpec(weight="bwn", weight_bits=1, act="sign", act_bits=1),
         "w1a1-act": QuantSpec(weight="bwn", weight_bits=1, act="act", act_bits=1),
+        "w1a1-inputs": QuantSpec(weight="bwn", weight_bits=1, act="sign", act_bits=1, input_act=True),
     }
 
 

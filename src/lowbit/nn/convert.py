@@ -2,7 +2,8 @@
 
 Weight layers (Conv2d, ConvTranspose2d, Linear) become ``Quant*`` layers that share the original
 parameters; hidden activation modules (ReLU, LeakyReLU, ReLU6, Hardtanh; never the output
-Tanh/Sigmoid) become ``QuantAct``. ``freeze`` returns, in module order, a ``FrozenLayer`` (uint8
+Tanh/Sigmoid) become ``QuantAct``; with ``input_act`` a quantized layer that does not read one becomes
+``Sequential(QuantAct, layer)``. ``freeze`` returns, in module order, a ``FrozenLayer`` (uint8
 codes + per-row codebook) per weight layer and a ``FrozenAct`` (levels) per ``QuantAct``.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lowbit.config import from_dict
 from lowbit.errors import ConfigError
@@ -22,6 +23,11 @@ from lowbit.nn.rprelu import RPReLU
 from lowbit.nn.spec import QuantSpec
 
 HIDDEN_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+#: modules and calls between an activation and a layer that keep its values (an element-wise quantizer
+#: commutes with them; the export kernels look through the same ones)
+SHAPE_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+                 nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.Unflatten)
+SHAPE_CALLS = ("view", "reshape", "flatten", "contiguous", torch.flatten, torch.reshape)
 
 
 @dataclass
@@ -96,10 +102,10 @@ def _out_channels(module: nn.Module) -> int | None:
     return None
 
 
-def _activation(name: str, module: nn.Module, settings: QuantSpec, channels: int | None) -> nn.Module:
-    """``QuantAct`` for a hidden activation, behind an ``RPReLU`` when the spec asks for one."""
+def _activation(name: str, replaced: str, settings: QuantSpec, channels: int | None) -> nn.Module:
+    """``QuantAct`` standing for the module named ``replaced``, behind an ``RPReLU`` when the spec asks."""
     try:
-        act = QuantAct(settings.act, settings.act_bits, settings.act_opts, replaced=type(module).__name__,
+        act = QuantAct(settings.act, settings.act_bits, settings.act_opts, replaced=replaced,
                        channels=channels)
     except ConfigError as exc:
         raise ConfigError(f"activation '{name}': {exc}") from None
@@ -127,7 +133,7 @@ def _quantized(name: str, module: nn.Module, spec: QuantSpec, channels: int | No
         except ConfigError as exc:
             raise ConfigError(f"layer '{name}': {exc}") from None
     if isinstance(module, HIDDEN_ACTIVATIONS) and settings.quantizes_acts:
-        return _activation(name, module, settings, channels)
+        return _activation(name, type(module).__name__, settings, channels)
     return None
 
 
@@ -142,7 +148,7 @@ def convert(model: nn.Module, spec: QuantSpec | dict[str, Any], inplace: bool = 
     target = model if inplace else copy.deepcopy(model)
     root = _quantized("", target, spec, None)
     if root is not None:
-        return root
+        return _with_input_act("", root, spec) if spec.input_act else root
     for parent_name, parent in list(target.named_modules()):
         channels = None
         for child_name, child in list(parent.named_children()):
@@ -151,7 +157,74 @@ def convert(model: nn.Module, spec: QuantSpec | dict[str, Any], inplace: bool = 
             if replacement is not None:
                 setattr(parent, child_name, replacement)
             channels = _out_channels(child) or channels
+    if spec.input_act:
+        _quantize_inputs(target, spec)
     return target
+
+
+class _LayerTracer(fx.Tracer):
+    """Keeps quantized layers and activations (and built-in torch modules) as data-flow graph leaves."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        quantized = isinstance(module, (QuantLayerMixin, QuantAct))
+        return quantized or super().is_leaf_module(module, qualified_name)
+
+
+def _reads_quantized(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the first input of ``node`` is a ``QuantAct`` output, possibly through value-keeping steps
+    (pads, reshapes, dropout, nearest up-sampling)."""
+    current = node.args[0] if node.args else None
+    while isinstance(current, fx.Node):
+        if current.op == "call_module":
+            module = modules[current.target]
+            if isinstance(module, QuantAct):
+                return True
+            nearest = isinstance(module, nn.Upsample) and module.mode == "nearest"
+            if not (nearest or isinstance(module, SHAPE_MODULES)):
+                return False
+        elif current.op not in ("call_method", "call_function") or current.target not in SHAPE_CALLS:
+            return False
+        current = current.args[0] if current.args else None
+    return False
+
+
+def _float_input_layers(model: nn.Module) -> list[str]:
+    """Names of the quantized layers that some call in ``model.forward`` feeds a non-quantized input."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx raises many types; all become one clear error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"input_act: cannot follow the data flow of {type(model).__name__}.forward with torch.fx "
+            f"({first}); "
+            "set input_act: false, or make forward free of Python control flow on tensor values"
+        ) from None
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        fresh = isinstance(layer, QuantLayerMixin) and node.target not in names
+        if fresh and not _reads_quantized(node, modules):
+            names.append(node.target)
+    return names
+
+
+def _with_input_act(name: str, layer: nn.Module, spec: QuantSpec) -> nn.Module:
+    """``Sequential(QuantAct, layer)`` with the layer's own activation settings, or ``layer`` unchanged when
+    those have no activation quantizer (``act: null`` override, or kept full precision)."""
+    settings = spec.for_module(name)
+    if settings is None or not settings.quantizes_acts or not isinstance(layer, QuantLayerMixin):
+        return layer
+    channels = getattr(layer, "in_channels", getattr(layer, "in_features", None))
+    return nn.Sequential(_activation(name, f"input of {type(layer).__name__}", settings, channels), layer)
+
+
+def _quantize_inputs(model: nn.Module, spec: QuantSpec) -> None:
+    """Put the activation quantizer in front of every quantized layer of ``model`` with a float input."""
+    for name in _float_input_layers(model):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, _with_input_act(name, getattr(parent, child_name), spec))
 
 
 @torch.no_grad()

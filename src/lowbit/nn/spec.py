@@ -23,10 +23,13 @@ class QuantSpec:
     (bits 32 = left full precision). ``act``/``act_bits``/``act_opts``: activation method for the
     ``QuantAct`` modules that replace hidden ReLU/LeakyReLU/ReLU6/Hardtanh (None = unchanged).
     ``per_channel``: one codebook per output channel. ``rprelu``: put a learned ``RPReLU`` (per-channel
-    shifts and slope, ReActNet) before each quantized activation. ``keep_full_precision``: fnmatch patterns of
-    module names left as they are. ``overrides``: pattern -> partial spec for matching modules,
-    applied in order, e.g. ``{"main.0": {"weight_bits": 8}}``; an override that names another
-    method starts from that method's default options.
+    shifts and slope, ReActNet) before each quantized activation. ``input_act``: also put the layer's
+    activation quantizer in front of every quantized weight layer whose input is not already a quantized
+    activation (Bi-Real Net / XNOR-Net placement: e.g. the convs reading a ResNet's float residual stream),
+    so the layer runs on binary kernels; a layer whose settings have ``act: null`` keeps its float input.
+    ``keep_full_precision``: fnmatch patterns of module names left as they are. ``overrides``: pattern ->
+    partial spec for matching modules, applied in order, e.g. ``{"main.0": {"weight_bits": 8}}``; an
+    override that names another method starts from that method's default options.
     """
 
     weight: str = "minmax"
@@ -37,11 +40,13 @@ class QuantSpec:
     act_opts: dict[str, Any] = field(default_factory=dict)
     per_channel: bool = True
     rprelu: bool = False
+    input_act: bool = False
     keep_full_precision: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_layer_settings("spec")
+        self._check_input_act()
         for pattern, partial in self.overrides.items():
             self._check_override(pattern, partial)
 
@@ -69,6 +74,14 @@ class QuantSpec:
         elif self.act_bits != FULL_PRECISION:
             raise ConfigError(f"{where}: act_bits={self.act_bits} is set but act is null; name an activation "
                               "method (e.g. act: sign) or leave act_bits at 32")
+
+    def _check_input_act(self) -> None:
+        if not isinstance(self.input_act, bool):
+            raise ConfigError(f"input_act must be true or false, got {self.input_act!r}")
+        if self.input_act and self.act is None:
+            raise ConfigError("input_act: true puts the activation quantizer in front of each quantized "
+                              "layer, but act is null; name an activation method (e.g. act: sign, "
+                              "act_bits: 1) or set input_act: false")
 
     def _check_override(self, pattern: str, partial: dict[str, Any]) -> None:
         for key in partial:
