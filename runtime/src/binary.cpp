@@ -416,7 +416,11 @@ Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, cons
   return x;
 }
 
-void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
+bool input_as_is(const Node& act, const std::vector<const Node*>& chain, const Node& layer, bool shifted) {
+  return !(shifted && act.tensors.count("shift")) && chain.empty() && layer.attrs.pad.empty();
+}
+
+void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t p = 0; p < pixels; ++p) {
       for (int64_t c = 0; c < co; ++c) {
@@ -501,17 +505,20 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
 
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
-  Tensor x = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
   // Sign packing takes bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`);
   // coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
   const float t = b.threshold;
-  if (b.count == 0 && !b.ties_up) {
-    for (float& v : x.data) v = t - v;
-  } else if (b.count == 0 && t != 0.0f) {
-    for (float& v : x.data) v = v - t;
+  const bool flip = b.count == 0 && !b.ties_up, offset = b.count == 0 && b.ties_up && t != 0.0f;
+  const bool as_is = !flip && !offset && input_as_is(*b.act, b.chain, *b.layer, b.norm == nullptr);
+  Tensor copy;
+  if (!as_is) copy = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
+  if (flip) {
+    for (float& v : copy.data) v = t - v;
+  } else if (offset) {
+    for (float& v : copy.data) v = v - t;
   }
   BinaryConv call;
-  call.x = Image{x.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
+  call.x = Image{as_is ? source.data.data() : copy.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
   layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
   call.rows_padded = b.rows_padded;
   call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.data();
@@ -520,9 +527,7 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
-  std::vector<float> nhwc(static_cast<size_t>(n * call.ho * call.wo * co));
-  run_binary_conv(call, nhwc.data(), parallel);
-  channels_first(nhwc, n, call.ho * call.wo, co, out);
+  run_channels_last(n, call.ho * call.wo, co, out, [&](float* nhwc) { run_binary_conv(call, nhwc, parallel); });
 }
 
 }  // namespace lowbit
