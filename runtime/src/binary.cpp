@@ -340,13 +340,14 @@ std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int
 std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
   const Geometry g = geometry(node);
   const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
-  std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);  // sum over input channels
-  for (int64_t c = 0; c < g.co; ++c) {
-    for (int64_t y = 0; y < g.kh; ++y) {
-      for (int64_t z = 0; z < g.kw; ++z) {
-        double sum = 0.0;
-        for (int64_t ci = 0; ci < g.ci; ++ci) sum += node.weight.values[static_cast<size_t>(g.index(c, ci, y, z))];
-        tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)] = sum;
+  // Sum over input channels (in their order), input channel outermost so that every tap row is read in place.
+  std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);
+  for (int64_t ci = 0; ci < g.ci; ++ci) {
+    for (int64_t c = 0; c < g.co; ++c) {
+      double* sum = tap_sum.data() + c * g.kh * g.kw;
+      for (int64_t y = 0; y < g.kh; ++y) {
+        const float* row = node.weight.values.data() + g.index(c, ci, y, 0);
+        for (int64_t z = 0; z < g.kw; ++z) sum[y * g.kw + z] += static_cast<double>(row[z]);
       }
     }
   }
