@@ -261,7 +261,7 @@ std::vector<uint64_t> planes_of(const Node& node, const Geometry& g, int64_t& co
   return masks;
 }
 
-// Bit p of up to 64 input channels' weights (from `first`, `stride` apart) in words[p], bit k for channel k.
+// Plane p of n input channels' weights (codes[k * stride], n <= 64) in words[p], bit k for channel k.
 void plane_words(const uint8_t* codes, int64_t stride, int64_t n, const uint64_t* mask, std::vector<uint64_t>& words) {
   std::fill(words.begin(), words.end(), 0);
   const size_t planes = words.size();
