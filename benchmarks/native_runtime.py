@@ -7,7 +7,9 @@ ONNX exporter, one intra-op thread) and FP32 PyTorch (one thread), timed round-r
 (wall clock). Start-up is the wall time of ``lowbit-run FILE -n 1 -o x.npy`` (process start, load, checks,
 first sample), best of 5, for dcgan-g-28 and for a ~1 MB file (the zoo's ResNet at 64 filters, W1A1).
 
-    python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json]
+    python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json] [--baseline-cli OLD]
+
+``--baseline-cli`` also times another lowbit-run build's start-up on the same files, taking turns.
 
 ``--zoo`` adds the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 x 64 x 64 images (first and last
 layers 8-bit weights, every hidden layer W1A1, as ``inference.py --zoo``) at batch 1 and 16; the ResNet also
@@ -37,14 +39,16 @@ from lowbit.nn import QuantSpec, convert  # noqa: E402
 CLI = Path(__file__).resolve().parents[1] / "runtime" / "build" / "lowbit-run"
 
 
-def startup_ms(path: Path, folder: Path, tries: int = 5) -> float:
-    """Best wall time of one lowbit-run process that loads the file and writes one sample."""
-    best = float("inf")
+def startup_ms(path: Path, folder: Path, clis: tuple[Path, ...] = (CLI,), tries: int = 5) -> list[float]:
+    """Best wall time of one lowbit-run process (each of ``clis``, taking turns) that loads the file and
+    writes one sample."""
+    best = [float("inf")] * len(clis)
     for _ in range(tries):
-        start = time.perf_counter()
-        subprocess.run([str(CLI), str(path), "-n", "1", "-o", str(folder / "x.npy")], check=True)
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best
+        for k, cli in enumerate(clis):
+            start = time.perf_counter()
+            subprocess.run([str(cli), str(path), "-n", "1", "-o", str(folder / "x.npy")], check=True)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return [1e3 * seconds for seconds in best]
 
 
 def contestants(
@@ -100,12 +104,17 @@ def megabyte_resnet(folder: Path) -> Path:
     return export_packed(convert(model, spec).eval(), folder / "resnet-64.lowbit", example_input=example)
 
 
-def print_startup(results: dict, name: str, path: Path, folder: Path) -> None:
-    """Start-up of lowbit-run on ``path``, recorded in ``results`` and printed with the file size."""
-    ms, size = startup_ms(path, folder), path.stat().st_size
-    results[f"start-up ms (lowbit-run -n 1), {name}"] = ms
+def print_startup(results: dict, name: str, path: Path, folder: Path, baseline: Path | None = None) -> None:
+    """Start-up of lowbit-run on ``path``, recorded in ``results`` and printed with the file size; with a
+    ``baseline`` lowbit-run (e.g. an older build), that one's too, taking turns with this one."""
+    times = startup_ms(path, folder, (CLI,) if baseline is None else (CLI, baseline))
+    size = path.stat().st_size
+    results[f"start-up ms (lowbit-run -n 1), {name}"] = times[0]
     results[f"packed file bytes, {name}"] = size
-    print(f"\nstart-up of {name} (lowbit-run -n 1, best of 5): {ms:.1f} ms, file {size:,} bytes")
+    print(f"\nstart-up of {name} (lowbit-run -n 1, best of 5): {times[0]:.1f} ms, file {size:,} bytes")
+    if baseline is not None:
+        results[f"start-up ms (baseline lowbit-run -n 1), {name}"] = times[1]
+        print(f"  baseline {baseline}: {times[1]:.1f} ms (x{times[1] / times[0]:.2f} this build's speed-up)")
 
 
 def main() -> None:
@@ -113,6 +122,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--zoo", action="store_true", help="also the zoo's ResNet and U-Net (3 x 64 x 64)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline-cli", type=Path, help="another lowbit-run build to time start-up against")
     args = parser.parse_args()
     if not native.available() or not CLI.exists():
         sys.exit("error: the native runtime is not built; run `make runtime`")
@@ -127,8 +137,8 @@ def main() -> None:
         inputs = {f"batch {b}": torch.randn(b, fp32.latent_dim) for b in (1, 64)}
         results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
         print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
-        print_startup(results, "dcgan-g-28 W1A1", path, folder)
-        print_startup(results, "ResNet-64 W1A1 (~1 MB)", megabyte_resnet(folder), folder)
+        print_startup(results, "dcgan-g-28 W1A1", path, folder, args.baseline_cli)
+        print_startup(results, "ResNet-64 W1A1 (~1 MB)", megabyte_resnet(folder), folder, args.baseline_cli)
         if args.zoo:
             from inference import _zoo_models, zoo_variants
 

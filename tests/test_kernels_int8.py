@@ -19,7 +19,7 @@ from torch import nn
 
 from gan_zoo import trained_like_dcgan
 from lowbit.export import PackedModel, available_paths, load
-from lowbit.export.backends import native
+from lowbit.export.backends import native, x86
 from lowbit.export.backends.x86 import build, int8
 from lowbit.export.format import write_graph
 from lowbit.export.ir import capture
@@ -66,8 +66,11 @@ def _case(seed: int) -> tuple[PackedModel, torch.Tensor, str]:
     signed = rng.random() < 0.5  # signed codes: levels symmetric around 0, like a signed 8-bit activation
     count = rng.choice([16, 255, 256]) if signed else 2**act_bits
     act_planes = math.ceil(math.log2(count))
-    # The claim policy leaves at most 4 weight x activation plane pairs of <= 16 levels to the bit planes.
-    low_bits = 4 // act_planes + 1 if count <= 16 else 1
+    # The claim policy leaves at most 4 weight x activation plane pairs of <= 16 levels to the bit planes,
+    # and none of a layer with at most FEW_OUTPUT_CHANNELS outputs.
+    outputs = target.out_features if kind == "linear" else target.out_channels
+    few = outputs <= x86.FEW_OUTPUT_CHANNELS
+    low_bits = 4 // act_planes + 1 if count <= 16 and not few else 1
     bits = rng.randint(low_bits, 8)
     spec = QuantSpec(
         weight="minmax",
@@ -253,19 +256,20 @@ def test_arm64_build_under_qemu_equals_x86(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("weight_bits", "act_bits", "family"),
-    [(2, 2, "x86"), (4, 4, int8.NAME), (2, 8, int8.NAME)],
+    ("weight_bits", "act_bits", "planes"),
+    [(2, 2, 2), (4, 4, 0), (2, 8, 0)],
 )
-def test_claim_policy_picks_the_stated_kernel_family(weight_bits, act_bits, family, tmp_path):
-    """docs/export.md "Which kernels run a layer": W2A2 (4 plane pairs) on the bit planes, W4A4 (16 pairs) and
-    W2A8 (256 levels) on the integer path, in the Python plan and in liblowbit's own plan."""
+def test_claim_policy_picks_the_stated_kernel_family(weight_bits, act_bits, planes, tmp_path):
+    """docs/export.md "Which kernels run a layer": W2A2 (4 plane pairs) on the bit planes but for the
+    one-channel output layer, W4A4 (16 pairs) and W2A8 (256 levels) on the integer path, in the Python
+    plan and in liblowbit's own plan."""
     spec = QuantSpec(weight="minmax", weight_bits=weight_bits, act="dorefa", act_bits=act_bits)
     model = convert(trained_like_dcgan(width=16), spec).eval()
     path = write_graph(capture(model, torch.randn(1, 100))[0], tmp_path / "g.lowbit")
     python = load(path, kernel_path=PATHS[0], backend="python")
     hidden = [row["backend"] for row in python.plan_table() if row["op"] == "conv_transpose2d"][1:]
-    assert hidden == [f"{family}:{PATHS[0]}"] * 3
+    assert hidden == [f"x86:{PATHS[0]}"] * planes + [f"{int8.NAME}:{PATHS[0]}"] * (3 - planes)
     if native.available():
         lib = native.NativeModel(path.read_bytes(), str(path))
         lib.set_kernel_path("auto")
-        assert lib.kernel_layers() == ((3, 0) if family == "x86" else (0, 3))
+        assert lib.kernel_layers() == (planes, 3 - planes)

@@ -50,6 +50,7 @@ bool commutes(const Node& node) {
 constexpr size_t kMaxLevels = 16;          // binary.py MAX_LEVELS: 4 activation planes
 constexpr double kAffineTolerance = 1e-6;  // binary.py AFFINE_TOLERANCE
 constexpr int64_t kMaxPlanePairs = 4;      // x86/__init__.py MAX_PLANE_PAIRS
+constexpr int64_t kFewOutputChannels = 4;  // x86/__init__.py FEW_OUTPUT_CHANNELS
 
 // The sorted levels of a quant_act the kernels code: two distinct levels, or 3 to 16 affine ones
 // (|level_j - (low + step * j)| <= 1e-6 max |level|, computed as binary.py affine_levels does).
@@ -80,9 +81,12 @@ int64_t bits_of(int64_t levels) {
 }
 
 // x86/__init__.py prefers_planes: two-level inputs run as bit planes; 3-16 affine levels too when weight planes x
-// activation planes <= kMaxPlanePairs or the integer path cannot take the weights; otherwise the integer path.
-bool prefers_planes(const Weight& w, size_t act_levels) {
+// activation planes <= kMaxPlanePairs and the layer has more than kFewOutputChannels outputs (fewer fall to the
+// plane kernels' slow lane loop), or when the integer path cannot take the weights; otherwise the integer path.
+bool prefers_planes(const Node& node, size_t act_levels) {
+  const Weight& w = node.weight;
   if (act_levels <= 2 || !integer_weights(w)) return true;
+  if (geometry(node).co <= kFewOutputChannels) return false;
   return bits_of(w.levels) * bits_of(static_cast<int64_t>(act_levels)) <= kMaxPlanePairs;
 }
 
@@ -213,20 +217,19 @@ Decomposition decompose(const std::vector<double>& row) {
 }
 
 // Planes: bit b of the codes (affine codebooks) or each channel's decompose() (tables), padded to the most
-// planes of any channel; w = offset + sum_p coef[p] plane_p.
-void planes_of(const Node& node, const Geometry& g, std::vector<std::vector<uint8_t>>& planes,
-               std::vector<double>& coef, std::vector<double>& offset) {
+// planes of any channel; w = offset + sum_p coef[p] plane_p. Returns the planes' bits of each (channel, code),
+// (Co, levels): bit p of masks[c * levels + code] is plane p of a weight of channel c with that code.
+std::vector<uint64_t> planes_of(const Node& node, const Geometry& g, int64_t& count, std::vector<double>& coef,
+                                std::vector<double>& offset) {
   const Weight& w = node.weight;
   const int64_t co = g.co;
   const int64_t levels = w.levels;
+  std::vector<uint64_t> masks(static_cast<size_t>(co * levels));
   offset.resize(static_cast<size_t>(co));
   for (int64_t c = 0; c < co; ++c) offset[static_cast<size_t>(c)] = w.codebook[static_cast<size_t>(c * levels)];
   if (w.affine) {
-    const int64_t bits = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::log2(static_cast<double>(levels)))));
-    for (int64_t b = 0; b < bits; ++b) {
-      std::vector<uint8_t> plane(w.codes.size());
-      for (size_t i = 0; i < plane.size(); ++i) plane[i] = (w.codes[i] >> b) & 1;
-      planes.push_back(std::move(plane));
+    count = bits_of(levels);
+    for (int64_t b = 0; b < count; ++b) {
       for (int64_t c = 0; c < co; ++c) {
         const double scale = levels > 1 ? static_cast<double>(w.codebook[static_cast<size_t>(c * levels + 1)]) -
                                               static_cast<double>(w.codebook[static_cast<size_t>(c * levels)])
@@ -234,44 +237,61 @@ void planes_of(const Node& node, const Geometry& g, std::vector<std::vector<uint
         coef.push_back(scale * std::ldexp(1.0, static_cast<int>(b)));
       }
     }
-    return;
+    for (size_t k = 0; k < masks.size(); ++k) masks[k] = static_cast<uint64_t>(static_cast<int64_t>(k) % levels);
+    return masks;
   }
   std::vector<Decomposition> parts;
-  size_t count = 0;
+  size_t most = 0;
   for (int64_t c = 0; c < co; ++c) {
     const auto first = w.codebook.begin() + c * levels;
     parts.push_back(decompose(std::vector<double>(first, first + levels)));
     offset[static_cast<size_t>(c)] = parts.back().offset;
-    count = std::max(count, parts.back().coef.size());
+    most = std::max(most, parts.back().coef.size());
   }
-  for (size_t p = 0; p < count; ++p) {
+  for (size_t p = 0; p < most; ++p) {
     for (const Decomposition& d : parts) coef.push_back(p < d.coef.size() ? d.coef[p] : 0.0);
   }
-  planes.assign(count, std::vector<uint8_t>(w.codes.size(), 0));
-  for (size_t i = 0; i < w.codes.size(); ++i) {
-    const int64_t c = static_cast<int64_t>(i) / g.step_co % co;  // the output channel of weight i
-    const int64_t mask = parts[static_cast<size_t>(c)].mask[w.codes[i]];
-    for (size_t p = 0; p < count; ++p) planes[p][i] = (mask >> p) & 1;
+  for (int64_t c = 0; c < co; ++c) {
+    const std::vector<int64_t>& mask = parts[static_cast<size_t>(c)].mask;
+    for (int64_t code = 0; code < levels; ++code) {
+      masks[static_cast<size_t>(c * levels + code)] = static_cast<uint64_t>(mask[static_cast<size_t>(code)]);
+    }
+  }
+  count = static_cast<int64_t>(most);
+  return masks;
+}
+
+// Plane p of n input channels' weights (codes[k * stride], n <= 64) in words[p], bit k for channel k.
+void plane_words(const uint8_t* codes, int64_t stride, int64_t n, const uint64_t* mask, std::vector<uint64_t>& words) {
+  std::fill(words.begin(), words.end(), 0);
+  const size_t planes = words.size();
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t m = mask[codes[k * stride]];
+    for (size_t p = 0; p < planes; ++p) words[p] |= ((m >> p) & 1) << k;
   }
 }
 
-void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<std::vector<uint8_t>>& planes) {
+// Each phase's weights as word-major rows: row p * Co + c of tap t, word j holds plane p of input channels
+// 64j..64j+63 of channel c at that tap, built a 64-bit word at a time.
+void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>& masks) {
+  const Weight& w = b.layer->weight;
   const int64_t wc = (g.ci + 63) / 64, rows = b.planes * g.co;
   b.rows_padded = (rows + 7) / 8 * 8;
+  std::vector<uint64_t> words(static_cast<size_t>(b.planes));
   for (const PhaseTaps& phase : layer_phases(*b.layer, g, b.phases, b.steps)) {
     const std::vector<int64_t>&kh = phase.kh, &kw = phase.kw;
     const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
     std::vector<uint64_t> w_t(static_cast<size_t>(taps * wc * b.rows_padded), 0);
-    for (int64_t p = 0; p < b.planes; ++p) {
-      for (int64_t c = 0; c < g.co; ++c) {
-        const int64_t row = p * g.co + c;
-        for (size_t y = 0; y < kh.size(); ++y) {
-          for (size_t z = 0; z < kw.size(); ++z) {
-            const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
-            for (int64_t ci = 0; ci < g.ci; ++ci) {
-              if (!planes[static_cast<size_t>(p)][static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))]) continue;
-              w_t[static_cast<size_t>((tap * wc + ci / 64) * b.rows_padded + row)] |= uint64_t{1} << (ci % 64);
-            }
+    for (int64_t c = 0; c < g.co; ++c) {
+      const uint64_t* mask = masks.data() + c * w.levels;
+      for (size_t y = 0; y < kh.size(); ++y) {
+        for (size_t z = 0; z < kw.size(); ++z) {
+          const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
+          for (int64_t j = 0; j < wc; ++j) {
+            const int64_t n = std::min<int64_t>(64, g.ci - 64 * j);
+            plane_words(w.codes.data() + g.index(c, 64 * j, kh[y], kw[z]), g.step_ci, n, mask, words);
+            uint64_t* column = w_t.data() + (tap * wc + j) * b.rows_padded + c;
+            for (int64_t p = 0; p < b.planes; ++p) column[p * g.co] = words[static_cast<size_t>(p)];
           }
         }
       }
@@ -282,48 +302,79 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<std::vect
 
 }  // namespace
 
-// bias + c * (the layer on an all-ones input of the packed size), (Ho, Wo, Co) in float64.
+namespace {
+
+// The kernel taps along one axis that link output index o to an input index in [0, size): o = i * stride -
+// padding + k * dilation, read from the output side for a conv and from the input side for a transposed one.
+std::vector<int64_t> linked_taps(const Geometry& g, int dim, bool transposed, int64_t o, int64_t size) {
+  const int64_t kernel = dim == 0 ? g.kh : g.kw, s = g.stride[dim], p = g.padding[dim], d = g.dilation[dim];
+  std::vector<int64_t> taps;
+  for (int64_t k = 0; k < kernel; ++k) {
+    if (transposed) {
+      const int64_t shifted = o + p - k * d;
+      if (shifted % s == 0 && shifted / s >= 0 && shifted / s < size) taps.push_back(k);
+    } else if (o * s - p + k * d >= 0 && o * s - p + k * d < size) {
+      taps.push_back(k);
+    }
+  }
+  return taps;
+}
+
+// Each output index's class along one axis (indices with the same linked taps share one) and the classes' taps.
+std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int64_t outputs, int64_t size,
+                                std::vector<std::vector<int64_t>>& classes) {
+  std::vector<size_t> of(static_cast<size_t>(outputs));
+  for (int64_t o = 0; o < outputs; ++o) {
+    const std::vector<int64_t> taps = linked_taps(g, dim, transposed, o, size);
+    const auto found = std::find(classes.begin(), classes.end(), taps);
+    of[static_cast<size_t>(o)] = static_cast<size_t>(found - classes.begin());
+    if (found == classes.end()) classes.push_back(taps);
+  }
+  return of;
+}
+
+}  // namespace
+
+// bias + c * (the layer on an all-ones input of the packed size), (Ho, Wo, Co) in float64. An output pixel sums
+// the weights of its linked taps (row-major over taps, as the direct sum); border pixels alike share one sum.
 std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
   const Geometry g = geometry(node);
   const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
-  std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);  // sum over input channels
-  for (int64_t c = 0; c < g.co; ++c) {
-    for (int64_t y = 0; y < g.kh; ++y) {
-      for (int64_t z = 0; z < g.kw; ++z) {
-        double sum = 0.0;
-        for (int64_t ci = 0; ci < g.ci; ++ci) sum += node.weight.values[static_cast<size_t>(g.index(c, ci, y, z))];
-        tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)] = sum;
+  // Sum over input channels (in their order), input channel outermost so that every tap row is read in place.
+  std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);
+  for (int64_t ci = 0; ci < g.ci; ++ci) {
+    for (int64_t c = 0; c < g.co; ++c) {
+      double* sum = tap_sum.data() + c * g.kh * g.kw;
+      for (int64_t y = 0; y < g.kh; ++y) {
+        const float* row = node.weight.values.data() + g.index(c, ci, y, 0);
+        for (int64_t z = 0; z < g.kw; ++z) sum[y * g.kw + z] += static_cast<double>(row[z]);
       }
     }
   }
-  std::vector<double> corr(static_cast<size_t>(ho * wo * g.co), 0.0);
-  auto link = [&](int64_t oh, int64_t ow, int64_t y, int64_t z) {
-    for (int64_t c = 0; c < g.co; ++c) {
-      corr[static_cast<size_t>((oh * wo + ow) * g.co + c)] += tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)];
-    }
-  };
   const bool transposed = node.op == "conv_transpose2d";
-  // Every (input pixel, output pixel) pair a tap links: output -> input for a conv, input -> output transposed.
-  const int64_t rows = transposed ? h : ho, cols = transposed ? w : wo, other_h = transposed ? ho : h,
-                other_w = transposed ? wo : w;
-  for (int64_t y = 0; y < g.kh; ++y) {
-    for (int64_t z = 0; z < g.kw; ++z) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t rh = r * g.stride[0] - g.padding[0] + y * g.dilation[0];
-        if (rh < 0 || rh >= other_h) continue;
-        for (int64_t q = 0; q < cols; ++q) {
-          const int64_t rw = q * g.stride[1] - g.padding[1] + z * g.dilation[1];
-          if (rw < 0 || rw >= other_w) continue;
-          if (transposed) link(rh, rw, y, z);
-          else link(r, q, y, z);
+  std::vector<std::vector<int64_t>> rows, cols;
+  const std::vector<size_t> row_of = tap_classes(g, 0, transposed, ho, h, rows);
+  const std::vector<size_t> col_of = tap_classes(g, 1, transposed, wo, w, cols);
+  std::vector<double> sums(rows.size() * cols.size() * static_cast<size_t>(g.co), 0.0);  // per (row class, col class)
+  for (size_t r = 0; r < rows.size(); ++r) {
+    for (size_t q = 0; q < cols.size(); ++q) {
+      double* sum = sums.data() + (r * cols.size() + q) * static_cast<size_t>(g.co);
+      for (const int64_t y : rows[r]) {
+        for (const int64_t z : cols[q]) {
+          for (int64_t c = 0; c < g.co; ++c) sum[c] += tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)];
         }
       }
     }
   }
-  std::vector<double> base(corr.size());
-  for (size_t k = 0; k < corr.size(); ++k) {
-    const int64_t c = static_cast<int64_t>(k) % g.co;
-    base[k] = c_term * corr[k] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+  std::vector<double> base(static_cast<size_t>(ho * wo * g.co));
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const double* sum = sums.data() + (row_of[static_cast<size_t>(oh)] * cols.size() + col_of[static_cast<size_t>(ow)]) * static_cast<size_t>(g.co);
+      double* pixel = base.data() + (oh * wo + ow) * g.co;
+      for (int64_t c = 0; c < g.co; ++c) {
+        pixel[c] = c_term * sum[c] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+      }
+    }
   }
   return base;
 }
@@ -370,7 +421,11 @@ Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, cons
   return x;
 }
 
-void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
+bool input_as_is(const Node& act, const std::vector<const Node*>& chain, const Node& layer, bool shifted) {
+  return !(shifted && act.tensors.count("shift")) && chain.empty() && layer.attrs.pad.empty();
+}
+
+void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t p = 0; p < pixels; ++p) {
       for (int64_t c = 0; c < co; ++c) {
@@ -413,7 +468,7 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   KernelSource found;
   std::vector<float> levels;
   if (!kernel_source(graph, index, found) || !coded_levels(*found.act, levels)) return nullptr;
-  if (!prefers_planes(node.weight, levels.size())) return nullptr;
+  if (!prefers_planes(node, levels.size())) return nullptr;
   const float low = levels.front(), high = levels.back();
   auto b = std::make_unique<BinaryLayer>();
   b->layer = &node;
@@ -441,15 +496,13 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
     a_term = gap / static_cast<double>(levels.size() - 1), c_term = low;
   }
   const Geometry g = geometry(node);
-  std::vector<std::vector<uint8_t>> planes;
   std::vector<double> coef, offset;
-  planes_of(node, g, planes, coef, offset);
-  b->planes = static_cast<int64_t>(planes.size());
+  const std::vector<uint64_t> masks = planes_of(node, g, b->planes, coef, offset);
   if (b->planes == 0) return nullptr;  // a one-level codebook: nothing to count, the float path is exact
   for (double& v : coef) v *= a_term;
   for (double& v : offset) v *= a_term;
   b->coef2 = coef, b->offset2 = offset;
-  build_phases(*b, g, planes);
+  build_phases(*b, g, masks);
   const Shape& out = node.out_shape;
   b->base = all_ones_base(node, b->packed, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
   return b;
@@ -457,17 +510,20 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
 
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
-  Tensor x = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
   // Sign packing takes bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`);
   // coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
   const float t = b.threshold;
-  if (b.count == 0 && !b.ties_up) {
-    for (float& v : x.data) v = t - v;
-  } else if (b.count == 0 && t != 0.0f) {
-    for (float& v : x.data) v = v - t;
+  const bool flip = b.count == 0 && !b.ties_up, offset = b.count == 0 && b.ties_up && t != 0.0f;
+  const bool as_is = !flip && !offset && input_as_is(*b.act, b.chain, *b.layer, b.norm == nullptr);
+  Tensor copy;
+  if (!as_is) copy = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
+  if (flip) {
+    for (float& v : copy.data) v = t - v;
+  } else if (offset) {
+    for (float& v : copy.data) v = v - t;
   }
   BinaryConv call;
-  call.x = Image{x.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
+  call.x = Image{as_is ? source.data.data() : copy.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
   layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
   call.rows_padded = b.rows_padded;
   call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.data();
@@ -476,9 +532,7 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
-  std::vector<float> nhwc(static_cast<size_t>(n * call.ho * call.wo * co));
-  run_binary_conv(call, nhwc.data(), parallel);
-  channels_first(nhwc, n, call.ho * call.wo, co, out);
+  run_channels_last(n, call.ho * call.wo, co, out, [&](float* nhwc) { run_binary_conv(call, nhwc, parallel); });
 }
 
 }  // namespace lowbit

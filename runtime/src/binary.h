@@ -94,8 +94,27 @@ void layer_call(Call& call, const std::vector<std::vector<Word>>& w_ts, int64_t 
   call.path = path;
 }
 
+// Whether kernel_input(act, chain, layer, source, shifted) is `source` itself (nothing to subtract, no commuting
+// ops, no pad of the layer's own): then the kernel reads `source` in place, without a copy.
+bool input_as_is(const Node& act, const std::vector<const Node*>& chain, const Node& layer, bool shifted);
+
 // A kernel's channels-last (n, pixels, co) output into `out` (NCHW; a linear layer's N x Co either way).
-void channels_first(const std::vector<float>& nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out);
+void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out);
+
+// Runs `kernel(buffer)`, which writes every element of a channels-last (n, pixels, co) buffer, and leaves the
+// result in `out` (NCHW, sized): straight into `out` when pixels == 1 (the layouts agree), else through a
+// per-thread scratch buffer reused across calls (no zero-fill or page faults per call; given back when a call
+// needs under a quarter of a large one, as the kernels' bit image).
+template <typename Kernel>
+void run_channels_last(int64_t n, int64_t pixels, int64_t co, Tensor& out, Kernel kernel) {
+  if (pixels == 1) return kernel(out.data.data());
+  thread_local std::vector<float> scratch;
+  const auto needed = static_cast<size_t>(n * pixels * co);
+  if (scratch.capacity() > (size_t{1} << 20) && needed < scratch.capacity() / 4) std::vector<float>().swap(scratch);
+  if (scratch.size() < needed) scratch.resize(needed);
+  kernel(scratch.data());
+  channels_first(scratch.data(), n, pixels, co, out);
+}
 
 // The binary layer for node `index`, or nullptr when the kernels do not take it or the claim policy
 // (x86/__init__.py prefers_planes) gives it to the integer path.

@@ -378,6 +378,21 @@ Shape weight_shape(const Node& node) {
 // k-bit codes stored at 1, 2, 4 or 8 bits a value, the first value in the lowest bits of a byte.
 int storage_bits(int64_t bits) { return bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
 
+// Codes of `Width` bits (1, 2 or 4), lowest bits first, from `data` into every element of `codes`: a byte's
+// 8 / Width codes at a time with a fixed shift each (the compiler unrolls them), then the last partial byte.
+template <int Width>
+void unpack_bytes(const uint8_t* data, std::vector<uint8_t>& codes) {
+  constexpr int kPerByte = 8 / Width;
+  constexpr unsigned kMask = (1u << Width) - 1;
+  const size_t full = codes.size() / kPerByte;
+  for (size_t b = 0; b < full; ++b) {
+    for (int k = 0; k < kPerByte; ++k) codes[b * kPerByte + k] = static_cast<uint8_t>((data[b] >> (k * Width)) & kMask);
+  }
+  for (size_t j = full * kPerByte; j < codes.size(); ++j) {
+    codes[j] = static_cast<uint8_t>((data[full] >> ((j - full * kPerByte) * Width)) & kMask);
+  }
+}
+
 // `count` codes below `levels` from the packed tensor `field` (codes, or a sparse weight's 1-bit mask).
 std::vector<uint8_t> unpack_field(const Node& node, const Stored& packed, const char* field, int64_t bits, int64_t count,
                                   int64_t levels) {
@@ -387,12 +402,12 @@ std::vector<uint8_t> unpack_field(const Node& node, const Stored& packed, const 
     throw bad_node(node.name, std::string("tensor '") + field + "' has shape " + shape_text(packed.shape) + " (" +
                                   packed.dtype + "), expected [" + std::to_string(needed) + "] (U8)");
   }
-  const unsigned mask = (1u << width) - 1;
   std::vector<uint8_t> codes(static_cast<size_t>(count));
-  size_t j = 0;
-  for (int64_t b = 0; b < needed; ++b) {  // a byte at a time, lowest bits first
-    unsigned byte = packed.data[b];
-    for (int shift = 0; shift < 8 && j < codes.size(); shift += width, byte >>= width) codes[j++] = static_cast<uint8_t>(byte & mask);
+  switch (width) {
+    case 1: unpack_bytes<1>(packed.data, codes); break;
+    case 2: unpack_bytes<2>(packed.data, codes); break;
+    case 4: unpack_bytes<4>(packed.data, codes); break;
+    default: std::copy(packed.data, packed.data + count, codes.begin());
   }
   if (!codes.empty() && *std::max_element(codes.begin(), codes.end()) >= levels) {
     throw bad_node(node.name, std::string(field) + " go beyond the " + std::to_string(levels) + " levels");

@@ -37,6 +37,9 @@ PASSTHROUGH = ("reshape",)
 #: most weight planes x activation planes a multi-level input runs as bit planes when the integer path can
 #: take the layer (W4A4 measured 1.67x ORT on the integer path vs ~0.6x on 16 plane pairs; W2A2 about equal)
 MAX_PLANE_PAIRS = 4
+#: most output channels a multi-level input still runs on the integer path with when it can: so few rows fall
+#: to the plane kernels' lane loop (W2A2's 32->1 output layer: 1.1 ms on planes vs 0.6 ms on the integer path)
+FEW_OUTPUT_CHANNELS = 4
 #: most weight levels the integer kernels take (signed bytes)
 MAX_INTEGER_LEVELS = 256
 
@@ -163,13 +166,23 @@ def _bits(levels: int) -> int:
     return max(1, math.ceil(math.log2(levels)))
 
 
+def _out_channels(node: Node) -> int:
+    """Output channels of an ungrouped weight layer: conv (Co, Ci, kh, kw), transposed conv
+    (Ci, Co, kh, kw), linear (Co, Ci)."""
+    shape = node.attrs["weight"]["shape"]
+    return shape[1] if node.op == "conv_transpose2d" else shape[0]
+
+
 def prefers_planes(node: Node, act: Node) -> bool:
     """The claim policy between the kernel families (docs/export.md "Which kernels run a layer"): two-level
     inputs run as bit planes; 3-16 affine levels too when weight planes x activation planes <= MAX_PLANE_PAIRS
-    or the integer path cannot take the weights; otherwise (e.g. W4A4, W2A8) the integer path."""
+    and the layer has more than FEW_OUTPUT_CHANNELS outputs, or when the integer path cannot take the
+    weights; otherwise (e.g. W4A4, W2A8, a W2A2 layer with one output channel) the integer path."""
     coding = activation_input(act)
     if not isinstance(coding, LevelsInput) or not integer_weights(node):
         return True
+    if _out_channels(node) <= FEW_OUTPUT_CHANNELS:
+        return False
     return _bits(node.attrs["weight"]["levels"]) * _bits(len(coding.levels)) <= MAX_PLANE_PAIRS
 
 

@@ -7,9 +7,9 @@ index and ``z`` the weight code, ``sum_i w_i x_i = step*scale * sum z q + step*o
 ones)``; the two sums are exact int32, the combine is float64 in one fixed order, so every kernel path gives
 the same bits and differs from the torch backend only by float rounding (``TOLERANCE``).
 
-A node is claimed when the claim policy (``x86.prefers_planes``: two-level inputs and at most 4 plane pairs
-stay on the bit planes) does not give it to the bit-serial path and its input comes from such an
-activation, possibly through the ops that commute with it (as for binary layers).
+A node is claimed when the claim policy (``x86.prefers_planes``: two-level inputs, and at most 4 plane
+pairs on more than 4 output channels, stay on the bit planes) does not give it to the bit-serial path and
+its input comes from such an activation, possibly through the ops that commute with it (as for binary layers).
 """
 
 from __future__ import annotations
