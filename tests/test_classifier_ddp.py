@@ -58,3 +58,20 @@ def test_batches_that_do_not_split_over_the_ranks_are_refused():
         check_shards(600, 63, 2)
     with pytest.raises(ConfigError, match="last batch of each epoch holds 1 of 577 images"):
         check_shards(577, 64, 2)
+
+
+def test_logit_distillation_under_two_ranks_trains_like_one_process(tmp_path):
+    """The distillation term is scaled per rank like the hard-label loss, so two ranks follow one process."""
+    teacher = tmp_path / "teacher"
+    train_classifier(from_dict(ClassifierConfig, {**CONFIG, "epochs": 1, "kwargs": {"feature_dim": 32}}),
+                     teacher, progress=False)
+    student = {**CONFIG, "epochs": 1, "distill": 2.0, "teacher": str(teacher / "model.safetensors")}
+    train_classifier(from_dict(ClassifierConfig, student), tmp_path / "one", progress=False)
+    config = tmp_path / "student.yaml"
+    config.write_text(yaml.safe_dump(student))
+    assert cli.main(["train-classifier", str(config), "--out", str(tmp_path / "two"), "--nproc", "2",
+                     "--quiet"]) == 0
+    train_classifier(from_dict(ClassifierConfig, {**CONFIG, "epochs": 1}), tmp_path / "plain", progress=False)
+    one, two, plain = (_log(tmp_path / run)[0]["train_loss"] for run in ("one", "two", "plain"))
+    assert abs(one - plain) > 5 * TOLERANCE * plain  # the term moves the run: two ranks ignoring it would fail
+    assert two == pytest.approx(one, rel=TOLERANCE)
