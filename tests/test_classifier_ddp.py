@@ -73,5 +73,5 @@ def test_logit_distillation_under_two_ranks_trains_like_one_process(tmp_path):
                      "--quiet"]) == 0
     train_classifier(from_dict(ClassifierConfig, {**CONFIG, "epochs": 1}), tmp_path / "plain", progress=False)
     one, two, plain = (_log(tmp_path / run)[0]["train_loss"] for run in ("one", "two", "plain"))
-    assert abs(one - plain) > 5 * TOLERANCE * plain  # the term moves the run: two ranks ignoring it would fail
+    assert abs(one - plain) > 5 * TOLERANCE * plain  # the term moves the run: ranks ignoring it would fail
     assert two == pytest.approx(one, rel=TOLERANCE)
