@@ -150,14 +150,7 @@ def load(path: str | os.PathLike, kernel_path: str | None = None, backend: str |
         raise ConfigError(f"unknown backend '{backend}'; choose native or python")
     model = PackedModel(read_graph(path), build.TORCH_PATH)
     _dry_run(model, path)
-    missing = native.unsupported(model.graph.nodes)
-    if backend == "native" and missing is not None:
-        raise ConfigError(
-            f"{path} uses {missing}, which the native runtime does not run yet; load it with backend='python'"
-        )
-    if backend == "native" or (
-        backend is None and kernel_path in (None, "auto") and native.available() and missing is None
-    ):
+    if backend == "native" or (backend is None and kernel_path in (None, "auto") and native.available()):
         model.native = _native_model(path)
     model.set_kernel_path(kernel_path)
     return model

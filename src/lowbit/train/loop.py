@@ -21,7 +21,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,9 +105,8 @@ class LoopSettings:
     @classmethod
     def of(cls, cfg: Any) -> LoopSettings:
         """The settings of a step-based config (GanConfig, I2IConfig) that carries these fields itself."""
-        names = ("name", "steps", "seed", "device", "threads", "log_every", "eval_every", "sample_every",
-                 "checkpoint_every", "guard")
-        return cls(**{key: getattr(cfg, key) for key in names})
+        shared = {f.name for f in fields(StepLoopConfig)} | {"name"}
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name in shared})
 
 
 class Task(Protocol):

@@ -26,19 +26,7 @@ ERROR_ARGUMENT = 5
 FLOAT_PATH = "float"
 MAX_RANK = 8
 
-#: IR ops liblowbit does not implement yet; a graph using one runs on the Python backends instead (every op
-#: of the IR runs natively now, RPReLU and pruned sparse weights included)
-UNSUPPORTED_OPS: tuple[str, ...] = ()
-
 _LIBRARY: dict[str, ctypes.CDLL | None] = {}
-
-
-def unsupported(nodes: list) -> str | None:
-    """Why liblowbit cannot run these IR nodes (an op it lacks), or None."""
-    for node in nodes:
-        if node.op in UNSUPPORTED_OPS:
-            return f"op '{node.op}'"
-    return None
 
 
 class NativeLoadError(CheckpointError):
