@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,12 +441,17 @@ def train_gan(
     Everything is validated and loaded before the first file is written, so bad input leaves
     ``out_dir`` untouched. A NaN/Inf loss raises TrainingDivergedError and keeps the last checkpoint.
     """
-    def build(device: torch.device, ctx: DistContext, guard: object) -> GanTask:
-        return GanTask(cfg, device, ctx)
+    return train_task(GanTask, cfg, out_dir, evaluator, resume, overwrite, progress)
+
+
+def train_task(task: Callable[[Any, torch.device, DistContext], Any], cfg: Any, out_dir: str | Path,
+               evaluator: Evaluator | None, resume: bool, overwrite: bool, progress: bool) -> TrainResult:
+    """Run a G / D pair's ``task`` (``GanTask``, the image-to-image ``I2ITask``) through the shared loop."""
+    def build(device: torch.device, ctx: DistContext, guard: object) -> Any:
+        return task(cfg, device, ctx)
 
     result = run_training(cfg, LoopSettings.of(cfg), out_dir, build, read_gan_checkpoint, evaluator, resume,
                           overwrite, progress)
-    trainer = result.task.trainer
-    return TrainResult(history=result.history, generator=trainer.sampler, discriminator=unwrap(trainer.D),
-                       model_path=result.model_path, checkpoint_path=result.checkpoint_path,
-                       log_csv=result.log_csv, samples=result.samples)
+    return TrainResult(history=result.history, generator=result.task.sampler,
+                       discriminator=unwrap(result.task.trainer.D), model_path=result.model_path,
+                       checkpoint_path=result.checkpoint_path, log_csv=result.log_csv, samples=result.samples)

@@ -32,19 +32,18 @@ from lowbit.train.gan import (
     frozen,
     network_optimizer,
     teacher_of,
+    train_task,
 )
 from lowbit.train.gan_losses import GanLoss, get_loss
 from lowbit.train.loop import (
     Evaluator,
-    LoopSettings,
     StepLoopConfig,
     predict,
-    run_training,
     seeded_generator,
     unwrap,
     wrap_ddp,
 )
-from lowbit.train.networks import I2I_KIND, NetSpec, build_networks, read_gan_checkpoint
+from lowbit.train.networks import I2I_KIND, NetSpec, build_networks
 from lowbit.train.optim import LrScale
 
 SAMPLE_ROWS = 16
@@ -239,12 +238,4 @@ def train_i2i(
     progress: bool = True,
 ) -> TrainResult:
     """Train (or QAT fine-tune) the image-to-image GAN of ``cfg`` into ``out_dir``."""
-    def build(device: torch.device, ctx: DistContext, guard: object) -> I2ITask:
-        return I2ITask(cfg, device, ctx)
-
-    result = run_training(cfg, LoopSettings.of(cfg), out_dir, build, read_gan_checkpoint, evaluator, resume,
-                          overwrite, progress)
-    trainer = result.task.trainer
-    return TrainResult(history=result.history, generator=unwrap(trainer.G), discriminator=unwrap(trainer.D),
-                       model_path=result.model_path, checkpoint_path=result.checkpoint_path,
-                       log_csv=result.log_csv, samples=result.samples)
+    return train_task(I2ITask, cfg, out_dir, evaluator, resume, overwrite, progress)
