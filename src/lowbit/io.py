@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
+import io
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -117,6 +119,16 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_csv(target: str | os.PathLike, rows: Iterable[Mapping[str, object]], columns: Sequence[str],
+                     restval: object = "", extrasaction: str = "raise") -> None:
+    """Write ``rows`` as CSV under a header of ``columns`` to ``target`` atomically (DictWriter options)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), restval=restval, extrasaction=extrasaction)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(target, buffer.getvalue())
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

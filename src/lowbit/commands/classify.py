@@ -96,19 +96,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
-
-    from lowbit.io import atomic_write_text
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def _plot(path: Path, summary: list[dict[str, Any]], title: str) -> None:
     import matplotlib
 
@@ -140,7 +127,7 @@ def write_study_tables(study: StudyConfig, records: list[dict[str, Any]], out_di
     import json
 
     from lowbit.errors import DataError
-    from lowbit.io import atomic_write_text
+    from lowbit.io import atomic_write_csv, atomic_write_text
     from lowbit.studies.named import rows_by_trial
 
     failed = [r for r in records if r["status"] != "ok"]
@@ -149,9 +136,9 @@ def write_study_tables(study: StudyConfig, records: list[dict[str, Any]], out_di
             f"{r['id']}: {r.get('error')}" for r in failed) + f" (see {out_dir}/trials/<id>/worker.log)")
     rows = _relative_rows(study, rows_by_trial(records))
     summary = summarize(rows)
-    _write_table(out_dir / f"{study.name}.csv", rows)
+    atomic_write_csv(out_dir / f"{study.name}.csv", rows, list(rows[0]))
     atomic_write_text(out_dir / f"{study.name}.json", json.dumps(rows, indent=1) + "\n")
-    _write_table(out_dir / f"{study.name}-summary.csv", summary)
+    atomic_write_csv(out_dir / f"{study.name}-summary.csv", summary, list(summary[0]))
     _plot(out_dir / f"{study.name}.png", summary, study.name)
     return rows
 

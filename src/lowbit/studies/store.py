@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import DataError
-from lowbit.io import atomic_write_text
+from lowbit.io import atomic_write_csv, atomic_write_text
 
 TABLE_FRONT = ("id", "name")
 TABLE_BACK = ("status", "state", "seconds", "error")
@@ -98,8 +96,5 @@ def write_table(results_dir: str | Path, records: Sequence[dict[str, Any]]) -> N
     results_dir = Path(results_dir)
     dump_json(results_dir / "results.json", list(records))
     rows = table_rows(records)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=table_columns(rows), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(_json_safe(rows))
-    atomic_write_text(results_dir / "results.csv", buffer.getvalue())
+    columns = table_columns(rows)
+    atomic_write_csv(results_dir / "results.csv", _json_safe(rows), columns, extrasaction="ignore")

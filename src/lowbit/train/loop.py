@@ -17,8 +17,6 @@ never from the global RNG during the loop, so ``resume=True`` reproduces an unin
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -32,7 +30,7 @@ from tqdm import tqdm
 
 from lowbit.config import from_dict, to_dict
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.io import atomic_write_text
+from lowbit.io import atomic_write_csv, atomic_write_text
 from lowbit.nn.transforms import transform_hooks
 from lowbit.train import distributed
 from lowbit.train.checkpoint import (
@@ -296,11 +294,7 @@ class RunLog:
     def flush(self) -> None:
         """Rewrite log.csv (all rows, atomically) and flush TensorBoard."""
         columns = self.columns + sorted({k for row in self.history for k in row} - set(self.columns))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.csv_path, buffer.getvalue())
+        atomic_write_csv(self.csv_path, self.history, columns)
         self.writer.flush()
 
     def close(self) -> None:
