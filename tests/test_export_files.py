@@ -23,12 +23,13 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.mark.parametrize("name", ["w1a1", "w2em-a2"])
 def test_version_1_files_keep_loading_and_give_the_same_images(name):
-    """Files written by lowbit's format version 1 (a chain of layers), with the outputs recorded then."""
+    """Files written by lowbit's format version 1 (a chain of layers), with the outputs recorded then (float
+    layers within 1e-6: torch's float kernels sum in a CPU-dependent order, 3e-8 apart on an AMD EPYC)."""
     expected = torch.from_numpy(np.load(DATA / f"v1-dcgan16-{name}.npy"))
     z = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
     exact = load(DATA / f"v1-dcgan16-{name}.lowbit", kernel_path="torch")
     assert exact.latent_dim == 100
-    assert torch.equal(exact(z), expected)
+    torch.testing.assert_close(exact(z), expected, rtol=0, atol=1e-6)
     fastest = load(DATA / f"v1-dcgan16-{name}.lowbit")
     torch.testing.assert_close(fastest(z), expected, rtol=0, atol=1e-5)
 
