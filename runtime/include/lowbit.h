@@ -14,6 +14,11 @@
 extern "C" {
 #endif
 
+/* The C API is what a shared liblowbit exports (it builds with hidden visibility for everything else). */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 enum {
   LOWBIT_OK = 0,
   LOWBIT_ERROR_IO = 1,          /* the file cannot be read */
@@ -51,6 +56,10 @@ int lowbit_set_threads(lowbit_model* model, int threads);
 int lowbit_run(lowbit_model* model, const float* input, int64_t batch, float* output);
 
 const char* lowbit_last_error(void);
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 #ifdef __cplusplus
 }
