@@ -340,18 +340,21 @@ std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int
 std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
   const Geometry g = geometry(node);
   const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
-  // Sum over input channels (in their order), input channel outermost so that every tap row is read in place.
-  std::vector<double> tap_sum(static_cast<size_t>(g.co * g.kh * g.kw), 0.0);
-  for (int64_t ci = 0; ci < g.ci; ++ci) {
-    for (int64_t c = 0; c < g.co; ++c) {
-      double* sum = tap_sum.data() + c * g.kh * g.kw;
-      for (int64_t y = 0; y < g.kh; ++y) {
-        const float* row = node.weight.values.data() + g.index(c, ci, y, 0);
-        for (int64_t z = 0; z < g.kw; ++z) sum[y * g.kw + z] += static_cast<double>(row[z]);
-      }
+  // Sum over input channels (in their order) of every (output channel, tap), in one pass over the weight in
+  // storage order, (outer, middle, tap) with (outer, middle) = (Co, Ci) or a transposed conv's (Ci, Co), a
+  // decoded (middle, tap) block at a time.
+  const bool transposed = node.op == "conv_transpose2d";
+  const int64_t taps = g.kh * g.kw, outer = transposed ? g.ci : g.co, middle = transposed ? g.co : g.ci;
+  std::vector<double> tap_sum(static_cast<size_t>(g.co * taps), 0.0);
+  std::vector<float> block(static_cast<size_t>(middle * taps));
+  for (int64_t a = 0; a < outer; ++a) {
+    node.weight.decode(a * middle * taps, middle * taps, block.data());
+    for (int64_t m = 0; m < middle; ++m) {
+      double* sum = tap_sum.data() + (transposed ? m : a) * taps;
+      const float* value = block.data() + m * taps;
+      for (int64_t t = 0; t < taps; ++t) sum[t] += static_cast<double>(value[t]);
     }
   }
-  const bool transposed = node.op == "conv_transpose2d";
   std::vector<std::vector<int64_t>> rows, cols;
   const std::vector<size_t> row_of = tap_classes(g, 0, transposed, ho, h, rows);
   const std::vector<size_t> col_of = tap_classes(g, 1, transposed, wo, w, cols);

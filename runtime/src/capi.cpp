@@ -64,16 +64,24 @@ namespace lowbit {
 namespace {
 
 // Packs a weight layer's float weight for the float code the first time a plan runs it there (binary layers
-// on the kernels never need it: start-up stays with the kernels' own planning).
-void prepare_layer(Graph& graph, int index) {
+// on the kernels never need it: start-up stays with the kernels' own planning). A packed weight is decoded
+// into `scratch` (reused from layer to layer) for the packing only.
+void prepare_layer(Graph& graph, int index, std::vector<float>& scratch) {
   Node& node = graph.nodes[static_cast<size_t>(index)];
+  Weight& w = node.weight;
   const bool layer = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
-  if (!layer || !node.weight.gemm.empty() || !node.weight.columns.tiles.empty()) return;
+  if (!layer || !w.gemm.empty() || !w.columns.tiles.empty()) return;
   const int source = node.inputs[0];
   Shape input{1};
   const Shape& sample = source < 0 ? graph.input_shape : graph.nodes[static_cast<size_t>(source)].out_shape;
   input.insert(input.end(), sample.begin(), sample.end());
+  if (w.packed) {
+    scratch.resize(static_cast<size_t>(numel(w.shape)));
+    w.decode(0, numel(w.shape), scratch.data());
+    w.values.swap(scratch);
+  }
   prepare_float_layer(node, input);
+  if (w.packed) w.values.swap(scratch);
 }
 
 // Fuses every element-wise activation into the step producing its only input, when nothing else reads that
@@ -123,8 +131,9 @@ void plan(lowbit_model& m, int64_t path) {
   }
   m.steps.assign(kept.rbegin(), kept.rend());
   fuse_activations(m.graph, m.steps);
+  std::vector<float> scratch;
   for (const Step& step : m.steps) {
-    if (!step.binary && !step.int8) prepare_layer(m.graph, step.node);
+    if (!step.binary && !step.int8) prepare_layer(m.graph, step.node, scratch);
   }
   m.last_use.assign(m.graph.nodes.size(), -1);
   for (size_t s = 0; s < m.steps.size(); ++s) {
@@ -253,12 +262,32 @@ void plan_kernel_layers(lowbit_model& m) {
   }
 }
 
-lowbit_model* load(const std::vector<uint8_t>& bytes) {
+lowbit_model* load(const uint8_t* data, size_t size) {
   auto m = std::make_unique<lowbit_model>();
-  m->graph = load_graph(bytes);
+  m->graph = load_graph(data, size);
   plan_kernel_layers(*m);
   if (lowbit_set_kernel_path(m.get(), "auto") != LOWBIT_OK) throw Error(LOWBIT_ERROR_FORMAT, last_error);
   return m.release();
+}
+
+// The rest of an open file: one read of the size it reports (a doubling loop where it reports none, e.g. a pipe).
+std::vector<uint8_t> read_all(std::FILE* file) {
+  size_t want = size_t{1} << 16;
+  if (std::fseek(file, 0, SEEK_END) == 0) {
+    const long end = std::ftell(file);
+    if (end > 0) want = static_cast<size_t>(end) + 1;  // + 1: the short read that says the end was reached
+    std::rewind(file);
+  }
+  std::vector<uint8_t> bytes;
+  for (size_t used = 0;; want = bytes.size()) {
+    bytes.resize(used + want);
+    const size_t got = std::fread(bytes.data() + used, 1, want, file);
+    used += got;
+    if (got < want) {
+      bytes.resize(used);
+      return bytes;
+    }
+  }
 }
 
 int shape_of(const lowbit_model* model, bool input, int64_t* dims, int max_dims, int* rank) {
@@ -281,8 +310,7 @@ int lowbit_load_memory(const void* data, size_t size, lowbit_model** model) {
   return guarded([&] {
     if (!model || (!data && size)) throw lowbit::argument("null data or model pointer");
     *model = nullptr;
-    const auto* bytes = static_cast<const uint8_t*>(data);
-    *model = lowbit::load(std::vector<uint8_t>(bytes, bytes + size));
+    *model = lowbit::load(static_cast<const uint8_t*>(data), size);
   });
 }
 
@@ -292,15 +320,12 @@ int lowbit_load_file(const char* path, lowbit_model** model) {
     *model = nullptr;
     std::FILE* file = std::fopen(path, "rb");
     if (!file) throw lowbit::Error(LOWBIT_ERROR_IO, std::string("cannot open ") + path);
-    std::vector<uint8_t> bytes;
-    uint8_t chunk[1 << 16];
-    size_t got = 0;
-    while ((got = std::fread(chunk, 1, sizeof chunk, file)) > 0) bytes.insert(bytes.end(), chunk, chunk + got);
+    const std::vector<uint8_t> bytes = lowbit::read_all(file);
     const bool failed = std::ferror(file) != 0;
     std::fclose(file);
     if (failed) throw lowbit::Error(LOWBIT_ERROR_IO, std::string("cannot read ") + path);
     try {
-      *model = lowbit::load(bytes);
+      *model = lowbit::load(bytes.data(), bytes.size());
     } catch (const lowbit::Error& e) {
       throw lowbit::Error(e.code, std::string(path) + ": " + e.what());
     }

@@ -66,16 +66,21 @@ struct Attrs {
   double eps = 0.0, slope = 0.0, alpha = 0.0, min_val = 0.0, max_val = 0.0, scalar = 0.0;
 };
 
-// A weight layer's weight: float values in torch's layout (dequantized once when packed), and its codes.
+// A weight layer's weight in torch's layout: the stored float values, or a packed weight's codes and codebook
+// (its float values are decoded only where the float code needs them: decode()).
 struct Weight {
   Shape shape;                  // conv (Co, Ci/g, kh, kw), transposed conv (Ci, Co/g, kh, kw), linear (out, in)
-  std::vector<float> values;    // codebook[row, code] or the stored float weight
+  std::vector<float> values;    // the stored float weight (empty for a packed one)
   bool packed = false, affine = false, sparse = false;
   int64_t channel_dim = 0, levels = 0;
+  int64_t inner = 1;            // packed: values in a run sharing one codebook row (the sizes after channel_dim)
   std::vector<uint8_t> codes;   // unpacked, one per value (packed weights; 0 where pruned)
   std::vector<uint8_t> keep;    // sparse (pruned) weights: 1 per kept value, 0 per pruned one
   std::vector<float> codebook;  // (rows, levels), rows = shape[channel_dim]
   std::vector<float> bias;      // empty when the layer has none
+  // Values [first, first + count) in storage order into `out`: codebook[row, code] (0 where pruned; row = the
+  // index along channel_dim), exactly the simulated layer's weight, or the stored float values.
+  void decode(int64_t first, int64_t count, float* out) const;
   // The float code's product operand, packed at load (prepare_float_layer): per group A (conv, transposed
   // conv), or B (linear, latent transposed conv).
   std::vector<PackedWeights> gemm;
@@ -97,8 +102,8 @@ struct Graph {
   Shape input_shape, output_shape;
 };
 
-// Reads and checks a packed file held in `bytes` (which must outlive nothing: everything is copied out).
-Graph load_graph(const std::vector<uint8_t>& bytes);
+// Reads and checks a packed file held in data[0, size) (which must outlive nothing: everything is copied out).
+Graph load_graph(const uint8_t* data, size_t size);
 
 // Output shape of `node` for full input shapes (batch first; constants have no batch).
 Shape infer_shape(const Node& node, const std::vector<const Shape*>& inputs);

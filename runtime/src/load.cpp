@@ -104,22 +104,21 @@ struct File {
   std::map<std::string, std::string> metadata;
 };
 
-File read_safetensors(const std::vector<uint8_t>& bytes) {
-  if (bytes.size() < 8) throw damaged("only " + std::to_string(bytes.size()) + " bytes");
+File read_safetensors(const uint8_t* bytes, size_t size) {
+  if (size < 8) throw damaged("only " + std::to_string(size) + " bytes");
   uint64_t length = 0;
-  for (int i = 7; i >= 0; --i) length = length << 8 | bytes[static_cast<size_t>(i)];
-  if (length > std::min<uint64_t>(kMaxHeaderBytes, bytes.size() - 8)) {
-    throw damaged("header claims " + std::to_string(length) + " bytes but the file has " +
-                  std::to_string(bytes.size()));
+  for (int i = 7; i >= 0; --i) length = length << 8 | bytes[i];
+  if (length > std::min<uint64_t>(kMaxHeaderBytes, size - 8)) {
+    throw damaged("header claims " + std::to_string(length) + " bytes but the file has " + std::to_string(size));
   }
   Json header;
   std::string error;
-  if (!parse_json(reinterpret_cast<const char*>(bytes.data()) + 8, length, header, error)) {
+  if (!parse_json(reinterpret_cast<const char*>(bytes) + 8, length, header, error)) {
     throw damaged("unreadable header: " + error);
   }
   if (header.kind != Json::Object) throw damaged("header is not a JSON object");
-  const uint8_t* data = bytes.data() + 8 + length;
-  const uint64_t data_bytes = bytes.size() - 8 - length;
+  const uint8_t* data = bytes + 8 + length;
+  const uint64_t data_bytes = size - 8 - length;
   File file;
   for (const auto& field : header.fields) {
     if (field.first == "__metadata__") {
@@ -506,18 +505,7 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
   }
   read_codes(node, r, own, bits);
   read_codebook(node, own, r.text("codebook"));
-  // codebook[row, code], row = index along channel_dim: exactly the simulated layer's weight.
-  int64_t inner = 1;
-  for (size_t d = static_cast<size_t>(w.channel_dim) + 1; d < w.shape.size(); ++d) inner *= w.shape[d];
-  const int64_t rows = w.shape[static_cast<size_t>(w.channel_dim)];
-  w.values.resize(w.codes.size());
-  for (size_t i = 0; i < w.codes.size();) {  // runs of `inner` values share a codebook row
-    const int64_t row = (static_cast<int64_t>(i) / inner) % rows;
-    const float* book = w.codebook.data() + row * w.levels;
-    for (const size_t end = i + static_cast<size_t>(inner); i < end; ++i) {
-      w.values[i] = w.sparse && !w.keep[i] ? 0.0f : book[w.codes[i]];  // pruned: 0, as the simulated layer
-    }
-  }
+  for (size_t d = static_cast<size_t>(w.channel_dim) + 1; d < w.shape.size(); ++d) w.inner *= w.shape[d];
 }
 
 // The tensors each op must / may have (as lowbit.export.validate.SCHEMA).
@@ -668,8 +656,25 @@ void infer_shapes(Graph& graph) {
 
 }  // namespace
 
-Graph load_graph(const std::vector<uint8_t>& bytes) {
-  const File file = read_safetensors(bytes);
+void Weight::decode(int64_t first, int64_t count, float* out) const {
+  if (!packed) {
+    std::copy_n(values.data() + first, count, out);
+    return;
+  }
+  const int64_t rows = shape[static_cast<size_t>(channel_dim)];
+  int64_t row = (first / inner) % rows, left = inner - first % inner;  // runs of `inner` values share a row
+  const float* book = codebook.data() + row * levels;
+  for (int64_t i = first; i < first + count; ++i, --left) {
+    if (left == 0) {
+      row = row + 1 == rows ? 0 : row + 1, left = inner;
+      book = codebook.data() + row * levels;
+    }
+    out[i - first] = sparse && !keep[static_cast<size_t>(i)] ? 0.0f : book[codes[static_cast<size_t>(i)]];
+  }
+}
+
+Graph load_graph(const uint8_t* data, size_t size) {
+  const File file = read_safetensors(data, size);
   check_metadata(file);
   const std::string& text = metadata_field(file, "lowbit.architecture");
   Json arch;

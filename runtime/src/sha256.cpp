@@ -2,6 +2,12 @@
 
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define LOWBIT_SHA_NI 1
+#endif
+
 namespace lowbit {
 namespace {
 
@@ -17,12 +23,8 @@ constexpr uint32_t kRound[64] = {
 
 inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
-}  // namespace
-
-Sha256::Sha256()
-    : state_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
-
-void Sha256::block(const uint8_t* chunk) {
+// The portable compression function: one 64-byte block into `state`.
+void block_portable(uint32_t* state, const uint8_t* chunk) {
   uint32_t w[64];
   for (int i = 0; i < 16; ++i) {
     w[i] = uint32_t{chunk[4 * i]} << 24 | uint32_t{chunk[4 * i + 1]} << 16 | uint32_t{chunk[4 * i + 2]} << 8 |
@@ -33,26 +35,85 @@ void Sha256::block(const uint8_t* chunk) {
     const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
     w[i] = w[i - 16] + s0 + w[i - 7] + s1;
   }
-  uint32_t a = state_[0], b = state_[1], c = state_[2], d = state_[3];
-  uint32_t e = state_[4], f = state_[5], g = state_[6], h = state_[7];
+  uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
+  uint32_t e = state[4], f = state[5], g = state[6], h = state[7];
   for (int i = 0; i < 64; ++i) {
     const uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + kRound[i] + w[i];
     const uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
     h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
   }
-  state_[0] += a, state_[1] += b, state_[2] += c, state_[3] += d;
-  state_[4] += e, state_[5] += f, state_[6] += g, state_[7] += h;
+  state[0] += a, state[1] += b, state[2] += c, state[3] += d;
+  state[4] += e, state[5] += f, state[6] += g, state[7] += h;
 }
+
+#ifdef LOWBIT_SHA_NI
+// The x86 SHA extensions (SHA-NI): `count` blocks, four rounds per pair of sha256rnds2, the message schedule
+// by sha256msg1 / sha256msg2 (W[t] = s1(W[t-2]) + W[t-7] + s0(W[t-15]) + W[t-16]) in a ring of four vectors.
+__attribute__((target("sha,sse4.1"))) void blocks_sha_ni(uint32_t* state, const uint8_t* data, size_t count) {
+  const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);  // big-endian words
+  const __m128i cdab = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state)), 0xB1);
+  __m128i cdgh = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4)), 0x1B);
+  __m128i abef = _mm_alignr_epi8(cdab, cdgh, 8);
+  cdgh = _mm_blend_epi16(cdgh, cdab, 0xF0);
+  for (; count > 0; --count, data += 64) {
+    const __m128i abef_in = abef, cdgh_in = cdgh;
+    __m128i msg[4];
+    for (int i = 0; i < 16; ++i) {
+      __m128i m;
+      if (i < 4) {
+        m = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + 16 * i)), swap);
+      } else {  // msg[i & 3] holds W of group i - 4, then i - 3, i - 2, i - 1 in the slots after it
+        m = _mm_sha256msg1_epu32(msg[i & 3], msg[(i + 1) & 3]);
+        m = _mm_add_epi32(m, _mm_alignr_epi8(msg[(i + 3) & 3], msg[(i + 2) & 3], 4));
+        m = _mm_sha256msg2_epu32(m, msg[(i + 3) & 3]);
+      }
+      msg[i & 3] = m;
+      const __m128i k = _mm_add_epi32(m, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kRound + 4 * i)));
+      cdgh = _mm_sha256rnds2_epu32(cdgh, abef, k);
+      abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(k, 0x0E));
+    }
+    abef = _mm_add_epi32(abef, abef_in), cdgh = _mm_add_epi32(cdgh, cdgh_in);
+  }
+  const __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
+  const __m128i dchg = _mm_shuffle_epi32(cdgh, 0xB1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state), _mm_blend_epi16(feba, dchg, 0xF0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), _mm_alignr_epi8(dchg, feba, 8));
+}
+
+bool has_sha_ni() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return false;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29)) != 0;  // CPUID.(7, 0):EBX bit 29 = SHA
+}
+#endif
+
+// `count` 64-byte blocks into `state`: on the SHA extensions where the CPU has them, else the portable code.
+void blocks(uint32_t* state, const uint8_t* data, size_t count) {
+#ifdef LOWBIT_SHA_NI
+  static const bool sha_ni = has_sha_ni();
+  if (sha_ni) return blocks_sha_ni(state, data, count);
+#endif
+  for (; count > 0; --count, data += 64) block_portable(state, data);
+}
+
+}  // namespace
+
+Sha256::Sha256()
+    : state_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
 
 void Sha256::update(const void* data, size_t size) {
   const auto* bytes = static_cast<const uint8_t*>(data);
   total_ += size;
-  while (size > 0) {
+  if (buffered_ > 0) {  // complete the buffered block first
     const size_t take = size < 64 - buffered_ ? size : 64 - buffered_;
     std::memcpy(buffer_ + buffered_, bytes, take);
     buffered_ += take, bytes += take, size -= take;
-    if (buffered_ == 64) block(buffer_), buffered_ = 0;
+    if (buffered_ < 64) return;
+    blocks(state_, buffer_, 1), buffered_ = 0;
   }
+  blocks(state_, bytes, size / 64);  // whole blocks straight from the caller's data
+  std::memcpy(buffer_, bytes + size / 64 * 64, size % 64);
+  buffered_ = size % 64;
 }
 
 std::string Sha256::hex_digest() {

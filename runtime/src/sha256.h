@@ -1,4 +1,5 @@
-// SHA-256 (FIPS 180-4), for the packed file's checksum.
+// SHA-256 (FIPS 180-4), for the packed file's checksum: on the x86 SHA extensions where the CPU has them
+// (checked at run time), else portable code.
 #pragma once
 
 #include <cstddef>
@@ -15,7 +16,6 @@ class Sha256 {
   std::string hex_digest();  // finishes the hash: call once
 
  private:
-  void block(const uint8_t* chunk);
   uint32_t state_[8];
   uint8_t buffer_[64];
   size_t buffered_ = 0;
