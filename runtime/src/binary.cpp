@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "ops.h"
 
@@ -261,42 +262,53 @@ std::vector<uint64_t> planes_of(const Node& node, const Geometry& g, int64_t& co
   return masks;
 }
 
-// Plane p of n input channels' weights (codes[k * stride], n <= 64) in words[p], bit k for channel k.
-void plane_words(const uint8_t* codes, int64_t stride, int64_t n, const uint64_t* mask, std::vector<uint64_t>& words) {
-  std::fill(words.begin(), words.end(), 0);
-  const size_t planes = words.size();
-  for (int64_t k = 0; k < n; ++k) {
-    const uint64_t m = mask[codes[k * stride]];
-    for (size_t p = 0; p < planes; ++p) words[p] |= ((m >> p) & 1) << k;
-  }
+// Bit `bit` of each of the 8 bytes of x as one byte (byte k -> bit k): the multiply moves the bits to the top
+// byte, every product term on a bit of its own (nothing carries).
+inline uint64_t byte_bits(uint64_t x, int bit) {
+  return (((x >> bit) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
 }
 
 // Each phase's weights as word-major rows: row p * Co + c of tap t, word j holds plane p of input channels
-// 64j..64j+63 of channel c at that tap, built a 64-bit word at a time.
+// 64j..64j+63 of channel c at that tap. Per (channel, kernel tap), eight planes at a time: the input channels'
+// plane bits as a byte column, then each word from eight 8-byte loads (little-endian hosts).
 void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>& masks) {
   const Weight& w = b.layer->weight;
   const int64_t wc = (g.ci + 63) / 64, rows = b.planes * g.co;
   b.rows_padded = (rows + 7) / 8 * 8;
-  std::vector<uint64_t> words(static_cast<size_t>(b.planes));
-  for (const PhaseTaps& phase : layer_phases(*b.layer, g, b.phases, b.steps)) {
-    const std::vector<int64_t>&kh = phase.kh, &kw = phase.kw;
-    const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
-    std::vector<uint64_t> w_t(static_cast<size_t>(taps * wc * b.rows_padded), 0);
-    for (int64_t c = 0; c < g.co; ++c) {
-      const uint64_t* mask = masks.data() + c * w.levels;
-      for (size_t y = 0; y < kh.size(); ++y) {
-        for (size_t z = 0; z < kw.size(); ++z) {
-          const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
-          for (int64_t j = 0; j < wc; ++j) {
-            const int64_t n = std::min<int64_t>(64, g.ci - 64 * j);
-            plane_words(w.codes.data() + g.index(c, 64 * j, kh[y], kw[z]), g.step_ci, n, mask, words);
-            uint64_t* column = w_t.data() + (tap * wc + j) * b.rows_padded + c;
-            for (int64_t p = 0; p < b.planes; ++p) column[p * g.co] = words[static_cast<size_t>(p)];
+  // Every kernel tap (y, z) lies in one phase: (phase, its tap index there).
+  std::vector<std::pair<int64_t, int64_t>> place(static_cast<size_t>(g.kh * g.kw), {-1, 0});
+  const std::vector<PhaseTaps> phases = layer_phases(*b.layer, g, b.phases, b.steps);
+  for (size_t ph = 0; ph < phases.size(); ++ph) {
+    const std::vector<int64_t>&kh = phases[ph].kh, &kw = phases[ph].kw;
+    for (size_t y = 0; y < kh.size(); ++y) {
+      for (size_t z = 0; z < kw.size(); ++z) {
+        place[static_cast<size_t>(kh[y] * g.kw + kw[z])] = {static_cast<int64_t>(ph), static_cast<int64_t>(y * kw.size() + z)};
+      }
+    }
+    b.w_ts.emplace_back(static_cast<size_t>(static_cast<int64_t>(kh.size() * kw.size()) * wc * b.rows_padded), 0);
+  }
+  std::vector<uint8_t> column(static_cast<size_t>(wc * 64), 0);  // zero past g.ci
+  for (int64_t c = 0; c < g.co; ++c) {
+    const uint64_t* mask = masks.data() + c * w.levels;
+    for (int64_t k = 0; k < g.kh * g.kw; ++k) {
+      const auto [phase, tap] = place[static_cast<size_t>(k)];
+      if (phase < 0) continue;
+      uint64_t* w_t = b.w_ts[static_cast<size_t>(phase)].data();
+      const uint8_t* codes = w.codes.data() + g.index(c, 0, k / g.kw, k % g.kw);
+      for (int64_t first = 0; first < b.planes; first += 8) {
+        for (int64_t i = 0; i < g.ci; ++i) column[static_cast<size_t>(i)] = static_cast<uint8_t>(mask[codes[i * g.step_ci]] >> first);
+        const int64_t last = std::min<int64_t>(b.planes, first + 8);
+        for (int64_t j = 0; j < wc; ++j) {
+          uint64_t bytes[8];
+          std::memcpy(bytes, column.data() + 64 * j, sizeof bytes);
+          for (int64_t p = first; p < last; ++p) {
+            uint64_t word = 0;
+            for (int q = 0; q < 8; ++q) word |= byte_bits(bytes[q], static_cast<int>(p - first)) << (8 * q);
+            w_t[(tap * wc + j) * b.rows_padded + p * g.co + c] = word;
           }
         }
       }
     }
-    b.w_ts.push_back(std::move(w_t));
   }
 }
 

@@ -2,6 +2,7 @@
 // the buffer size, every tensor's byte range, the SHA-256 checksum, the metadata, then every IR node (op,
 // inputs, attributes, tensor dtypes and shapes, finite values), and every node's output shape.
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
 #include <cstring>
@@ -378,15 +379,20 @@ Shape weight_shape(const Node& node) {
 int storage_bits(int64_t bits) { return bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
 
 // Codes of `Width` bits (1, 2 or 4), lowest bits first, from `data` into every element of `codes`: a byte's
-// 8 / Width codes at a time with a fixed shift each (the compiler unrolls them), then the last partial byte.
+// 8 / Width codes at a time from a table of every byte's codes (little-endian hosts), then the last partial byte.
 template <int Width>
 void unpack_bytes(const uint8_t* data, std::vector<uint8_t>& codes) {
   constexpr int kPerByte = 8 / Width;
   constexpr unsigned kMask = (1u << Width) - 1;
+  static const std::array<uint64_t, 256> table = [] {
+    std::array<uint64_t, 256> codes_of{};
+    for (unsigned byte = 0; byte < 256; ++byte) {
+      for (int k = 0; k < kPerByte; ++k) codes_of[byte] |= uint64_t{(byte >> (k * Width)) & kMask} << (8 * k);
+    }
+    return codes_of;
+  }();
   const size_t full = codes.size() / kPerByte;
-  for (size_t b = 0; b < full; ++b) {
-    for (int k = 0; k < kPerByte; ++k) codes[b * kPerByte + k] = static_cast<uint8_t>((data[b] >> (k * Width)) & kMask);
-  }
+  for (size_t b = 0; b < full; ++b) std::memcpy(codes.data() + b * kPerByte, &table[data[b]], kPerByte);
   for (size_t j = full * kPerByte; j < codes.size(); ++j) {
     codes[j] = static_cast<uint8_t>((data[full] >> ((j - full * kPerByte) * Width)) & kMask);
   }
@@ -408,7 +414,8 @@ std::vector<uint8_t> unpack_field(const Node& node, const Stored& packed, const 
     case 4: unpack_bytes<4>(packed.data, codes); break;
     default: std::copy(packed.data, packed.data + count, codes.begin());
   }
-  if (!codes.empty() && *std::max_element(codes.begin(), codes.end()) >= levels) {
+  const bool all_levels = levels >= int64_t{1} << width;  // then every stored code is a level
+  if (!all_levels && !codes.empty() && *std::max_element(codes.begin(), codes.end()) >= levels) {
     throw bad_node(node.name, std::string(field) + " go beyond the " + std::to_string(levels) + " levels");
   }
   return codes;
