@@ -288,13 +288,14 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>
     b.w_ts.emplace_back(static_cast<size_t>(static_cast<int64_t>(kh.size() * kw.size()) * wc * b.rows_padded), 0);
   }
   std::vector<uint8_t> column(static_cast<size_t>(wc * 64), 0);  // zero past g.ci
+  const uint8_t* all_codes = unpacked_codes(w);
   for (int64_t c = 0; c < g.co; ++c) {
     const uint64_t* mask = masks.data() + c * w.levels;
     for (int64_t k = 0; k < g.kh * g.kw; ++k) {
       const auto [phase, tap] = place[static_cast<size_t>(k)];
       if (phase < 0) continue;
       uint64_t* w_t = b.w_ts[static_cast<size_t>(phase)].data();
-      const uint8_t* codes = w.codes.data() + g.index(c, 0, k / g.kw, k % g.kw);
+      const uint8_t* codes = all_codes + g.index(c, 0, k / g.kw, k % g.kw);
       for (int64_t first = 0; first < b.planes; first += 8) {
         for (int64_t i = 0; i < g.ci; ++i) column[static_cast<size_t>(i)] = static_cast<uint8_t>(mask[codes[i * g.step_ci]] >> first);
         const int64_t last = std::min<int64_t>(b.planes, first + 8);

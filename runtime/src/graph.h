@@ -74,13 +74,16 @@ struct Weight {
   bool packed = false, affine = false, sparse = false;
   int64_t channel_dim = 0, levels = 0;
   int64_t inner = 1;            // packed: values in a run sharing one codebook row (the sizes after channel_dim)
-  std::vector<uint8_t> codes;   // unpacked, one per value (packed weights; 0 where pruned)
+  std::vector<uint8_t> codes;   // packed weights: code_bits bits a code, lowest bits first (0 where pruned)
+  int code_bits = 8;            // 1, 2 or 4 as stored, 8 for pruned weights (expanded at load)
   std::vector<uint8_t> keep;    // sparse (pruned) weights: 1 per kept value, 0 per pruned one
   std::vector<float> codebook;  // (rows, levels), rows = shape[channel_dim]
   std::vector<float> bias;      // empty when the layer has none
   // Values [first, first + count) in storage order into `out`: codebook[row, code] (0 where pruned; row = the
   // index along channel_dim), exactly the simulated layer's weight, or the stored float values.
   void decode(int64_t first, int64_t count, float* out) const;
+  // Codes [first, first + count) of a packed weight, one byte each, into `out`.
+  void unpack(int64_t first, int64_t count, uint8_t* out) const;
   // The float code's product operand, packed at load (prepare_float_layer): per group A (conv, transposed
   // conv), or B (linear, latent transposed conv).
   std::vector<PackedWeights> gemm;
@@ -101,6 +104,9 @@ struct Graph {
   int output = -1;
   Shape input_shape, output_shape;
 };
+
+// Every code of a packed weight, one byte each, in a per-thread buffer (valid until this thread's next call).
+const uint8_t* unpacked_codes(const Weight& w);
 
 // Reads and checks a packed file held in data[0, size) (which must outlive nothing: everything is copied out).
 Graph load_graph(const uint8_t* data, size_t size);

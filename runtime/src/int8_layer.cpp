@@ -38,6 +38,7 @@ void build_words(Int8Layer& l, const Geometry& g, int zero_point) {
   const Node& node = *l.layer;
   const int64_t wc = (g.ci + 3) / 4;
   l.co_pad = (g.co + kInt8CoAlign - 1) / kInt8CoAlign * kInt8CoAlign;
+  const uint8_t* codes = unpacked_codes(node.weight);
   for (const PhaseTaps& phase : layer_phases(node, g, l.phases, l.steps)) {
     const std::vector<int64_t>&kh = phase.kh, &kw = phase.kw;
     const int64_t taps = static_cast<int64_t>(kh.size() * kw.size());
@@ -47,7 +48,7 @@ void build_words(Int8Layer& l, const Geometry& g, int zero_point) {
         const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
         for (int64_t c = 0; c < g.co; ++c) {
           for (int64_t ci = 0; ci < g.ci; ++ci) {
-            const int code = node.weight.codes[static_cast<size_t>(g.index(c, ci, kh[y], kw[z]))];
+            const int code = codes[g.index(c, ci, kh[y], kw[z])];
             bytes[static_cast<size_t>(((tap * wc + ci / 4) * l.co_pad + c) * 4 + ci % 4)] = static_cast<int8_t>(code - zero_point);
           }
         }

@@ -378,10 +378,11 @@ Shape weight_shape(const Node& node) {
 // k-bit codes stored at 1, 2, 4 or 8 bits a value, the first value in the lowest bits of a byte.
 int storage_bits(int64_t bits) { return bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
 
-// Codes of `Width` bits (1, 2 or 4), lowest bits first, from `data` into every element of `codes`: a byte's
-// 8 / Width codes at a time from a table of every byte's codes (little-endian hosts), then the last partial byte.
+// Codes [first, first + count) of `Width` bits (1, 2, 4 or 8), lowest bits first, from `packed` into `out`: a
+// whole byte's codes at a time from a table of every byte's codes (little-endian hosts), one at a time at the
+// unaligned ends.
 template <int Width>
-void unpack_bytes(const uint8_t* data, std::vector<uint8_t>& codes) {
+void unpack_width(const uint8_t* packed, int64_t first, int64_t count, uint8_t* out) {
   constexpr int kPerByte = 8 / Width;
   constexpr unsigned kMask = (1u << Width) - 1;
   static const std::array<uint64_t, 256> table = [] {
@@ -391,33 +392,49 @@ void unpack_bytes(const uint8_t* data, std::vector<uint8_t>& codes) {
     }
     return codes_of;
   }();
-  const size_t full = codes.size() / kPerByte;
-  for (size_t b = 0; b < full; ++b) std::memcpy(codes.data() + b * kPerByte, &table[data[b]], kPerByte);
-  for (size_t j = full * kPerByte; j < codes.size(); ++j) {
-    codes[j] = static_cast<uint8_t>((data[full] >> ((j - full * kPerByte) * Width)) & kMask);
+  auto one = [&](int64_t i) { return static_cast<uint8_t>((packed[i / kPerByte] >> (i % kPerByte * Width)) & kMask); };
+  int64_t i = first;
+  const int64_t end = first + count;
+  for (; i < end && i % kPerByte != 0; ++i) *out++ = one(i);
+  for (; i + kPerByte <= end; i += kPerByte, out += kPerByte) std::memcpy(out, &table[packed[i / kPerByte]], kPerByte);
+  for (; i < end; ++i) *out++ = one(i);
+}
+
+void unpack_codes(const uint8_t* packed, int width, int64_t first, int64_t count, uint8_t* out) {
+  switch (width) {
+    case 1: return unpack_width<1>(packed, first, count, out);
+    case 2: return unpack_width<2>(packed, first, count, out);
+    case 4: return unpack_width<4>(packed, first, count, out);
+    default: std::copy_n(packed + first, count, out);
   }
 }
 
-// `count` codes below `levels` from the packed tensor `field` (codes, or a sparse weight's 1-bit mask).
-std::vector<uint8_t> unpack_field(const Node& node, const Stored& packed, const char* field, int64_t bits, int64_t count,
-                                  int64_t levels) {
-  const int width = storage_bits(bits);
+// The packed tensor `field` (codes, or a sparse weight's 1-bit mask): U8 holding `count` codes of `width` bits,
+// each below `levels` (checked a chunk at a time, unless every code of that width is a level).
+void check_packed(const Node& node, const Stored& packed, const char* field, int width, int64_t count, int64_t levels) {
   const int64_t needed = (count * width + 7) / 8;
   if (packed.dtype != "U8" || packed.shape != Shape{needed}) {
     throw bad_node(node.name, std::string("tensor '") + field + "' has shape " + shape_text(packed.shape) + " (" +
                                   packed.dtype + "), expected [" + std::to_string(needed) + "] (U8)");
   }
+  if (levels >= int64_t{1} << width) return;
+  uint8_t chunk[4096];
+  for (int64_t first = 0; first < count; first += sizeof chunk) {
+    const int64_t n = std::min<int64_t>(sizeof chunk, count - first);
+    unpack_codes(packed.data, width, first, n, chunk);
+    if (*std::max_element(chunk, chunk + n) >= levels) {
+      throw bad_node(node.name, std::string(field) + " go beyond the " + std::to_string(levels) + " levels");
+    }
+  }
+}
+
+// `count` codes below `levels` from the packed tensor `field`, one byte each.
+std::vector<uint8_t> unpack_field(const Node& node, const Stored& packed, const char* field, int64_t bits, int64_t count,
+                                  int64_t levels) {
+  const int width = storage_bits(bits);
+  check_packed(node, packed, field, width, count, levels);
   std::vector<uint8_t> codes(static_cast<size_t>(count));
-  switch (width) {
-    case 1: unpack_bytes<1>(packed.data, codes); break;
-    case 2: unpack_bytes<2>(packed.data, codes); break;
-    case 4: unpack_bytes<4>(packed.data, codes); break;
-    default: std::copy(packed.data, packed.data + count, codes.begin());
-  }
-  const bool all_levels = levels >= int64_t{1} << width;  // then every stored code is a level
-  if (!all_levels && !codes.empty() && *std::max_element(codes.begin(), codes.end()) >= levels) {
-    throw bad_node(node.name, std::string(field) + " go beyond the " + std::to_string(levels) + " levels");
-  }
+  unpack_codes(packed.data, width, 0, count, codes.data());
   return codes;
 }
 
@@ -427,20 +444,25 @@ const Stored& stored_field(const Node& node, const std::map<std::string, Stored>
   return it->second;
 }
 
-// The codes of every weight value. A pruned weight ("sparse": true) stores a 1-bit keep map ('mask', one bit
-// per value) and the codes of the kept values only; pruned values get code 0 and keep 0.
+// The codes of every weight value, kept packed as stored. A pruned weight ("sparse": true) stores a 1-bit keep
+// map ('mask', one bit per value) and the codes of the kept values only: its codes are expanded to a byte per
+// value, code 0 and keep 0 where pruned.
 void read_codes(Node& node, const NodeReader& r, const std::map<std::string, Stored>& own, int64_t bits) {
   Weight& w = node.weight;
   const int64_t count = numel(w.shape);
   w.sparse = r.has("sparse") && r.boolean("sparse");
   if (!w.sparse) {
     if (own.count("mask")) throw bad_node(node.name, "tensor 'mask' belongs to a sparse weight, but 'sparse' is not set");
-    w.codes = unpack_field(node, stored_field(node, own, "codes"), "codes", bits, count, w.levels);
+    const Stored& codes = stored_field(node, own, "codes");
+    w.code_bits = storage_bits(bits);
+    check_packed(node, codes, "codes", w.code_bits, count, w.levels);
+    w.codes.assign(codes.data, codes.data + codes.bytes);
     return;
   }
   w.keep = unpack_field(node, stored_field(node, own, "mask"), "mask", 1, count, 2);
   const int64_t kept = std::count(w.keep.begin(), w.keep.end(), uint8_t{1});
   const std::vector<uint8_t> stored = unpack_field(node, stored_field(node, own, "codes"), "codes", bits, kept, w.levels);
+  w.code_bits = 8;
   w.codes.assign(static_cast<size_t>(count), 0);
   for (size_t i = 0, next = 0; i < w.keep.size(); ++i) {
     if (w.keep[i]) w.codes[i] = stored[next++];
@@ -671,13 +693,30 @@ void Weight::decode(int64_t first, int64_t count, float* out) const {
   const int64_t rows = shape[static_cast<size_t>(channel_dim)];
   int64_t row = (first / inner) % rows, left = inner - first % inner;  // runs of `inner` values share a row
   const float* book = codebook.data() + row * levels;
-  for (int64_t i = first; i < first + count; ++i, --left) {
-    if (left == 0) {
-      row = row + 1 == rows ? 0 : row + 1, left = inner;
-      book = codebook.data() + row * levels;
+  uint8_t chunk[1024];
+  for (int64_t done = 0; done < count; done += static_cast<int64_t>(sizeof chunk)) {
+    const int64_t n = std::min<int64_t>(sizeof chunk, count - done);
+    unpack(first + done, n, chunk);
+    for (int64_t k = 0; k < n; ++k, --left) {
+      if (left == 0) {
+        row = row + 1 == rows ? 0 : row + 1, left = inner;
+        book = codebook.data() + row * levels;
+      }
+      const int64_t i = first + done + k;
+      out[done + k] = sparse && !keep[static_cast<size_t>(i)] ? 0.0f : book[chunk[k]];
     }
-    out[i - first] = sparse && !keep[static_cast<size_t>(i)] ? 0.0f : book[codes[static_cast<size_t>(i)]];
   }
+}
+
+void Weight::unpack(int64_t first, int64_t count, uint8_t* out) const {
+  unpack_codes(codes.data(), code_bits, first, count, out);
+}
+
+const uint8_t* unpacked_codes(const Weight& w) {
+  thread_local std::vector<uint8_t> all;
+  all.resize(static_cast<size_t>(numel(w.shape)));
+  w.unpack(0, numel(w.shape), all.data());
+  return all.data();
 }
 
 Graph load_graph(const uint8_t* data, size_t size) {
