@@ -105,6 +105,9 @@ struct Graph {
   Shape input_shape, output_shape;
 };
 
+// Codes [first, first + count) of `width` bits (1, 2, 4 or 8; lowest bits first) from `packed`, a byte each.
+void unpack_codes(const uint8_t* packed, int width, int64_t first, int64_t count, uint8_t* out);
+
 // Every code of a packed weight, one byte each, in a per-thread buffer (valid until this thread's next call).
 const uint8_t* unpacked_codes(const Weight& w);
 

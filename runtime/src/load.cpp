@@ -2,7 +2,6 @@
 // the buffer size, every tensor's byte range, the SHA-256 checksum, the metadata, then every IR node (op,
 // inputs, attributes, tensor dtypes and shapes, finite values), and every node's output shape.
 #include <algorithm>
-#include <array>
 #include <cctype>
 #include <cmath>
 #include <cstring>
@@ -378,37 +377,6 @@ Shape weight_shape(const Node& node) {
 // k-bit codes stored at 1, 2, 4 or 8 bits a value, the first value in the lowest bits of a byte.
 int storage_bits(int64_t bits) { return bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
 
-// Codes [first, first + count) of `Width` bits (1, 2, 4 or 8), lowest bits first, from `packed` into `out`: a
-// whole byte's codes at a time from a table of every byte's codes (little-endian hosts), one at a time at the
-// unaligned ends.
-template <int Width>
-void unpack_width(const uint8_t* packed, int64_t first, int64_t count, uint8_t* out) {
-  constexpr int kPerByte = 8 / Width;
-  constexpr unsigned kMask = (1u << Width) - 1;
-  static const std::array<uint64_t, 256> table = [] {
-    std::array<uint64_t, 256> codes_of{};
-    for (unsigned byte = 0; byte < 256; ++byte) {
-      for (int k = 0; k < kPerByte; ++k) codes_of[byte] |= uint64_t{(byte >> (k * Width)) & kMask} << (8 * k);
-    }
-    return codes_of;
-  }();
-  auto one = [&](int64_t i) { return static_cast<uint8_t>((packed[i / kPerByte] >> (i % kPerByte * Width)) & kMask); };
-  int64_t i = first;
-  const int64_t end = first + count;
-  for (; i < end && i % kPerByte != 0; ++i) *out++ = one(i);
-  for (; i + kPerByte <= end; i += kPerByte, out += kPerByte) std::memcpy(out, &table[packed[i / kPerByte]], kPerByte);
-  for (; i < end; ++i) *out++ = one(i);
-}
-
-void unpack_codes(const uint8_t* packed, int width, int64_t first, int64_t count, uint8_t* out) {
-  switch (width) {
-    case 1: return unpack_width<1>(packed, first, count, out);
-    case 2: return unpack_width<2>(packed, first, count, out);
-    case 4: return unpack_width<4>(packed, first, count, out);
-    default: std::copy_n(packed + first, count, out);
-  }
-}
-
 // The packed tensor `field` (codes, or a sparse weight's 1-bit mask): U8 holding `count` codes of `width` bits,
 // each below `levels` (checked a chunk at a time, unless every code of that width is a level).
 void check_packed(const Node& node, const Stored& packed, const char* field, int width, int64_t count, int64_t levels) {
@@ -684,40 +652,6 @@ void infer_shapes(Graph& graph) {
 }
 
 }  // namespace
-
-void Weight::decode(int64_t first, int64_t count, float* out) const {
-  if (!packed) {
-    std::copy_n(values.data() + first, count, out);
-    return;
-  }
-  const int64_t rows = shape[static_cast<size_t>(channel_dim)];
-  int64_t row = (first / inner) % rows, left = inner - first % inner;  // runs of `inner` values share a row
-  const float* book = codebook.data() + row * levels;
-  uint8_t chunk[1024];
-  for (int64_t done = 0; done < count; done += static_cast<int64_t>(sizeof chunk)) {
-    const int64_t n = std::min<int64_t>(sizeof chunk, count - done);
-    unpack(first + done, n, chunk);
-    for (int64_t k = 0; k < n; ++k, --left) {
-      if (left == 0) {
-        row = row + 1 == rows ? 0 : row + 1, left = inner;
-        book = codebook.data() + row * levels;
-      }
-      const int64_t i = first + done + k;
-      out[done + k] = sparse && !keep[static_cast<size_t>(i)] ? 0.0f : book[chunk[k]];
-    }
-  }
-}
-
-void Weight::unpack(int64_t first, int64_t count, uint8_t* out) const {
-  unpack_codes(codes.data(), code_bits, first, count, out);
-}
-
-const uint8_t* unpacked_codes(const Weight& w) {
-  thread_local std::vector<uint8_t> all;
-  all.resize(static_cast<size_t>(numel(w.shape)));
-  w.unpack(0, numel(w.shape), all.data());
-  return all.data();
-}
 
 Graph load_graph(const uint8_t* data, size_t size) {
   const File file = read_safetensors(data, size);
