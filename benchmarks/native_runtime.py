@@ -5,7 +5,10 @@ batch-64 time of liblowbit through ctypes (the library lowbit-run calls; the "au
 float path, every layer on the FMA float code), onnxruntime FP32 (the FP32 model exported with lowbit's
 ONNX exporter, one intra-op thread) and FP32 PyTorch (one thread), timed round-robin, best of ``--repeats``
 (wall clock). Start-up is the wall time of ``lowbit-run FILE -n 1 -o x.npy`` (process start, load, checks,
-first sample), best of 5, for dcgan-g-28 and for a ~1 MB file (the zoo's ResNet at 64 filters, W1A1).
+first sample), best of 5, with the process's CPU time (user + system, best of 5: what a loaded machine
+inflates least), for dcgan-g-28 and ~1 MB files (the zoo's ResNet at 64 filters, W1A1, also with
+``input_act``); for the ~1 MB files also split into load and first sample through ctypes (this build's
+liblowbit).
 
     python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json] [--baseline-cli OLD]
 
@@ -19,7 +22,9 @@ with ``input_act`` (row "W1A1 input_act": a sign in front of the convs reading t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,16 +44,49 @@ from lowbit.nn import QuantSpec, convert  # noqa: E402
 CLI = Path(__file__).resolve().parents[1] / "runtime" / "build" / "lowbit-run"
 
 
-def startup_ms(path: Path, folder: Path, clis: tuple[Path, ...] = (CLI,), tries: int = 5) -> list[float]:
-    """Best wall time of one lowbit-run process (each of ``clis``, taking turns) that loads the file and
-    writes one sample."""
-    best = [float("inf")] * len(clis)
+def startup_ms(
+    path: Path, folder: Path, clis: tuple[Path, ...] = (CLI,), tries: int = 5
+) -> list[tuple[float, float]]:
+    """(best wall, best CPU) ms of one lowbit-run process (each of ``clis``, taking turns) that loads the file
+    and writes one sample; CPU is the process's user + system time (every thread)."""
+    best = [(float("inf"), float("inf"))] * len(clis)
     for _ in range(tries):
         for k, cli in enumerate(clis):
             start = time.perf_counter()
-            subprocess.run([str(cli), str(path), "-n", "1", "-o", str(folder / "x.npy")], check=True)
-            best[k] = min(best[k], time.perf_counter() - start)
-    return [1e3 * seconds for seconds in best]
+            process = subprocess.Popen([str(cli), str(path), "-n", "1", "-o", str(folder / "x.npy")])
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - start
+            if status != 0:
+                raise subprocess.CalledProcessError(status, str(cli))
+            cpu = usage.ru_utime + usage.ru_stime
+            best[k] = (min(best[k][0], 1e3 * wall), min(best[k][1], 1e3 * cpu))
+    return best
+
+
+def load_split_ms(path: Path, tries: int = 5) -> dict[str, float]:
+    """Best wall and process-CPU ms of liblowbit's load (``lowbit_load_memory``) and of its first batch-1 run
+    (through ctypes), each a fresh model."""
+    data = path.read_bytes()
+    best = {
+        "load wall": float("inf"),
+        "load cpu": float("inf"),
+        "first wall": float("inf"),
+        "first cpu": float("inf"),
+    }
+    for _ in range(tries):
+        wall, cpu = time.perf_counter(), time.process_time()
+        model = native.NativeModel(data, str(path))
+        loaded_wall, loaded_cpu = time.perf_counter(), time.process_time()
+        model.run(torch.randn(1, *model.input_shape).numpy())
+        done_wall, done_cpu = time.perf_counter(), time.process_time()
+        for key, seconds in (
+            ("load wall", loaded_wall - wall),
+            ("load cpu", loaded_cpu - cpu),
+            ("first wall", done_wall - loaded_wall),
+            ("first cpu", done_cpu - loaded_cpu),
+        ):
+            best[key] = min(best[key], 1e3 * seconds)
+    return best
 
 
 def contestants(
@@ -88,8 +126,9 @@ def print_table(title: str, results: dict[str, dict[str, float]], repeats: int) 
             print(f"  {name:36s} {ms:9.3f}   x{ort / ms:.2f}")
 
 
-def megabyte_resnet(folder: Path) -> Path:
-    """The zoo's CycleGAN ResNet at 64 filters (6 blocks), W1A1, 8-bit first / last layers: ~1 MB packed."""
+def megabyte_resnets(folder: Path) -> dict[str, Path]:
+    """The zoo's CycleGAN ResNet at 64 filters (6 blocks), W1A1, 8-bit first / last layers: ~1 MB packed;
+    as is and with ``input_act`` (every layer but the 8-bit stem on the kernels, as ``inference.py``)."""
     from gan_zoo import ResnetGenerator
 
     torch.manual_seed(0)
@@ -100,8 +139,20 @@ def megabyte_resnet(folder: Path) -> Path:
     spec = QuantSpec(
         weight="bwn", weight_bits=1, act="sign", act_bits=1, overrides={"model.1": w8, "model.23": w8}
     )
+    # act null: with input_act the 8-bit first layer keeps reading the float image
+    w8_float_input = {**w8, "act": None, "act_bits": 32}
+    overrides = {"model.1": w8_float_input, "model.23": w8_float_input}
     example = torch.randn(1, 3, 64, 64)
-    return export_packed(convert(model, spec).eval(), folder / "resnet-64.lowbit", example_input=example)
+    specs = {
+        "ResNet-64 W1A1 (~1 MB)": spec,
+        "ResNet-64 W1A1 input_act (~1 MB)": dataclasses.replace(spec, input_act=True, overrides=overrides),
+    }
+    return {
+        name: export_packed(
+            convert(model, spec).eval(), folder / f"resnet-64-{k}.lowbit", example_input=example
+        )
+        for k, (name, spec) in enumerate(specs.items())
+    }
 
 
 def print_startup(results: dict, name: str, path: Path, folder: Path, baseline: Path | None = None) -> None:
@@ -109,12 +160,29 @@ def print_startup(results: dict, name: str, path: Path, folder: Path, baseline: 
     ``baseline`` lowbit-run (e.g. an older build), that one's too, taking turns with this one."""
     times = startup_ms(path, folder, (CLI,) if baseline is None else (CLI, baseline))
     size = path.stat().st_size
-    results[f"start-up ms (lowbit-run -n 1), {name}"] = times[0]
+    (wall, cpu) = times[0]
+    results[f"start-up ms (lowbit-run -n 1), {name}"] = wall
+    results[f"start-up CPU ms (lowbit-run -n 1), {name}"] = cpu
     results[f"packed file bytes, {name}"] = size
-    print(f"\nstart-up of {name} (lowbit-run -n 1, best of 5): {times[0]:.1f} ms, file {size:,} bytes")
+    print(f"\nstart-up of {name} (lowbit-run -n 1, best of 5): {wall:.1f} ms (CPU {cpu:.1f}), {size:,} bytes")
     if baseline is not None:
-        results[f"start-up ms (baseline lowbit-run -n 1), {name}"] = times[1]
-        print(f"  baseline {baseline}: {times[1]:.1f} ms (x{times[1] / times[0]:.2f} this build's speed-up)")
+        (base_wall, base_cpu) = times[1]
+        results[f"start-up ms (baseline lowbit-run -n 1), {name}"] = base_wall
+        results[f"start-up CPU ms (baseline lowbit-run -n 1), {name}"] = base_cpu
+        print(
+            f"  baseline {baseline}: {base_wall:.1f} ms (CPU {base_cpu:.1f}); this build"
+            f" x{base_wall / wall:.2f} wall, x{base_cpu / cpu:.2f} CPU"
+        )
+
+
+def print_split(results: dict, name: str, path: Path) -> None:
+    """Load and first sample of ``path`` through ctypes, recorded in ``results`` and printed."""
+    split = load_split_ms(path)
+    results[f"load / first sample ms (ctypes), {name}"] = split
+    print(
+        f"  split (ctypes, best of 5): load {split['load wall']:.1f} ms (CPU {split['load cpu']:.1f}), first "
+        f"sample {split['first wall']:.1f} ms (CPU {split['first cpu']:.1f})"
+    )
 
 
 def main() -> None:
@@ -138,14 +206,16 @@ def main() -> None:
         results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
         print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
         print_startup(results, "dcgan-g-28 W1A1", path, folder, args.baseline_cli)
-        print_startup(results, "ResNet-64 W1A1 (~1 MB)", megabyte_resnet(folder), folder, args.baseline_cli)
+        for name, resnet in megabyte_resnets(folder).items():
+            print_startup(results, name, resnet, folder, args.baseline_cli)
+            print_split(results, name, resnet)
         if args.zoo:
             from inference import _zoo_models, zoo_variants
 
             for name, (model, zoo_spec) in _zoo_models().items():
                 x1 = torch.randn(1, 3, 64, 64)
                 zoo_files = {
-                    "W1A1" + label[len(name):]: export_packed(
+                    "W1A1" + label[len(name) :]: export_packed(
                         convert(model, spec).eval(), folder / f"{label}.lowbit", example_input=x1
                     )
                     for label, spec in zoo_variants(name, zoo_spec).items()
