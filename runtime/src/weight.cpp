@@ -54,13 +54,19 @@ void Weight::decode(int64_t first, int64_t count, float* out) const {
   for (int64_t done = 0; done < count; done += static_cast<int64_t>(sizeof chunk)) {
     const int64_t n = std::min<int64_t>(sizeof chunk, count - done);
     unpack(first + done, n, chunk);
-    for (int64_t k = 0; k < n; ++k, --left) {
+    for (int64_t k = 0; k < n;) {  // a run of values on one codebook row at a time
       if (left == 0) {
         row = row + 1 == rows ? 0 : row + 1, left = inner;
         book = codebook.data() + row * levels;
       }
-      const int64_t i = first + done + k;
-      out[done + k] = sparse && !keep[static_cast<size_t>(i)] ? 0.0f : book[chunk[k]];
+      const int64_t run = std::min(left, n - k);
+      float* values_out = out + done + k;
+      for (int64_t j = 0; j < run; ++j) values_out[j] = book[chunk[k + j]];
+      if (sparse) {  // pruned: 0, as the simulated layer
+        const uint8_t* kept = keep.data() + first + done + k;
+        for (int64_t j = 0; j < run; ++j) values_out[j] = kept[j] ? values_out[j] : 0.0f;
+      }
+      k += run, left -= run;
     }
   }
 }
