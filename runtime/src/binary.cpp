@@ -333,6 +333,66 @@ std::vector<int64_t> linked_taps(const Geometry& g, int dim, bool transposed, in
   return taps;
 }
 
+// Whether every sum of up to n values of a codebook row is exact in float64, in any order: each value is a
+// multiple of q, the smallest float ulp among the row's nonzero values, so every partial sum is a multiple of
+// q of at most n * max |value|, which float64 holds exactly while that is at most 2^53 q.
+bool exact_sums(const float* row, int64_t levels, int64_t n) {
+  double largest = 0.0;
+  int lowest = 0;
+  for (int64_t z = 0; z < levels; ++z) {
+    if (!std::isfinite(row[z])) return false;
+    if (row[z] == 0.0f) continue;
+    int exponent = 0;
+    std::frexp(row[z], &exponent);
+    lowest = largest == 0.0 ? exponent - 24 : std::min(lowest, exponent - 24);
+    largest = std::max(largest, std::fabs(static_cast<double>(row[z])));
+  }
+  return largest == 0.0 || static_cast<double>(n) * largest <= std::ldexp(1.0, 53 + lowest);
+}
+
+// Per (output channel, tap) the sum over input channels of the weight, in float64, equal to the direct sum in
+// input-channel order. When every output channel has a codebook row of its own (channel_dim the output
+// channels, no pruning, at most Ci levels) whose sums are exact (exact_sums), it is sum_z count[z] * value[z]
+// over the counts of the codes (bit-identical, as every sum is exact; no float copy of the weight); else the
+// weight is decoded and summed in order. Either reads the weight in storage order, (outer, middle, tap) with
+// (outer, middle) = (Co, Ci) or a transposed conv's (Ci, Co), a (middle, tap) block at a time.
+std::vector<double> tap_sums(const Weight& w, const Geometry& g, bool transposed) {
+  const int64_t taps = g.kh * g.kw, outer = transposed ? g.ci : g.co, middle = transposed ? g.co : g.ci;
+  std::vector<double> sums(static_cast<size_t>(g.co * taps), 0.0);
+  bool counted = w.packed && !w.sparse && w.channel_dim == (transposed ? 1 : 0) && w.levels <= g.ci;
+  for (int64_t c = 0; counted && c < g.co; ++c) counted = exact_sums(w.codebook.data() + c * w.levels, w.levels, g.ci);
+  if (counted) {
+    std::vector<int32_t> count(static_cast<size_t>(g.co * taps * w.levels), 0);
+    std::vector<uint8_t> codes(static_cast<size_t>(middle * taps));
+    for (int64_t a = 0; a < outer; ++a) {
+      w.unpack(a * middle * taps, middle * taps, codes.data());
+      for (int64_t m = 0; m < middle; ++m) {
+        int32_t* slot = count.data() + (transposed ? m : a) * taps * w.levels;
+        const uint8_t* code = codes.data() + m * taps;
+        for (int64_t t = 0; t < taps; ++t) ++slot[t * w.levels + code[t]];
+      }
+    }
+    for (int64_t k = 0; k < g.co * taps; ++k) {
+      const float* value = w.codebook.data() + k / taps * w.levels;
+      const int32_t* n = count.data() + k * w.levels;
+      double sum = 0.0;
+      for (int64_t z = 0; z < w.levels; ++z) sum += static_cast<double>(n[z]) * static_cast<double>(value[z]);
+      sums[static_cast<size_t>(k)] = sum;
+    }
+    return sums;
+  }
+  std::vector<float> block(static_cast<size_t>(middle * taps));
+  for (int64_t a = 0; a < outer; ++a) {
+    w.decode(a * middle * taps, middle * taps, block.data());
+    for (int64_t m = 0; m < middle; ++m) {
+      double* sum = sums.data() + (transposed ? m : a) * taps;
+      const float* value = block.data() + m * taps;
+      for (int64_t t = 0; t < taps; ++t) sum[t] += static_cast<double>(value[t]);
+    }
+  }
+  return sums;
+}
+
 // Each output index's class along one axis (indices with the same linked taps share one) and the classes' taps.
 std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int64_t outputs, int64_t size,
                                 std::vector<std::vector<int64_t>>& classes) {
@@ -353,21 +413,8 @@ std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int
 std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
   const Geometry g = geometry(node);
   const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
-  // Sum over input channels (in their order) of every (output channel, tap), in one pass over the weight in
-  // storage order, (outer, middle, tap) with (outer, middle) = (Co, Ci) or a transposed conv's (Ci, Co), a
-  // decoded (middle, tap) block at a time.
   const bool transposed = node.op == "conv_transpose2d";
-  const int64_t taps = g.kh * g.kw, outer = transposed ? g.ci : g.co, middle = transposed ? g.co : g.ci;
-  std::vector<double> tap_sum(static_cast<size_t>(g.co * taps), 0.0);
-  std::vector<float> block(static_cast<size_t>(middle * taps));
-  for (int64_t a = 0; a < outer; ++a) {
-    node.weight.decode(a * middle * taps, middle * taps, block.data());
-    for (int64_t m = 0; m < middle; ++m) {
-      double* sum = tap_sum.data() + (transposed ? m : a) * taps;
-      const float* value = block.data() + m * taps;
-      for (int64_t t = 0; t < taps; ++t) sum[t] += static_cast<double>(value[t]);
-    }
-  }
+  const std::vector<double> tap_sum = tap_sums(node.weight, g, transposed);
   std::vector<std::vector<int64_t>> rows, cols;
   const std::vector<size_t> row_of = tap_classes(g, 0, transposed, ho, h, rows);
   const std::vector<size_t> col_of = tap_classes(g, 1, transposed, wo, w, cols);
