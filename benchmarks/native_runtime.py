@@ -11,8 +11,10 @@ inflates least), for dcgan-g-28 and ~1 MB files (the zoo's ResNet at 64 filters,
 liblowbit).
 
     python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json] [--baseline-cli OLD]
+        [--baseline-lib OLD.so]
 
-``--baseline-cli`` also times another lowbit-run build's start-up on the same files, taking turns.
+``--baseline-cli`` also times another lowbit-run build's start-up on the same files, taking turns;
+``--baseline-lib`` another liblowbit build beside this one in every liblowbit timing (round-robin).
 
 ``--zoo`` adds the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 x 64 x 64 images (first and last
 layers 8-bit weights, every hidden layer W1A1, as ``inference.py --zoo``) at batch 1 and 16; the ResNet also
@@ -22,6 +24,7 @@ with ``input_act`` (row "W1A1 input_act": a sign in front of the convs reading t
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
@@ -95,16 +98,20 @@ def contestants(
     example: torch.Tensor,
     folder: Path,
     paths: tuple[str, ...] = ("auto", "float"),
+    baseline: ctypes.CDLL | None = None,
 ) -> dict:
     """FP32 torch, onnxruntime FP32 and liblowbit on each packed file (label -> path) for each of ``paths``
-    ("auto": the fastest kernel path, "float": every layer on the float code)."""
+    ("auto": the fastest kernel path, "float": every layer on the float code); with a ``baseline`` liblowbit
+    (``native.open_library``), that build too."""
     fns = {"FP32 torch": fp32, "onnxruntime FP32": _onnx_session(fp32, example, folder, threads=1)}
+    builds = {"": None} if baseline is None else {"": None, ", baseline": baseline}
     for tag, path in files.items():
         for kernel_path in paths:
-            model = native.NativeModel(path.read_bytes(), str(path))
-            chosen = model.set_kernel_path(kernel_path)
-            label = "float path" if kernel_path == "float" else chosen
-            fns[f"lowbit-run {tag} ({label})"] = lambda x, model=model: model.run(x.numpy())
+            for build, lib in builds.items():
+                model = native.NativeModel(path.read_bytes(), str(path), lib)
+                chosen = model.set_kernel_path(kernel_path)
+                label = "float path" if kernel_path == "float" else chosen
+                fns[f"lowbit-run {tag} ({label}{build})"] = lambda x, model=model: model.run(x.numpy())
     return fns
 
 
@@ -123,7 +130,7 @@ def print_table(title: str, results: dict[str, dict[str, float]], repeats: int) 
         ort = row["onnxruntime FP32"]
         print(f"\n{title}, {key} (ms, best of {repeats}; x = onnxruntime time / this time)")
         for name, ms in row.items():
-            print(f"  {name:36s} {ms:9.3f}   x{ort / ms:.2f}")
+            print(f"  {name:48s} {ms:9.3f}   x{ort / ms:.2f}")
 
 
 def megabyte_resnets(folder: Path) -> dict[str, Path]:
@@ -191,7 +198,9 @@ def main() -> None:
     parser.add_argument("--zoo", action="store_true", help="also the zoo's ResNet and U-Net (3 x 64 x 64)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--baseline-cli", type=Path, help="another lowbit-run build to time start-up against")
+    parser.add_argument("--baseline-lib", type=Path, help="another liblowbit build to time runs against")
     args = parser.parse_args()
+    baseline = None if args.baseline_lib is None else native.open_library(args.baseline_lib)
     if not native.available() or not CLI.exists():
         sys.exit("error: the native runtime is not built; run `make runtime`")
     torch.set_num_threads(1)
@@ -201,7 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         path = export_packed(convert(fp32, spec).eval(), folder / "w1a1.lowbit")
-        fns = contestants(fp32, {"W1A1": path}, torch.randn(1, fp32.latent_dim), folder)
+        fns = contestants(fp32, {"W1A1": path}, torch.randn(1, fp32.latent_dim), folder, baseline=baseline)
         inputs = {f"batch {b}": torch.randn(b, fp32.latent_dim) for b in (1, 64)}
         results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
         print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
@@ -220,7 +229,7 @@ def main() -> None:
                     )
                     for label, spec in zoo_variants(name, zoo_spec).items()
                 }
-                fns = contestants(model, zoo_files, x1, folder, paths=("auto",))
+                fns = contestants(model, zoo_files, x1, folder, paths=("auto",), baseline=baseline)
                 inputs = {"batch 1": x1, "batch 16": torch.randn(16, 3, 64, 64)}
                 results[name] = time_batches(fns, inputs, max(3, args.repeats // 3))
                 print_table(

@@ -46,31 +46,34 @@ def library() -> ctypes.CDLL | None:
     """liblowbit with its C API declared, or None when it is not built."""
     if "lib" not in _LIBRARY:
         path = library_path()
-        lib = None
-        if path.is_file():
-            lib = ctypes.CDLL(str(path))
-            handle = ctypes.POINTER(ctypes.c_void_p)
-            lib.lowbit_load_memory.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(handle)]
-            lib.lowbit_free.argtypes = [handle]
-            lib.lowbit_free.restype = None
-            for name in ("lowbit_input_shape", "lowbit_output_shape"):
-                getattr(lib, name).argtypes = [
-                    handle,
-                    ctypes.POINTER(ctypes.c_int64),
-                    ctypes.c_int,
-                    ctypes.POINTER(ctypes.c_int),
-                ]
-            lib.lowbit_set_kernel_path.argtypes = [handle, ctypes.c_char_p]
-            lib.lowbit_kernel_path.argtypes = [handle]
-            lib.lowbit_kernel_path.restype = ctypes.c_char_p
-            lib.lowbit_set_threads.argtypes = [handle, ctypes.c_int]
-            counts = ctypes.POINTER(ctypes.c_int64)
-            lib.lowbit_kernel_layers.argtypes = [handle, counts, counts]
-            lib.lowbit_run.argtypes = [handle, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-            lib.lowbit_supported_paths.restype = ctypes.c_int64
-            lib.lowbit_last_error.restype = ctypes.c_char_p
-        _LIBRARY["lib"] = lib
+        _LIBRARY["lib"] = open_library(path) if path.is_file() else None
     return _LIBRARY["lib"]
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A liblowbit build at ``path`` with its C API declared (e.g. another build, to time against)."""
+    lib = ctypes.CDLL(str(path))
+    handle = ctypes.POINTER(ctypes.c_void_p)
+    lib.lowbit_load_memory.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(handle)]
+    lib.lowbit_free.argtypes = [handle]
+    lib.lowbit_free.restype = None
+    for name in ("lowbit_input_shape", "lowbit_output_shape"):
+        getattr(lib, name).argtypes = [
+            handle,
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int),
+        ]
+    lib.lowbit_set_kernel_path.argtypes = [handle, ctypes.c_char_p]
+    lib.lowbit_kernel_path.argtypes = [handle]
+    lib.lowbit_kernel_path.restype = ctypes.c_char_p
+    lib.lowbit_set_threads.argtypes = [handle, ctypes.c_int]
+    counts = ctypes.POINTER(ctypes.c_int64)
+    lib.lowbit_kernel_layers.argtypes = [handle, counts, counts]
+    lib.lowbit_run.argtypes = [handle, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.lowbit_supported_paths.restype = ctypes.c_int64
+    lib.lowbit_last_error.restype = ctypes.c_char_p
+    return lib
 
 
 def available() -> bool:
@@ -86,10 +89,11 @@ def available_paths() -> list[str]:
 
 
 class NativeModel:
-    """One loaded file in liblowbit: ``run`` takes N x (input values) float32, returns N x (output values)."""
+    """One loaded file in liblowbit: ``run`` takes N x (input values) float32, returns N x (output values).
+    ``lib``: another build (``open_library``) instead of the one ``library()`` finds."""
 
-    def __init__(self, data: bytes, source: str) -> None:
-        lib = library()
+    def __init__(self, data: bytes, source: str, lib: ctypes.CDLL | None = None) -> None:
+        lib = lib or library()
         if lib is None:
             raise ConfigError(f"liblowbit is not built ({library_path()}); run `make runtime`")
         self._lib = lib
