@@ -130,6 +130,23 @@ def test_cli_equals_the_library_and_every_kernel_path_agrees(zoo, tmp_path):
         assert np.array_equal(out, expected), kernel_path
 
 
+def test_cli_reads_a_model_from_a_pipe_as_from_its_file(zoo, tmp_path):
+    """A pipe reports no size, so the file reader falls back from one sized read to a growing loop: the file
+    is made longer than its first two reads (64 KiB, then 64 KiB more) by padding the safetensors header."""
+    path, x_npy, _ = zoo[("examples-dcgan", "w2-em")]
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length] + b" " * (1 << 17)
+    from_file = _run_cli([str(CLI)], path, x_npy, tmp_path / "file.npy")
+    piped = subprocess.run(
+        [str(CLI), "/dev/stdin", "--input", str(x_npy), "-o", str(tmp_path / "pipe.npy")],
+        input=len(header).to_bytes(8, "little") + header + data[8 + length :],
+        capture_output=True,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert np.array_equal(np.load(tmp_path / "pipe.npy"), from_file)
+
+
 def test_results_do_not_depend_on_the_thread_count(zoo):
     """Threads share out column tiles of the float products and rows of the binary kernels; every output is
     summed in the same order whatever the count, so 1, 2 and 3 threads give the same bits on both paths."""
