@@ -2,13 +2,13 @@
 
 The default dcgan-g-28 generator at W1A1 (1-bit minmax weights, sign activations): batch-1 latency and
 batch-64 time of liblowbit through ctypes (the library lowbit-run calls; the "auto" kernel path and the
-float path, every layer on the FMA float code), onnxruntime FP32 (the FP32 model exported with lowbit's
-ONNX exporter, one intra-op thread) and FP32 PyTorch (one thread), timed round-robin, best of ``--repeats``
-(wall clock). Start-up is the wall time of ``lowbit-run FILE -n 1 -o x.npy`` (process start, load, checks,
-first sample), best of 5, with the process's CPU time (user + system, best of 5: what a loaded machine
-inflates least), for dcgan-g-28 and ~1 MB files (the zoo's ResNet at 64 filters, W1A1, also with
-``input_act``); for the ~1 MB files also split into load and first sample through ctypes (this build's
-liblowbit).
+float path, every layer on the FMA float code), onnxruntime FP32 (the FP32 model exported with lowbit's ONNX
+exporter, one intra-op thread) and FP32 PyTorch (one thread), timed round-robin, best of ``--repeats`` (wall
+clock; ``--cpu-clock``: process CPU time). Start-up is the wall time of ``lowbit-run FILE -n 1 -o x.npy``
+(process start, load, checks, first sample), best of 5, with the process's CPU time (user + system, best of
+5: what a loaded machine inflates least), for dcgan-g-28 and ~1 MB files (the zoo's ResNet at 64 filters,
+W1A1, also with ``input_act``); for the ~1 MB files also split into load and first sample through ctypes
+(this build's liblowbit).
 
     python benchmarks/native_runtime.py --repeats 30 [--zoo] [--json results.json] [--baseline-cli OLD]
         [--baseline-lib OLD.so]
@@ -115,12 +115,14 @@ def contestants(
     return fns
 
 
-def time_batches(fns: dict, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
-    """ms per call of every contestant for each named input, round-robin, best of ``repeats``."""
+def time_batches(
+    fns: dict, inputs: dict[str, torch.Tensor], repeats: int, clock=time.perf_counter
+) -> dict[str, dict[str, float]]:
+    """ms per call of every contestant for each named input, round-robin, best of ``repeats`` on ``clock``."""
     results = {}
     for key, x in inputs.items():
         with torch.no_grad():
-            best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, time.perf_counter)
+            best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, clock)
         results[key] = {name: 1e3 * seconds for name, seconds in best.items()}
     return results
 
@@ -199,7 +201,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--baseline-cli", type=Path, help="another lowbit-run build to time start-up against")
     parser.add_argument("--baseline-lib", type=Path, help="another liblowbit build to time runs against")
+    parser.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="time runs in process CPU time (one thread each; a shared machine)",
+    )
     args = parser.parse_args()
+    clock = time.process_time if args.cpu_clock else time.perf_counter
     baseline = None if args.baseline_lib is None else native.open_library(args.baseline_lib)
     if not native.available() or not CLI.exists():
         sys.exit("error: the native runtime is not built; run `make runtime`")
@@ -212,7 +220,7 @@ def main() -> None:
         path = export_packed(convert(fp32, spec).eval(), folder / "w1a1.lowbit")
         fns = contestants(fp32, {"W1A1": path}, torch.randn(1, fp32.latent_dim), folder, baseline=baseline)
         inputs = {f"batch {b}": torch.randn(b, fp32.latent_dim) for b in (1, 64)}
-        results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats)
+        results["dcgan-g-28"] = time_batches(fns, inputs, args.repeats, clock)
         print_table("dcgan-g-28 W1A1", results["dcgan-g-28"], args.repeats)
         print_startup(results, "dcgan-g-28 W1A1", path, folder, args.baseline_cli)
         for name, resnet in megabyte_resnets(folder).items():
@@ -231,7 +239,7 @@ def main() -> None:
                 }
                 fns = contestants(model, zoo_files, x1, folder, paths=("auto",), baseline=baseline)
                 inputs = {"batch 1": x1, "batch 16": torch.randn(16, 3, 64, 64)}
-                results[name] = time_batches(fns, inputs, max(3, args.repeats // 3))
+                results[name] = time_batches(fns, inputs, max(3, args.repeats // 3), clock)
                 print_table(
                     f"{name} (first/last layer W8, the rest W1A1)", results[name], max(3, args.repeats // 3)
                 )
