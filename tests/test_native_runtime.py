@@ -147,6 +147,13 @@ def test_cli_reads_a_model_from_a_pipe_as_from_its_file(zoo, tmp_path):
     assert np.array_equal(np.load(tmp_path / "pipe.npy"), from_file)
 
 
+def test_cli_refuses_a_directory_as_unreadable(tmp_path):
+    result = subprocess.run(
+        [str(CLI), str(tmp_path), "-o", str(tmp_path / "x.npy")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr == f"error: cannot read {tmp_path}\n"
+
+
 def test_results_do_not_depend_on_the_thread_count(zoo):
     """Threads share out column tiles of the float products and rows of the binary kernels; every output is
     summed in the same order whatever the count, so 1, 2 and 3 threads give the same bits on both paths."""

@@ -8,6 +8,8 @@
 #include <new>
 #include <thread>
 
+#include <sys/stat.h>
+
 #include "binary.h"
 #include "int8_layer.h"
 #include "ops.h"
@@ -270,13 +272,13 @@ lowbit_model* load(const uint8_t* data, size_t size) {
   return m.release();
 }
 
-// The rest of an open file: one read of the size it reports (a doubling loop where it reports none, e.g. a pipe).
+// A whole open file: one read of a regular file's size (+ 1: the short read that says the end was reached),
+// a doubling loop for anything else (a pipe; a directory fails its first read).
 std::vector<uint8_t> read_all(std::FILE* file) {
   size_t want = size_t{1} << 16;
-  if (std::fseek(file, 0, SEEK_END) == 0) {
-    const long end = std::ftell(file);
-    if (end > 0) want = static_cast<size_t>(end) + 1;  // + 1: the short read that says the end was reached
-    std::rewind(file);
+  struct stat info;
+  if (fstat(fileno(file), &info) == 0 && S_ISREG(info.st_mode) && info.st_size > 0) {
+    want = static_cast<size_t>(info.st_size) + 1;
   }
   std::vector<uint8_t> bytes;
   for (size_t used = 0;; want = bytes.size()) {
