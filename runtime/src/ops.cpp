@@ -812,6 +812,10 @@ void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::str
 }
 
 void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t c, float* out) {
+  if (c == 1 || pixels == 1) {  // both layouts agree (a generator's 1-channel image)
+    std::copy_n(nhwc, n * pixels * c, out);
+    return;
+  }
   constexpr int64_t kBlock = 16;  // a block of pixels x channels: both its reads and its writes stay in a few lines
   for (int64_t i = 0; i < n; ++i) {
     const float* src = nhwc + i * pixels * c;
