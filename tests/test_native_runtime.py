@@ -466,10 +466,10 @@ def test_load_runs_native_by_default_and_keeps_the_kernel_path_semantics(zoo):
 
 
 class _LayoutMix(nn.Module):
-    """Binary layers' channels-last outputs meeting every kind of consumer: instance norm, a broadcast multiply
-    by a constant and a residual add with an NCHW operand (both read channels-first), a channel cat of two
-    channels-last values, a nearest resize between a sign and its binary layer, a reflect-padded binary
-    layer, flattens and a cat at the end (the ReLUs become signs)."""
+    """Binary layers' channels-last outputs meeting every kind of consumer: instance norm, a broadcast
+    multiply by a constant and a residual add with an NCHW operand (both read channels-first), a channel cat
+    of two channels-last values, a nearest resize between a sign and its binary layer, a reflect-padded
+    binary layer, flattens and a cat at the end (the ReLUs become signs)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -492,8 +492,8 @@ class _LayoutMix(nn.Module):
 
 
 def test_channels_last_values_meet_every_kind_of_op_like_the_torch_backend(tmp_path):
-    """liblowbit keeps binary layers' outputs channels-last; ops that take that layout keep it, the others read
-    an NCHW copy: the kernel path agrees with the torch backend (and with liblowbit's all-NCHW float path)."""
+    """liblowbit keeps binary layers' outputs channels-last; ops that take that layout keep it, the others
+    read an NCHW copy: the kernel path agrees with the torch backend (and liblowbit's all-NCHW float path)."""
     torch.manual_seed(0)
     model = _LayoutMix()
     with torch.no_grad():
@@ -509,8 +509,6 @@ def test_channels_last_values_meet_every_kind_of_op_like_the_torch_backend(tmp_p
     expected = PackedModel(graph, "torch")(x).numpy()
     native_model = native.NativeModel(path.read_bytes(), str(path))
     assert native_model.kernel_layers()[0] >= 2
-    outputs = {}
     for kernel_path in ("float", "auto"):
         native_model.set_kernel_path(kernel_path)
-        outputs[kernel_path] = native_model.run(x.numpy())
-        assert _mismatch(outputs[kernel_path], expected)[0] <= TOLERANCE, kernel_path
+        assert _mismatch(native_model.run(x.numpy()), expected)[0] <= TOLERANCE, kernel_path

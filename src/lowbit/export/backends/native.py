@@ -42,10 +42,11 @@ def library_path() -> Path:
     return Path(os.environ.get(LIB_ENV, default))
 
 
-def library() -> ctypes.CDLL | None:
-    """liblowbit with its C API declared, or None when it is not built."""
-    if "lib" not in _LIBRARY:
-        path = library_path()
+def library(path: Path | None = None) -> ctypes.CDLL | None:
+    """liblowbit (``library_path()``, or another build at ``path``) with its C API declared, or None when it
+    is not built."""
+    path = library_path() if path is None else path
+    if str(path) not in _LIBRARY:
         lib = None
         if path.is_file():
             lib = ctypes.CDLL(str(path))
@@ -69,8 +70,8 @@ def library() -> ctypes.CDLL | None:
             lib.lowbit_run.argtypes = [handle, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
             lib.lowbit_supported_paths.restype = ctypes.c_int64
             lib.lowbit_last_error.restype = ctypes.c_char_p
-        _LIBRARY["lib"] = lib
-    return _LIBRARY["lib"]
+        _LIBRARY[str(path)] = lib
+    return _LIBRARY[str(path)]
 
 
 def available() -> bool:
@@ -88,10 +89,12 @@ def available_paths() -> list[str]:
 class NativeModel:
     """One loaded file in liblowbit: ``run`` takes N x (input values) float32, returns N x (output values)."""
 
-    def __init__(self, data: bytes, source: str) -> None:
-        lib = library()
+    def __init__(self, data: bytes, source: str, library_file: Path | None = None) -> None:
+        """``library_file``: another liblowbit build to run (a benchmark's baseline), else ``library()``'s."""
+        lib = library(library_file)
         if lib is None:
-            raise ConfigError(f"liblowbit is not built ({library_path()}); run `make runtime`")
+            missing = library_file or library_path()
+            raise ConfigError(f"liblowbit is not built ({missing}); run `make runtime`")
         self._lib = lib
         self._handle = ctypes.POINTER(ctypes.c_void_p)()
         code = lib.lowbit_load_memory(data, len(data), ctypes.byref(self._handle))
