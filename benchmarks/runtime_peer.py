@@ -121,10 +121,11 @@ def lowbit_contestants(
         runtime = load(path, backend="native")
         runtime.native.set_threads(threads)
         fns[f"{name} | lowbit native ({runtime.kernel_path})"] = runtime
-    if baseline is not None:
-        old = native.NativeModel(path.read_bytes(), str(path), library_file=baseline)
-        old.set_threads(threads)
-        fns[f"{name} | baseline native ({baseline.name})"] = lambda x, old=old: old.run(x.numpy())
+    if baseline is not None:  # the same wrapper as the native contestant, on the other build
+        old = load(path, backend="native")
+        old.native = native.NativeModel(path.read_bytes(), str(path), library_file=baseline)
+        old.native.set_threads(threads)
+        fns[f"{name} | baseline native ({baseline.name})"] = old
     return fns
 
 

@@ -946,11 +946,16 @@ bool keeps_channels_last(const Node& node, const std::vector<const Tensor*>& in)
 void run_op(const Node& node, const std::vector<const Tensor*>& given, Tensor& out, const ParallelFor& parallel,
             const Activation& then) {
   out.channels_last = keeps_channels_last(node, given);
-  std::vector<const Tensor*> in = given;
-  std::vector<Tensor> nchw(given.size());  // the channels-last inputs of an op that takes them channels-first
-  for (size_t k = 0; k < given.size() && !out.channels_last; ++k) {
-    if (given[k]->channels_last) to_channels_first(*given[k], nchw[k]), in[k] = &nchw[k];
+  const bool converts = !out.channels_last && std::any_of(given.begin(), given.end(), [](const Tensor* t) { return t->channels_last; });
+  if (converts) {  // the channels-last inputs of an op that takes them channels-first, through NCHW copies
+    std::vector<Tensor> nchw(given.size());
+    std::vector<const Tensor*> in = given;
+    for (size_t k = 0; k < given.size(); ++k) {
+      if (given[k]->channels_last) to_channels_first(*given[k], nchw[k]), in[k] = &nchw[k];
+    }
+    return run_op(node, in, out, parallel, then);
   }
+  const std::vector<const Tensor*>& in = given;
   const std::string& op = node.op;
   const bool fuses = op == "conv2d" || op == "conv_transpose2d" || op == "linear" || op == "batch_norm" || op == "instance_norm";
   if (op == "constant") out.data = node.tensors.at("value").data;
