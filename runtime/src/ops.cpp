@@ -510,6 +510,7 @@ void layer_norm(const Node& node, const Tensor& x, Tensor& out) {
   }
 }
 
+// sign(x) with sign(0) = +1, a vectorised loop.
 LOWBIT_VECTOR_CLONES void sign_run(const float* x, float* y, int64_t count) {
   for (int64_t k = 0; k < count; ++k) y[k] = x[k] >= 0.0f ? 1.0f : -1.0f;
 }
@@ -662,13 +663,18 @@ inline float arith(Arith op, float x, float y) {
   }
 }
 
-// dst[k] = a[k] op b[k] (a residual connection): one vectorised loop per op.
+template <Arith Op>
+__attribute__((always_inline)) inline void arith_loop(const float* a, const float* b, float* dst, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) dst[k] = arith(Op, a[k], b[k]);
+}
+
+// dst[k] = a[k] op b[k] (a residual connection): the op picked once, so each loop vectorises.
 LOWBIT_VECTOR_CLONES void arith_run(Arith op, const float* a, const float* b, float* dst, int64_t count) {
   switch (op) {
-    case Arith::Add: for (int64_t k = 0; k < count; ++k) dst[k] = a[k] + b[k]; break;
-    case Arith::Sub: for (int64_t k = 0; k < count; ++k) dst[k] = a[k] - b[k]; break;
-    case Arith::Mul: for (int64_t k = 0; k < count; ++k) dst[k] = a[k] * b[k]; break;
-    default: for (int64_t k = 0; k < count; ++k) dst[k] = a[k] / b[k]; break;
+    case Arith::Add: return arith_loop<Arith::Add>(a, b, dst, count);
+    case Arith::Sub: return arith_loop<Arith::Sub>(a, b, dst, count);
+    case Arith::Mul: return arith_loop<Arith::Mul>(a, b, dst, count);
+    default: return arith_loop<Arith::Div>(a, b, dst, count);
   }
 }
 
