@@ -16,7 +16,7 @@ machine), two-thread groups in wall time. Then: the plan (which backend runs eac
 and its share of the peak measured in the same run (VPOPCNTDQ / VNNI loops, ``csrc/int8_roofline.cpp``), and
 each target of issue 13, met or missed and by how much.
 
-    python benchmarks/runtime_peer.py --repeats 10 [--zoo-batch 8] [--json results.json]
+    python benchmarks/runtime_peer.py --repeats 10 [--zoo-batch 8] [--json F] [--baseline-lib OLD.so]
 """
 
 from __future__ import annotations
@@ -110,14 +110,22 @@ def ort_int8_session(fp32_onnx: Path, shape: tuple[int, ...], threads: int) -> t
     return (lambda x: session.run(None, {"input": x.numpy()})), ""
 
 
-def lowbit_contestants(name: str, path: Path, threads: int) -> dict[str, Callable]:
-    """The packed file on the Python x86 backend (fastest kernel path) and in the native runtime."""
+def lowbit_contestants(
+    name: str, path: Path, threads: int, baseline: Path | None = None
+) -> dict[str, Callable]:
+    """The packed file on the Python x86 backend (fastest kernel path) and in the native runtime (and in
+    another liblowbit build, ``baseline``, for a side-by-side A/B; not counted as a lowbit contestant)."""
     python = load(path, backend="python")
     fns = {f"{name} | lowbit x86 ({python.kernel_path})": python}
     if native.available():
         runtime = load(path, backend="native")
         runtime.native.set_threads(threads)
         fns[f"{name} | lowbit native ({runtime.kernel_path})"] = runtime
+    if baseline is not None:  # the same wrapper as the native contestant, on the other build
+        old = load(path, backend="native")
+        old.native = native.NativeModel(path.read_bytes(), str(path), native.open_library(baseline))
+        old.native.set_threads(threads)
+        fns[f"{name} | baseline native ({baseline.name})"] = old
     return fns
 
 
@@ -277,7 +285,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
             fns, reason = peer_contestants(fp32, example, sub, threads)
             results["ort_int8"][name] = reason or "ok"
             for model_name, path in packed.items():
-                fns.update(lowbit_contestants(model_name, path, threads))
+                fns.update(lowbit_contestants(model_name, path, threads, args.baseline_lib))
             for batch in batches:
                 x = torch.randn(batch, *example.shape[1:])
                 results["timings"][f"{name}|{batch}|{threads}"] = time_group(fns, x, args.repeats, threads)
@@ -360,6 +368,7 @@ def main() -> None:
         "--zoo-batch", type=int, default=8, help="the zoo generators' large batch (64 takes minutes)"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--baseline-lib", type=Path, default=None, help="another liblowbit.so to time too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = run(args, Path(tmp))

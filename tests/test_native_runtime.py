@@ -484,3 +484,55 @@ def test_load_runs_native_by_default_and_keeps_the_kernel_path_semantics(zoo):
     assert not explicit.runs_native and explicit.steps[-1].backend != "native:float"
     with pytest.raises(CheckpointError, match="lies outside the file"):
         native.NativeModel(path.read_bytes()[:-10], "cut")
+
+
+# ----- channels-last values between ops -----
+
+
+class _LayoutMix(nn.Module):
+    """Binary layers' channels-last outputs meeting every kind of consumer: instance norm, a broadcast
+    multiply by a constant and a residual add with an NCHW operand (both read channels-first), a channel cat
+    of two channels-last values, a nearest resize between a sign and its binary layer, a reflect-padded
+    binary layer, flattens and a cat at the end (the ReLUs become signs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = nn.ReLU()
+        self.body = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
+        self.norm = nn.InstanceNorm2d(16, affine=True)
+        self.act2 = nn.ReLU()
+        self.up = nn.Conv2d(32, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(1, 16, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.body(self.act(self.bn(self.stem(x))))
+        b = self.norm(a)
+        mixed = a + b * self.scale
+        joined = self.act2(torch.cat([b, a], 1))
+        up = self.up(nn.functional.interpolate(joined, scale_factor=2, mode="nearest"))
+        return torch.cat([up.flatten(1), mixed.flatten(1)], 1)
+
+
+def test_channels_last_values_meet_every_kind_of_op_like_the_torch_backend(tmp_path):
+    """liblowbit keeps binary layers' outputs channels-last; ops that take that layout keep it, the others
+    read an NCHW copy: the kernel path agrees with the torch backend (and liblowbit's all-NCHW float path)."""
+    torch.manual_seed(0)
+    model = _LayoutMix()
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 8, 8))
+        # a shift in the instance norm: its output (of integer-valued binary sums) then never ties with a sign
+        model.norm.weight.uniform_(0.5, 1.5), model.norm.bias.uniform_(-0.3, 0.3)
+    packed = convert(model.eval(), SPECS["w1a1-sign"]).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph, _ = capture(packed, x[:1])
+    ops = {node.op for node in graph.nodes}
+    assert {"quant_act", "instance_norm", "mul", "add", "cat", "interpolate", "reshape"} <= ops, ops
+    path = write_graph(graph, tmp_path / "layout.lowbit")
+    expected = PackedModel(graph, "torch")(x).numpy()
+    native_model = native.NativeModel(path.read_bytes(), str(path))
+    assert native_model.kernel_layers()[0] >= 2
+    for kernel_path in ("float", "auto"):
+        native_model.set_kernel_path(kernel_path)
+        assert _mismatch(native_model.run(x.numpy()), expected)[0] <= TOLERANCE, kernel_path

@@ -53,12 +53,7 @@ float gelu(float x, bool tanh_form) {
   return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
 }
 
-// Each activation is a branch-free loop the compiler vectorises; on x86 also cloned for AVX2 / AVX-512.
-#if defined(__x86_64__)
-#define LOWBIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LOWBIT_VECTOR_CLONES
-#endif
+// Each activation is a branch-free loop the compiler vectorises (LOWBIT_VECTOR_CLONES).
 
 LOWBIT_VECTOR_CLONES void tanh_run(const float* src, float* dst, int64_t count) {
   for (int64_t k = 0; k < count; ++k) dst[k] = tanh_approx(src[k]);

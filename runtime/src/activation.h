@@ -7,6 +7,14 @@
 
 #include "graph.h"
 
+// Hot float loops the compiler vectorises are also cloned for AVX2 / AVX-512 on x86, picked at load from the CPU
+// (no fused multiply-adds: -ffp-contract=off, so every clone rounds alike).
+#if defined(__x86_64__)
+#define LOWBIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LOWBIT_VECTOR_CLONES
+#endif
+
 namespace lowbit {
 
 struct Activation {

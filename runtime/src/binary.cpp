@@ -463,39 +463,43 @@ std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::ve
   return all;
 }
 
-Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
-                    bool shifted) {
-  const int64_t n = source.shape[0];
-  Tensor x = source;
-  if (shifted && act.tensors.count("shift")) subtract_shift(x, act.tensors.at("shift").data);
+namespace {
+
+// A per-thread buffer reused across calls (no allocation or page faults per call), `count` values long; a
+// large one is given back when a call needs under a quarter of it.
+Tensor& scratch(Tensor& t, const Shape& shape, bool channels_last) {
+  const auto count = static_cast<size_t>(numel(shape));
+  if (t.data.capacity() > (size_t{1} << 20) && count < t.data.capacity() / 4) std::vector<float>().swap(t.data);
+  t.shape = shape, t.channels_last = channels_last;
+  t.data.resize(count);
+  return t;
+}
+
+}  // namespace
+
+const Tensor& kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
+                           bool shifted) {
+  thread_local Tensor buffers[2];  // each step reads one and writes the other
+  const Tensor* x = &source;
+  int next = 0;
+  if (shifted && act.tensors.count("shift")) {
+    Tensor& t = scratch(buffers[next], source.shape, source.channels_last);
+    std::copy(source.data.begin(), source.data.end(), t.data.begin());
+    subtract_shift(t, act.tensors.at("shift").data);
+    x = &t, next ^= 1;
+  }
   for (const Node* step : chain) {
-    Tensor next;
-    next.shape = {n};
-    next.shape.insert(next.shape.end(), step->out_shape.begin(), step->out_shape.end());
-    next.data.resize(static_cast<size_t>(numel(next.shape)));
-    run_op(*step, {&x}, next);
-    x = std::move(next);
+    Shape shape{source.shape[0]};
+    shape.insert(shape.end(), step->out_shape.begin(), step->out_shape.end());
+    Tensor& t = scratch(buffers[next], shape, false);
+    run_op(*step, {x}, t);
+    x = &t, next ^= 1;
   }
   if (!layer.attrs.pad.empty()) {
-    Tensor padded;
-    pad_tensor(x, layer.attrs.pad, layer.attrs.pad_mode, 0.0, padded);
-    x = std::move(padded);
+    pad_tensor(*x, layer.attrs.pad, layer.attrs.pad_mode, 0.0, scratch(buffers[next], x->shape, false));
+    x = &buffers[next];
   }
-  return x;
-}
-
-bool input_as_is(const Node& act, const std::vector<const Node*>& chain, const Node& layer, bool shifted) {
-  return !(shifted && act.tensors.count("shift")) && chain.empty() && layer.attrs.pad.empty();
-}
-
-void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t p = 0; p < pixels; ++p) {
-      for (int64_t c = 0; c < co; ++c) {
-        out.data[static_cast<size_t>((i * co + c) * pixels + p)] = nhwc[static_cast<size_t>((i * pixels + p) * co + c)];
-      }
-    }
-  }
+  return *x;
 }
 
 bool kernel_source(const Graph& graph, int index, KernelSource& found) {
@@ -571,22 +575,30 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   return b;
 }
 
+void write_channels_last(const Node& layer, Tensor& out) {
+  out.channels_last = layer.op != "linear" && out.shape[2] * out.shape[3] > 1;
+}
+
+namespace {
+
+// t - x for every value of x (into a per-thread buffer): sign packing's bit then marks the low level.
+const Tensor& flipped(const Tensor& x, float t) {
+  thread_local Tensor buffer;
+  Tensor& out = scratch(buffer, x.shape, x.channels_last);
+  for (size_t k = 0; k < x.data.size(); ++k) out.data[k] = t - x.data[k];
+  return out;
+}
+
+}  // namespace
+
 void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
-  // Sign packing takes bit = (value >= 0): value x - t when ties go up, t - x otherwise (bit marks `low`);
-  // coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
-  const float t = b.threshold;
-  const bool flip = b.count == 0 && !b.ties_up, offset = b.count == 0 && b.ties_up && t != 0.0f;
-  const bool as_is = !flip && !offset && input_as_is(*b.act, b.chain, *b.layer, b.norm == nullptr);
-  Tensor copy;
-  if (!as_is) copy = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
-  if (flip) {
-    for (float& v : copy.data) v = t - v;
-  } else if (offset) {
-    for (float& v : copy.data) v = v - t;
-  }
+  // Sign packing takes bit = (value >= 0): the value itself when ties go up (sign, threshold 0), t - x otherwise
+  // (bit marks `low`); coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
+  const Tensor& input = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
+  const Tensor& x = b.count == 0 && !b.ties_up ? flipped(input, b.threshold) : input;
   BinaryConv call;
-  call.x = Image{as_is ? source.data.data() : copy.data.data(), true, n, b.packed[0], b.packed[1], b.packed[2]};
+  call.x = Image{x.data.data(), !x.channels_last, n, b.packed[0], b.packed[1], b.packed[2]};
   layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
   call.rows_padded = b.rows_padded;
   call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.data();
@@ -595,7 +607,8 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
-  run_channels_last(n, call.ho * call.wo, co, out, [&](float* nhwc) { run_binary_conv(call, nhwc, parallel); });
+  write_channels_last(*b.layer, out);
+  run_binary_conv(call, out.data.data(), parallel);
 }
 
 }  // namespace lowbit

@@ -74,9 +74,10 @@ struct KernelSource {
 bool kernel_source(const Graph& graph, int index, KernelSource& found);
 
 // What a kernel layer reads: `source` (the activation's input) minus the activation's shift (when `shifted`; a
-// folded BatchNorm holds it in its thresholds), through the commuting `chain` and the layer's own pad.
-Tensor kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
-                    bool shifted = true);
+// folded BatchNorm holds it in its thresholds), through the commuting `chain` and the layer's own pad: `source`
+// itself when there is nothing to apply, else a per-thread buffer reused across calls (valid until the next).
+const Tensor& kernel_input(const Node& act, const std::vector<const Node*>& chain, const Node& layer, const Tensor& source,
+                           bool shifted = true);
 
 // The arguments every kernel call (driver.h BinaryConv, int8.h Int8Conv) takes from a planned layer: each
 // phase's weights and its words per `row_width`-wide row, the phase list, the output size, steps and path.
@@ -94,27 +95,9 @@ void layer_call(Call& call, const std::vector<std::vector<Word>>& w_ts, int64_t 
   call.path = path;
 }
 
-// Whether kernel_input(act, chain, layer, source, shifted) is `source` itself (nothing to subtract, no commuting
-// ops, no pad of the layer's own): then the kernel reads `source` in place, without a copy.
-bool input_as_is(const Node& act, const std::vector<const Node*>& chain, const Node& layer, bool shifted);
-
-// A kernel's channels-last (n, pixels, co) output into `out` (NCHW; a linear layer's N x Co either way).
-void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t co, Tensor& out);
-
-// Runs `kernel(buffer)`, which writes every element of a channels-last (n, pixels, co) buffer, and leaves the
-// result in `out` (NCHW, sized): straight into `out` when pixels == 1 (the layouts agree), else through a
-// per-thread scratch buffer reused across calls (no zero-fill or page faults per call; given back when a call
-// needs under a quarter of a large one, as the kernels' bit image).
-template <typename Kernel>
-void run_channels_last(int64_t n, int64_t pixels, int64_t co, Tensor& out, Kernel kernel) {
-  if (pixels == 1) return kernel(out.data.data());
-  thread_local std::vector<float> scratch;
-  const auto needed = static_cast<size_t>(n * pixels * co);
-  if (scratch.capacity() > (size_t{1} << 20) && needed < scratch.capacity() / 4) std::vector<float>().swap(scratch);
-  if (scratch.size() < needed) scratch.resize(needed);
-  kernel(scratch.data());
-  channels_first(scratch.data(), n, pixels, co, out);
-}
+// Marks `out` as the kernels write a layer's output: (N, Ho, Wo, Co), channels-last when it has several pixels
+// (otherwise both layouts agree: a linear layer's N x Co, or 1 x 1 images).
+void write_channels_last(const Node& layer, Tensor& out);
 
 // The binary layer for node `index`, or nullptr when the kernels do not take it or the claim policy
 // (x86/__init__.py prefers_planes) gives it to the integer path.

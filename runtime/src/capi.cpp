@@ -207,7 +207,11 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
     }
   }
   const Tensor& result = values[static_cast<size_t>(m.graph.output)];
-  std::copy(result.data.begin(), result.data.end(), output);
+  if (result.channels_last) {
+    channels_first(result.data.data(), batch, result.shape[2] * result.shape[3], result.shape[1], output);
+  } else {
+    std::copy(result.data.begin(), result.data.end(), output);
+  }
   release(pool, x.data);
   for (Tensor& value : values) if (!value.data.empty()) release(pool, value.data);
   const std::lock_guard<std::mutex> hold(m.pool_lock);

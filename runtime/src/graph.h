@@ -29,10 +29,12 @@ constexpr size_t kMaxRank = 8;  // of any tensor, the batch included
 int64_t numel(const Shape& shape);
 std::string shape_text(const Shape& shape);  // "[2, 16]", as Python prints a list
 
-// A float32 tensor owned by the runtime (row-major).
+// A float32 tensor owned by the runtime: row-major over `shape` (N, C, ...), or for a rank-4 shape with
+// channels_last set, stored (N, H, W, C) as the kernel layers write it (ops that take that layout keep it).
 struct Tensor {
   Shape shape;
   std::vector<float> data;
+  bool channels_last = false;
 };
 
 // A tensor as stored in the file: bytes inside the file's buffer, checked against dtype and shape.

@@ -87,10 +87,9 @@ std::unique_ptr<Int8Layer> plan_int8(const Graph& graph, int index) {
 
 void run_int8(const Int8Layer& l, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
   const int64_t n = source.shape[0];
-  const bool as_is = input_as_is(*l.input.act, l.input.chain, *l.layer, true);
-  const Tensor copy = as_is ? Tensor{} : kernel_input(*l.input.act, l.input.chain, *l.layer, source);
+  const Tensor& x = kernel_input(*l.input.act, l.input.chain, *l.layer, source);
   Int8Conv call;
-  call.x = Image{as_is ? source.data.data() : copy.data.data(), true, n, l.input.packed[0], l.input.packed[1], l.input.packed[2]};
+  call.x = Image{x.data.data(), !x.channels_last, n, l.input.packed[0], l.input.packed[1], l.input.packed[2]};
   call.bounds = l.bounds, call.lo = l.lo, call.inv_step = l.inv_step;
   layer_call(call, l.w_ts, l.co_pad, l.phases, *l.layer, out, l.steps, path);
   call.co_pad = l.co_pad;
@@ -99,7 +98,8 @@ void run_int8(const Int8Layer& l, const Tensor& source, int64_t path, const Para
   call.co = co;
   const std::string bad = check_int8_conv(call);
   if (!bad.empty()) throw bad_node(l.layer->name, "integer kernel arguments: " + bad);
-  run_channels_last(n, call.ho * call.wo, co, out, [&](float* nhwc) { run_int8_conv(call, nhwc, parallel); });
+  write_channels_last(*l.layer, out);
+  run_int8_conv(call, out.data.data(), parallel);
 }
 
 }  // namespace lowbit

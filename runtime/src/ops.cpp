@@ -401,25 +401,77 @@ void moments(const float* x, int64_t count, double& mean, double& var) {
   var = lane_sum(x, count, [m](double v) { return (v - m) * (v - m); }) / static_cast<double>(count);  // biased, as torch
 }
 
+// Per-channel mean and (biased) variance of one channels-last sample (pixels x c) in one pass: sums of x and x^2
+// in float64, in pixel order (var = E[x^2] - mean^2, at least 0).
+LOWBIT_VECTOR_CLONES void channel_moments(const float* x, int64_t pixels, int64_t c, double* mean, double* var) {
+  for (int64_t ch = 0; ch < c; ++ch) mean[ch] = 0.0, var[ch] = 0.0;
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double v = static_cast<double>(x[p * c + ch]);
+      mean[ch] += v, var[ch] += v * v;
+    }
+  }
+  const double count = static_cast<double>(pixels);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean[ch] /= count;
+    var[ch] = std::max(var[ch] / count - mean[ch] * mean[ch], 0.0);
+  }
+}
+
+// Per-channel mean and biased variance (float64) of sample i of x (N, C, ...), as instance norm uses them.
+void sample_moments(const Tensor& x, int64_t i, std::vector<double>& mean, std::vector<double>& var) {
+  const int64_t c = x.shape[1], inner = inner_size(x.shape, 2);
+  const float* sample = x.data.data() + i * c * inner;
+  mean.resize(static_cast<size_t>(c)), var.resize(static_cast<size_t>(c));
+  if (x.channels_last) return channel_moments(sample, inner, c, mean.data(), var.data());
+  for (int64_t ch = 0; ch < c; ++ch) moments(sample + ch * inner, inner, mean[static_cast<size_t>(ch)], var[static_cast<size_t>(ch)]);
+}
+
+// y = (x - m[ch]) * scale[ch] * w[ch] + b[ch] over the c channels of each of `pixels` pixels (channels-last).
+LOWBIT_VECTOR_CLONES void affine_pixels(const float* x, float* y, int64_t pixels, int64_t c, const float* m,
+                                        const float* scale, const float* w, const float* b) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t ch = 0; ch < c; ++ch) y[p * c + ch] = (x[p * c + ch] - m[ch]) * scale[ch] * w[ch] + b[ch];
+  }
+}
+
+// normalize for a channels-last sample (pixels x c) (the same float operations), then the fused activation.
+void normalize_pixels(const float* x, float* y, int64_t pixels, int64_t c, const std::vector<double>& mean,
+                      const std::vector<double>& var, double eps, const float* weight, const float* bias, const Activation& then) {
+  std::vector<float> m(static_cast<size_t>(c)), scale(m), w(m), b(m);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const size_t k = static_cast<size_t>(ch);
+    m[k] = static_cast<float>(mean[k]), scale[k] = static_cast<float>(1.0 / std::sqrt(var[k] + eps));
+    w[k] = weight ? weight[ch] : 1.0f, b[k] = bias ? bias[ch] : 0.0f;
+  }
+  affine_pixels(x, y, pixels, c, m.data(), scale.data(), w.data(), b.data());
+  activate(then, y, y, pixels * c);
+}
+
+// Batch norm (running statistics) or instance norm (each sample's own, unless it tracks running ones).
 void channel_norm(const Node& node, const Tensor& x, Tensor& out, const Activation& then) {
   const int64_t n = x.shape[0], c = x.shape[1], inner = inner_size(x.shape, 2);
   const float* weight = optional_data(node, "weight");
   const float* bias = optional_data(node, "bias");
   const bool stats = node.op == "batch_norm" || node.attrs.running_stats;
-  const float* running_mean = optional_data(node, "running_mean");
-  const float* running_var = optional_data(node, "running_var");
+  std::vector<double> mean, var;
+  if (stats) {
+    const float* running_mean = optional_data(node, "running_mean");
+    const float* running_var = optional_data(node, "running_var");
+    mean.assign(running_mean, running_mean + c), var.assign(running_var, running_var + c);
+  }
   for (int64_t i = 0; i < n; ++i) {
+    if (!stats) sample_moments(x, i, mean, var);
+    const float* src = x.data.data() + i * c * inner;
+    float* dst = out.data.data() + i * c * inner;
+    if (x.channels_last) {
+      normalize_pixels(src, dst, inner, c, mean, var, node.attrs.eps, weight, bias, then);
+      continue;
+    }
     for (int64_t ch = 0; ch < c; ++ch) {
-      const float* src = x.data.data() + (i * c + ch) * inner;
-      double mean = 0.0, var = 0.0;
-      if (stats) {
-        mean = running_mean[ch], var = running_var[ch];
-      } else {
-        moments(src, inner, mean, var);
-      }
-      float* dst = out.data.data() + (i * c + ch) * inner;
-      normalize(src, dst, inner, mean, var, node.attrs.eps, weight, bias, ch);
-      activate(then, dst, dst, inner);
+      const size_t k = static_cast<size_t>(ch);
+      normalize(src + ch * inner, dst + ch * inner, inner, mean[k], var[k], node.attrs.eps, weight, bias, ch);
+      activate(then, dst + ch * inner, dst + ch * inner, inner);
     }
   }
 }
@@ -458,6 +510,11 @@ void layer_norm(const Node& node, const Tensor& x, Tensor& out) {
   }
 }
 
+// sign(x) with sign(0) = +1, a vectorised loop.
+LOWBIT_VECTOR_CLONES void sign_run(const float* x, float* y, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) y[k] = x[k] >= 0.0f ? 1.0f : -1.0f;
+}
+
 // Nearest of the sorted levels (ties go down, as torch.bucketize), or sign(x) with sign(0) = +1 for {-1, +1};
 // applied to x - shift[c] when the node has a per-channel shift.
 void quant_act(const Node& node, const Tensor& input, Tensor& out) {
@@ -472,14 +529,10 @@ void quant_act(const Node& node, const Tensor& input, Tensor& out) {
     subtract_shift(shifted, node.tensors.at("shift").data);
   }
   const Tensor& x = node.tensors.count("shift") ? shifted : input;
+  if (sign) return sign_run(x.data.data(), out.data.data(), static_cast<int64_t>(x.data.size()));
   for (size_t k = 0; k < x.data.size(); ++k) {
-    const float v = x.data[k];
-    if (sign) {
-      out.data[k] = v >= 0.0f ? 1.0f : -1.0f;
-    } else {
-      const size_t bucket = static_cast<size_t>(std::lower_bound(midpoints.begin(), midpoints.end(), v) - midpoints.begin());
-      out.data[k] = levels[bucket];
-    }
+    const size_t bucket = static_cast<size_t>(std::lower_bound(midpoints.begin(), midpoints.end(), x.data[k]) - midpoints.begin());
+    out.data[k] = levels[bucket];
   }
 }
 
@@ -610,6 +663,21 @@ inline float arith(Arith op, float x, float y) {
   }
 }
 
+template <Arith Op>
+__attribute__((always_inline)) inline void arith_loop(const float* a, const float* b, float* dst, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) dst[k] = arith(Op, a[k], b[k]);
+}
+
+// dst[k] = a[k] op b[k] (a residual connection): the op picked once, so each loop vectorises.
+LOWBIT_VECTOR_CLONES void arith_run(Arith op, const float* a, const float* b, float* dst, int64_t count) {
+  switch (op) {
+    case Arith::Add: return arith_loop<Arith::Add>(a, b, dst, count);
+    case Arith::Sub: return arith_loop<Arith::Sub>(a, b, dst, count);
+    case Arith::Mul: return arith_loop<Arith::Mul>(a, b, dst, count);
+    default: return arith_loop<Arith::Div>(a, b, dst, count);
+  }
+}
+
 void elementwise(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
   const Arith op = arith_of(node.op);
   float* dst = out.data.data();
@@ -626,10 +694,7 @@ void elementwise(const Node& node, const std::vector<const Tensor*>& in, Tensor&
   }
   const Tensor& a = *in[0];
   const Tensor& b = *in[1];
-  if (a.shape == b.shape) {  // a residual connection: no broadcasting
-    for (int64_t k = 0; k < count; ++k) dst[k] = arith(op, a.data[static_cast<size_t>(k)], b.data[static_cast<size_t>(k)]);
-    return;
-  }
+  if (a.shape == b.shape) return arith_run(op, a.data.data(), b.data.data(), dst, count);  // no broadcasting
   for_each_index(out.shape, strides_for(a.shape, out.shape), strides_for(b.shape, out.shape), [&](int64_t k, int64_t ia, int64_t ib) {
     dst[k] = arith(op, a.data[static_cast<size_t>(ia)], b.data[static_cast<size_t>(ib)]);
   });
@@ -642,10 +707,12 @@ void permute(const Node& node, const Tensor& x, Tensor& out) {
   for_each_index(out.shape, strides, strides, [&](int64_t k, int64_t ix, int64_t) { out.data[static_cast<size_t>(k)] = x.data[static_cast<size_t>(ix)]; });
 }
 
+// Channels-last inputs (all of them, joined along dim 1) have their channels innermost: one run per pixel.
 void cat(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
   const size_t dim = static_cast<size_t>(node.attrs.dim);
-  const int64_t outer = numel(Shape(out.shape.begin(), out.shape.begin() + static_cast<std::ptrdiff_t>(dim)));
-  const int64_t inner = inner_size(out.shape, dim + 1);
+  const int64_t outer = out.channels_last ? numel(out.shape) / out.shape[1]
+                                          : numel(Shape(out.shape.begin(), out.shape.begin() + static_cast<std::ptrdiff_t>(dim)));
+  const int64_t inner = out.channels_last ? 1 : inner_size(out.shape, dim + 1);
   float* dst = out.data.data();
   for (int64_t o = 0; o < outer; ++o) {
     for (const Tensor* t : in) {
@@ -669,8 +736,12 @@ void mean(const Node& node, const Tensor& x, Tensor& out) {
 
 void subtract_shift(Tensor& x, const std::vector<float>& shift) {
   const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
-  for (size_t k = 0; k < x.data.size(); ++k) {
-    x.data[k] = x.data[k] - shift[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
+  // Runs of `run` values share a channel (channels-last: runs of one, cycling through the channels).
+  const int64_t run = x.channels_last ? 1 : inner, runs = static_cast<int64_t>(x.data.size()) / run;
+  for (int64_t r = 0; r < runs; ++r) {
+    const float s = shift[static_cast<size_t>(r % channels)];
+    float* v = x.data.data() + r * run;
+    for (int64_t k = 0; k < run; ++k) v[k] = v[k] - s;
   }
 }
 
@@ -680,16 +751,20 @@ Shape padded_shape(const Shape& x, const std::vector<int64_t>& pad) {
   return out;
 }
 
-void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::string& mode, double value, Tensor& out) {
-  out.shape = padded_shape(x.shape, pad);
-  out.data.assign(static_cast<size_t>(numel(out.shape)), static_cast<float>(value));
-  const size_t rank = x.shape.size();
+namespace {
+
+// pad_tensor on row-major values of `shape`: every output row (last dimension) is a copy of an input row, the
+// constant, or a gather along the row of reflected / clamped / constant elements.
+void pad_values(const float* x, const Shape& shape, const std::vector<int64_t>& pad, const std::string& mode, float value,
+                float* out) {
+  const size_t rank = shape.size();
+  const Shape out_shape = padded_shape(shape, pad);
   // Per dimension, the source index of every output index: reflected, clamped, or -1 (the constant).
   std::vector<std::vector<int64_t>> source(rank);
   for (size_t d = 0; d < rank; ++d) {
     const size_t from_last = rank - 1 - d;
-    const int64_t before = from_last < pad.size() / 2 ? pad[2 * from_last] : 0, n = x.shape[d];
-    for (int64_t o = 0; o < out.shape[d]; ++o) {
+    const int64_t before = from_last < pad.size() / 2 ? pad[2 * from_last] : 0, n = shape[d];
+    for (int64_t o = 0; o < out_shape[d]; ++o) {
       int64_t i = o - before;
       if (i < 0 || i >= n) {
         i = mode == "constant" ? -1 : mode == "reflect" ? (i < 0 ? -i : 2 * (n - 1) - i) : std::min(std::max<int64_t>(i, 0), n - 1);
@@ -697,9 +772,10 @@ void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::str
       source[d].push_back(i);
     }
   }
-  const std::vector<int64_t> in_strides = strides_for(x.shape, x.shape);
+  const std::vector<int64_t> in_strides = strides_for(shape, shape);
   const std::vector<int64_t>& last = source[rank - 1];
-  const int64_t width = out.shape[rank - 1], rows = numel(out.shape) / width;
+  const int64_t width = out_shape[rank - 1], rows = numel(out_shape) / width;
+  const bool whole_rows = width == shape[rank - 1] && (pad.empty() || pad[0] == 0);  // the last dimension is not padded
   std::vector<int64_t> index(rank, 0);  // of the row's first element
   for (int64_t r = 0; r < rows; ++r) {
     int64_t base = 0;
@@ -709,15 +785,67 @@ void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::str
       inside = i >= 0;
       base += i * in_strides[d];
     }
-    float* dst = out.data.data() + r * width;
-    for (int64_t o = 0; inside && o < width; ++o) {
-      if (last[static_cast<size_t>(o)] >= 0) dst[o] = x.data[static_cast<size_t>(base + last[static_cast<size_t>(o)])];
+    float* dst = out + r * width;
+    if (!inside) {
+      std::fill(dst, dst + width, value);
+    } else if (whole_rows) {
+      std::copy_n(x + base, width, dst);
+    } else {
+      for (int64_t o = 0; o < width; ++o) {
+        const int64_t i = last[static_cast<size_t>(o)];
+        dst[o] = i >= 0 ? x[base + i] : value;
+      }
     }
     for (size_t d = rank - 1; d-- > 0;) {
-      if (++index[d] < out.shape[d]) break;
+      if (++index[d] < out_shape[d]) break;
       index[d] = 0;
     }
   }
+}
+
+}  // namespace
+
+void pad_tensor(const Tensor& x, const std::vector<int64_t>& pad, const std::string& mode, double value, Tensor& out) {
+  out.shape = padded_shape(x.shape, pad);
+  out.channels_last = x.channels_last;
+  out.data.resize(static_cast<size_t>(numel(out.shape)));
+  if (!x.channels_last) return pad_values(x.data.data(), x.shape, pad, mode, static_cast<float>(value), out.data.data());
+  // Stored (N, H, W, C): the pads of W and H (run_op keeps this layout for no others) one dimension further in.
+  std::vector<int64_t> inner{0, 0};
+  inner.insert(inner.end(), pad.begin(), pad.end());
+  pad_values(x.data.data(), {x.shape[0], x.shape[2], x.shape[3], x.shape[1]}, inner, mode, static_cast<float>(value),
+             out.data.data());
+}
+
+void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t c, float* out) {
+  if (c == 1 || pixels == 1) {  // both layouts agree (a generator's 1-channel image)
+    std::copy_n(nhwc, n * pixels * c, out);
+    return;
+  }
+  constexpr int64_t kBlock = 16;  // a block of pixels x channels: both its reads and its writes stay in a few lines
+  for (int64_t i = 0; i < n; ++i) {
+    const float* src = nhwc + i * pixels * c;
+    float* dst = out + i * pixels * c;
+    for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {
+      for (int64_t c0 = 0; c0 < c; c0 += kBlock) {
+        const int64_t p1 = std::min(p0 + kBlock, pixels), c1 = std::min(c0 + kBlock, c);
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          for (int64_t p = p0; p < p1; ++p) dst[ch * pixels + p] = src[p * c + ch];
+        }
+      }
+    }
+  }
+}
+
+void to_channels_first(const Tensor& x, Tensor& out) {
+  out.shape = x.shape;
+  out.channels_last = false;
+  out.data.resize(x.data.size());
+  if (!x.channels_last) {
+    std::copy(x.data.begin(), x.data.end(), out.data.begin());
+    return;
+  }
+  channels_first(x.data.data(), x.shape[0], x.shape[2] * x.shape[3], x.shape[1], out.data.data());
 }
 
 Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
@@ -800,8 +928,40 @@ void prepare_float_layer(Node& node, const Shape& input) {
   }
 }
 
-void run_op(const Node& node, const std::vector<const Tensor*>& in, Tensor& out, const ParallelFor& parallel,
+namespace {
+
+// Whether run_op takes these inputs as they are when some are channels-last (and then writes `out` so):
+// element-wise ops (a second operand of the same shape and layout), per-channel norms, pads of H and W, and
+// joins along the channels of channels-last inputs only.
+bool keeps_channels_last(const Node& node, const std::vector<const Tensor*>& in) {
+  const auto last = [](const Tensor* t) { return t->channels_last; };
+  if (std::none_of(in.begin(), in.end(), last)) return false;
+  const std::string& op = node.op;
+  if (activation_of(node).kind != Activation::None || op == "quant_act" || op == "batch_norm" || op == "instance_norm") {
+    return true;
+  }
+  if (op == "add" || op == "sub" || op == "mul" || op == "div") {
+    return node.attrs.has_scalar || (in[0]->shape == in[1]->shape && last(in[0]) && last(in[1]));
+  }
+  if (op == "pad") return node.attrs.pad.size() <= 4;
+  return op == "cat" && node.attrs.dim == 1 && std::all_of(in.begin(), in.end(), last);
+}
+
+}  // namespace
+
+void run_op(const Node& node, const std::vector<const Tensor*>& given, Tensor& out, const ParallelFor& parallel,
             const Activation& then) {
+  out.channels_last = keeps_channels_last(node, given);
+  const bool converts = !out.channels_last && std::any_of(given.begin(), given.end(), [](const Tensor* t) { return t->channels_last; });
+  if (converts) {  // the channels-last inputs of an op that takes them channels-first, through NCHW copies
+    std::vector<Tensor> nchw(given.size());
+    std::vector<const Tensor*> in = given;
+    for (size_t k = 0; k < given.size(); ++k) {
+      if (given[k]->channels_last) to_channels_first(*given[k], nchw[k]), in[k] = &nchw[k];
+    }
+    return run_op(node, in, out, parallel, then);
+  }
+  const std::vector<const Tensor*>& in = given;
   const std::string& op = node.op;
   const bool fuses = op == "conv2d" || op == "conv_transpose2d" || op == "linear" || op == "batch_norm" || op == "instance_norm";
   if (op == "constant") out.data = node.tensors.at("value").data;
