@@ -223,6 +223,41 @@ def test_folded_thresholds_equal_the_batch_norm_in_float64(count, ties_up):
     assert (t32.sum(dim=-1) != codes).float().mean().item() < 1e-3
 
 
+#: kind, cin, cout, kernel, stride, weight bits: a folded two-level input (one threshold per channel) into the
+#: register kernels, the one-word lane kernels at 1, 5-8 and 9-16 rows, and two words per pixel
+ONE_THRESHOLD_CASES = [
+    ("conv_transpose2d", 64, 32, 4, 2, 1),
+    ("conv_transpose2d", 32, 1, 4, 2, 1),
+    ("conv_transpose2d", 32, 1, 4, 2, 8),
+    ("conv_transpose2d", 20, 3, 3, 2, 4),
+    ("conv2d", 100, 8, 3, 1, 2),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("ties_up", [True, False])
+@pytest.mark.parametrize("case", ONE_THRESHOLD_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-w{c[5]}")
+def test_folded_two_level_input_on_every_path_and_memory_format(case, ties_up):
+    """A BatchNorm folded into a two-level activation (sign, or {0, 1.3} with ties going down) packs with its
+    own one-threshold packer: NCHW and channels-last input give the float layer on the folded codes, and
+    every path the same bits."""
+    kind, cin, cout, k, stride, wbits = case
+    layer, weight, bias, hyper = _layer(kind, cin, cout, k, stride, 1, wbits, _levels(3, 0.0, 1.0), seed=wbits)
+    levels = torch.tensor([-1.0, 1.0]) if ties_up else torch.tensor([0.0, 1.3])
+    midpoints = ((levels[1:] + levels[:-1]) / 2).reshape(1, -1)
+    layer.binary_input = fold_batch_norm(levels, midpoints, ties_up, None, _norm(cin, seed=cin), 1e-5)
+    x = torch.randn(3, cin, 7, 7, generator=torch.Generator().manual_seed(cout))
+    x[:, :, 0, 0] = layer.binary_input.thresholds[:, 0] * layer.binary_input.signs  # exact ties
+    expected = _reference(kind, layer.binary_input.apply(x), weight, bias, hyper)
+    outputs = []
+    for path in KERNEL_PATHS:
+        layer.kernel_path = path
+        outputs += [layer(x), layer(x.to(memory_format=torch.channels_last))]
+    torch.testing.assert_close(outputs[0], expected, rtol=0, atol=_tolerance(weight, levels))
+    for other in outputs[1:]:
+        assert torch.equal(outputs[0], other)
+
+
 def _w2a2_graph(width: int = 16):
     spec = QuantSpec(weight="minmax", weight_bits=2, act="dorefa", act_bits=2)
     model = convert(trained_like_dcgan(width=width), spec).eval()

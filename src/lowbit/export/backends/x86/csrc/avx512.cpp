@@ -215,14 +215,18 @@ RowFn pick_avx512_regs(int64_t planes, int64_t co) {
   return nullptr;
 }
 
+// rows <= kMaxLaneRows.
 RowFn pick_avx512_lanes(int64_t rows) {
   switch (rows) {
     case 1: return row_avx512_lanes<1>;
     case 2: return row_avx512_lanes<2>;
     case 3: return row_avx512_lanes<3>;
     case 4: return row_avx512_lanes<4>;
-    default: return nullptr;
+    default: break;
   }
+  // More rows run as the next size up: the rows past `rows` are zero padding of w_t (rows_padded >= that
+  // size), so they count nothing and the combine never reads them.
+  return rows <= 8 ? row_avx512_lanes<8> : row_avx512_lanes<kMaxLaneRows>;
 }
 
 // Level codes of 16 values y (a vector): the number of thresholds passed, as 32-bit lanes.
@@ -293,9 +297,76 @@ __attribute__((target("avx512f"))) void pack_levels_nhwc_avx512(const float* src
   pack_levels_nhwc<level_words_avx512>(src, dst, at, c, wc, p0, count, l);
 }
 
+// One threshold per channel (count == 1: a two-level activation behind a folded BatchNorm, one plane): the bit is
+// the comparison itself, sign * x > t (>= when ties go up), with no level count or plane test in between.
+template <bool TiesUp>
+__attribute__((target("avx512f"))) inline __mmask16 passes16(__m512 y, __m512 t, __mmask16 valid) {
+  return TiesUp ? _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GE_OQ) : _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GT_OQ);
+}
+
+// NCHW, one threshold: 16 pixels of a channel per compare, set as bit k of their words by masked ORs.
+template <bool TiesUp>
+__attribute__((target("avx512f"))) void pack_threshold_nchw_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                   int64_t c, int64_t hw, int64_t wc, int64_t p0,
+                                                                   int64_t total, const LevelArgs& l) {
+  alignas(64) uint64_t lanes[16];
+  for (int64_t j0 = 0; j0 < total; j0 += 16) {
+    const int64_t count = total - j0 < 16 ? total - j0 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
+      for (int64_t k = 0; k < channels; ++k) {
+        const int64_t ch = cw * 64 + k;
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, src + ch * hw + p0 + j0), _mm512_set1_ps(l.signs[ch]));
+        const __mmask16 set = passes16<TiesUp>(y, _mm512_set1_ps(l.thresholds[ch]), valid);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << k));
+        acc0 = _mm512_mask_or_epi64(acc0, static_cast<__mmask8>(set & 0xff), acc0, bit);
+        acc1 = _mm512_mask_or_epi64(acc1, static_cast<__mmask8>(set >> 8), acc1, bit);
+      }
+      _mm512_store_si512(lanes, acc0);
+      _mm512_store_si512(lanes + 8, acc1);
+      for (int64_t j = 0; j < count; ++j) dst[at[j0 + j] + cw] = lanes[j];
+    }
+  }
+}
+
+// Channels-last, one threshold: per 64-channel word, its (up to 4) sign and threshold vectors are loaded once
+// for all the chunk's pixels; each pixel's word is then 4 compares.
+template <bool TiesUp>
+__attribute__((target("avx512f"))) void pack_threshold_nhwc_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                   int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
+                                                                   int64_t count, const LevelArgs& l) {
+  for (int64_t cw = 0; cw < wc; ++cw) {
+    __m512 signs[4], thresholds[4];
+    __mmask16 valid[4];
+    for (int64_t s = 0; s < 4; ++s) {
+      const int64_t first = cw * 64 + s * 16, n = c - first < 0 ? 0 : (c - first < 16 ? c - first : 16);
+      valid[s] = static_cast<__mmask16>((1u << n) - 1u);
+      signs[s] = _mm512_maskz_loadu_ps(valid[s], l.signs + (n > 0 ? first : 0));
+      thresholds[s] = _mm512_maskz_loadu_ps(valid[s], l.thresholds + (n > 0 ? first : 0));
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      const float* pixel = src + (p0 + j) * c + cw * 64;
+      uint64_t word = 0;
+      for (int64_t s = 0; s < 4; ++s) {
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid[s], pixel + 16 * s), signs[s]);
+        word |= static_cast<uint64_t>(passes16<TiesUp>(y, thresholds[s], valid[s])) << (16 * s);
+      }
+      dst[at[j] + cw] = word;
+    }
+  }
+}
+
 }  // namespace
 
-LevelPackFn level_pack_fn_avx512(bool nchw) { return nchw ? pack_levels_nchw_avx512 : pack_levels_nhwc_avx512; }
+LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
+  if (count == 1) {
+    if (nchw) return ties_up ? pack_threshold_nchw_avx512<true> : pack_threshold_nchw_avx512<false>;
+    return ties_up ? pack_threshold_nhwc_avx512<true> : pack_threshold_nhwc_avx512<false>;
+  }
+  return nchw ? pack_levels_nchw_avx512 : pack_levels_nhwc_avx512;
+}
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 

@@ -149,9 +149,9 @@ void pack_levels_nhwc_portable(const float* src, uint64_t* dst, const int64_t* a
   pack_levels_portable(src, dst, at, c, hw, wc, p0, count_px, false, l);
 }
 
-LevelPackFn level_pack_fn(int64_t path, bool nchw) {
+LevelPackFn level_pack_fn(int64_t path, bool nchw, const LevelCode& code) {
 #if defined(__x86_64__)
-  if (path == kAvx512) return level_pack_fn_avx512(nchw);
+  if (path == kAvx512) return level_pack_fn_avx512(nchw, code.count, code.ties_up);
   if (path == kAvx2) return level_pack_fn_avx2(nchw);
 #endif
   return nchw ? pack_levels_nchw_portable : pack_levels_nhwc_portable;
@@ -171,7 +171,7 @@ void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const
   const std::vector<float> ones(static_cast<size_t>(x.c), 1.0f);
   const LevelArgs args{code.thresholds, transposed.data(), code.signs != nullptr ? code.signs : ones.data(),
                        code.count, planes, code.ties_up};
-  const LevelPackFn pack = level_pack_fn(path, x.nchw);
+  const LevelPackFn pack = level_pack_fn(path, x.nchw, code);
   for_each_chunk(x, g, planes * wc, dst, parallel,
                  [&](const float* image, int64_t p0, int64_t count, const int64_t* at, uint64_t* out) {
                    pack(image, out, at, x.c, hw, wc, p0, count, args);

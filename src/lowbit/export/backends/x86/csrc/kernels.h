@@ -337,7 +337,8 @@ __attribute__((always_inline)) inline void pack_levels_nhwc(const float* src, ui
   }
 }
 
-LevelPackFn level_pack_fn_avx512(bool nchw);
+// AVX-512: count is the thresholds per channel (one of them has its own packer), ties_up their comparison.
+LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up);
 LevelPackFn level_pack_fn_avx2(bool nchw);
 
 // The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
