@@ -87,9 +87,27 @@ __attribute__((target("avx512f"))) void pack_nhwc_avx512(const float* src, uint6
   }
 }
 
+// The combine of the register kernels for the channel block at c0: 8 doubles at a time, in row_generic's order.
+template <int P, int CV>
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline void combine_block(const ConvArgs& a,
+                                                                                      const Pixel& pixel, int64_t c0,
+                                                                                      const __m512i* acc) {
+  const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
+  for (int v = 0; v < CV; ++v) {
+    const int64_t c = c0 + 8 * v;
+    __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
+    for (int b = 0; b < P; ++b) {
+      r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * a.co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
+    }
+    _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
+  }
+}
+
 // AVX-512, co a multiple of 8: the counts of P planes x CV channel vectors (8 channels each) stay in
 // registers, the patch words are broadcast straight from the padded input (no patch buffer), and the
 // combine runs on 8 doubles at a time in the same order as row_generic. Channels go in blocks of 8*CV.
+// One word per pixel (one activation plane, <= 64 channels: the common generator layer) takes a loop
+// without the word and plane loops.
 template <int P, int CV>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_regs(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
@@ -97,9 +115,30 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
   const int64_t oh = qh * a.out_step_h + f.ph;
   const int64_t* offs = f.offs.data();
   const int64_t blocks = co / (8 * CV);
+  if (a.px_words == 1) {
+    for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+      const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t c0 = cb * 8 * CV;
+        __m512i acc[P * CV];
+        for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
+        const uint64_t* wrow = f.w_t + c0;
+        for (int64_t t = 0; t < taps; ++t, wrow += rp) {
+          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(pixel.px[offs[t]]));
+          for (int b = 0; b < P; ++b) {
+            for (int v = 0; v < CV; ++v) {
+              const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
+              acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+            }
+          }
+        }
+        combine_block<P, CV>(a, pixel, c0, acc);
+      }
+    }
+    return;
+  }
   for (int64_t qw = 0; qw < f.n_qw; ++qw) {
     const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
-    const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const int64_t c0 = cb * 8 * CV;
       __m512i acc[P * CV];
@@ -120,14 +159,7 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
           }
         }
       }
-      for (int v = 0; v < CV; ++v) {
-        const int64_t c = c0 + 8 * v;
-        __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
-        for (int b = 0; b < P; ++b) {
-          r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
-        }
-        _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
-      }
+      combine_block<P, CV>(a, pixel, c0, acc);
     }
   }
 }
@@ -175,23 +207,23 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
         acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
       }
     }
-    // The combine of lanes_combine on 8 lanes at once: base gathered, outputs scattered (lane stride
-    // out_step_w * co), same double operations in the same order.
-    const int64_t co = a.co, ow0 = q0 * a.out_step_w + f.pw;
-    const __m512i lane_index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
-                                                  _mm512_set1_epi64(a.out_step_w * co));
+    // The combine of lanes_combine on 8 lanes at once (same double operations in the same order): base from
+    // the phase's lane-major copy, outputs stored lane by lane (stride out_step_w * co; a scatter is slower).
+    const int64_t co = a.co, stride = a.out_step_w * co, ow0 = q0 * a.out_step_w + f.pw;
+    const double* base = f.base_lanes.data() + qh * co * f.n_qw + q0;
     const __m512d pos_d = _mm512_cvtepi64_pd(pos);
     __m512d counts[R];
     for (int r = 0; r < R; ++r) counts[r] = _mm512_cvtepi64_pd(acc[r]);
+    alignas(32) float values[kLanes];
     for (int64_t c = 0; c < co; ++c) {
-      const double* base = a.base + (oh * a.wo + ow0) * co + c;
-      float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
-      __m512d r = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), valid, lane_index, base, 8);
+      __m512d r = _mm512_maskz_loadu_pd(valid, base + c * f.n_qw);
       r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_set1_pd(a.offset2[c]), pos_d));
       for (int64_t b = 0; b < a.planes; ++b) {
         r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_set1_pd(a.coef2[b * co + c]), counts[b * co + c]));
       }
-      _mm512_mask_i64scatter_ps(out, valid, lane_index, _mm512_cvtpd_ps(r), 4);
+      _mm256_store_ps(values, _mm512_cvtpd_ps(r));
+      float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
+      for (int64_t l = 0; l < lanes; ++l) out[l * stride] = values[l];
     }
   }
 }

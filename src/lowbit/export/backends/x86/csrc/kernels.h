@@ -109,8 +109,21 @@ struct ConvArgs {
 struct PhaseInfo {
   const uint64_t* w_t;        // (words, rows_padded), rows = plane * co + channel
   std::vector<int64_t> offs;  // word offset of every tap (t, u) from the patch's top-left padded pixel
+  std::vector<double> base_lanes;  // few-row layers: the phase's base as (n_qh, co, n_qw), a row's lanes contiguous
   int64_t ph, pw, n_qh, n_qw, words;
 };
+
+// ConvArgs::base of phase f's output pixels, lane-major (PhaseInfo::base_lanes): one load per 8 lanes.
+inline std::vector<double> lane_base(const ConvArgs& a, const PhaseInfo& f) {
+  std::vector<double> lanes(static_cast<size_t>(f.n_qh * a.co * f.n_qw));
+  for (int64_t qh = 0; qh < f.n_qh; ++qh) {
+    for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+      const double* base = a.base + ((qh * a.out_step_h + f.ph) * a.wo + qw * a.out_step_w + f.pw) * a.co;
+      for (int64_t c = 0; c < a.co; ++c) lanes[static_cast<size_t>((qh * a.co + c) * f.n_qw + qw)] = base[c];
+    }
+  }
+  return lanes;
+}
 
 struct Scratch {
   std::vector<uint64_t> patch;
