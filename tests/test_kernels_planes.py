@@ -287,6 +287,18 @@ def test_fused_generator_drops_the_batch_norms_and_matches_unfused():
     assert ((a - b).abs() > 1e-5).float().mean().item() < 0.01
 
 
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 64])
+def test_latent_gemm_equals_the_transposed_conv_at_few_and_many_rows(batch):
+    """The latent layer's GEMM (torch's BLAS for a few rows, oneDNN from x86.ONEDNN_MIN_ROWS on) equals the
+    torch backend's transposed conv within float32 rounding."""
+    graph, _ = _w2a2_graph()
+    latent = next(step for step in plan_graph(graph, KERNEL_PATHS[0]) if step.backend == "x86:gemm")
+    reference = next(step for step in plan_graph(graph, "torch") if step.node.name == latent.node.name)
+    z = torch.randn(batch, 100, 1, 1, generator=torch.Generator().manual_seed(batch))
+    torch.testing.assert_close(latent.run(z), reference.run(z), rtol=1e-5, atol=1e-5)
+
+
 # ----- threads -----
 
 

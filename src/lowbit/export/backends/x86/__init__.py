@@ -42,6 +42,10 @@ MAX_PLANE_PAIRS = 4
 FEW_OUTPUT_CHANNELS = 4
 #: most weight levels the integer kernels take (signed bytes)
 MAX_INTEGER_LEVELS = 256
+#: rows (batch) from which the latent GEMM runs on oneDNN: torch's BLAS (MKL) takes a slow generic path on
+#: AMD CPUs (64 x 100 x 2048: 0.30 ms vs oneDNN 0.15 ms on the AMD EPYC), but its one-row product is faster
+#: (0.014 vs 0.029 ms)
+ONEDNN_MIN_ROWS = 16
 
 
 def binary_input(act: Node) -> BinaryInput | None:
@@ -251,18 +255,37 @@ def claims_latent(node: Node) -> bool:
     )
 
 
+def onednn_linear() -> Callable[..., torch.Tensor] | None:
+    """torch's oneDNN linear ``(x, weight (out, in), bias, "none", [], "")``, or None where this torch build
+    lacks it (a private op: looked up, never assumed)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def plan_latent(node: Node) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv)."""
+    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv): from
+    ONEDNN_MIN_ROWS rows on oneDNN where torch has it, else torch's BLAS."""
     fallback = torch_backend.build(node)
     weight = torch_backend.weight_of(node)
     in_channels, out_channels, kh, kw = weight.shape
     matrix = weight.reshape(in_channels, -1).contiguous()
+    rows_major = matrix.t().contiguous()  # oneDNN's (out, in) weight
+    linear = onednn_linear()
     bias = node.tensors.get("bias")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[2:] != (1, 1):
             return fallback(x)
-        out = (x.reshape(x.shape[0], in_channels) @ matrix).reshape(x.shape[0], out_channels, kh, kw)
+        flat = x.reshape(x.shape[0], in_channels)
+        if linear is not None and flat.shape[0] >= ONEDNN_MIN_ROWS and flat.dtype == torch.float32:
+            product = linear(flat.contiguous(), rows_major, None, "none", [], "")
+        else:
+            product = flat @ matrix
+        out = product.reshape(x.shape[0], out_channels, kh, kw)
         return out if bias is None else out + bias[:, None, None]
 
     return run
