@@ -184,14 +184,17 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void lane_counts_avx512(const
   for (int64_t r = 0; r < rows; ++r) _mm512_storeu_si512(counts[r], acc[r]);
 }
 
-// AVX-512 lanes with one input word per pixel (one activation plane, <= 64 channels) and unit input step:
-// a tap's 8 lanes are 8 consecutive words of the padded input, one (masked) load; R = rows (planes * co).
+// AVX-512 lanes with one input word per pixel and activation plane (<= 64 channels) and unit input step: a
+// tap's 8 lanes are 8 consecutive pixels of the padded input, one (masked) load with one activation plane,
+// else one gather per plane (Horner over the planes, as row_generic); R = rows (planes * co).
 template <int R>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_lanes(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
   const int64_t taps = static_cast<int64_t>(f.offs.size()), rp = a.rows_padded;
   const int64_t oh = qh * a.out_step_h + f.ph;
   const int64_t* offs = f.offs.data();
+  // several activation planes: a lane's plane-b word is px_words further per lane (one gather per tap)
+  const __m512i lane_words = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(a.px_words));
   for (int64_t q0 = 0; q0 < f.n_qw; q0 += kLanes) {
     const int64_t lanes = f.n_qw - q0 < kLanes ? f.n_qw - q0 : kLanes;
     const __mmask8 valid = static_cast<__mmask8>((1u << lanes) - 1u);
@@ -199,12 +202,20 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
     __m512i pos = _mm512_setzero_si512();
     __m512i acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-    for (int64_t t = 0; t < taps; ++t) {
-      const __m512i xv = _mm512_maskz_loadu_epi64(valid, px + offs[t]);
-      pos = _mm512_add_epi64(pos, _mm512_popcnt_epi64(xv));
-      for (int r = 0; r < R; ++r) {
-        const __m512i wv = _mm512_set1_epi64(static_cast<long long>(f.w_t[t * rp + r]));
-        acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+    for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner over the activation planes
+      if (a.act_planes > 1) {
+        pos = _mm512_slli_epi64(pos, 1);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_slli_epi64(acc[r], 1);
+      }
+      for (int64_t t = 0; t < taps; ++t) {
+        const __m512i xv = a.act_planes == 1
+                               ? _mm512_maskz_loadu_epi64(valid, px + offs[t])
+                               : _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), valid, lane_words, px + offs[t] + b, 8);
+        pos = _mm512_add_epi64(pos, _mm512_popcnt_epi64(xv));
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_set1_epi64(static_cast<long long>(f.w_t[t * rp + r]));
+          acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+        }
       }
     }
     // The combine of lanes_combine on 8 lanes at once (same double operations in the same order): base from
@@ -402,10 +413,10 @@ LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
   const int64_t rows = planes * co;
   if (rows <= kMaxLaneRows) {
-    RowFn fn = px_words == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
+    RowFn fn = wc == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
     return fn != nullptr ? fn : lanes_avx512;
   }
   RowFn fn = pick_avx512_regs(planes, co);

@@ -51,9 +51,9 @@ PackFn pack_fn(int64_t path, bool nchw) {
   return pack_fn_scalar(nchw);
 }
 
-RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
+RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t wc, int64_t px_words, int64_t in_step_w) {
 #if defined(__x86_64__)
-  if (path == kAvx512) return pick_row_avx512(planes, co, px_words, in_step_w);
+  if (path == kAvx512) return pick_row_avx512(planes, co, wc, in_step_w);
   if (path == kAvx2) return pick_row_avx2(planes, co, px_words, in_step_w);
 #elif defined(__aarch64__)
   if (path == kNeon) return pick_row_neon(planes, co, px_words, in_step_w);
@@ -244,7 +244,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     max_words = std::max(max_words, f.words);
     max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
-    fns.push_back(pick_row(c.path, a.planes, a.co, a.px_words, a.in_step_w));
+    fns.push_back(pick_row(c.path, a.planes, a.co, a.wc, a.px_words, a.in_step_w));
   }
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
   // One task per (image, qh): every phase's row qh, i.e. the output rows qh * out_step_h + ph, so no two

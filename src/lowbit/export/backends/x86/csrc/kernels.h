@@ -374,7 +374,7 @@ PackFn pack_fn_avx512(bool nchw);
 PackFn pack_fn_neon(bool nchw);
 RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
