@@ -19,6 +19,7 @@ import torch
 from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends.x86 import build
 from lowbit.export.backends.x86.binary import (
+    BITS_PER_WORD,
     SIGN_INPUT,
     BinaryInput,
     LevelsInput,
@@ -37,8 +38,10 @@ PASSTHROUGH = ("reshape",)
 #: most weight planes x activation planes a multi-level input runs as bit planes when the integer path can
 #: take the layer (W4A4 measured 1.67x ORT on the integer path vs ~0.6x on 16 plane pairs; W2A2 about equal)
 MAX_PLANE_PAIRS = 4
-#: most output channels a multi-level input still runs on the integer path with when it can: so few rows fall
-#: to the plane kernels' lane loop (W2A2's 32->1 output layer: 1.1 ms on planes vs 0.6 ms on the integer path)
+#: most output channels of a layer whose multi-level input spans more than one word (64 channels) a pixel that
+#: runs on the integer path when it can: its few rows fall to the plane kernels' generic lane loop (W2A2's
+#: 32->1 output layer took 1.1 ms there vs 0.6 ms on the integer path); within one word the one-word lane
+#: kernels beat the integer path (dcgan-g-28 W2A2 at b=64: 1.86 vs 2.21 ms, docs/RESULTS.md)
 FEW_OUTPUT_CHANNELS = 4
 #: most weight levels the integer kernels take (signed bytes)
 MAX_INTEGER_LEVELS = 256
@@ -177,15 +180,21 @@ def _out_channels(node: Node) -> int:
     return shape[1] if node.op == "conv_transpose2d" else shape[0]
 
 
+def _in_channels(node: Node) -> int:
+    """Input channels of an ungrouped weight layer (see ``_out_channels``)."""
+    shape = node.attrs["weight"]["shape"]
+    return shape[0] if node.op == "conv_transpose2d" else shape[1]
+
+
 def prefers_planes(node: Node, act: Node) -> bool:
     """The claim policy between the kernel families (docs/export.md "Which kernels run a layer"): two-level
     inputs run as bit planes; 3-16 affine levels too when weight planes x activation planes <= MAX_PLANE_PAIRS
-    and the layer has more than FEW_OUTPUT_CHANNELS outputs, or when the integer path cannot take the
-    weights; otherwise (e.g. W4A4, W2A8, a W2A2 layer with one output channel) the integer path."""
+    and the layer has more than FEW_OUTPUT_CHANNELS outputs or at most 64 inputs, or when the integer path
+    cannot take the weights; otherwise (e.g. W4A4, W2A8, a W2A2 layer 128 -> 1) the integer path."""
     coding = activation_input(act)
     if not isinstance(coding, LevelsInput) or not integer_weights(node):
         return True
-    if _out_channels(node) <= FEW_OUTPUT_CHANNELS:
+    if _out_channels(node) <= FEW_OUTPUT_CHANNELS and _in_channels(node) > BITS_PER_WORD:
         return False
     return _bits(node.attrs["weight"]["levels"]) * _bits(len(coding.levels)) <= MAX_PLANE_PAIRS
 
