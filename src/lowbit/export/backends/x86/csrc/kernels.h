@@ -34,8 +34,9 @@
 //     the counts of a block of channels in registers, broadcast patch words straight from the bit image
 //     and combine 8 (4) channels at a time;
 //   * at most 16 rows (planes * Co, e.g. a generator's 1- or 3-channel output layer): AVX-512 vectorizes
-//     over 8 neighbouring output pixels (one masked load per tap when a pixel is one word), the other
-//     paths go pixel by pixel with scalar popcounts (<= 4 rows) or the generic lane loop;
+//     over 8 neighbouring output pixels (one masked load per tap, or a gather per tap and activation
+//     plane, when a pixel's plane is one word), the other paths go pixel by pixel with scalar popcounts
+//     (<= 4 rows) or the generic lane loop;
 //   * anything else: the generic loop (gather the patch, count all rows, combine).
 // Every path accumulates the same exact integer counts and combines them in float64 in the same order
 // (see binary_conv), so all paths give bit-identical outputs.
