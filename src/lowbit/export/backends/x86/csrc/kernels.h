@@ -54,6 +54,7 @@
 #define LOWBIT_POPCNT_TARGET
 #endif
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
