@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -264,32 +263,6 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
 
 namespace {
 
-// One step of a spin-wait: tells the core (and a sibling hyperthread) that this thread only polls.
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-// Polls `done` for up to kSpinMicroseconds: the layers of a model call the pool back to back, so a worker that
-// polls a little before it sleeps (and a caller that polls for the last worker) skips the futex wake-up
-// and the scheduler's latency between two layers; anything longer sleeps, so idle workers cost no CPU.
-constexpr int64_t kSpinMicroseconds = 50;
-
-template <typename Done>
-bool spin_until(const Done& done) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
-  for (;;) {
-    for (int k = 0; k < 64; ++k) {
-      if (done()) return true;
-      cpu_relax();
-    }
-    if (std::chrono::steady_clock::now() > until) return done();
-  }
-}
-
 // A process-wide pool of worker threads (created on first use, grown on demand, never destroyed, so exit-time
 // teardown never meets a running worker). A call hands out blocks of [0, n) from an atomic counter to the
 // caller and `threads - 1` workers; results never depend on the split (every task writes its own outputs).
@@ -306,17 +279,12 @@ class WorkerPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (; started_ < helpers; ++started_) std::thread(&WorkerPool::serve, this, started_).detach();
-      job_ = &job, helpers_ = helpers;
-      busy_.store(helpers);
-      generation_.fetch_add(1);
+      job_ = &job, helpers_ = helpers, busy_ = helpers, ++generation_;
     }
     wake_.notify_all();
     work(job);
-    if (!spin_until([this] { return busy_.load() == 0; })) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      done_.wait(lock, [this] { return busy_.load() == 0; });
-    }
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
     job_ = nullptr;
   }
 
@@ -339,27 +307,23 @@ class WorkerPool {
     int64_t seen = 0;
     for (;;) {
       Job* job = nullptr;
-      spin_until([&] { return generation_.load() != seen; });
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load() != seen; });
-        seen = generation_.load();
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
         if (index >= helpers_) continue;  // a smaller call: this worker sits it out
         job = job_;
       }
       work(*job);
-      if (busy_.fetch_sub(1) == 1) {
-        std::lock_guard<std::mutex> lock(mutex_);  // the caller may be between its check and its wait
-        done_.notify_all();
-      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_all();
     }
   }
 
   std::mutex call_mutex_, mutex_;
   std::condition_variable wake_, done_;
   Job* job_ = nullptr;
-  int64_t started_ = 0, helpers_ = 0;
-  std::atomic<int64_t> busy_{0}, generation_{0};
+  int64_t started_ = 0, helpers_ = 0, busy_ = 0, generation_ = 0;
 };
 
 }  // namespace
