@@ -239,7 +239,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     }
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
-    if (few_rows) f.base_lanes = lane_base(a, f);
+    if (few_rows && c.path == kAvx512) f.base_lanes = lane_base(a, f);  // read by the AVX-512 lane kernels only
     max_words = std::max(max_words, f.words);
     max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
