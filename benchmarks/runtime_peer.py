@@ -5,7 +5,9 @@ Models: dcgan-g-28 at W1A1 / W4A1 (sign activations), W2A2 / W4A4 / W2A8 / W4A8 
 uniform levels) and the zoo's CycleGAN ResNet (6 blocks) and pix2pix U-Net on 3 x 64 x 64 images (first and
 last layer 8-bit weights, the rest W1A1, as ``inference.py --zoo``); the ResNet twice: as converted (the convs
 reading the float residual stream run float math) and with ``input_act`` (a sign in front of those convs, so
-every layer but the 8-bit first one runs on the kernels; its quality cost is not measured here). onnxruntime
+every layer but the 8-bit first one runs on the kernels; its quality cost is not measured here); and issue
+16's trained W1A1 recipe (``configs/dcgan-mnist-w1a1.yaml``: hidden layers W1A1, 8-bit first and last layer)
+as its quant spec on the shipped pretrained ``dcgan-mnist`` generator (timing needs no training). onnxruntime
 runs the FP32 generator exported by lowbit's ONNX exporter; its int8 model is
 ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations calibrated on 8
 random batches) of that file, where ORT quantizes the layers. Every (batch, threads) group is timed
@@ -39,11 +41,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import _cpu_model, _generator, _onnx_session, _zoo_models, best_times, zoo_variants  # noqa: E402
 
+from lowbit.config import load_config  # noqa: E402
 from lowbit.export import export_packed, load  # noqa: E402
 from lowbit.export.backends import native, x86  # noqa: E402
 from lowbit.export.backends.x86 import build  # noqa: E402
 from lowbit.export.runtime import PackedModel, run_steps  # noqa: E402
 from lowbit.nn import QuantSpec, convert  # noqa: E402
+from lowbit.pipeline import RunConfig  # noqa: E402
+from lowbit.train.networks import load_generator  # noqa: E402
 
 SIGN = {"act": "sign", "act_bits": 1}
 DCGAN_SPECS = {
@@ -54,6 +59,8 @@ DCGAN_SPECS = {
     "W2A8": QuantSpec(weight="minmax", weight_bits=2, act="act", act_bits=8),
     "W4A8": QuantSpec(weight="minmax", weight_bits=4, act="act", act_bits=8),
 }
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dcgan-mnist-w1a1.yaml"
+RECIPE = "dcgan-mnist W1A1-recipe"
 ORT, ORT_INT8, TORCH = "onnxruntime FP32", "onnxruntime int8 QDQ", "FP32 torch"
 #: (label, model, batch, threads, minimum x ORT FP32) of issue 13; the 2-thread target is separate.
 TARGETS = [
@@ -66,6 +73,7 @@ TARGETS = [
     ("dcgan-g-28 W4A8 batch 64", "dcgan-g-28 W4A8", 64, 1, 1.3),
     ("cyclegan-resnet-6 batch 1 (float residual-stream inputs)", "cyclegan-resnet-6", 1, 1, 4.0),
     ("cyclegan-resnet-6 batch 1 (input_act)", "cyclegan-resnet-6 input_act", 1, 1, 4.0),
+    ("issue 16: W1A1 recipe (8-bit first / last layer) batch 64", RECIPE, 64, 1, 3.5),
 ]
 THREAD_GAIN_TARGET, PEAK_SHARE_TARGET = 1.7, 0.40
 GAIN_MODELS = ("dcgan-g-28 W1A1", "dcgan-g-28 W4A1", "dcgan-g-28 W4A8")
@@ -108,6 +116,12 @@ def ort_int8_session(fp32_onnx: Path, shape: tuple[int, ...], threads: int) -> t
     except Exception as exc:  # noqa: BLE001  (ORT raises many kinds; the benchmark reports and goes on)
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     return (lambda x: session.run(None, {"input": x.numpy()})), ""
+
+
+def recipe_model() -> tuple[nn.Module, QuantSpec]:
+    """Issue 16's W1A1 recipe: the pretrained FP32 generator its config starts from and its quant spec."""
+    cfg = load_config(RunConfig, RECIPE_CONFIG)
+    return load_generator(cfg.pretrained), cfg.generator_quant
 
 
 def lowbit_contestants(
@@ -254,6 +268,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         f"dcgan-g-28 {label}": export_packed(convert(dcgan, spec).eval(), folder / f"{label}.lowbit")
         for label, spec in DCGAN_SPECS.items()
     }
+    mnist, recipe_spec = recipe_model()
+    recipe = {RECIPE: export_packed(convert(mnist, recipe_spec).eval(), folder / "recipe.lowbit")}
     zoo = _zoo_models()
     variants = {name: zoo_variants(name, spec) for name, (_, spec) in zoo.items()}
     zoo_files = {
@@ -265,13 +281,16 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         for label, spec in variants[name].items()
     }
     results: dict = {"timings": {}, "plans": {}, "ort_int8": {}}
-    for name, path in {**files, **zoo_files}.items():
+    for name, path in {**files, **recipe, **zoo_files}.items():
         results["plans"][name] = [
             (r["name"], r["op"], r["backend"])
             for r in load(path, backend="python").plan_table()
             if r["act_bits"] is not None
         ]
-    groups = [("dcgan-g-28", dcgan, torch.randn(1, 100), files, (1, 64))]
+    groups = [
+        ("dcgan-g-28", dcgan, torch.randn(1, 100), files, (1, 64)),
+        ("dcgan-mnist", mnist, torch.randn(1, 100), recipe, (1, 64)),
+    ]
     groups += [
         (name, model, torch.randn(1, 3, 64, 64), {label: zoo_files[label] for label in variants[name]},
          (1, args.zoo_batch))
@@ -296,7 +315,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     results["peaks"] = measure_peaks()
     results["layers"] = [
         row
-        for name, path in files.items()
+        for name, path in {**files, **recipe}.items()
         for row in layer_table(name, load(path, backend="python"), z64, results["peaks"], args.repeats)
     ]
     return results

@@ -67,9 +67,9 @@ def _case(seed: int) -> tuple[PackedModel, torch.Tensor, str]:
     count = rng.choice([16, 255, 256]) if signed else 2**act_bits
     act_planes = math.ceil(math.log2(count))
     # The claim policy leaves at most 4 weight x activation plane pairs of <= 16 levels to the bit planes,
-    # and none of a layer with at most FEW_OUTPUT_CHANNELS outputs.
+    # and none of a layer with at most FEW_OUTPUT_CHANNELS outputs and more than 64 inputs.
     outputs = target.out_features if kind == "linear" else target.out_channels
-    few = outputs <= x86.FEW_OUTPUT_CHANNELS
+    few = outputs <= x86.FEW_OUTPUT_CHANNELS and cin > 64
     low_bits = 4 // act_planes + 1 if count <= 16 and not few else 1
     bits = rng.randint(low_bits, 8)
     spec = QuantSpec(
@@ -257,12 +257,12 @@ def test_arm64_build_under_qemu_equals_x86(tmp_path):
 
 @pytest.mark.parametrize(
     ("weight_bits", "act_bits", "planes"),
-    [(2, 2, 2), (4, 4, 0), (2, 8, 0)],
+    [(2, 2, 3), (4, 4, 0), (2, 8, 0)],
 )
 def test_claim_policy_picks_the_stated_kernel_family(weight_bits, act_bits, planes, tmp_path):
-    """docs/export.md "Which kernels run a layer": W2A2 (4 plane pairs) on the bit planes but for the
-    one-channel output layer, W4A4 (16 pairs) and W2A8 (256 levels) on the integer path, in the Python
-    plan and in liblowbit's own plan."""
+    """docs/export.md "Which kernels run a layer": W2A2 (4 plane pairs) on the bit planes, its one-channel
+    output layer too (16 inputs: one word a pixel), W4A4 (16 pairs) and W2A8 (256 levels) on the integer
+    path, in the Python plan and in liblowbit's own plan."""
     spec = QuantSpec(weight="minmax", weight_bits=weight_bits, act="dorefa", act_bits=act_bits)
     model = convert(trained_like_dcgan(width=16), spec).eval()
     path = write_graph(capture(model, torch.randn(1, 100))[0], tmp_path / "g.lowbit")

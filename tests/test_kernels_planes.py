@@ -223,6 +223,42 @@ def test_folded_thresholds_equal_the_batch_norm_in_float64(count, ties_up):
     assert (t32.sum(dim=-1) != codes).float().mean().item() < 1e-3
 
 
+#: kind, cin, cout, kernel, stride, weight bits: a folded two-level input (one threshold per channel) into the
+#: register kernels, the one-word lane kernels at 1, 5-8 and 9-16 rows, and two words per pixel
+ONE_THRESHOLD_CASES = [
+    ("conv_transpose2d", 64, 32, 4, 2, 1),
+    ("conv_transpose2d", 32, 1, 4, 2, 1),
+    ("conv_transpose2d", 32, 1, 4, 2, 8),
+    ("conv_transpose2d", 20, 3, 3, 2, 4),
+    ("conv2d", 100, 8, 3, 1, 2),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("ties_up", [True, False])
+@pytest.mark.parametrize("case", ONE_THRESHOLD_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-w{c[5]}")
+def test_folded_two_level_input_on_every_path_and_memory_format(case, ties_up):
+    """A BatchNorm folded into a two-level activation (sign, or {0, 1.3} with ties going down) packs with its
+    own one-threshold packer: NCHW and channels-last input give the float layer on the folded codes, and
+    every path the same bits."""
+    kind, cin, cout, k, stride, wbits = case
+    levels3 = _levels(3, 0.0, 1.0)
+    layer, weight, bias, hyper = _layer(kind, cin, cout, k, stride, 1, wbits, levels3, seed=wbits)
+    levels = torch.tensor([-1.0, 1.0]) if ties_up else torch.tensor([0.0, 1.3])
+    midpoints = ((levels[1:] + levels[:-1]) / 2).reshape(1, -1)
+    layer.binary_input = fold_batch_norm(levels, midpoints, ties_up, None, _norm(cin, seed=cin), 1e-5)
+    x = torch.randn(3, cin, 7, 7, generator=torch.Generator().manual_seed(cout))
+    x[:, :, 0, 0] = layer.binary_input.thresholds[:, 0] * layer.binary_input.signs  # exact ties
+    expected = _reference(kind, layer.binary_input.apply(x), weight, bias, hyper)
+    outputs = []
+    for path in KERNEL_PATHS:
+        layer.kernel_path = path
+        outputs += [layer(x), layer(x.to(memory_format=torch.channels_last))]
+    torch.testing.assert_close(outputs[0], expected, rtol=0, atol=_tolerance(weight, levels))
+    for other in outputs[1:]:
+        assert torch.equal(outputs[0], other)
+
+
 def _w2a2_graph(width: int = 16):
     spec = QuantSpec(weight="minmax", weight_bits=2, act="dorefa", act_bits=2)
     model = convert(trained_like_dcgan(width=width), spec).eval()
@@ -236,20 +272,31 @@ def _w2a2_graph(width: int = 16):
 @needs_kernels
 def test_fused_generator_drops_the_batch_norms_and_matches_unfused():
     """W2A2 dcgan-g-28: fused, no BatchNorm or quant_act runs before a bit-plane layer (the one-channel output
-    layer is the integer path's, which reads its BatchNorm's output); the mismatch vs the unfused plan is
-    rounding at thresholds only (measured share of differing outputs stays below 1%)."""
+    layer included: its 16 inputs fit one word, so the one-word lane kernels take it); the mismatch vs the
+    unfused plan is rounding at thresholds only (measured share of differing outputs stays below 1%)."""
     graph, z = _w2a2_graph()
     path = KERNEL_PATHS[0]
     fused, unfused = plan_graph(graph, path), plan_graph(graph, path, fuse_norm=False)
     ran = [(step.node.op, step.backend.split(":")[0]) for step in fused[2:] if step.node.op != "tanh"]
-    output = [("batch_norm", "torch"), ("conv_transpose2d", "x86-int8")]
-    assert ran == [("conv_transpose2d", "x86")] * 2 + output
+    assert ran == [("conv_transpose2d", "x86")] * 3
     assert sum(step.node.op == "batch_norm" for step in unfused) == 3
     x = z.reshape(16, 100, 1, 1)
     a, b = run_steps(fused, x)[graph.output], run_steps(unfused, x)[graph.output]
     expected = PackedModel(graph, "torch")(z).reshape(a.shape)
     torch.testing.assert_close(b, expected, rtol=0, atol=1e-5)
     assert ((a - b).abs() > 1e-5).float().mean().item() < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 64])
+def test_latent_gemm_equals_the_transposed_conv_at_few_and_many_rows(batch):
+    """The latent layer's GEMM (torch's BLAS for a few rows, oneDNN from x86.ONEDNN_MIN_ROWS on) equals the
+    torch backend's transposed conv within float32 rounding."""
+    graph, _ = _w2a2_graph()
+    latent = next(step for step in plan_graph(graph, KERNEL_PATHS[0]) if step.backend == "x86:gemm")
+    reference = next(step for step in plan_graph(graph, "torch") if step.node.name == latent.node.name)
+    z = torch.randn(batch, 100, 1, 1, generator=torch.Generator().manual_seed(batch))
+    torch.testing.assert_close(latent.run(z), reference.run(z), rtol=1e-5, atol=1e-5)
 
 
 # ----- threads -----
@@ -314,8 +361,8 @@ def test_conv2d_coverage_against_the_torch_backend(case):
     expected = PackedModel(graph, "torch")(x)
     scale = max(1.0, expected.abs().max().item())
     # The claim policy: bit planes for two levels, or at most 4 weight x activation plane pairs and more than
-    # 4 output channels; else the integer path.
-    family = "x86" if abits == 1 or (wbits * abits <= 4 and cout > 4) else "x86-int8"
+    # 4 output channels or at most 64 inputs; else the integer path.
+    family = "x86" if abits == 1 or (wbits * abits <= 4 and (cout > 4 or cin <= 64)) else "x86-int8"
     outputs = []
     for path in KERNEL_PATHS:
         packed = PackedModel(graph, path)

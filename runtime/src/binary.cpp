@@ -52,6 +52,7 @@ constexpr size_t kMaxLevels = 16;          // binary.py MAX_LEVELS: 4 activation
 constexpr double kAffineTolerance = 1e-6;  // binary.py AFFINE_TOLERANCE
 constexpr int64_t kMaxPlanePairs = 4;      // x86/__init__.py MAX_PLANE_PAIRS
 constexpr int64_t kFewOutputChannels = 4;  // x86/__init__.py FEW_OUTPUT_CHANNELS
+constexpr int64_t kWordChannels = 64;      // binary.py BITS_PER_WORD: input channels in one word a pixel
 
 // The sorted levels of a quant_act the kernels code: two distinct levels, or 3 to 16 affine ones
 // (|level_j - (low + step * j)| <= 1e-6 max |level|, computed as binary.py affine_levels does).
@@ -82,12 +83,14 @@ int64_t bits_of(int64_t levels) {
 }
 
 // x86/__init__.py prefers_planes: two-level inputs run as bit planes; 3-16 affine levels too when weight planes x
-// activation planes <= kMaxPlanePairs and the layer has more than kFewOutputChannels outputs (fewer fall to the
-// plane kernels' slow lane loop), or when the integer path cannot take the weights; otherwise the integer path.
+// activation planes <= kMaxPlanePairs and the layer has more than kFewOutputChannels outputs or at most 64
+// inputs (more fall to the plane kernels' slow generic lane loop), or when the integer path cannot take the
+// weights; otherwise the integer path.
 bool prefers_planes(const Node& node, size_t act_levels) {
   const Weight& w = node.weight;
   if (act_levels <= 2 || !integer_weights(w)) return true;
-  if (geometry(node).co <= kFewOutputChannels) return false;
+  const Geometry g = geometry(node);
+  if (g.co <= kFewOutputChannels && g.ci > kWordChannels) return false;
   return bits_of(w.levels) * bits_of(static_cast<int64_t>(act_levels)) <= kMaxPlanePairs;
 }
 

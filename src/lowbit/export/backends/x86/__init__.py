@@ -19,6 +19,7 @@ import torch
 from lowbit.export.backends import torch as torch_backend
 from lowbit.export.backends.x86 import build
 from lowbit.export.backends.x86.binary import (
+    BITS_PER_WORD,
     SIGN_INPUT,
     BinaryInput,
     LevelsInput,
@@ -37,11 +38,17 @@ PASSTHROUGH = ("reshape",)
 #: most weight planes x activation planes a multi-level input runs as bit planes when the integer path can
 #: take the layer (W4A4 measured 1.67x ORT on the integer path vs ~0.6x on 16 plane pairs; W2A2 about equal)
 MAX_PLANE_PAIRS = 4
-#: most output channels a multi-level input still runs on the integer path with when it can: so few rows fall
-#: to the plane kernels' lane loop (W2A2's 32->1 output layer: 1.1 ms on planes vs 0.6 ms on the integer path)
+#: most output channels of a layer whose multi-level input spans more than one word (64 channels) a pixel that
+#: runs on the integer path when it can: its few rows fall to the plane kernels' generic lane loop (W2A2's
+#: 32->1 output layer took 1.1 ms there vs 0.6 ms on the integer path); within one word the one-word lane
+#: kernels beat the integer path (dcgan-g-28 W2A2 at b=64: 1.86 vs 2.21 ms, docs/RESULTS.md)
 FEW_OUTPUT_CHANNELS = 4
 #: most weight levels the integer kernels take (signed bytes)
 MAX_INTEGER_LEVELS = 256
+#: rows (batch) from which the latent GEMM runs on oneDNN: torch's BLAS (MKL) takes a slow generic path on
+#: AMD CPUs (64 x 100 x 2048: 0.30 ms vs oneDNN 0.15 ms on the AMD EPYC), but its one-row product is faster
+#: (0.014 vs 0.029 ms)
+ONEDNN_MIN_ROWS = 16
 
 
 def binary_input(act: Node) -> BinaryInput | None:
@@ -173,15 +180,21 @@ def _out_channels(node: Node) -> int:
     return shape[1] if node.op == "conv_transpose2d" else shape[0]
 
 
+def _in_channels(node: Node) -> int:
+    """Input channels of an ungrouped weight layer (see ``_out_channels``)."""
+    shape = node.attrs["weight"]["shape"]
+    return shape[0] if node.op == "conv_transpose2d" else shape[1]
+
+
 def prefers_planes(node: Node, act: Node) -> bool:
     """The claim policy between the kernel families (docs/export.md "Which kernels run a layer"): two-level
     inputs run as bit planes; 3-16 affine levels too when weight planes x activation planes <= MAX_PLANE_PAIRS
-    and the layer has more than FEW_OUTPUT_CHANNELS outputs, or when the integer path cannot take the
-    weights; otherwise (e.g. W4A4, W2A8, a W2A2 layer with one output channel) the integer path."""
+    and the layer has more than FEW_OUTPUT_CHANNELS outputs or at most 64 inputs, or when the integer path
+    cannot take the weights; otherwise (e.g. W4A4, W2A8, a W2A2 layer 128 -> 1) the integer path."""
     coding = activation_input(act)
     if not isinstance(coding, LevelsInput) or not integer_weights(node):
         return True
-    if _out_channels(node) <= FEW_OUTPUT_CHANNELS:
+    if _out_channels(node) <= FEW_OUTPUT_CHANNELS and _in_channels(node) > BITS_PER_WORD:
         return False
     return _bits(node.attrs["weight"]["levels"]) * _bits(len(coding.levels)) <= MAX_PLANE_PAIRS
 
@@ -251,18 +264,37 @@ def claims_latent(node: Node) -> bool:
     )
 
 
+def onednn_linear() -> Callable[..., torch.Tensor] | None:
+    """torch's oneDNN linear ``(x, weight (out, in), bias, "none", [], "")``, or None where this torch build
+    lacks it (a private op: looked up, never assumed)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def plan_latent(node: Node) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv)."""
+    """The latent GEMM of ``claims_latent`` (any other input size falls back to the transposed conv): from
+    ONEDNN_MIN_ROWS rows on oneDNN where torch has it, else torch's BLAS."""
     fallback = torch_backend.build(node)
     weight = torch_backend.weight_of(node)
     in_channels, out_channels, kh, kw = weight.shape
     matrix = weight.reshape(in_channels, -1).contiguous()
+    rows_major = matrix.t().contiguous()  # oneDNN's (out, in) weight
+    linear = onednn_linear()
     bias = node.tensors.get("bias")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[2:] != (1, 1):
             return fallback(x)
-        out = (x.reshape(x.shape[0], in_channels) @ matrix).reshape(x.shape[0], out_channels, kh, kw)
+        flat = x.reshape(x.shape[0], in_channels)
+        if linear is not None and flat.shape[0] >= ONEDNN_MIN_ROWS and flat.dtype == torch.float32:
+            product = linear(flat.contiguous(), rows_major, None, "none", [], "")
+        else:
+            product = flat @ matrix
+        out = product.reshape(x.shape[0], out_channels, kh, kw)
         return out if bias is None else out + bias[:, None, None]
 
     return run

@@ -87,9 +87,27 @@ __attribute__((target("avx512f"))) void pack_nhwc_avx512(const float* src, uint6
   }
 }
 
+// The combine of the register kernels for the channel block at c0: 8 doubles at a time, in row_generic's order.
+template <int P, int CV>
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline void combine_block(const ConvArgs& a,
+                                                                                      const Pixel& pixel, int64_t c0,
+                                                                                      const __m512i* acc) {
+  const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
+  for (int v = 0; v < CV; ++v) {
+    const int64_t c = c0 + 8 * v;
+    __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
+    for (int b = 0; b < P; ++b) {
+      r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * a.co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
+    }
+    _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
+  }
+}
+
 // AVX-512, co a multiple of 8: the counts of P planes x CV channel vectors (8 channels each) stay in
 // registers, the patch words are broadcast straight from the padded input (no patch buffer), and the
 // combine runs on 8 doubles at a time in the same order as row_generic. Channels go in blocks of 8*CV.
+// One word per pixel (one activation plane, <= 64 channels: the common generator layer) takes a loop
+// without the word and plane loops.
 template <int P, int CV>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_regs(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
@@ -97,9 +115,30 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
   const int64_t oh = qh * a.out_step_h + f.ph;
   const int64_t* offs = f.offs.data();
   const int64_t blocks = co / (8 * CV);
+  if (a.px_words == 1) {
+    for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+      const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t c0 = cb * 8 * CV;
+        __m512i acc[P * CV];
+        for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
+        const uint64_t* wrow = f.w_t + c0;
+        for (int64_t t = 0; t < taps; ++t, wrow += rp) {
+          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(pixel.px[offs[t]]));
+          for (int b = 0; b < P; ++b) {
+            for (int v = 0; v < CV; ++v) {
+              const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
+              acc[b * CV + v] = _mm512_add_epi64(acc[b * CV + v], _mm512_popcnt_epi64(_mm512_and_si512(wv, xv)));
+            }
+          }
+        }
+        combine_block<P, CV>(a, pixel, c0, acc);
+      }
+    }
+    return;
+  }
   for (int64_t qw = 0; qw < f.n_qw; ++qw) {
     const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
-    const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const int64_t c0 = cb * 8 * CV;
       __m512i acc[P * CV];
@@ -120,14 +159,7 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
           }
         }
       }
-      for (int v = 0; v < CV; ++v) {
-        const int64_t c = c0 + 8 * v;
-        __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
-        for (int b = 0; b < P; ++b) {
-          r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
-        }
-        _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
-      }
+      combine_block<P, CV>(a, pixel, c0, acc);
     }
   }
 }
@@ -152,14 +184,17 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void lane_counts_avx512(const
   for (int64_t r = 0; r < rows; ++r) _mm512_storeu_si512(counts[r], acc[r]);
 }
 
-// AVX-512 lanes with one input word per pixel (one activation plane, <= 64 channels) and unit input step:
-// a tap's 8 lanes are 8 consecutive words of the padded input, one (masked) load; R = rows (planes * co).
+// AVX-512 lanes with one input word per pixel and activation plane (<= 64 channels) and unit input step: a
+// tap's 8 lanes are 8 consecutive pixels of the padded input, one (masked) load with one activation plane,
+// else one gather per plane (Horner over the planes, as row_generic); R = rows (planes * co).
 template <int R>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_lanes(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
   const int64_t taps = static_cast<int64_t>(f.offs.size()), rp = a.rows_padded;
   const int64_t oh = qh * a.out_step_h + f.ph;
   const int64_t* offs = f.offs.data();
+  // several activation planes: a lane's plane-b word is px_words further per lane (one gather per tap)
+  const __m512i lane_words = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(a.px_words));
   for (int64_t q0 = 0; q0 < f.n_qw; q0 += kLanes) {
     const int64_t lanes = f.n_qw - q0 < kLanes ? f.n_qw - q0 : kLanes;
     const __mmask8 valid = static_cast<__mmask8>((1u << lanes) - 1u);
@@ -167,31 +202,39 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
     __m512i pos = _mm512_setzero_si512();
     __m512i acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-    for (int64_t t = 0; t < taps; ++t) {
-      const __m512i xv = _mm512_maskz_loadu_epi64(valid, px + offs[t]);
-      pos = _mm512_add_epi64(pos, _mm512_popcnt_epi64(xv));
-      for (int r = 0; r < R; ++r) {
-        const __m512i wv = _mm512_set1_epi64(static_cast<long long>(f.w_t[t * rp + r]));
-        acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+    for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner over the activation planes
+      if (a.act_planes > 1) {
+        pos = _mm512_slli_epi64(pos, 1);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_slli_epi64(acc[r], 1);
+      }
+      for (int64_t t = 0; t < taps; ++t) {
+        const __m512i xv = a.act_planes == 1
+                               ? _mm512_maskz_loadu_epi64(valid, px + offs[t])
+                               : _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), valid, lane_words, px + offs[t] + b, 8);
+        pos = _mm512_add_epi64(pos, _mm512_popcnt_epi64(xv));
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_set1_epi64(static_cast<long long>(f.w_t[t * rp + r]));
+          acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+        }
       }
     }
-    // The combine of lanes_combine on 8 lanes at once: base gathered, outputs scattered (lane stride
-    // out_step_w * co), same double operations in the same order.
-    const int64_t co = a.co, ow0 = q0 * a.out_step_w + f.pw;
-    const __m512i lane_index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
-                                                  _mm512_set1_epi64(a.out_step_w * co));
+    // The combine of lanes_combine on 8 lanes at once (same double operations in the same order): base from
+    // the phase's lane-major copy, outputs stored lane by lane (stride out_step_w * co; a scatter is slower).
+    const int64_t co = a.co, stride = a.out_step_w * co, ow0 = q0 * a.out_step_w + f.pw;
+    const double* base = f.base_lanes.data() + qh * co * f.n_qw + q0;
     const __m512d pos_d = _mm512_cvtepi64_pd(pos);
     __m512d counts[R];
     for (int r = 0; r < R; ++r) counts[r] = _mm512_cvtepi64_pd(acc[r]);
+    alignas(32) float values[kLanes];
     for (int64_t c = 0; c < co; ++c) {
-      const double* base = a.base + (oh * a.wo + ow0) * co + c;
-      float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
-      __m512d r = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), valid, lane_index, base, 8);
+      __m512d r = _mm512_maskz_loadu_pd(valid, base + c * f.n_qw);
       r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_set1_pd(a.offset2[c]), pos_d));
       for (int64_t b = 0; b < a.planes; ++b) {
         r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_set1_pd(a.coef2[b * co + c]), counts[b * co + c]));
       }
-      _mm512_mask_i64scatter_ps(out, valid, lane_index, _mm512_cvtpd_ps(r), 4);
+      _mm256_store_ps(values, _mm512_cvtpd_ps(r));
+      float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
+      for (int64_t l = 0; l < lanes; ++l) out[l * stride] = values[l];
     }
   }
 }
@@ -215,14 +258,18 @@ RowFn pick_avx512_regs(int64_t planes, int64_t co) {
   return nullptr;
 }
 
+// rows <= kMaxLaneRows.
 RowFn pick_avx512_lanes(int64_t rows) {
   switch (rows) {
     case 1: return row_avx512_lanes<1>;
     case 2: return row_avx512_lanes<2>;
     case 3: return row_avx512_lanes<3>;
     case 4: return row_avx512_lanes<4>;
-    default: return nullptr;
+    default: break;
   }
+  // More rows run as the next size up: the rows past `rows` are zero padding of w_t (rows_padded >= that
+  // size), so they count nothing and the combine never reads them.
+  return rows <= 8 ? row_avx512_lanes<8> : row_avx512_lanes<kMaxLaneRows>;
 }
 
 // Level codes of 16 values y (a vector): the number of thresholds passed, as 32-bit lanes.
@@ -293,16 +340,83 @@ __attribute__((target("avx512f"))) void pack_levels_nhwc_avx512(const float* src
   pack_levels_nhwc<level_words_avx512>(src, dst, at, c, wc, p0, count, l);
 }
 
+// One threshold per channel (count == 1: a two-level activation behind a folded BatchNorm, one plane): the bit is
+// the comparison itself, sign * x > t (>= when ties go up), with no level count or plane test in between.
+template <bool TiesUp>
+__attribute__((target("avx512f"))) inline __mmask16 passes16(__m512 y, __m512 t, __mmask16 valid) {
+  return TiesUp ? _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GE_OQ) : _mm512_mask_cmp_ps_mask(valid, y, t, _CMP_GT_OQ);
+}
+
+// NCHW, one threshold: 16 pixels of a channel per compare, set as bit k of their words by masked ORs.
+template <bool TiesUp>
+__attribute__((target("avx512f"))) void pack_threshold_nchw_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                   int64_t c, int64_t hw, int64_t wc, int64_t p0,
+                                                                   int64_t total, const LevelArgs& l) {
+  alignas(64) uint64_t lanes[16];
+  for (int64_t j0 = 0; j0 < total; j0 += 16) {
+    const int64_t count = total - j0 < 16 ? total - j0 : 16;
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    for (int64_t cw = 0; cw < wc; ++cw) {
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+      const int64_t channels = c - cw * 64 < 64 ? c - cw * 64 : 64;
+      for (int64_t k = 0; k < channels; ++k) {
+        const int64_t ch = cw * 64 + k;
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, src + ch * hw + p0 + j0), _mm512_set1_ps(l.signs[ch]));
+        const __mmask16 set = passes16<TiesUp>(y, _mm512_set1_ps(l.thresholds[ch]), valid);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << k));
+        acc0 = _mm512_mask_or_epi64(acc0, static_cast<__mmask8>(set & 0xff), acc0, bit);
+        acc1 = _mm512_mask_or_epi64(acc1, static_cast<__mmask8>(set >> 8), acc1, bit);
+      }
+      _mm512_store_si512(lanes, acc0);
+      _mm512_store_si512(lanes + 8, acc1);
+      for (int64_t j = 0; j < count; ++j) dst[at[j0 + j] + cw] = lanes[j];
+    }
+  }
+}
+
+// Channels-last, one threshold: per 64-channel word, its (up to 4) sign and threshold vectors are loaded once
+// for all the chunk's pixels; each pixel's word is then 4 compares.
+template <bool TiesUp>
+__attribute__((target("avx512f"))) void pack_threshold_nhwc_avx512(const float* src, uint64_t* dst, const int64_t* at,
+                                                                   int64_t c, int64_t /*hw*/, int64_t wc, int64_t p0,
+                                                                   int64_t count, const LevelArgs& l) {
+  for (int64_t cw = 0; cw < wc; ++cw) {
+    __m512 signs[4], thresholds[4];
+    __mmask16 valid[4];
+    for (int64_t s = 0; s < 4; ++s) {
+      const int64_t first = cw * 64 + s * 16, n = c - first < 0 ? 0 : (c - first < 16 ? c - first : 16);
+      valid[s] = static_cast<__mmask16>((1u << n) - 1u);
+      signs[s] = _mm512_maskz_loadu_ps(valid[s], l.signs + (n > 0 ? first : 0));
+      thresholds[s] = _mm512_maskz_loadu_ps(valid[s], l.thresholds + (n > 0 ? first : 0));
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      const float* pixel = src + (p0 + j) * c + cw * 64;
+      uint64_t word = 0;
+      for (int64_t s = 0; s < 4; ++s) {
+        const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid[s], pixel + 16 * s), signs[s]);
+        word |= static_cast<uint64_t>(passes16<TiesUp>(y, thresholds[s], valid[s])) << (16 * s);
+      }
+      dst[at[j] + cw] = word;
+    }
+  }
+}
+
 }  // namespace
 
-LevelPackFn level_pack_fn_avx512(bool nchw) { return nchw ? pack_levels_nchw_avx512 : pack_levels_nhwc_avx512; }
+LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
+  if (count == 1) {
+    if (nchw) return ties_up ? pack_threshold_nchw_avx512<true> : pack_threshold_nchw_avx512<false>;
+    return ties_up ? pack_threshold_nhwc_avx512<true> : pack_threshold_nhwc_avx512<false>;
+  }
+  return nchw ? pack_levels_nchw_avx512 : pack_levels_nhwc_avx512;
+}
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
   const int64_t rows = planes * co;
   if (rows <= kMaxLaneRows) {
-    RowFn fn = px_words == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
+    RowFn fn = wc == 1 && in_step_w == 1 ? pick_avx512_lanes(rows) : nullptr;
     return fn != nullptr ? fn : lanes_avx512;
   }
   RowFn fn = pick_avx512_regs(planes, co);

@@ -50,9 +50,9 @@ PackFn pack_fn(int64_t path, bool nchw) {
   return pack_fn_scalar(nchw);
 }
 
-RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w) {
+RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t wc, int64_t px_words, int64_t in_step_w) {
 #if defined(__x86_64__)
-  if (path == kAvx512) return pick_row_avx512(planes, co, px_words, in_step_w);
+  if (path == kAvx512) return pick_row_avx512(planes, co, wc, in_step_w);
   if (path == kAvx2) return pick_row_avx2(planes, co, px_words, in_step_w);
 #elif defined(__aarch64__)
   if (path == kNeon) return pick_row_neon(planes, co, px_words, in_step_w);
@@ -149,9 +149,9 @@ void pack_levels_nhwc_portable(const float* src, uint64_t* dst, const int64_t* a
   pack_levels_portable(src, dst, at, c, hw, wc, p0, count_px, false, l);
 }
 
-LevelPackFn level_pack_fn(int64_t path, bool nchw) {
+LevelPackFn level_pack_fn(int64_t path, bool nchw, const LevelCode& code) {
 #if defined(__x86_64__)
-  if (path == kAvx512) return level_pack_fn_avx512(nchw);
+  if (path == kAvx512) return level_pack_fn_avx512(nchw, code.count, code.ties_up);
   if (path == kAvx2) return level_pack_fn_avx2(nchw);
 #endif
   return nchw ? pack_levels_nchw_portable : pack_levels_nhwc_portable;
@@ -171,7 +171,7 @@ void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const
   const std::vector<float> ones(static_cast<size_t>(x.c), 1.0f);
   const LevelArgs args{code.thresholds, transposed.data(), code.signs != nullptr ? code.signs : ones.data(),
                        code.count, planes, code.ties_up};
-  const LevelPackFn pack = level_pack_fn(path, x.nchw);
+  const LevelPackFn pack = level_pack_fn(path, x.nchw, code);
   for_each_chunk(x, g, planes * wc, dst, parallel,
                  [&](const float* image, int64_t p0, int64_t count, const int64_t* at, uint64_t* out) {
                    pack(image, out, at, x.c, hw, wc, p0, count, args);
@@ -239,10 +239,11 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     }
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
+    if (few_rows && c.path == kAvx512) f.base_lanes = lane_base(a, f);  // read by the AVX-512 lane kernels only
     max_words = std::max(max_words, f.words);
     max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
-    fns.push_back(pick_row(c.path, a.planes, a.co, a.px_words, a.in_step_w));
+    fns.push_back(pick_row(c.path, a.planes, a.co, a.wc, a.px_words, a.in_step_w));
   }
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
   // One task per (image, qh): every phase's row qh, i.e. the output rows qh * out_step_h + ph, so no two

@@ -187,8 +187,7 @@ void run_int8_conv(const Int8Conv& c, float* out, const ParallelFor& parallel) {
   }
 
   std::vector<Int8Phase> infos;
-  std::vector<int64_t> first_row;  // prefix sums of the (image, qh) rows of every phase
-  int64_t total_rows = 0;
+  int64_t max_qh = 0;
   for (size_t k = 0; k < taps.size(); ++k) {
     const Taps& t = taps[k];
     Int8Phase f;
@@ -214,20 +213,19 @@ void run_int8_conv(const Int8Conv& c, float* out, const ParallelFor& parallel) {
         f.zsum_pad[static_cast<size_t>(ch)] += bytes[0] + bytes[1] + bytes[2] + bytes[3];
       }
     }
-    first_row.push_back(total_rows);
-    total_rows += c.x.n * f.n_qh;
+    max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
   }
-  first_row.push_back(total_rows);
   const Int8RowFn row = row_fn(kernel_path, a);
-  parallel(total_rows, [&](int64_t begin, int64_t end) {
+  // One task per (image, qh): every phase's row qh, so a task owns whole output rows (as run_binary_conv:
+  // tasks by phase made two threads write the interleaved pixels of the same cache lines).
+  parallel(c.x.n * max_qh, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> scratch(static_cast<size_t>(4 * a.co_pad));
-    size_t k = 0;
     for (int64_t idx = begin; idx < end; ++idx) {
-      while (idx >= first_row[k + 1]) ++k;
-      const Int8Phase& f = infos[k];
-      const int64_t local = idx - first_row[k];
-      row(a, f, local / f.n_qh, local % f.n_qh, scratch.data());
+      const int64_t i = idx / max_qh, qh = idx % max_qh;
+      for (const Int8Phase& f : infos) {
+        if (qh < f.n_qh) row(a, f, i, qh, scratch.data());
+      }
     }
   });
 }

@@ -34,8 +34,9 @@
 //     the counts of a block of channels in registers, broadcast patch words straight from the bit image
 //     and combine 8 (4) channels at a time;
 //   * at most 16 rows (planes * Co, e.g. a generator's 1- or 3-channel output layer): AVX-512 vectorizes
-//     over 8 neighbouring output pixels (one masked load per tap when a pixel is one word), the other
-//     paths go pixel by pixel with scalar popcounts (<= 4 rows) or the generic lane loop;
+//     over 8 neighbouring output pixels (one masked load per tap, or a gather per tap and activation
+//     plane, when a pixel's plane is one word), the other paths go pixel by pixel with scalar popcounts
+//     (<= 4 rows) or the generic lane loop;
 //   * anything else: the generic loop (gather the patch, count all rows, combine).
 // Every path accumulates the same exact integer counts and combines them in float64 in the same order
 // (see binary_conv), so all paths give bit-identical outputs.
@@ -53,6 +54,7 @@
 #define LOWBIT_POPCNT_TARGET
 #endif
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -109,8 +111,21 @@ struct ConvArgs {
 struct PhaseInfo {
   const uint64_t* w_t;        // (words, rows_padded), rows = plane * co + channel
   std::vector<int64_t> offs;  // word offset of every tap (t, u) from the patch's top-left padded pixel
+  std::vector<double> base_lanes;  // few-row layers: the phase's base as (n_qh, co, n_qw), a row's lanes contiguous
   int64_t ph, pw, n_qh, n_qw, words;
 };
+
+// ConvArgs::base of phase f's output pixels, lane-major (PhaseInfo::base_lanes): one load per 8 lanes.
+inline std::vector<double> lane_base(const ConvArgs& a, const PhaseInfo& f) {
+  std::vector<double> lanes(static_cast<size_t>(f.n_qh * a.co * f.n_qw));
+  for (int64_t qh = 0; qh < f.n_qh; ++qh) {
+    for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+      const double* base = a.base + ((qh * a.out_step_h + f.ph) * a.wo + qw * a.out_step_w + f.pw) * a.co;
+      for (int64_t c = 0; c < a.co; ++c) lanes[static_cast<size_t>((qh * a.co + c) * f.n_qw + qw)] = base[c];
+    }
+  }
+  return lanes;
+}
 
 struct Scratch {
   std::vector<uint64_t> patch;
@@ -337,7 +352,8 @@ __attribute__((always_inline)) inline void pack_levels_nhwc(const float* src, ui
   }
 }
 
-LevelPackFn level_pack_fn_avx512(bool nchw);
+// AVX-512: count is the thresholds per channel (one of them has its own packer), ties_up their comparison.
+LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up);
 LevelPackFn level_pack_fn_avx2(bool nchw);
 
 // The code of y = sign * x: the number of thresholds it passes (strictly unless ties go up).
@@ -360,7 +376,7 @@ PackFn pack_fn_avx512(bool nchw);
 PackFn pack_fn_neon(bool nchw);
 RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
-RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
+RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
