@@ -344,3 +344,63 @@ def test_channel_pruned_student_distils_features_through_learned_adapters(fp_che
     student, teacher = load_generator(full.model_path), load_generator(fp_checkpoint)
     taps = FeatureTaps(student, teacher, torch.randn(2, 16))
     assert set(taps.adapters) == {key.split(".")[0] for key in adapters}
+
+
+ALL_BINARY = {"weight": "bwn", "weight_bits": 1, "act": "act", "act_bits": 1}
+
+
+def test_staged_layers_keep_float_weights_in_the_named_layers_only(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import GanTrainer
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, weights_from_step=2, staged_layers=["0", "6"],
+                     sample_every=4, checkpoint_every=4)
+    seen: list[tuple[bool, bool, bool]] = []
+    original = GanTrainer.g_step
+
+    def spy(self, n, gen):
+        seen.append(tuple(self.G[i].weights_quantized for i in (0, 3, 6)))
+        return original(self, n, gen)
+
+    GanTrainer.g_step = spy
+    try:
+        train_gan(cfg, tmp_path / "staged", progress=False)
+    finally:
+        GanTrainer.g_step = original
+    hidden_only, every = (False, True, False), (True, True, True)
+    assert seen == [hidden_only, hidden_only, every, every]  # 0 and 6 float up to step 2, then binary
+
+
+def test_staged_layers_are_checked(fp_checkpoint, tmp_path):
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set weights_from_step > 0 or drop staged_layers"):
+        qat_config(fp_checkpoint, ALL_BINARY, staged_layers=["0"])
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, weights_from_step=2, staged_layers=["9"])
+    with pytest.raises(ConfigError, match="'9' matches no quantized layer; the quantized layers are 0, 3, 6"):
+        train_gan(cfg, tmp_path / "typo", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_recalibrate_bn_reestimates_the_saved_generator_after_the_last_step(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import latent
+    from lowbit.train.loop import seeded_generator
+    from lowbit.train.recalibrate import batch_norms, recalibrate_batchnorm
+
+    def run(name, batches):
+        cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, recalibrate_bn=batches, sample_every=4,
+                         checkpoint_every=4)
+        return train_gan(cfg, tmp_path / name, progress=False)
+
+    plain, recalibrated = run("plain", 0), run("recalibrated", 3)
+    assert recalibrated.history == plain.history  # after the last update: training itself is unchanged
+    expected, got = load_generator(plain.model_path), load_generator(recalibrated.model_path)
+    gen = seeded_generator(0, 4, 0, 0, 1)
+    recalibrate_batchnorm(expected, lambda _: latent(BASE["batch_size"], 16, gen, torch.device("cpu")), 3)
+    before = load_generator(plain.model_path).state_dict()
+    for key, value in got.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key]), key
+        if key.endswith("running_mean"):
+            assert not torch.equal(value, before[key]), key
+    with pytest.raises(Exception, match="'recalibrate_bn' is a number of latent batches"):
+        qat_config(fp_checkpoint, ALL_BINARY, recalibrate_bn=-1)
+    assert len(batch_norms(got)) == 2

@@ -47,7 +47,7 @@ GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
 GRID_PAIRS = 16
 #: QAT settings that only the noise-GAN trainer has
-GAN_ONLY_QAT = ("weights_from_step", "ema", "search_sgd")
+GAN_ONLY_QAT = ("weights_from_step", "staged_layers", "ema", "search_sgd", "recalibrate_bn")
 
 
 @dataclass
@@ -61,9 +61,11 @@ class QatSettings:
     distill: float = 0.0
     distill_features: float = 0.0
     weights_from_step: int = 0
+    staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
+    recalibrate_bn: int = 0
     data_limit: int | None = None
     eval_every: int = 0
     eval_samples: int = 1000
@@ -151,9 +153,11 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Pa
         distill=qat.distill,
         distill_features=qat.distill_features,
         weights_from_step=qat.weights_from_step,
+        staged_layers=qat.staged_layers,
         ema=qat.ema,
         lr_decay=qat.lr_decay,
         search_sgd=qat.search_sgd,
+        recalibrate_bn=qat.recalibrate_bn,
         steps=qat.steps,
         batch_size=qat.batch_size or pretrained.batch_size,
         seed=qat.seed,
