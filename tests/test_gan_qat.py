@@ -404,3 +404,25 @@ def test_recalibrate_bn_reestimates_the_saved_generator_after_the_last_step(fp_c
     with pytest.raises(Exception, match="'recalibrate_bn' is a number of latent batches"):
         qat_config(fp_checkpoint, ALL_BINARY, recalibrate_bn=-1)
     assert len(batch_norms(got)) == 2
+
+
+def test_distill_warmup_trains_g_on_the_teacher_alone_and_leaves_d_untouched(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import latent
+    from lowbit.train.loop import seeded_generator
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=3, distill=2.0, distill_warmup=2, log_every=1,
+                     sample_every=3, checkpoint_every=3)
+    warm = train_gan(dataclasses.replace(cfg, steps=2), tmp_path / "warm", progress=False)
+    assert [sorted(row) for row in warm.history] == [["g_loss", "step"]] * 2
+    fp_d, fp_g = load_discriminator(fp_checkpoint), load_generator(fp_checkpoint)
+    for key, value in load_discriminator(warm.model_path).state_dict().items():
+        assert torch.equal(value, fp_d.state_dict()[key]), key  # no D update during the warm-up
+    student = build_networks(cfg)[0].train()
+    z = latent(BASE["batch_size"], 16, seeded_generator(0, 1, 0, 0), torch.device("cpu"))
+    with torch.no_grad():
+        expected = 2.0 * (student(z) - fp_g(z)).abs().mean().item()
+    assert warm.history[0]["g_loss"] == pytest.approx(expected, rel=1e-5)
+    full = train_gan(cfg, tmp_path / "full", progress=False)
+    assert "d_loss" in full.history[2] and full.history[:2] == warm.history
+    with pytest.raises(Exception, match="'distill_warmup' .* needs distill or distill_features > 0"):
+        qat_config(fp_checkpoint, ALL_BINARY, distill_warmup=5)

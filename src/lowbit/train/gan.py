@@ -105,6 +105,7 @@ class GanConfig(StepLoopConfig):
     init_from: str | None = None
     distill: float = 0.0
     distill_features: float = 0.0
+    distill_warmup: int = 0
     weights_from_step: int = 0
     staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0
@@ -117,6 +118,10 @@ class GanConfig(StepLoopConfig):
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
         check_distill_weights(self.distill, self.distill_features, self.init_from)
+        if self.distill_warmup < 0 or (self.distill_warmup and not (self.distill or self.distill_features)):
+            raise ConfigError(f"'distill_warmup' ({self.distill_warmup}) is a number of steps >= 0 that "
+                              "train G on the distillation loss alone; it needs distill or "
+                              "distill_features > 0")
         if self.weights_from_step < 0:
             raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
                               f"got {self.weights_from_step}")
@@ -306,14 +311,15 @@ class GanTrainer:
                     p.clamp_(-self.clip, self.clip)
         return float(loss.detach())
 
-    def g_step(self, n: int, gen: torch.Generator) -> float:
+    def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True) -> float:
         """One generator update on ``n`` latent codes against the current discriminator, plus
         ``distill`` x mean |G(z) - teacher(z)| and ``distill_features`` x the feature loss
-        (``lowbit.train.distill``) when a full-precision teacher is given (distillation)."""
+        (``lowbit.train.distill``) when a full-precision teacher is given (distillation);
+        ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's term."""
         z = latent(n, self.latent_dim, gen, self.device)
         fake, target = self.distiller.forward(self.G, z) if self.distiller else (self.G(z), None)
         with frozen(unwrap(self.D)) as critic:
-            loss = self.loss.g_loss(critic(fake))
+            loss = self.loss.g_loss(critic(fake)) if adversarial else fake.new_zeros(())
             if self.distiller:
                 loss = loss + self.distiller.loss(fake, target)
             loss.backward()
@@ -412,12 +418,16 @@ class GanTask:
         self.fixed_noise = latent(SAMPLE_GRID, self.trainer.latent_dim, noise_rng, device)
 
     def step(self, step: int) -> dict[str, float]:
-        """n_critic discriminator updates, then one generator update; returns the last D and the G loss."""
+        """n_critic discriminator updates, then one generator update; returns the last D and the G loss
+        (during the distillation warm-up G's distillation update alone, and its loss only)."""
         cfg, trainer = self.cfg, self.trainer
         if cfg.lr_decay == "linear":
             trainer.lr_scale.set(1.0 - (step - 1) / cfg.steps)
         if cfg.weights_from_step:
             trainer.set_weight_quantization(step > cfg.weights_from_step, cfg.staged_layers or None)
+        if step <= cfg.distill_warmup:
+            noise_rng = seeded_generator(cfg.seed, step, 0, self.rank)
+            return {"g_loss": trainer.g_step(self.stream.per_rank, noise_rng, adversarial=False)}
         d_loss = 0.0
         for k in range(trainer.n_critic):
             draw = (step - 1) * trainer.n_critic + k
