@@ -426,3 +426,16 @@ def test_distill_warmup_trains_g_on_the_teacher_alone_and_leaves_d_untouched(fp_
     assert "d_loss" in full.history[2] and full.history[:2] == warm.history
     with pytest.raises(Exception, match="'distill_warmup' .* needs distill or distill_features > 0"):
         qat_config(fp_checkpoint, ALL_BINARY, distill_warmup=5)
+
+
+def test_fresh_discriminator_starts_d_from_random_weights_and_g_from_the_checkpoint(fp_checkpoint):
+    from lowbit.train.distributed import current
+    from lowbit.train.gan import GanTask
+
+    fp_g, fp_d = load_generator(fp_checkpoint), load_discriminator(fp_checkpoint)
+    for fresh in (False, True):
+        task = GanTask(qat_config(fp_checkpoint, fresh_discriminator=fresh), torch.device("cpu"), current())
+        g, d = task.trainer.G.state_dict(), task.trainer.D.state_dict()
+        assert all(torch.equal(v, g[k]) for k, v in fp_g.state_dict().items())
+        same_d = [torch.equal(v, d[k]) for k, v in fp_d.state_dict().items() if k.endswith("weight")]
+        assert all(same_d) if not fresh else not any(same_d)

@@ -47,7 +47,8 @@ GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
 GRID_PAIRS = 16
 #: QAT settings that only the noise-GAN trainer has
-GAN_ONLY_QAT = ("distill_warmup", "weights_from_step", "staged_layers", "ema", "search_sgd", "recalibrate_bn")
+GAN_ONLY_QAT = ("distill_warmup", "weights_from_step", "staged_layers", "ema", "search_sgd", "recalibrate_bn",
+                "fresh_discriminator")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class QatSettings:
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
     recalibrate_bn: int = 0
+    fresh_discriminator: bool = False
     data_limit: int | None = None
     eval_every: int = 0
     eval_samples: int = 1000
@@ -160,6 +162,7 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Pa
         lr_decay=qat.lr_decay,
         search_sgd=qat.search_sgd,
         recalibrate_bn=qat.recalibrate_bn,
+        fresh_discriminator=qat.fresh_discriminator,
         steps=qat.steps,
         batch_size=qat.batch_size or pretrained.batch_size,
         seed=qat.seed,

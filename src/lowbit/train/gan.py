@@ -112,6 +112,7 @@ class GanConfig(StepLoopConfig):
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
     recalibrate_bn: int = 0
+    fresh_discriminator: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -410,7 +411,8 @@ class GanTask:
 
     def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.rank = cfg, ctx.rank
-        self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher_of(cfg))
+        networks = build_networks(cfg, ("discriminator",) if cfg.fresh_discriminator else ())
+        self.trainer = GanTrainer(cfg, *networks, device, teacher_of(cfg))
         check_staged_layers(cfg.staged_layers, self.trainer.models())
         images = load_images(cfg, unwrap(self.trainer.G).image_shape)
         self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
