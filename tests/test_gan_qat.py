@@ -344,3 +344,98 @@ def test_channel_pruned_student_distils_features_through_learned_adapters(fp_che
     student, teacher = load_generator(full.model_path), load_generator(fp_checkpoint)
     taps = FeatureTaps(student, teacher, torch.randn(2, 16))
     assert set(taps.adapters) == {key.split(".")[0] for key in adapters}
+
+
+ALL_BINARY = {"weight": "bwn", "weight_bits": 1, "act": "act", "act_bits": 1}
+
+
+def test_staged_layers_keep_float_weights_in_the_named_layers_only(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import GanTrainer
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, weights_from_step=2, staged_layers=["0", "6"],
+                     sample_every=4, checkpoint_every=4)
+    seen: list[tuple[bool, bool, bool]] = []
+    original = GanTrainer.g_step
+
+    def spy(self, n, gen):
+        seen.append(tuple(self.G[i].weights_quantized for i in (0, 3, 6)))
+        return original(self, n, gen)
+
+    GanTrainer.g_step = spy
+    try:
+        train_gan(cfg, tmp_path / "staged", progress=False)
+    finally:
+        GanTrainer.g_step = original
+    hidden_only, every = (False, True, False), (True, True, True)
+    assert seen == [hidden_only, hidden_only, every, every]  # 0 and 6 float up to step 2, then binary
+
+
+def test_staged_layers_are_checked(fp_checkpoint, tmp_path):
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set weights_from_step > 0 or drop staged_layers"):
+        qat_config(fp_checkpoint, ALL_BINARY, staged_layers=["0"])
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, weights_from_step=2, staged_layers=["9"])
+    with pytest.raises(ConfigError, match="'9' matches no quantized layer; the quantized layers are 0, 3, 6"):
+        train_gan(cfg, tmp_path / "typo", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_recalibrate_bn_reestimates_the_saved_generator_after_the_last_step(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import latent
+    from lowbit.train.loop import seeded_generator
+    from lowbit.train.recalibrate import batch_norms, recalibrate_batchnorm
+
+    def run(name, batches):
+        cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, recalibrate_bn=batches, sample_every=4,
+                         checkpoint_every=4)
+        return train_gan(cfg, tmp_path / name, progress=False)
+
+    plain, recalibrated = run("plain", 0), run("recalibrated", 3)
+    assert recalibrated.history == plain.history  # after the last update: training itself is unchanged
+    expected, got = load_generator(plain.model_path), load_generator(recalibrated.model_path)
+    gen = seeded_generator(0, 4, 0, 0, 1)
+    recalibrate_batchnorm(expected, lambda _: latent(BASE["batch_size"], 16, gen, torch.device("cpu")), 3)
+    before = load_generator(plain.model_path).state_dict()
+    for key, value in got.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key]), key
+        if key.endswith("running_mean"):
+            assert not torch.equal(value, before[key]), key
+    with pytest.raises(Exception, match="'recalibrate_bn' is a number of latent batches"):
+        qat_config(fp_checkpoint, ALL_BINARY, recalibrate_bn=-1)
+    assert len(batch_norms(got)) == 2
+
+
+def test_distill_warmup_trains_g_on_the_teacher_alone_and_leaves_d_untouched(fp_checkpoint, tmp_path):
+    from lowbit.train.gan import latent
+    from lowbit.train.loop import seeded_generator
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=3, distill=2.0, distill_warmup=2, log_every=1,
+                     sample_every=3, checkpoint_every=3)
+    warm = train_gan(dataclasses.replace(cfg, steps=2), tmp_path / "warm", progress=False)
+    assert [sorted(row) for row in warm.history] == [["g_loss", "step"]] * 2
+    fp_d, fp_g = load_discriminator(fp_checkpoint), load_generator(fp_checkpoint)
+    for key, value in load_discriminator(warm.model_path).state_dict().items():
+        assert torch.equal(value, fp_d.state_dict()[key]), key  # no D update during the warm-up
+    student = build_networks(cfg)[0].train()
+    z = latent(BASE["batch_size"], 16, seeded_generator(0, 1, 0, 0), torch.device("cpu"))
+    with torch.no_grad():
+        expected = 2.0 * (student(z) - fp_g(z)).abs().mean().item()
+    assert warm.history[0]["g_loss"] == pytest.approx(expected, rel=1e-5)
+    full = train_gan(cfg, tmp_path / "full", progress=False)
+    assert "d_loss" in full.history[2] and full.history[:2] == warm.history
+    with pytest.raises(Exception, match="'distill_warmup' .* needs distill or distill_features > 0"):
+        qat_config(fp_checkpoint, ALL_BINARY, distill_warmup=5)
+
+
+def test_fresh_discriminator_starts_d_from_random_weights_and_g_from_the_checkpoint(fp_checkpoint):
+    from lowbit.train.distributed import current
+    from lowbit.train.gan import GanTask
+
+    fp_g, fp_d = load_generator(fp_checkpoint), load_discriminator(fp_checkpoint)
+    for fresh in (False, True):
+        task = GanTask(qat_config(fp_checkpoint, fresh_discriminator=fresh), torch.device("cpu"), current())
+        g, d = task.trainer.G.state_dict(), task.trainer.D.state_dict()
+        assert all(torch.equal(v, g[k]) for k, v in fp_g.state_dict().items())
+        same_d = [torch.equal(v, d[k]) for k, v in fp_d.state_dict().items() if k.endswith("weight")]
+        assert all(same_d) if not fresh else not any(same_d)

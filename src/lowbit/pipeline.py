@@ -47,7 +47,8 @@ GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
 GRID_PAIRS = 16
 #: QAT settings that only the noise-GAN trainer has
-GAN_ONLY_QAT = ("weights_from_step", "ema", "search_sgd")
+GAN_ONLY_QAT = ("distill_warmup", "weights_from_step", "staged_layers", "ema", "search_sgd", "recalibrate_bn",
+                "fresh_discriminator")
 
 
 @dataclass
@@ -60,10 +61,14 @@ class QatSettings:
     lr_d: float | None = None
     distill: float = 0.0
     distill_features: float = 0.0
+    distill_warmup: int = 0
     weights_from_step: int = 0
+    staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
+    recalibrate_bn: int = 0
+    fresh_discriminator: bool = False
     data_limit: int | None = None
     eval_every: int = 0
     eval_samples: int = 1000
@@ -150,10 +155,14 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Pa
         init_from=str(checkpoint),
         distill=qat.distill,
         distill_features=qat.distill_features,
+        distill_warmup=qat.distill_warmup,
         weights_from_step=qat.weights_from_step,
+        staged_layers=qat.staged_layers,
         ema=qat.ema,
         lr_decay=qat.lr_decay,
         search_sgd=qat.search_sgd,
+        recalibrate_bn=qat.recalibrate_bn,
+        fresh_discriminator=qat.fresh_discriminator,
         steps=qat.steps,
         batch_size=qat.batch_size or pretrained.batch_size,
         seed=qat.seed,
@@ -262,9 +271,9 @@ def _loss_curve(history: list[dict[str, float]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(6, 3.2))
-    steps = [row["step"] for row in history]
-    for key in ("d_loss", "g_loss"):
-        axis.plot(steps, [row[key] for row in history], label=key)
+    for key in ("d_loss", "g_loss"):  # a distillation warm-up logs no d_loss
+        logged = [row for row in history if key in row]
+        axis.plot([row["step"] for row in logged], [row[key] for row in logged], label=key)
     axis.set_xlabel("QAT step")
     axis.legend()
     fid = [(row["step"], row["fid"]) for row in history if "fid" in row]

@@ -7,11 +7,11 @@ from lowbit.nn.convert import HIDDEN_ACTIVATIONS, FrozenAct, FrozenLayer, conver
 from lowbit.nn.layers import QuantAct, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from lowbit.nn.prune import PruneSpec, slimming_penalty, sparsity_of
 from lowbit.nn.rprelu import RPReLU
-from lowbit.nn.schedule import anneal, param_group, quantize_weights, refit, set_temperature
+from lowbit.nn.schedule import anneal, param_group, quant_layers, quantize_weights, refit, set_temperature
 from lowbit.nn.spec import QuantSpec
 from lowbit.nn.transforms import compress, register_transform, transform_hooks
 
 __all__ = ["HIDDEN_ACTIVATIONS", "FrozenAct", "FrozenLayer", "QuantAct", "QuantConv2d",
            "QuantConvTranspose2d", "QuantLinear", "QuantSpec", "PruneSpec", "RPReLU", "anneal", "compress",
-           "convert", "freeze", "param_group", "quantize_weights", "refit", "register_transform",
-           "set_temperature", "slimming_penalty", "sparsity_of", "transform_hooks"]
+           "convert", "freeze", "param_group", "quant_layers", "quantize_weights", "refit",
+           "register_transform", "set_temperature", "slimming_penalty", "sparsity_of", "transform_hooks"]

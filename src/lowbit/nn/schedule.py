@@ -7,11 +7,14 @@
   and the learned bwn scale; e.g. after loading new float weights into a converted model).
   Between refits the stateful ones update themselves in training mode every ``refit_every``
   forward passes (warm-started).
-* ``quantize_weights(model, enabled)``: switch weight quantization off (float weights) or on, for a
-  staged schedule (binarize activations first, then weights).
+* ``quantize_weights(model, enabled, patterns)``: switch weight quantization off (float weights) or on,
+  in every quantized layer or the named ones, for a staged schedule (binarize activations first, then
+  weights; or the hidden layers first, then the first and last).
 """
 
 from __future__ import annotations
+
+import fnmatch
 
 from torch import nn
 
@@ -19,7 +22,7 @@ from lowbit.nn.layers import QuantLayerMixin
 from lowbit.quant.modules import Quantizer
 from lowbit.quant.search import set_temperature
 
-__all__ = ["anneal", "param_group", "quantize_weights", "refit", "set_temperature"]
+__all__ = ["anneal", "param_group", "quant_layers", "quantize_weights", "refit", "set_temperature"]
 
 
 def anneal(model: nn.Module, epoch: int) -> int:
@@ -44,9 +47,17 @@ def refit(model: nn.Module) -> int:
     return count
 
 
-def quantize_weights(model: nn.Module, enabled: bool) -> int:
-    """Use quantized (True) or float (False) weights in every quantized layer; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
+def quant_layers(model: nn.Module, patterns: list[str] | None = None) -> dict[str, QuantLayerMixin]:
+    """The quantized layers of ``model`` by module name; with ``patterns``, those whose names match one
+    of these fnmatch patterns (e.g. ``["0", "9"]``) only."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)
+            and (patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns))}
+
+
+def quantize_weights(model: nn.Module, enabled: bool, patterns: list[str] | None = None) -> int:
+    """Use quantized (True) or float (False) weights in every quantized layer, or in those that match
+    ``patterns`` (``quant_layers``); returns how many."""
+    layers = quant_layers(model, patterns).values()
     for layer in layers:
         layer.weights_quantized = enabled
     return len(layers)

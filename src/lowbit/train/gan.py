@@ -31,7 +31,7 @@ from lowbit.errors import (  # TrainingDivergedError: raised by the guard, impor
     ConfigError,
     TrainingDivergedError,  # noqa: F401
 )
-from lowbit.nn import anneal, param_group, quantize_weights
+from lowbit.nn import anneal, param_group, quant_layers, quantize_weights
 from lowbit.quant.search import SEARCH_LOGITS
 from lowbit.train.checkpoint import load_weights
 from lowbit.train.distill import Distiller, DistillWeights
@@ -56,6 +56,7 @@ from lowbit.train.networks import (
     read_gan_checkpoint,
 )
 from lowbit.train.optim import LrScale, Optimizers, fused_if_supported
+from lowbit.train.recalibrate import recalibrate_batchnorm
 
 SAMPLE_GRID = 64
 #: learning-rate schedules: constant, or linear decay to 0 at the last step
@@ -104,19 +105,34 @@ class GanConfig(StepLoopConfig):
     init_from: str | None = None
     distill: float = 0.0
     distill_features: float = 0.0
+    distill_warmup: int = 0
     weights_from_step: int = 0
+    staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0
     lr_decay: str = "constant"
     search_sgd: SearchSGD | None = None
+    recalibrate_bn: int = 0
+    fresh_discriminator: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
         check_distill_weights(self.distill, self.distill_features, self.init_from)
+        if self.distill_warmup < 0 or (self.distill_warmup and not (self.distill or self.distill_features)):
+            raise ConfigError(f"'distill_warmup' ({self.distill_warmup}) is a number of steps >= 0 that "
+                              "train G on the distillation loss alone; it needs distill or "
+                              "distill_features > 0")
         if self.weights_from_step < 0:
             raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
                               f"got {self.weights_from_step}")
+        if self.staged_layers and not self.weights_from_step:
+            raise ConfigError(f"'staged_layers' {self.staged_layers} name the layers whose weights stay "
+                              "float up to 'weights_from_step'; set weights_from_step > 0 or drop "
+                              "staged_layers")
+        if self.recalibrate_bn < 0:
+            raise ConfigError(f"'recalibrate_bn' is a number of latent batches (0 = off, e.g. 100), "
+                              f"got {self.recalibrate_bn}")
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(
                 f"unknown lr_decay '{self.lr_decay}'{closest(self.lr_decay, LR_DECAYS)}; "
@@ -296,14 +312,15 @@ class GanTrainer:
                     p.clamp_(-self.clip, self.clip)
         return float(loss.detach())
 
-    def g_step(self, n: int, gen: torch.Generator) -> float:
+    def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True) -> float:
         """One generator update on ``n`` latent codes against the current discriminator, plus
         ``distill`` x mean |G(z) - teacher(z)| and ``distill_features`` x the feature loss
-        (``lowbit.train.distill``) when a full-precision teacher is given (distillation)."""
+        (``lowbit.train.distill``) when a full-precision teacher is given (distillation);
+        ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's term."""
         z = latent(n, self.latent_dim, gen, self.device)
         fake, target = self.distiller.forward(self.G, z) if self.distiller else (self.G(z), None)
         with frozen(unwrap(self.D)) as critic:
-            loss = self.loss.g_loss(critic(fake))
+            loss = self.loss.g_loss(critic(fake)) if adversarial else fake.new_zeros(())
             if self.distiller:
                 loss = loss + self.distiller.loss(fake, target)
             loss.backward()
@@ -314,10 +331,16 @@ class GanTrainer:
         self._update_ema()
         return float(loss.detach())
 
-    def set_weight_quantization(self, enabled: bool) -> None:
-        """Quantized (True) or float (False) weights in every network (the staged schedule)."""
+    def set_weight_quantization(self, enabled: bool, layers: list[str] | None = None) -> None:
+        """Quantized (True) or float (False) weights in every network (the staged schedule), in the
+        quantized layers whose names match one of the fnmatch patterns ``layers`` (None: all of them)."""
         for model in self.models():
-            quantize_weights(unwrap(model), enabled)
+            quantize_weights(unwrap(model), enabled, layers)
+
+    def recalibrate_batchnorm(self, batches: int, n: int, gen: torch.Generator) -> None:
+        """Re-estimate the BatchNorm running statistics of the sampled generator on ``batches`` batches
+        of ``n`` fresh latent codes (``lowbit.train.recalibrate``), so eval mode matches the final weights."""
+        recalibrate_batchnorm(self.sampler, lambda _: latent(n, self.latent_dim, gen, self.device), batches)
 
     def _update_ema(self) -> None:
         """``theta_ema <- decay·theta_ema + (1-decay)·theta`` for G's parameters; buffers (BatchNorm
@@ -371,6 +394,15 @@ def save_samples(generator: nn.Module, noise: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def check_staged_layers(patterns: list[str], models: list[nn.Module]) -> None:
+    """Refuse ``staged_layers`` patterns that match no quantized layer (a typo would stage nothing)."""
+    for pattern in patterns:
+        if not any(quant_layers(unwrap(model), [pattern]) for model in models):
+            names = sorted({name for model in models for name in quant_layers(unwrap(model))})
+            raise ConfigError(f"staged_layers: '{pattern}' matches no quantized layer; the quantized "
+                              f"layers are {', '.join(names) or '(none)'}")
+
+
 class GanTask:
     """The noise GAN's part of the shared loop: n_critic D updates and one G update per step."""
 
@@ -379,19 +411,25 @@ class GanTask:
 
     def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.rank = cfg, ctx.rank
-        self.trainer = GanTrainer(cfg, *build_networks(cfg), device, teacher_of(cfg))
+        networks = build_networks(cfg, ("discriminator",) if cfg.fresh_discriminator else ())
+        self.trainer = GanTrainer(cfg, *networks, device, teacher_of(cfg))
+        check_staged_layers(cfg.staged_layers, self.trainer.models())
         images = load_images(cfg, unwrap(self.trainer.G).image_shape)
         self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
         noise_rng = seeded_generator(cfg.seed, 0, 99)
         self.fixed_noise = latent(SAMPLE_GRID, self.trainer.latent_dim, noise_rng, device)
 
     def step(self, step: int) -> dict[str, float]:
-        """n_critic discriminator updates, then one generator update; returns the last D and the G loss."""
+        """n_critic discriminator updates, then one generator update; returns the last D and the G loss
+        (during the distillation warm-up G's distillation update alone, and its loss only)."""
         cfg, trainer = self.cfg, self.trainer
         if cfg.lr_decay == "linear":
             trainer.lr_scale.set(1.0 - (step - 1) / cfg.steps)
         if cfg.weights_from_step:
-            trainer.set_weight_quantization(step > cfg.weights_from_step)
+            trainer.set_weight_quantization(step > cfg.weights_from_step, cfg.staged_layers or None)
+        if step <= cfg.distill_warmup:
+            noise_rng = seeded_generator(cfg.seed, step, 0, self.rank)
+            return {"g_loss": trainer.g_step(self.stream.per_rank, noise_rng, adversarial=False)}
         d_loss = 0.0
         for k in range(trainer.n_critic):
             draw = (step - 1) * trainer.n_critic + k
@@ -401,6 +439,9 @@ class GanTask:
             if not math.isfinite(d_loss):
                 return {"d_loss": d_loss}  # the loop stops the run; a G step would only spread the NaN
         g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank))
+        if step == cfg.steps and cfg.recalibrate_bn:  # the same latents on every rank: equal statistics
+            trainer.recalibrate_batchnorm(cfg.recalibrate_bn, cfg.batch_size,
+                                          seeded_generator(cfg.seed, step, 0, 0, 1))
         return {"d_loss": d_loss, "g_loss": g_loss}
 
     def models(self) -> list[nn.Module]:

@@ -153,8 +153,9 @@ def load_discriminator(checkpoint_path: str | Path) -> nn.Module:
     return rebuild(cfg.discriminator, state["discriminator"], "discriminator", checkpoint_path).eval()
 
 
-def build_networks(cfg: Any) -> tuple[nn.Module, nn.Module]:
-    """G and D for a fresh run: random init, or the FP weights of ``init_from``, then quantized by spec."""
+def build_networks(cfg: Any, fresh: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
+    """G and D for a fresh run: random init, or the FP weights of ``init_from``, then quantized by spec;
+    the roles named in ``fresh`` ("generator", "discriminator") keep their random init either way."""
     nets = {"generator": create_network(cfg.generator), "discriminator": create_network(cfg.discriminator)}
     if cfg.init_from is not None:
         state = read_gan_checkpoint(cfg.init_from)
@@ -167,7 +168,8 @@ def build_networks(cfg: Any) -> tuple[nn.Module, nn.Module]:
                     f"init_from {cfg.init_from}: its {role} is already quantized or pruned; start QAT "
                     "from a full-precision checkpoint (or continue that run with --resume)"
                 )
-            load_weights(model, state[role], f"{cfg.init_from} ({role})")
+            if role not in fresh:
+                load_weights(model, state[role], f"{cfg.init_from} ({role})")
     return (
         quantize_network(nets["generator"], cfg.generator),
         quantize_network(nets["discriminator"], cfg.discriminator),
