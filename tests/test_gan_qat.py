@@ -424,6 +424,10 @@ def test_distill_warmup_trains_g_on_the_teacher_alone_and_leaves_d_untouched(fp_
     assert warm.history[0]["g_loss"] == pytest.approx(expected, rel=1e-5)
     full = train_gan(cfg, tmp_path / "full", progress=False)
     assert "d_loss" in full.history[2] and full.history[:2] == warm.history
+    # one row over the warm-up and the first adversarial step: each loss averaged over the steps that had it
+    (row,) = train_gan(dataclasses.replace(cfg, log_every=3), tmp_path / "row", progress=False).history
+    assert row["d_loss"] == pytest.approx(full.history[2]["d_loss"], rel=1e-6)
+    assert row["g_loss"] == pytest.approx(sum(r["g_loss"] for r in full.history) / 3, rel=1e-6)
     with pytest.raises(Exception, match="'distill_warmup' .* needs distill or distill_features > 0"):
         qat_config(fp_checkpoint, ALL_BINARY, distill_warmup=5)
 
@@ -439,3 +443,13 @@ def test_fresh_discriminator_starts_d_from_random_weights_and_g_from_the_checkpo
         assert all(torch.equal(v, g[k]) for k, v in fp_g.state_dict().items())
         same_d = [torch.equal(v, d[k]) for k, v in fp_d.state_dict().items() if k.endswith("weight")]
         assert all(same_d) if not fresh else not any(same_d)
+
+
+def test_a_checkpoint_accumulator_with_one_count_for_every_loss_still_resumes():
+    """Checkpoints written before the per-loss counts hold {"sums", "count"}; they resume with that count."""
+    from lowbit.train.loop import Accumulator
+
+    acc = Accumulator.from_state({"sums": {"d_loss": 3.0, "g_loss": 6.0}, "count": 3})
+    acc.add({"g_loss": 2.0})
+    assert acc.row(4) == {"step": 4, "d_loss": 1.0, "g_loss": 2.0}
+    assert Accumulator.from_state(acc.state()) == Accumulator()

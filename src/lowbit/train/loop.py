@@ -253,21 +253,32 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Accumulator:
-    """Running sums of each loss since the last history row."""
+    """Running sums of each loss since the last history row, each with its own step count (a step may
+    report only some losses, e.g. the distillation warm-up has no D loss)."""
 
     sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Accumulator:
+        """From a checkpoint's ``accumulator``; one with a single ``count`` for every loss still loads."""
+        if "count" in state:
+            return cls(dict(state["sums"]), {key: int(state["count"]) for key in state["sums"]})
+        return cls(dict(state["sums"]), {key: int(n) for key, n in state["counts"].items()})
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": self.sums, "counts": self.counts}
 
     def add(self, losses: dict[str, float]) -> None:
         """Add one step's losses."""
         for key, value in losses.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def row(self, step: int, unit: str = "step") -> dict[str, float]:
-        """The mean losses since the last row, as a history row; resets the sums."""
-        row = {unit: step, **{k: v / self.count for k, v in self.sums.items()}}
-        self.sums, self.count = {}, 0
+        """The mean of each loss over the steps that reported it since the last row; resets the sums."""
+        row = {unit: step, **{k: v / self.counts[k] for k, v in self.sums.items()}}
+        self.sums, self.counts = {}, {}
         return row
 
 
@@ -339,7 +350,7 @@ class TrainLoop:
             self.task.load_state(state, str(self.ckpt_path))
             set_rng_state(state["rng"])
             self.start_step, self.history = int(state["step"]), list(state["history"])
-            self.acc = Accumulator(**state["accumulator"])
+            self.acc = Accumulator.from_state(state["accumulator"])
         self.guard.saved(self.ckpt_path)
 
     def start(self, progress: bool) -> None:
@@ -396,7 +407,7 @@ class TrainLoop:
                                  "history": self.history}
         if full:
             state.update(self.task.state(), rng=rng_state(),
-                         accumulator={"sums": self.acc.sums, "count": self.acc.count})
+                         accumulator=self.acc.state())
         else:
             state.update(self.task.model_state())
         return save_checkpoint(path, state)
