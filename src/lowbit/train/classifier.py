@@ -33,7 +33,6 @@ from lowbit.limits import check_count
 from lowbit.models import create_model
 from lowbit.models.extractor import save_extractor
 from lowbit.nn import FrozenLayer, QuantSpec, anneal, convert, freeze
-from lowbit.quant import Quantizer
 from lowbit.quant.registry import get_method
 from lowbit.train.checkpoint import checkpoint_content, load_checkpoint
 from lowbit.train.distill import logit_distillation_loss
@@ -41,6 +40,7 @@ from lowbit.train.distributed import DistContext, all_reduce_sum
 from lowbit.train.guard import DivergenceGuard, GuardSpec
 from lowbit.train.loop import LoopSettings, run_training, wrap_ddp
 from lowbit.train.optim import fused_if_supported
+from lowbit.train.recalibrate import recalibrate_batchnorm as recalibrate_norms
 
 CHECKPOINT_KIND = "lowbit-classifier"
 CROP_PAD = 4
@@ -226,29 +226,17 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     return convert(model, classifier_spec(model, cfg.quant, cfg.keep_first_last))
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
-    """Re-estimate every BatchNorm's running mean/variance as the plain average over ``images``.
+    """Re-estimate every BatchNorm's running mean/variance as the plain average over ``images``
+    (``lowbit.train.recalibrate``, in batches of ``batch_size``).
 
     Training uses batch statistics, but evaluation uses running averages that lag behind fast
     weight changes: quantizing a pretrained net changes each layer's output scale (weights of ±1
     instead of ~0.05) and sign flips keep changing it, so after a short fine-tuning the momentum
-    averages still mix in stale statistics. Quantizers stay in eval mode, so only BN changes.
+    averages still mix in stale statistics.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-    was_training = model.training
-    model.train()
-    for quantizer in (m for m in model.modules() if isinstance(m, Quantizer)):
-        quantizer.eval()  # the weights evaluation uses: no sampling noise, no quantizer refits
-    for start in range(0, len(images), batch_size):
-        model(images[start:start + batch_size])
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-    model.train(was_training)
+    batches = -(-len(images) // batch_size)
+    recalibrate_norms(model, lambda i: images[i * batch_size:(i + 1) * batch_size], batches)
 
 
 def rebuild_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
