@@ -46,9 +46,6 @@ from lowbit.train.rundir import locks_run_dir
 GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
 GRID_PAIRS = 16
-#: QAT settings that only the noise-GAN trainer has
-GAN_ONLY_QAT = ("distill_warmup", "weights_from_step", "staged_layers", "ema", "search_sgd", "recalibrate_bn",
-                "fresh_discriminator")
 
 
 @dataclass
@@ -81,6 +78,13 @@ class QatSettings:
         if self.steps < 1:
             raise ValueError(f"qat.steps must be >= 1, got {self.steps}")
         check_count("qat.eval_samples", self.eval_samples, "samples", minimum=10)
+
+
+#: QAT settings handed to the trainer under the same name (the noise-GAN trainer's config has them all; the
+#: image-to-image trainer's a subset, and a set GAN-only one is refused for it)
+QAT_BY_NAME = tuple(
+    f.name for f in dataclasses.fields(QatSettings) if f.name in GanConfig.__dataclass_fields__
+)
 
 
 @dataclass
@@ -147,34 +151,19 @@ def qat_config(cfg: RunConfig, pretrained: GanConfig | I2IConfig, checkpoint: Pa
     generator = dataclasses.replace(pretrained.generator, quant=cfg.generator_quant, lr=qat.lr_g)
     discriminator = dataclasses.replace(pretrained.discriminator, quant=cfg.discriminator_quant, lr=qat.lr_d)
     limit = qat.data_limit if qat.data_limit is not None else pretrained.data.limit
-    updates = dict(
+    updates = {name: getattr(qat, name) for name in QAT_BY_NAME}
+    updates.update(
         name=f"{cfg.name}-qat",
         data=dataclasses.replace(pretrained.data, limit=limit),
         generator=generator,
         discriminator=discriminator,
         init_from=str(checkpoint),
-        distill=qat.distill,
-        distill_features=qat.distill_features,
-        distill_warmup=qat.distill_warmup,
-        weights_from_step=qat.weights_from_step,
-        staged_layers=qat.staged_layers,
-        ema=qat.ema,
-        lr_decay=qat.lr_decay,
-        search_sgd=qat.search_sgd,
-        recalibrate_bn=qat.recalibrate_bn,
-        fresh_discriminator=qat.fresh_discriminator,
-        steps=qat.steps,
         batch_size=qat.batch_size or pretrained.batch_size,
-        seed=qat.seed,
         device=cfg.device,
-        threads=qat.threads,
-        log_every=qat.log_every,
-        eval_every=qat.eval_every,
         sample_every=qat.steps,
-        checkpoint_every=qat.checkpoint_every,
     )
     own = {f.name for f in dataclasses.fields(pretrained)}
-    unsupported = [k for k in GAN_ONLY_QAT if k not in own and updates[k]]
+    unsupported = [k for k in QAT_BY_NAME if k not in own and updates[k]]
     if unsupported:
         raise ConfigError(f"qat.{unsupported[0]} applies to noise GANs only; remove it for the "
                           f"image-to-image GAN {checkpoint}")
