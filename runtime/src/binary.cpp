@@ -1,5 +1,6 @@
 // Planning a binary layer (docs/export.md "Kernels"): bit planes of the codes in word-major rows per phase,
-// coefficients and offsets times the input's bit weight, and the input-independent term `base`.
+// coefficients and offsets times the input's bit weight, and the input-independent term `base` (which layers, and
+// with what coding, is claim.cpp's).
 #include "binary.h"
 
 #include <algorithm>

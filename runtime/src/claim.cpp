@@ -1,10 +1,11 @@
 // The claim rules of planning: which weight layers the kernels take and how their input and weights are coded
 // (binary.h). Each runs once per layer at load, so this file is built for size (-Os); the weight loops of
 // planning stay at -O3 in binary.cpp and weight.cpp.
+#include "binary.h"
+
 #include <algorithm>
 #include <cmath>
 
-#include "binary.h"
 #include "ops.h"
 
 namespace lowbit {
