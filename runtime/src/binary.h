@@ -99,6 +99,18 @@ void layer_call(Call& call, const std::vector<std::vector<Word>>& w_ts, int64_t 
 // (otherwise both layouts agree: a linear layer's N x Co, or 1 x 1 images).
 void write_channels_last(const Node& layer, Tensor& out);
 
+// The claim rules of planning (claim.cpp, built for size; comments there): the sorted levels of a quant_act the
+// binary kernels code, whether a layer runs as bit planes rather than on the integer path, the float32 midpoints
+// of sorted levels, a BatchNorm folded into the thresholds, the BatchNorm the activation reads (-1: none), and
+// the weight planes of the codes (Co, levels) with their coefficients and offsets.
+bool coded_levels(const Node& act, std::vector<float>& levels);
+bool prefers_planes(const Node& node, size_t act_levels);
+std::vector<float> midpoints_of(const std::vector<float>& levels);
+void fold_norm(BinaryLayer& b, const std::vector<float>& mid, bool ties_up);
+int fusable_norm(const Graph& graph, const BinaryLayer& b);
+std::vector<uint64_t> planes_of(const Node& node, const Geometry& g, int64_t& count, std::vector<double>& coef,
+                                std::vector<double>& offset);
+
 // The binary layer for node `index`, or nullptr when the kernels do not take it or the claim policy
 // (x86/__init__.py prefers_planes) gives it to the integer path.
 std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index);

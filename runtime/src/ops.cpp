@@ -848,7 +848,8 @@ void to_channels_first(const Tensor& x, Tensor& out) {
   channels_first(x.data.data(), x.shape[0], x.shape[2] * x.shape[3], x.shape[1], out.data.data());
 }
 
-Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
+// Cold (optimised for size): it runs once per node at load, and its checks' messages were 10 KB of -O3 code.
+[[gnu::cold]] Shape infer_shape(const Node& node, const std::vector<const Shape*>& in) {
   const std::string& op = node.op;
   if (op == "constant") return node.tensors.at("value").shape;
   const Shape& x = *in[0];

@@ -10,6 +10,13 @@
 namespace lowbit {
 namespace {
 
+// int8_combine of `count` pixels (output columns ow0 + p * ow_step, patch sums q[p], products at d + p * co_pad),
+// one vectorised copy in this file: inlined, every row kernel instantiation carried copies of its own (size).
+LOWBIT_VNNI512 __attribute__((noinline)) void combine(const Int8Args& a, int64_t i, int64_t oh, int64_t ow0, int64_t ow_step,
+                                                      const int32_t* q, const int32_t* d, int count) {
+  for (int p = 0; p < count; ++p) int8_combine(a, i, oh, ow0 + p * ow_step, q[p], d + p * a.co_pad);
+}
+
 LOWBIT_VNNI512 void codes_avx512(const float* src, const float* shift, int64_t shift_step, int64_t n,
                                  const Int8Levels& l, uint8_t* codes) {
   const __m512 lo = _mm512_set1_ps(l.lo), inv = _mm512_set1_ps(l.inv_step), half = _mm512_set1_ps(0.5f);
@@ -78,9 +85,9 @@ LOWBIT_VNNI512 inline void pixels(const Int8Args& a, const Int8Phase& f, int64_t
   for (int p = 0; p < PB; ++p) pixel[p] = int8_origin(a, i, qh, qw + p), px[p] = x + pixel[p] * a.wc;
   for (int64_t c0 = 0; c0 < a.co_pad; c0 += 16 * CV) dots<PB, CV>(a, f, px, c0, d);
   const int64_t oh = qh * a.out_step_h + f.ph;
-  for (int p = 0; p < PB; ++p) {
-    int8_combine(a, i, oh, (qw + p) * a.out_step_w + f.pw, int8_patch_sum(a, f, pixel[p]), d + p * a.co_pad);
-  }
+  int32_t q[PB];
+  for (int p = 0; p < PB; ++p) q[p] = int8_patch_sum(a, f, pixel[p]);
+  combine(a, i, oh, qw * a.out_step_w + f.pw, a.out_step_w, q, d, PB);
 }
 
 // Many channels: 4 pixels x CV channel vectors in registers, a broadcast code word meets CV weight vectors.
@@ -133,7 +140,8 @@ LOWBIT_VNNI512 void row_few(const Int8Args& a, const Int8Phase& f, int64_t i, in
     for (int64_t l = 0; l < count; ++l) {
       for (int c = 0; c < CO; ++c) d[c] = lanes[c][l];
       const int64_t qw = q0 + l;
-      int8_combine(a, i, oh, qw * a.out_step_w + f.pw, int8_patch_sum(a, f, int8_origin(a, i, qh, qw)), d);
+      const int32_t q = int8_patch_sum(a, f, int8_origin(a, i, qh, qw));
+      combine(a, i, oh, qw * a.out_step_w + f.pw, 0, &q, d, 1);
     }
   }
 }
