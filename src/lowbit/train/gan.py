@@ -52,6 +52,7 @@ from lowbit.train.networks import (
     CHECKPOINT_KIND,
     NetSpec,
     build_networks,
+    load_discriminator,
     load_generator,
     read_gan_checkpoint,
 )
@@ -105,6 +106,7 @@ class GanConfig(StepLoopConfig):
     init_from: str | None = None
     distill: float = 0.0
     distill_features: float = 0.0
+    distill_perceptual: float = 0.0
     distill_warmup: int = 0
     weights_from_step: int = 0
     staged_layers: list[str] = field(default_factory=list)
@@ -118,11 +120,11 @@ class GanConfig(StepLoopConfig):
         super().__post_init__()
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
-        check_distill_weights(self.distill, self.distill_features, self.init_from)
-        if self.distill_warmup < 0 or (self.distill_warmup and not (self.distill or self.distill_features)):
+        check_distill_weights(self.distill, self.distill_features, self.init_from, self.distill_perceptual)
+        if self.distill_warmup < 0 or (self.distill_warmup and not distills(self)):
             raise ConfigError(f"'distill_warmup' ({self.distill_warmup}) is a number of steps >= 0 that "
-                              "train G on the distillation loss alone; it needs distill or "
-                              "distill_features > 0")
+                              "train G on the distillation loss alone; it needs distill, distill_features "
+                              "or distill_perceptual > 0")
         if self.weights_from_step < 0:
             raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
                               f"got {self.weights_from_step}")
@@ -209,19 +211,32 @@ def latent(n: int, dim: int, gen: torch.Generator, device: torch.device) -> torc
 # ----------------------------------------------------------------------------- the update rules
 
 
+def distills(cfg: DistillWeights) -> bool:
+    """Whether any distillation weight is set (``distill_perceptual`` exists in the noise GAN's config only)."""
+    return bool(cfg.distill or cfg.distill_features or getattr(cfg, "distill_perceptual", 0.0))
+
+
 def distiller(cfg: DistillWeights, teacher: nn.Module | None, generator: nn.Module, example: torch.Tensor,
-              loss: GanLoss, lr: float, betas: tuple[float, float]) -> Distiller | None:
-    """The FP teacher's distillation of ``generator`` (``cfg.distill`` / ``cfg.distill_features``, adapters
-    trained with G's optimiser settings), or None when neither weight is set or there is no teacher."""
-    if teacher is None or not (cfg.distill or cfg.distill_features):
+              loss: GanLoss, lr: float, betas: tuple[float, float],
+              critic: nn.Module | None = None) -> Distiller | None:
+    """The FP teacher's distillation of ``generator`` (``cfg.distill`` / ``cfg.distill_features`` /
+    ``cfg.distill_perceptual`` through the frozen ``critic``, adapters trained with G's optimiser settings),
+    or None when no weight is set or there is no teacher."""
+    if teacher is None or not distills(cfg):
         return None
     return Distiller(teacher, unwrap(generator), example, cfg.distill, cfg.distill_features,
-                     lambda params: make_optimizer(loss, params, lr, betas))
+                     lambda params: make_optimizer(loss, params, lr, betas),
+                     getattr(cfg, "distill_perceptual", 0.0), critic)
 
 
 def teacher_of(cfg: DistillWeights) -> nn.Module | None:
     """The FP generator ``cfg.init_from`` when the config distils from it, else None."""
-    return load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
+    return load_generator(cfg.init_from) if distills(cfg) else None
+
+
+def critic_of(cfg: GanConfig) -> nn.Module | None:
+    """A private copy of the FP discriminator of ``cfg.init_from`` for ``distill_perceptual``, else None."""
+    return load_discriminator(cfg.init_from) if cfg.distill_perceptual else None
 
 
 def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],
@@ -263,6 +278,7 @@ class GanTrainer:
         discriminator: nn.Module,
         device: torch.device,
         teacher: nn.Module | None = None,
+        critic: nn.Module | None = None,
     ) -> None:
         self.loss: GanLoss = get_loss(cfg.loss)
         self.device = device
@@ -271,7 +287,7 @@ class GanTrainer:
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
         example = torch.randn(2, self.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-        self.distiller = distiller(cfg, teacher, self.G, example, self.loss, g_lr, betas)
+        self.distiller = distiller(cfg, teacher, self.G, example, self.loss, g_lr, betas, critic)
         self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas, cfg.search_sgd)
         self.opt_d = network_optimizer(self.loss, self.D, d_lr, betas, cfg.search_sgd)
         self.clip = cfg.clip if cfg.clip is not None else self.loss.clip
@@ -314,7 +330,8 @@ class GanTrainer:
 
     def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True) -> float:
         """One generator update on ``n`` latent codes against the current discriminator, plus
-        ``distill`` x mean |G(z) - teacher(z)| and ``distill_features`` x the feature loss
+        ``distill`` x mean |G(z) - teacher(z)|, ``distill_features`` x the feature loss and
+        ``distill_perceptual`` x the perceptual loss through the frozen FP discriminator
         (``lowbit.train.distill``) when a full-precision teacher is given (distillation);
         ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's term."""
         z = latent(n, self.latent_dim, gen, self.device)
@@ -412,7 +429,7 @@ class GanTask:
     def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.rank = cfg, ctx.rank
         networks = build_networks(cfg, ("discriminator",) if cfg.fresh_discriminator else ())
-        self.trainer = GanTrainer(cfg, *networks, device, teacher_of(cfg))
+        self.trainer = GanTrainer(cfg, *networks, device, teacher_of(cfg), critic_of(cfg))
         check_staged_layers(cfg.staged_layers, self.trainer.models())
         images = load_images(cfg, unwrap(self.trainer.G).image_shape)
         self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
