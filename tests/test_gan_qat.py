@@ -428,7 +428,7 @@ def test_distill_warmup_trains_g_on_the_teacher_alone_and_leaves_d_untouched(fp_
     (row,) = train_gan(dataclasses.replace(cfg, log_every=3), tmp_path / "row", progress=False).history
     assert row["d_loss"] == pytest.approx(full.history[2]["d_loss"], rel=1e-6)
     assert row["g_loss"] == pytest.approx(sum(r["g_loss"] for r in full.history) / 3, rel=1e-6)
-    with pytest.raises(Exception, match="'distill_warmup' .* needs distill, distill_features or distill_perceptual"):
+    with pytest.raises(Exception, match="'distill_warmup' .* needs distill, distill_features or"):
         qat_config(fp_checkpoint, ALL_BINARY, distill_warmup=5)
 
 
@@ -468,8 +468,8 @@ def test_distill_perceptual_trains_g_through_a_frozen_copy_of_the_pretrained_d(f
     from lowbit.train.gan import GanTask, latent
     from lowbit.train.loop import seeded_generator
 
-    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, distill_perceptual=3.0, distill_warmup=2, log_every=1,
-                     sample_every=4, checkpoint_every=2)
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, distill_perceptual=3.0, distill_warmup=2,
+                     log_every=1, sample_every=4, checkpoint_every=2)
     fp_d, fp_g = load_discriminator(fp_checkpoint), load_generator(fp_checkpoint)
     student = build_networks(cfg)[0].train()
     z = latent(BASE["batch_size"], 16, seeded_generator(0, 1, 0, 0), torch.device("cpu"))
@@ -498,6 +498,40 @@ def test_distill_perceptual_is_checked():
         from_dict(GanConfig, {**BASE, "distill_perceptual": 1.0})
     with pytest.raises(ConfigError, match="'distill_perceptual' must be >= 0"):
         from_dict(GanConfig, {**BASE, "init_from": "x.safetensors", "distill_perceptual": -1.0})
+
+
+def test_feature_matching_adds_the_distance_of_d_mean_activations_on_real_and_fake(fp_checkpoint, tmp_path):
+    from lowbit.errors import ConfigError
+    from lowbit.train.distributed import current
+    from lowbit.train.gan import GanTask, latent
+    from lowbit.train.gan_losses import dcgan_g_loss
+    from lowbit.train.loop import seeded_generator
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=1, feature_matching=5.0)
+    trainer = GanTask(cfg, torch.device("cpu"), current()).trainer
+    real = torch.rand(BASE["batch_size"], 1, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    G, D = build_networks(cfg)
+    G.train(), D.train()
+    z = latent(BASE["batch_size"], 16, seeded_generator(0, 1, 0, 0), torch.device("cpu"))
+    with torch.no_grad():  # written out: the layers' outputs, batch means, squared differences
+        a, b, terms = G(z), real, []
+        fake_score = D(a)
+        for layer in D:
+            a, b = layer(a), layer(b)
+            if isinstance(layer, nn.LeakyReLU):
+                terms.append((a.mean(0) - b.mean(0)).square().mean())
+        expected = dcgan_g_loss(fake_score) + 5.0 * sum(terms) / len(terms)
+    got = trainer.g_step(BASE["batch_size"], seeded_generator(0, 1, 0, 0), real=real)
+    assert got == pytest.approx(expected.item(), rel=1e-5) and sum(terms) > 0
+    with pytest.raises(ValueError, match="feature_matching needs the real batch"):
+        trainer.g_step(BASE["batch_size"], seeded_generator(0, 1, 0, 0))
+    with pytest.raises(ConfigError, match="'feature_matching' is the weight"):
+        qat_config(fp_checkpoint, ALL_BINARY, feature_matching=-1.0)
+    runs = {weight: train_gan(dataclasses.replace(cfg, steps=2, feature_matching=weight, log_every=1,
+                                                  sample_every=2, checkpoint_every=2),
+                              tmp_path / str(weight), progress=False).history for weight in (0.0, 5.0)}
+    assert runs[5.0][0]["d_loss"] == runs[0.0][0]["d_loss"]  # the loop hands G's step the real batch:
+    assert runs[5.0][0]["g_loss"] > runs[0.0][0]["g_loss"]  # same D step, G's loss has the matching term
 
 
 def test_fresh_discriminator_starts_d_from_random_weights_and_g_from_the_checkpoint(fp_checkpoint):

@@ -6,7 +6,8 @@ the comparison, as GAN Compression's adapters do; equal counts are compared dire
 
 Perceptual distillation (``PerceptualLoss``) compares the two networks' *images* in the feature space of a
 frozen copy of the pretrained full-precision discriminator, the stand-in for VGG features in GAN compression
-("Content-aware GAN compression", Liu et al. CVPR 2021; GAN Slimming's perceptual term, Wang et al. ECCV 2020).
+("Content-aware GAN compression", Liu et al. CVPR 2021; GAN Slimming's perceptual term, Wang et al.
+ECCV 2020).
 
 The taps are the inputs of the teacher's hidden activation modules (the pre-activations after
 each BatchNorm) and of the student modules of the same name (its ``QuantAct``, or the
@@ -121,29 +122,34 @@ def check_weights(distill: float, distill_features: float, init_from: str | None
             raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher), got {value}")
 
 
+def hidden_activations(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``model(x)`` and the outputs of its hidden activation modules (LeakyReLU, ReLU, ...) in call order."""
+    found: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _args, out: found.append(out))
+               for m in model.modules() if isinstance(m, HIDDEN_ACTIVATIONS)]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, found
+
+
 class PerceptualLoss:
     """The mean over a frozen critic's hidden activations (every conv block's output) of
     ``mean |f(student image) - f(teacher image)| / mean |f(teacher image)|``: an L1 distance normalised per
     layer, so each block counts alike whatever its scale. The critic is a private copy, in eval mode (its
-    BatchNorm running statistics), with no trainable parameter: no gradient reaches it and no optimiser has it."""
+    BatchNorm running statistics) and frozen: it gets no gradient and no optimiser step."""
 
     def __init__(self, critic: nn.Module) -> None:
         self.critic = critic.eval().requires_grad_(False)
-        self.taps = [m for m in self.critic.modules() if isinstance(m, HIDDEN_ACTIVATIONS)]
-        if not self.taps:
+        if not any(isinstance(m, HIDDEN_ACTIVATIONS) for m in self.critic.modules()):
             raise ConfigError("distill_perceptual: the discriminator has no hidden activation modules "
                               "(LeakyReLU, ...) whose outputs could be compared; set distill_perceptual: 0")
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The tapped activations of the critic on ``images``, in network order."""
-        found: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(lambda _m, _args, out: found.append(out)) for m in self.taps]
-        try:
-            self.critic(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return found
+        """The hidden activations of the critic on ``images``, in network order."""
+        return hidden_activations(self.critic, images)[1]
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """The per-layer normalised L1 distance of the two image batches' features (0 when they are equal)."""

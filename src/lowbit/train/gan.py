@@ -34,10 +34,16 @@ from lowbit.errors import (  # TrainingDivergedError: raised by the guard, impor
 from lowbit.nn import anneal, param_group, quant_layers, quantize_weights
 from lowbit.quant.search import SEARCH_LOGITS
 from lowbit.train.checkpoint import load_weights
-from lowbit.train.distill import Distiller, DistillWeights
+from lowbit.train.distill import Distiller, DistillWeights, hidden_activations
 from lowbit.train.distill import check_weights as check_distill_weights
 from lowbit.train.distributed import DistContext
-from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
+from lowbit.train.gan_losses import (
+    GanLoss,
+    feature_matching_loss,
+    get_loss,
+    gradient_penalty,
+    make_optimizer,
+)
 from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
     Evaluator,
     LoopSettings,
@@ -108,6 +114,7 @@ class GanConfig(StepLoopConfig):
     distill_features: float = 0.0
     distill_perceptual: float = 0.0
     distill_warmup: int = 0
+    feature_matching: float = 0.0
     weights_from_step: int = 0
     staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0
@@ -125,6 +132,9 @@ class GanConfig(StepLoopConfig):
             raise ConfigError(f"'distill_warmup' ({self.distill_warmup}) is a number of steps >= 0 that "
                               "train G on the distillation loss alone; it needs distill, distill_features "
                               "or distill_perceptual > 0")
+        if self.feature_matching < 0:
+            raise ConfigError(f"'feature_matching' is the weight of G's feature-matching term (>= 0, "
+                              f"0 = off, e.g. 10), got {self.feature_matching}")
         if self.weights_from_step < 0:
             raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
                               f"got {self.weights_from_step}")
@@ -212,7 +222,7 @@ def latent(n: int, dim: int, gen: torch.Generator, device: torch.device) -> torc
 
 
 def distills(cfg: DistillWeights) -> bool:
-    """Whether any distillation weight is set (``distill_perceptual`` exists in the noise GAN's config only)."""
+    """Whether any distillation weight is set (only the noise GAN's config has ``distill_perceptual``)."""
     return bool(cfg.distill or cfg.distill_features or getattr(cfg, "distill_perceptual", 0.0))
 
 
@@ -293,6 +303,7 @@ class GanTrainer:
         self.clip = cfg.clip if cfg.clip is not None else self.loss.clip
         self.gp_weight = cfg.gp_weight if cfg.gp_weight is not None else self.loss.gp_weight
         self.n_critic = cfg.n_critic or self.loss.n_critic
+        self.feature_matching = cfg.feature_matching
         self.ema_decay = cfg.ema
         self.G_ema = copy.deepcopy(unwrap(self.G)).eval().requires_grad_(False) if cfg.ema else None
         self.epoch = -1
@@ -328,16 +339,19 @@ class GanTrainer:
                     p.clamp_(-self.clip, self.clip)
         return float(loss.detach())
 
-    def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True) -> float:
+    def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True,
+               real: torch.Tensor | None = None) -> float:
         """One generator update on ``n`` latent codes against the current discriminator, plus
         ``distill`` x mean |G(z) - teacher(z)|, ``distill_features`` x the feature loss and
         ``distill_perceptual`` x the perceptual loss through the frozen FP discriminator
         (``lowbit.train.distill``) when a full-precision teacher is given (distillation);
-        ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's term."""
+        ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's terms; with
+        ``feature_matching``, the adversarial term adds that weight x the distance of D's mean hidden
+        activations on the ``real`` batch and on the generated one (Salimans et al. 2016)."""
         z = latent(n, self.latent_dim, gen, self.device)
         fake, target = self.distiller.forward(self.G, z) if self.distiller else (self.G(z), None)
         with frozen(unwrap(self.D)) as critic:
-            loss = self.loss.g_loss(critic(fake)) if adversarial else fake.new_zeros(())
+            loss = self._adversarial_loss(critic, fake, real) if adversarial else fake.new_zeros(())
             if self.distiller:
                 loss = loss + self.distiller.loss(fake, target)
             loss.backward()
@@ -347,6 +361,19 @@ class GanTrainer:
             self.distiller.step()
         self._update_ema()
         return float(loss.detach())
+
+    def _adversarial_loss(self, critic: nn.Module, fake: torch.Tensor,
+                          real: torch.Tensor | None) -> torch.Tensor:
+        """The loss's G term on D's scores of ``fake``, plus the weighted feature matching to ``real``."""
+        if not self.feature_matching:
+            return self.loss.g_loss(critic(fake))
+        if real is None:
+            raise ValueError("feature_matching needs the real batch: call g_step(..., real=images)")
+        scores, fake_features = hidden_activations(critic, fake)
+        with torch.no_grad():
+            real_features = hidden_activations(critic, real.to(self.device))[1]
+        matching = feature_matching_loss(real_features, fake_features)
+        return self.loss.g_loss(scores) + self.feature_matching * matching
 
     def set_weight_quantization(self, enabled: bool, layers: list[str] | None = None) -> None:
         """Quantized (True) or float (False) weights in every network (the staged schedule), in the
@@ -455,7 +482,9 @@ class GanTask:
             d_loss = trainer.d_step(self.stream.batch(draw), noise_rng)
             if not math.isfinite(d_loss):
                 return {"d_loss": d_loss}  # the loop stops the run; a G step would only spread the NaN
-        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank))
+        real = self.stream.batch(draw) if cfg.feature_matching else None  # the last D batch, seen again
+        noise_rng = seeded_generator(cfg.seed, step, 0, self.rank)
+        g_loss = trainer.g_step(self.stream.per_rank, noise_rng, real=real)
         if step == cfg.steps and cfg.recalibrate_bn:  # the same latents on every rank: equal statistics
             trainer.recalibrate_batchnorm(cfg.recalibrate_bn, cfg.batch_size,
                                           seeded_generator(cfg.seed, step, 0, 0, 1))
