@@ -482,9 +482,9 @@ class GanTask:
             d_loss = trainer.d_step(self.stream.batch(draw), noise_rng)
             if not math.isfinite(d_loss):
                 return {"d_loss": d_loss}  # the loop stops the run; a G step would only spread the NaN
-        real = self.stream.batch(draw) if cfg.feature_matching else None  # the last D batch, seen again
-        noise_rng = seeded_generator(cfg.seed, step, 0, self.rank)
-        g_loss = trainer.g_step(self.stream.per_rank, noise_rng, real=real)
+        # feature matching sees the last D batch again; without it, G's step takes no real images
+        real = {"real": self.stream.batch(draw)} if cfg.feature_matching else {}
+        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank), **real)
         if step == cfg.steps and cfg.recalibrate_bn:  # the same latents on every rank: equal statistics
             trainer.recalibrate_batchnorm(cfg.recalibrate_bn, cfg.batch_size,
                                           seeded_generator(cfg.seed, step, 0, 0, 1))
