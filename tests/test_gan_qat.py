@@ -428,8 +428,110 @@ def test_distill_warmup_trains_g_on_the_teacher_alone_and_leaves_d_untouched(fp_
     (row,) = train_gan(dataclasses.replace(cfg, log_every=3), tmp_path / "row", progress=False).history
     assert row["d_loss"] == pytest.approx(full.history[2]["d_loss"], rel=1e-6)
     assert row["g_loss"] == pytest.approx(sum(r["g_loss"] for r in full.history) / 3, rel=1e-6)
-    with pytest.raises(Exception, match="'distill_warmup' .* needs distill or distill_features > 0"):
+    with pytest.raises(Exception, match="'distill_warmup' .* needs distill, distill_features or"):
         qat_config(fp_checkpoint, ALL_BINARY, distill_warmup=5)
+
+
+def _normalised_l1_of_activations(critic: nn.Sequential, student: torch.Tensor, teacher: torch.Tensor):
+    """The perceptual distance written out layer by layer: run both batches through the Sequential critic,
+    and at every LeakyReLU output take mean |a - b| / mean |b|; average over those layers."""
+    terms, a, b = [], student, teacher
+    for layer in critic:
+        a, b = layer(a), layer(b)
+        if isinstance(layer, nn.LeakyReLU):
+            terms.append((a - b).abs().mean() / b.abs().mean())
+    return sum(terms) / len(terms)
+
+
+def test_perceptual_loss_is_zero_for_equal_images_and_a_differentiable_distance_otherwise(fp_checkpoint):
+    from lowbit.train.distill import PerceptualLoss
+
+    critic = load_discriminator(fp_checkpoint)
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    loss = PerceptualLoss(critic)
+    gen = torch.Generator().manual_seed(3)
+    teacher = torch.rand(8, 1, 16, 16, generator=gen) * 2 - 1
+    assert loss(teacher.clone(), teacher).item() == 0.0
+    student = (teacher + 0.3 * torch.randn(8, 1, 16, 16, generator=gen)).requires_grad_(True)
+    value = loss(student, teacher)
+    with torch.no_grad():
+        expected = _normalised_l1_of_activations(load_discriminator(fp_checkpoint), student, teacher)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5) and value.item() > 0
+    value.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in critic.parameters())  # frozen: no gradient
+    assert all(torch.equal(v, before[k]) for k, v in critic.state_dict().items())  # eval mode: BN stats kept
+
+
+def test_distill_perceptual_trains_g_through_a_frozen_copy_of_the_pretrained_d(fp_checkpoint, tmp_path):
+    from lowbit.train.distributed import current
+    from lowbit.train.gan import GanTask, latent
+    from lowbit.train.loop import seeded_generator
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=4, distill_perceptual=3.0, distill_warmup=2,
+                     log_every=1, sample_every=4, checkpoint_every=2)
+    fp_d, fp_g = load_discriminator(fp_checkpoint), load_generator(fp_checkpoint)
+    student = build_networks(cfg)[0].train()
+    z = latent(BASE["batch_size"], 16, seeded_generator(0, 1, 0, 0), torch.device("cpu"))
+    with torch.no_grad():
+        expected = 3.0 * _normalised_l1_of_activations(fp_d, student(z), fp_g(z)).item()
+    full = train_gan(cfg, tmp_path / "full", progress=False)
+    assert full.history[0]["g_loss"] == pytest.approx(expected, rel=1e-5)  # the warm-up: perceptual term only
+    assert "d_loss" in full.history[2]
+    live_d = load_discriminator(full.model_path).state_dict()
+    assert any(not torch.equal(v, fp_d.state_dict()[k]) for k, v in live_d.items())  # the live D trains ...
+    task = GanTask(cfg, torch.device("cpu"), current())
+    critic = task.trainer.distiller.perceptual.critic
+    assert critic is not task.trainer.D and not any(p.requires_grad for p in critic.parameters())
+    optimised = {id(p) for group in task.trainer.opt_g.param_groups + task.trainer.opt_d.param_groups
+                 for p in group["params"]}
+    assert not optimised & {id(p) for p in critic.parameters()}  # ... the critic is in no optimiser
+    train_gan(dataclasses.replace(cfg, steps=2), tmp_path / "cut", progress=False)
+    resumed = train_gan(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.history == full.history
+
+
+def test_distill_perceptual_is_checked():
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'distill_perceptual' must be >= 0 and needs init_from"):
+        from_dict(GanConfig, {**BASE, "distill_perceptual": 1.0})
+    with pytest.raises(ConfigError, match="'distill_perceptual' must be >= 0"):
+        from_dict(GanConfig, {**BASE, "init_from": "x.safetensors", "distill_perceptual": -1.0})
+
+
+def test_feature_matching_adds_the_distance_of_d_mean_activations_on_real_and_fake(fp_checkpoint, tmp_path):
+    from lowbit.errors import ConfigError
+    from lowbit.train.distributed import current
+    from lowbit.train.gan import GanTask, latent
+    from lowbit.train.gan_losses import dcgan_g_loss
+    from lowbit.train.loop import seeded_generator
+
+    cfg = qat_config(fp_checkpoint, ALL_BINARY, steps=1, feature_matching=5.0)
+    trainer = GanTask(cfg, torch.device("cpu"), current()).trainer
+    real = torch.rand(BASE["batch_size"], 1, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    G, D = build_networks(cfg)
+    G.train(), D.train()
+    z = latent(BASE["batch_size"], 16, seeded_generator(0, 1, 0, 0), torch.device("cpu"))
+    with torch.no_grad():  # written out: the layers' outputs, batch means, squared differences
+        a, b, terms = G(z), real, []
+        fake_score = D(a)
+        for layer in D:
+            a, b = layer(a), layer(b)
+            if isinstance(layer, nn.LeakyReLU):
+                terms.append((a.mean(0) - b.mean(0)).square().mean())
+        expected = dcgan_g_loss(fake_score) + 5.0 * sum(terms) / len(terms)
+    got = trainer.g_step(BASE["batch_size"], seeded_generator(0, 1, 0, 0), real=real)
+    assert got == pytest.approx(expected.item(), rel=1e-5) and sum(terms) > 0
+    with pytest.raises(ValueError, match="feature_matching needs the real batch"):
+        trainer.g_step(BASE["batch_size"], seeded_generator(0, 1, 0, 0))
+    with pytest.raises(ConfigError, match="'feature_matching' is the weight"):
+        qat_config(fp_checkpoint, ALL_BINARY, feature_matching=-1.0)
+    runs = {weight: train_gan(dataclasses.replace(cfg, steps=2, feature_matching=weight, log_every=1,
+                                                  sample_every=2, checkpoint_every=2),
+                              tmp_path / str(weight), progress=False).history for weight in (0.0, 5.0)}
+    assert runs[5.0][0]["d_loss"] == runs[0.0][0]["d_loss"]  # the loop hands G's step the real batch:
+    assert runs[5.0][0]["g_loss"] > runs[0.0][0]["g_loss"]  # same D step, G's loss has the matching term
 
 
 def test_fresh_discriminator_starts_d_from_random_weights_and_g_from_the_checkpoint(fp_checkpoint):

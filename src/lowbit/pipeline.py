@@ -58,7 +58,9 @@ class QatSettings:
     lr_d: float | None = None
     distill: float = 0.0
     distill_features: float = 0.0
+    distill_perceptual: float = 0.0
     distill_warmup: int = 0
+    feature_matching: float = 0.0
     weights_from_step: int = 0
     staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0

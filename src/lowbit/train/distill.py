@@ -4,6 +4,11 @@ Where the student has other channel counts than the teacher (a channel-pruned st
 convolution (a linear map for N x C features) maps the student's feature to the teacher's channels before
 the comparison, as GAN Compression's adapters do; equal counts are compared directly.
 
+Perceptual distillation (``PerceptualLoss``) compares the two networks' *images* in the feature space of a
+frozen copy of the pretrained full-precision discriminator, the stand-in for VGG features in GAN compression
+("Content-aware GAN compression", Liu et al. CVPR 2021; GAN Slimming's perceptual term, Wang et al.
+ECCV 2020).
+
 The taps are the inputs of the teacher's hidden activation modules (the pre-activations after
 each BatchNorm) and of the student modules of the same name (its ``QuantAct``, or the
 ``RPReLU`` + ``QuantAct`` block that replaced them): the loss is the mean over taps of
@@ -108,22 +113,69 @@ class DistillWeights(Protocol):
     init_from: str | None
 
 
-def check_weights(distill: float, distill_features: float, init_from: str | None) -> None:
-    """Both distillation weights must be >= 0, and either one needs ``init_from`` (the FP teacher)."""
-    for key, value in (("distill", distill), ("distill_features", distill_features)):
+def check_weights(distill: float, distill_features: float, init_from: str | None,
+                  distill_perceptual: float = 0.0) -> None:
+    """Every distillation weight must be >= 0, and any one needs ``init_from`` (the FP teacher)."""
+    for key, value in (("distill", distill), ("distill_features", distill_features),
+                       ("distill_perceptual", distill_perceptual)):
         if value < 0 or (value and init_from is None):
             raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher), got {value}")
 
 
+def hidden_activations(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``model(x)`` and the outputs of its hidden activation modules (LeakyReLU, ReLU, ...) in call order."""
+    found: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _args, out: found.append(out))
+               for m in model.modules() if isinstance(m, HIDDEN_ACTIVATIONS)]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, found
+
+
+class PerceptualLoss:
+    """The mean over a frozen critic's hidden activations (every conv block's output) of
+    ``mean |f(student image) - f(teacher image)| / mean |f(teacher image)|``: an L1 distance normalised per
+    layer, so each block counts alike whatever its scale. The critic is a private copy, in eval mode (its
+    BatchNorm running statistics) and frozen: it gets no gradient and no optimiser step."""
+
+    def __init__(self, critic: nn.Module) -> None:
+        self.critic = critic.eval().requires_grad_(False)
+        if not any(isinstance(m, HIDDEN_ACTIVATIONS) for m in self.critic.modules()):
+            raise ConfigError("distill_perceptual: the discriminator has no hidden activation modules "
+                              "(LeakyReLU, ...) whose outputs could be compared; set distill_perceptual: 0")
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden activations of the critic on ``images``, in network order."""
+        return hidden_activations(self.critic, images)[1]
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The per-layer normalised L1 distance of the two image batches' features (0 when they are equal)."""
+        with torch.no_grad():
+            targets = self.features(teacher)
+        terms = [(own - target).abs().mean() / target.abs().mean().clamp_min(1e-8)
+                 for own, target in zip(self.features(student), targets, strict=True)]
+        return torch.stack(terms).mean()
+
+
 class Distiller:
     """The FP teacher's pull on a generator: ``distill`` x mean |G(x) - T(x)| (output L1) plus
-    ``distill_features`` x the ``FeatureTaps`` loss; owns the adapters and their optimiser. Shared by
-    the noise GAN (x = latents) and the image-to-image GAN (x = input images)."""
+    ``distill_features`` x the ``FeatureTaps`` loss plus ``distill_perceptual`` x the ``PerceptualLoss`` of
+    the two images; owns the adapters and their optimiser. Shared by the noise GAN (x = latents) and the
+    image-to-image GAN (x = input images)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, example: torch.Tensor, distill: float,
-                 distill_features: float, optimizer: OptimizerFactory) -> None:
+                 distill_features: float, optimizer: OptimizerFactory, distill_perceptual: float = 0.0,
+                 critic: nn.Module | None = None) -> None:
+        if distill_perceptual and critic is None:
+            raise ConfigError("distill_perceptual needs the pretrained discriminator (init_from's D) as the "
+                              "frozen critic; pass critic or set distill_perceptual: 0")
         self.teacher = teacher.to(example.device).eval().requires_grad_(False)
         self.distill, self.distill_features = distill, distill_features
+        self.distill_perceptual = distill_perceptual
+        self.perceptual = PerceptualLoss(critic.to(example.device)) if distill_perceptual else None
         self.taps = FeatureTaps(student, self.teacher, example) if distill_features else None
         adapters = list(self.taps.adapters.to(example.device).parameters()) if self.taps is not None else []
         self.opt_adapters = optimizer(adapters) if adapters else None
@@ -137,10 +189,13 @@ class Distiller:
         return out, target
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The weighted output L1 plus the weighted feature loss of the last ``forward``."""
+        """The weighted output L1, the weighted feature loss of the last ``forward`` and the weighted
+        perceptual distance of ``out`` to ``target``."""
         loss = self.distill * (out - target).abs().mean() if self.distill else out.new_zeros(())
         if self.taps is not None:
             loss = loss + self.distill_features * self.taps.loss()
+        if self.perceptual is not None:
+            loss = loss + self.distill_perceptual * self.perceptual(out, target)
         return loss
 
     def step(self) -> None:

@@ -34,10 +34,16 @@ from lowbit.errors import (  # TrainingDivergedError: raised by the guard, impor
 from lowbit.nn import anneal, param_group, quant_layers, quantize_weights
 from lowbit.quant.search import SEARCH_LOGITS
 from lowbit.train.checkpoint import load_weights
-from lowbit.train.distill import Distiller, DistillWeights
+from lowbit.train.distill import Distiller, DistillWeights, hidden_activations
 from lowbit.train.distill import check_weights as check_distill_weights
 from lowbit.train.distributed import DistContext
-from lowbit.train.gan_losses import GanLoss, get_loss, gradient_penalty, make_optimizer
+from lowbit.train.gan_losses import (
+    GanLoss,
+    feature_matching_loss,
+    get_loss,
+    gradient_penalty,
+    make_optimizer,
+)
 from lowbit.train.loop import (  # noqa: F401  (seeded_generator: public here)
     Evaluator,
     LoopSettings,
@@ -52,6 +58,7 @@ from lowbit.train.networks import (
     CHECKPOINT_KIND,
     NetSpec,
     build_networks,
+    load_discriminator,
     load_generator,
     read_gan_checkpoint,
 )
@@ -105,7 +112,9 @@ class GanConfig(StepLoopConfig):
     init_from: str | None = None
     distill: float = 0.0
     distill_features: float = 0.0
+    distill_perceptual: float = 0.0
     distill_warmup: int = 0
+    feature_matching: float = 0.0
     weights_from_step: int = 0
     staged_layers: list[str] = field(default_factory=list)
     ema: float = 0.0
@@ -118,11 +127,14 @@ class GanConfig(StepLoopConfig):
         super().__post_init__()
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
-        check_distill_weights(self.distill, self.distill_features, self.init_from)
-        if self.distill_warmup < 0 or (self.distill_warmup and not (self.distill or self.distill_features)):
+        check_distill_weights(self.distill, self.distill_features, self.init_from, self.distill_perceptual)
+        if self.distill_warmup < 0 or (self.distill_warmup and not distills(self)):
             raise ConfigError(f"'distill_warmup' ({self.distill_warmup}) is a number of steps >= 0 that "
-                              "train G on the distillation loss alone; it needs distill or "
-                              "distill_features > 0")
+                              "train G on the distillation loss alone; it needs distill, distill_features "
+                              "or distill_perceptual > 0")
+        if self.feature_matching < 0:
+            raise ConfigError(f"'feature_matching' is the weight of G's feature-matching term (>= 0, "
+                              f"0 = off, e.g. 10), got {self.feature_matching}")
         if self.weights_from_step < 0:
             raise ConfigError(f"'weights_from_step' must be >= 0 (0 = weights quantized from the start), "
                               f"got {self.weights_from_step}")
@@ -209,19 +221,32 @@ def latent(n: int, dim: int, gen: torch.Generator, device: torch.device) -> torc
 # ----------------------------------------------------------------------------- the update rules
 
 
+def distills(cfg: DistillWeights) -> bool:
+    """Whether any distillation weight is set (only the noise GAN's config has ``distill_perceptual``)."""
+    return bool(cfg.distill or cfg.distill_features or getattr(cfg, "distill_perceptual", 0.0))
+
+
 def distiller(cfg: DistillWeights, teacher: nn.Module | None, generator: nn.Module, example: torch.Tensor,
-              loss: GanLoss, lr: float, betas: tuple[float, float]) -> Distiller | None:
-    """The FP teacher's distillation of ``generator`` (``cfg.distill`` / ``cfg.distill_features``, adapters
-    trained with G's optimiser settings), or None when neither weight is set or there is no teacher."""
-    if teacher is None or not (cfg.distill or cfg.distill_features):
+              loss: GanLoss, lr: float, betas: tuple[float, float],
+              critic: nn.Module | None = None) -> Distiller | None:
+    """The FP teacher's distillation of ``generator`` (``cfg.distill`` / ``cfg.distill_features`` /
+    ``cfg.distill_perceptual`` through the frozen ``critic``, adapters trained with G's optimiser settings),
+    or None when no weight is set or there is no teacher."""
+    if teacher is None or not distills(cfg):
         return None
     return Distiller(teacher, unwrap(generator), example, cfg.distill, cfg.distill_features,
-                     lambda params: make_optimizer(loss, params, lr, betas))
+                     lambda params: make_optimizer(loss, params, lr, betas),
+                     getattr(cfg, "distill_perceptual", 0.0), critic)
 
 
 def teacher_of(cfg: DistillWeights) -> nn.Module | None:
     """The FP generator ``cfg.init_from`` when the config distils from it, else None."""
-    return load_generator(cfg.init_from) if cfg.distill or cfg.distill_features else None
+    return load_generator(cfg.init_from) if distills(cfg) else None
+
+
+def critic_of(cfg: GanConfig) -> nn.Module | None:
+    """A private copy of the FP discriminator of ``cfg.init_from`` for ``distill_perceptual``, else None."""
+    return load_discriminator(cfg.init_from) if cfg.distill_perceptual else None
 
 
 def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],
@@ -263,6 +288,7 @@ class GanTrainer:
         discriminator: nn.Module,
         device: torch.device,
         teacher: nn.Module | None = None,
+        critic: nn.Module | None = None,
     ) -> None:
         self.loss: GanLoss = get_loss(cfg.loss)
         self.device = device
@@ -271,12 +297,13 @@ class GanTrainer:
         betas = tuple(cfg.betas) if cfg.betas is not None else self.loss.betas
         g_lr, d_lr = cfg.generator.lr or self.loss.lr, cfg.discriminator.lr or self.loss.lr
         example = torch.randn(2, self.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-        self.distiller = distiller(cfg, teacher, self.G, example, self.loss, g_lr, betas)
+        self.distiller = distiller(cfg, teacher, self.G, example, self.loss, g_lr, betas, critic)
         self.opt_g = network_optimizer(self.loss, self.G, g_lr, betas, cfg.search_sgd)
         self.opt_d = network_optimizer(self.loss, self.D, d_lr, betas, cfg.search_sgd)
         self.clip = cfg.clip if cfg.clip is not None else self.loss.clip
         self.gp_weight = cfg.gp_weight if cfg.gp_weight is not None else self.loss.gp_weight
         self.n_critic = cfg.n_critic or self.loss.n_critic
+        self.feature_matching = cfg.feature_matching
         self.ema_decay = cfg.ema
         self.G_ema = copy.deepcopy(unwrap(self.G)).eval().requires_grad_(False) if cfg.ema else None
         self.epoch = -1
@@ -312,15 +339,19 @@ class GanTrainer:
                     p.clamp_(-self.clip, self.clip)
         return float(loss.detach())
 
-    def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True) -> float:
+    def g_step(self, n: int, gen: torch.Generator, adversarial: bool = True,
+               real: torch.Tensor | None = None) -> float:
         """One generator update on ``n`` latent codes against the current discriminator, plus
-        ``distill`` x mean |G(z) - teacher(z)| and ``distill_features`` x the feature loss
+        ``distill`` x mean |G(z) - teacher(z)|, ``distill_features`` x the feature loss and
+        ``distill_perceptual`` x the perceptual loss through the frozen FP discriminator
         (``lowbit.train.distill``) when a full-precision teacher is given (distillation);
-        ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's term."""
+        ``adversarial=False`` (the distillation warm-up) leaves out the discriminator's terms; with
+        ``feature_matching``, the adversarial term adds that weight x the distance of D's mean hidden
+        activations on the ``real`` batch and on the generated one (Salimans et al. 2016)."""
         z = latent(n, self.latent_dim, gen, self.device)
         fake, target = self.distiller.forward(self.G, z) if self.distiller else (self.G(z), None)
         with frozen(unwrap(self.D)) as critic:
-            loss = self.loss.g_loss(critic(fake)) if adversarial else fake.new_zeros(())
+            loss = self._adversarial_loss(critic, fake, real) if adversarial else fake.new_zeros(())
             if self.distiller:
                 loss = loss + self.distiller.loss(fake, target)
             loss.backward()
@@ -330,6 +361,19 @@ class GanTrainer:
             self.distiller.step()
         self._update_ema()
         return float(loss.detach())
+
+    def _adversarial_loss(self, critic: nn.Module, fake: torch.Tensor,
+                          real: torch.Tensor | None) -> torch.Tensor:
+        """The loss's G term on D's scores of ``fake``, plus the weighted feature matching to ``real``."""
+        if not self.feature_matching:
+            return self.loss.g_loss(critic(fake))
+        if real is None:
+            raise ValueError("feature_matching needs the real batch: call g_step(..., real=images)")
+        scores, fake_features = hidden_activations(critic, fake)
+        with torch.no_grad():
+            real_features = hidden_activations(critic, real.to(self.device))[1]
+        matching = feature_matching_loss(real_features, fake_features)
+        return self.loss.g_loss(scores) + self.feature_matching * matching
 
     def set_weight_quantization(self, enabled: bool, layers: list[str] | None = None) -> None:
         """Quantized (True) or float (False) weights in every network (the staged schedule), in the
@@ -412,7 +456,7 @@ class GanTask:
     def __init__(self, cfg: GanConfig, device: torch.device, ctx: DistContext) -> None:
         self.cfg, self.rank = cfg, ctx.rank
         networks = build_networks(cfg, ("discriminator",) if cfg.fresh_discriminator else ())
-        self.trainer = GanTrainer(cfg, *networks, device, teacher_of(cfg))
+        self.trainer = GanTrainer(cfg, *networks, device, teacher_of(cfg), critic_of(cfg))
         check_staged_layers(cfg.staged_layers, self.trainer.models())
         images = load_images(cfg, unwrap(self.trainer.G).image_shape)
         self.stream = BatchStream(images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
@@ -438,7 +482,9 @@ class GanTask:
             d_loss = trainer.d_step(self.stream.batch(draw), noise_rng)
             if not math.isfinite(d_loss):
                 return {"d_loss": d_loss}  # the loop stops the run; a G step would only spread the NaN
-        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank))
+        # feature matching sees the last D batch again; without it, G's step takes no real images
+        real = {"real": self.stream.batch(draw)} if cfg.feature_matching else {}
+        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank), **real)
         if step == cfg.steps and cfg.recalibrate_bn:  # the same latents on every rank: equal statistics
             trainer.recalibrate_batchnorm(cfg.recalibrate_bn, cfg.batch_size,
                                           seeded_generator(cfg.seed, step, 0, 0, 1))

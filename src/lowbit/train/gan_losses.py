@@ -50,6 +50,13 @@ def lsgan_g_loss(fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((fake - 1.0) ** 2).mean()
 
 
+def feature_matching_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    """||E f(x) - E f(G(z))||^2 (Salimans et al. 2016, §3.1) for each of D's intermediate layers f: the mean
+    over features of the squared difference of the two batch means, averaged over the layers."""
+    terms = [(r.detach().mean(0) - f.mean(0)).square().mean() for r, f in zip(real, fake, strict=True)]
+    return torch.stack(terms).mean()
+
+
 def gradient_penalty(
     critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
