@@ -159,9 +159,10 @@ std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int
 
 }  // namespace
 
-// bias + c * (the layer on an all-ones input of the packed size), (Ho, Wo, Co) in float64. An output pixel sums
-// the weights of its linked taps (row-major over taps, as the direct sum); border pixels alike share one sum.
-std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
+// bias + c * (the layer on an all-ones input of the packed size) in float64, one Co-vector per border class. An
+// output pixel sums the weights of its linked taps (row-major over taps, as the direct sum); pixels with the same
+// linked taps (a row class x a column class) share one entry, so nothing is stored per pixel.
+AllOnesBase all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
   const Geometry g = geometry(node);
   const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
   const bool transposed = node.op == "conv_transpose2d";
@@ -169,27 +170,24 @@ std::vector<double> all_ones_base(const Node& node, const Shape& packed, double 
   std::vector<std::vector<int64_t>> rows, cols;
   const std::vector<size_t> row_of = tap_classes(g, 0, transposed, ho, h, rows);
   const std::vector<size_t> col_of = tap_classes(g, 1, transposed, wo, w, cols);
-  std::vector<double> sums(rows.size() * cols.size() * static_cast<size_t>(g.co), 0.0);  // per (row class, col class)
+  AllOnesBase base;
+  base.entries = static_cast<int64_t>(rows.size() * cols.size());
+  base.values.assign(static_cast<size_t>(base.entries * g.co), 0.0);
   for (size_t r = 0; r < rows.size(); ++r) {
     for (size_t q = 0; q < cols.size(); ++q) {
-      double* sum = sums.data() + (r * cols.size() + q) * static_cast<size_t>(g.co);
+      double* value = base.values.data() + (r * cols.size() + q) * static_cast<size_t>(g.co);
       for (const int64_t y : rows[r]) {
         for (const int64_t z : cols[q]) {
-          for (int64_t c = 0; c < g.co; ++c) sum[c] += tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)];
+          for (int64_t c = 0; c < g.co; ++c) value[c] += tap_sum[static_cast<size_t>((c * g.kh + y) * g.kw + z)];
         }
       }
-    }
-  }
-  std::vector<double> base(static_cast<size_t>(ho * wo * g.co));
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const double* sum = sums.data() + (row_of[static_cast<size_t>(oh)] * cols.size() + col_of[static_cast<size_t>(ow)]) * static_cast<size_t>(g.co);
-      double* pixel = base.data() + (oh * wo + ow) * g.co;
       for (int64_t c = 0; c < g.co; ++c) {
-        pixel[c] = c_term * sum[c] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
+        value[c] = c_term * value[c] + (node.weight.bias.empty() ? 0.0 : static_cast<double>(node.weight.bias[static_cast<size_t>(c)]));
       }
     }
   }
+  for (const size_t r : row_of) base.rows.push_back(static_cast<int64_t>(r * cols.size()));
+  for (const size_t q : col_of) base.cols.push_back(static_cast<int64_t>(q));
   return base;
 }
 
@@ -303,7 +301,7 @@ void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
   call.x = Image{x.data.data(), !x.channels_last, n, b.packed[0], b.packed[1], b.packed[2]};
   layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
   call.rows_padded = b.rows_padded;
-  call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.data();
+  call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.map();
   const int64_t co = static_cast<int64_t>(b.offset2.size());
   call.co = co, call.planes = b.planes;
   if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};

@@ -9,6 +9,15 @@
 
 namespace lowbit {
 
+// A layer's all-ones base per border class (csrc/kernels.h BaseMap): `values` (entries, Co) and, per output row
+// and column, its class's index (rows already multiplied by the column classes).
+struct AllOnesBase {
+  std::vector<double> values;
+  std::vector<int64_t> rows, cols;
+  int64_t entries = 0;
+  BaseMap map() const { return BaseMap{values.data(), rows.data(), cols.data(), entries}; }
+};
+
 struct BinaryLayer {
   const Node* layer = nullptr;
   const Node* act = nullptr;           // the coded quant_act whose input the layer packs
@@ -23,7 +32,8 @@ struct BinaryLayer {
   Shape packed;                        // per-sample (C, H, W) the kernel packs
   std::vector<std::vector<uint64_t>> w_ts;
   std::vector<int64_t> phases;
-  std::vector<double> coef2, offset2, base;
+  std::vector<double> coef2, offset2;
+  AllOnesBase base;
   int64_t rows_padded = 0, planes = 0, steps[4] = {1, 1, 1, 1};
 };
 
@@ -56,9 +66,9 @@ struct PhaseTaps {
 // kernels' phase list, sets their [in_step_h, in_step_w, out_step_h, out_step_w], returns each phase's taps.
 std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::vector<int64_t>& phases, int64_t steps[4]);
 
-// bias + c_term * (the layer on an all-ones input of the packed (C, H, W) size), (Ho, Wo, Co) in float64: the
-// input-independent term of the binary and the integer path.
-std::vector<double> all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out);
+// bias + c_term * (the layer on an all-ones input of the packed (C, H, W) size) for the (Ho, Wo) output pixels,
+// in float64, one Co-vector per border class: the input-independent term of the binary and the integer path.
+AllOnesBase all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out);
 
 // The activation a kernel layer reads through: a quant_act, the commuting ops (reflect / replicate pads, nearest
 // resizes, reshapes before a linear layer) in between, the node it reads (-1: the graph input) and the

@@ -93,7 +93,7 @@ void run_int8(const Int8Layer& l, const Tensor& source, int64_t path, const Para
   call.bounds = l.bounds, call.lo = l.lo, call.inv_step = l.inv_step;
   layer_call(call, l.w_ts, l.co_pad, l.phases, *l.layer, out, l.steps, path);
   call.co_pad = l.co_pad;
-  call.coef = l.coef.data(), call.offset = l.offset.data(), call.base = l.base.data();
+  call.coef = l.coef.data(), call.offset = l.offset.data(), call.base = l.base.map();
   const int64_t co = static_cast<int64_t>(l.coef.size());
   call.co = co;
   const std::string bad = check_int8_conv(call);

@@ -14,7 +14,8 @@ struct Int8Layer {
   KernelSource input;                  // the uniform quant_act, the ops in between, what the kernel sees
   std::vector<std::vector<int32_t>> w_ts;
   std::vector<int64_t> phases;
-  std::vector<double> coef, offset, base;
+  std::vector<double> coef, offset;
+  AllOnesBase base;
   std::vector<float> bounds;           // -inf, the activation's float32 midpoints, +inf
   float lo = 0.0f, inv_step = 1.0f;
   int64_t co_pad = 0, steps[4] = {1, 1, 1, 1};

@@ -98,7 +98,9 @@ BinaryConv conv_call(const at::Tensor& x, at::TensorList w_ts, at::IntArrayRef p
     call.w_t_words.push_back(w_t.size(0));
   }
   call.phases.assign(phases.begin(), phases.end());
-  call.coef2 = coef2.data_ptr<double>(), call.offset2 = offset2.data_ptr<double>(), call.base = base.data_ptr<double>();
+  call.coef2 = coef2.data_ptr<double>(), call.offset2 = offset2.data_ptr<double>();
+  thread_local std::vector<int64_t> base_index;  // read by the call that follows on this thread
+  call.base = per_pixel_base(base.data_ptr<double>(), call.ho, call.wo, base_index);
   for (int k = 0; k < 4; ++k) call.steps[k] = steps[k];
   call.path = path;
   return call;

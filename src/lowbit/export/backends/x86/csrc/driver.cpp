@@ -182,6 +182,7 @@ std::string check_binary_conv(const BinaryConv& c) {
   if (!path_supported(c.path)) return "kernel path " + std::to_string(c.path) + " is not supported by this CPU";
   if (c.x.n < 0 || c.x.c <= 0 || c.x.h <= 0 || c.x.w <= 0) return "bad input shape";
   if (c.ho <= 0 || c.wo <= 0 || c.co <= 0 || c.planes <= 0) return "bad output shape";
+  if (const char* bad_base = check_base_map(c.base, c.ho, c.wo); *bad_base) return bad_base;
   for (const int64_t s : c.steps) if (s <= 0 || s > kMaxTap) return "bad steps";
   std::vector<Taps> taps;
   const std::string bad = parse_phases(c.phases, taps);

@@ -102,7 +102,7 @@ void pack_levels_into(const Image& x, const LevelCode& code, int64_t path, const
 
 // One layer's arguments (see kernels.h): w_ts[f] is phase f's rows (words_f, rows_padded) with
 // words_f = taps_f * ceil(C / 64); phases: per phase [ph, pw, n_tap_h, n_tap_w, tap_h..., tap_w...];
-// coef2 (planes, co), offset2 (co), base (ho, wo, co); steps: [in_step_h, in_step_w, out_step_h, out_step_w].
+// coef2 (planes, co), offset2 (co), base a BaseMap over (ho, wo); steps: [in_step_h, in_step_w, out_step_h, out_step_w].
 struct BinaryConv {
   Image x;
   std::vector<const uint64_t*> w_ts;
@@ -111,12 +111,21 @@ struct BinaryConv {
   std::vector<int64_t> phases;
   const double* coef2;
   const double* offset2;
-  const double* base;
+  BaseMap base;
   int64_t ho, wo, co, planes;
   int64_t steps[4];
   int64_t path;
   LevelCode levels;  // multi-level (or threshold-fused) input; default: sign packing, one plane
 };
+
+// A BaseMap over a full (ho, wo, co) base, one entry per pixel (the torch backend's form); `index` keeps its
+// row and column indices and must outlive the call.
+inline BaseMap per_pixel_base(const double* values, int64_t ho, int64_t wo, std::vector<int64_t>& index) {
+  index.resize(static_cast<size_t>(ho + wo));
+  for (int64_t oh = 0; oh < ho; ++oh) index[static_cast<size_t>(oh)] = oh * wo;
+  for (int64_t ow = 0; ow < wo; ++ow) index[static_cast<size_t>(ho + ow)] = ow;
+  return BaseMap{values, index.data(), index.data() + ho, ho * wo};
+}
 
 // Checks `call` (an empty string when it is consistent, else the reason), so that run_binary_conv reads
 // nothing outside the arrays it was given.

@@ -53,7 +53,7 @@ struct Int8Args {
   const int32_t* sums;    // (N, hp, wp): sum of a pixel's codes
   const double* coef;     // (co): step * scale
   const double* offset;   // (co): step * (offset + zero_point * scale)
-  const double* base;     // (ho, wo, co)
+  BaseMap base;           // per pixel (ho, wo) a co-vector (kernels.h)
   float* out;             // (N, ho, wo, co)
   int64_t hp, wp, wc, ho, wo, co, co_pad;
   int64_t in_step_h, in_step_w, out_step_h, out_step_w;
@@ -86,7 +86,7 @@ inline int32_t int8_patch_sum(const Int8Args& a, const Int8Phase& f, int64_t pix
 // out[c] = float(base[c] + offset[c] * Q + coef[c] * D[c]), in this order on every path.
 __attribute__((always_inline)) inline void int8_combine(const Int8Args& a, int64_t i, int64_t oh, int64_t ow,
                                                         int32_t q, const int32_t* d) {
-  const double* base = a.base + (oh * a.wo + ow) * a.co;
+  const double* base = a.base.at(oh, ow, a.co);
   float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * a.co;
   const double qd = static_cast<double>(q);
   for (int64_t c = 0; c < a.co; ++c) {
@@ -131,7 +131,7 @@ struct Int8Conv {
   std::vector<int64_t> phases;
   const double* coef = nullptr;
   const double* offset = nullptr;
-  const double* base = nullptr;
+  BaseMap base;
   int64_t ho = 0, wo = 0, co = 0;
   int64_t steps[4] = {1, 1, 1, 1};
   int64_t path = 0;

@@ -42,7 +42,9 @@ at::Tensor int8_conv(const at::Tensor& x, const std::optional<at::Tensor>& shift
     call.w_t_words.push_back(w_t.size(0));
   }
   call.phases.assign(phases.begin(), phases.end());
-  call.coef = coef.data_ptr<double>(), call.offset = offset.data_ptr<double>(), call.base = base.data_ptr<double>();
+  call.coef = coef.data_ptr<double>(), call.offset = offset.data_ptr<double>();
+  thread_local std::vector<int64_t> base_index;  // read by the call that follows on this thread
+  call.base = per_pixel_base(base.data_ptr<double>(), call.ho, call.wo, base_index);
   for (int k = 0; k < 4; ++k) call.steps[k] = steps[k];
   call.path = path;
   const std::string bad = check_int8_conv(call);

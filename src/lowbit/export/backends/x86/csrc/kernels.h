@@ -96,11 +96,39 @@ using PackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_
 // floating point): out[c] = float(base[c] + offset2[c] * popcount(patch) + sum_b coef2[b, c] * count[b, c]),
 // accumulated in double in exactly this order on every path, so all paths agree bit for bit.
 
+// The all-ones base (bias - layer(all-ones input)) of every output pixel, stored once per border class: the
+// pixels whose taps meet the same padding / holes pattern share one co-vector, so a layer keeps (row classes x
+// column classes x co) doubles instead of (Ho x Wo x co). Pixel (oh, ow) reads values + (row[oh] + col[ow]) * co
+// (row[oh] = its row class x the column classes, col[ow] = its column class); one entry per pixel is row[oh] =
+// oh * Wo, col[ow] = ow.
+struct BaseMap {
+  const double* values = nullptr;  // (entries, co)
+  const int64_t* row = nullptr;    // (Ho)
+  const int64_t* col = nullptr;    // (Wo)
+  int64_t entries = 0;
+  const double* at(int64_t oh, int64_t ow, int64_t co) const { return values + (row[oh] + col[ow]) * co; }
+};
+
+// Why `map` would read outside its values for an ho x wo output ("" when every pixel's entry exists).
+inline const char* check_base_map(const BaseMap& map, int64_t ho, int64_t wo) {
+  if (map.values == nullptr || map.row == nullptr || map.col == nullptr) return "the base map is incomplete";
+  int64_t max_row = 0, max_col = 0;
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    if (map.row[oh] < 0) return "a base row index is negative";
+    max_row = map.row[oh] > max_row ? map.row[oh] : max_row;
+  }
+  for (int64_t ow = 0; ow < wo; ++ow) {
+    if (map.col[ow] < 0) return "a base column index is negative";
+    max_col = map.col[ow] > max_col ? map.col[ow] : max_col;
+  }
+  return ho > 0 && wo > 0 && max_row + max_col >= map.entries ? "a base index is past the base values" : "";
+}
+
 struct ConvArgs {
   const uint64_t* x;     // zero-padded bits (N, hp, wp, act_planes, wc): activation bit plane b at word b * wc
   const double* coef2;   // (planes, co)
   const double* offset2; // (co)
-  const double* base;    // (Ho, Wo, co): bias - layer(all-ones input)
+  BaseMap base;          // per pixel (Ho, Wo) a co-vector: bias - layer(all-ones input)
   float* out;            // (N, Ho, Wo, co): channels-last, one contiguous store per pixel
   int64_t hp, wp, wc, ho, wo, co, planes, rows_padded;
   int64_t in_step_h, in_step_w, out_step_h, out_step_w;
@@ -120,7 +148,7 @@ inline std::vector<double> lane_base(const ConvArgs& a, const PhaseInfo& f) {
   std::vector<double> lanes(static_cast<size_t>(f.n_qh * a.co * f.n_qw));
   for (int64_t qh = 0; qh < f.n_qh; ++qh) {
     for (int64_t qw = 0; qw < f.n_qw; ++qw) {
-      const double* base = a.base + ((qh * a.out_step_h + f.ph) * a.wo + qw * a.out_step_w + f.pw) * a.co;
+      const double* base = a.base.at(qh * a.out_step_h + f.ph, qw * a.out_step_w + f.pw, a.co);
       for (int64_t c = 0; c < a.co; ++c) lanes[static_cast<size_t>((qh * a.co + c) * f.n_qw + qw)] = base[c];
     }
   }
@@ -150,7 +178,7 @@ struct Pixel {
 LOWBIT_POPCNT_TARGET inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh,
                                            int64_t qw, int64_t oh) {
   const int64_t ow = qw * a.out_step_w + f.pw;
-  Pixel p{patch_origin(a, i, qh, qw), a.base + (oh * a.wo + ow) * a.co,
+  Pixel p{patch_origin(a, i, qh, qw), a.base.at(oh, ow, a.co),
           a.out + ((i * a.ho + oh) * a.wo + ow) * a.co, 0};
   for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner: positives = sum_b 2^b popcount(plane b)
     p.positives *= 2;
@@ -186,7 +214,7 @@ __attribute__((always_inline)) inline void row_generic(const ConvArgs& a, const 
     }
     const double positives = static_cast<double>(positive_count);
     const int64_t* cnt = a.act_planes == 1 ? s.counts.data() : s.totals.data();
-    const double* base = a.base + (oh * a.wo + ow) * co;
+    const double* base = a.base.at(oh, ow, co);
     float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
     for (int64_t c = 0; c < co; ++c) {
       double r = base[c] + a.offset2[c] * positives;
@@ -229,7 +257,7 @@ __attribute__((always_inline)) inline void row_pixels(const ConvArgs& a, const P
         }
       }
     }
-    const double* base = a.base + (oh * a.wo + ow) * co;
+    const double* base = a.base.at(oh, ow, co);
     float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
     if (R == 1) {  // one channel, one plane
       out[0] = static_cast<float>(base[0] + a.offset2[0] * static_cast<double>(positives) +
@@ -277,10 +305,9 @@ __attribute__((always_inline)) inline void lanes_combine(const ConvArgs& a, int6
                                                          const int64_t* positives) {
   const int64_t co = a.co, stride = a.out_step_w * co;
   for (int64_t c = 0; c < co; ++c) {
-    const double* base = a.base + (oh * a.wo + ow0) * co + c;
     float* out = a.out + ((i * a.ho + oh) * a.wo + ow0) * co + c;
     for (int64_t l = 0; l < lanes; ++l) {
-      double r = base[l * stride] + a.offset2[c] * static_cast<double>(positives[l]);
+      double r = a.base.at(oh, ow0 + l * a.out_step_w, co)[c] + a.offset2[c] * static_cast<double>(positives[l]);
       for (int64_t b = 0; b < a.planes; ++b) {
         r = r + a.coef2[b * co + c] * static_cast<double>(counts[b * co + c][l]);
       }
