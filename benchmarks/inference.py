@@ -51,13 +51,16 @@ def best_times(
     """Best (minimum) seconds per call of each function, all timed round-robin after two warm-up calls.
 
     Round-robin makes load changes hit every contestant alike; the minimum is the least
-    load-sensitive estimate on a shared machine (timeit's advice)."""
+    load-sensitive estimate on a shared machine (timeit's advice). Every other round runs in reverse
+    order, so no contestant always follows the same one: with a fixed order, an A/A run (one liblowbit
+    build in two slots) timed the second slot up to 17% faster at batch 1."""
     for _ in range(2):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_ in range(repeats):
+        for name, fn in order if round_ % 2 == 0 else reversed(order):
             start = clock()
             fn()
             times[name].append(clock() - start)
