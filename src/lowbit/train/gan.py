@@ -479,12 +479,14 @@ class GanTask:
             draw = (step - 1) * trainer.n_critic + k
             trainer.set_epoch(draw // self.stream.per_epoch)
             noise_rng = seeded_generator(cfg.seed, step, 1 + k, self.rank)
-            d_loss = trainer.d_step(self.stream.batch(draw), noise_rng)
+            real = self.stream.batch(draw)
+            d_loss = trainer.d_step(real, noise_rng)
             if not math.isfinite(d_loss):
                 return {"d_loss": d_loss}  # the loop stops the run; a G step would only spread the NaN
         # feature matching sees the last D batch again; without it, G's step takes no real images
-        real = {"real": self.stream.batch(draw)} if cfg.feature_matching else {}
-        g_loss = trainer.g_step(self.stream.per_rank, seeded_generator(cfg.seed, step, 0, self.rank), **real)
+        matching = {"real": real} if cfg.feature_matching else {}
+        g_noise = seeded_generator(cfg.seed, step, 0, self.rank)
+        g_loss = trainer.g_step(self.stream.per_rank, g_noise, **matching)
         if step == cfg.steps and cfg.recalibrate_bn:  # the same latents on every rank: equal statistics
             trainer.recalibrate_batchnorm(cfg.recalibrate_bn, cfg.batch_size,
                                           seeded_generator(cfg.seed, step, 0, 0, 1))
