@@ -1,8 +1,9 @@
-"""Post-training BatchNorm re-estimation of a generator (BN recalibration of binary networks).
+"""Post-training BatchNorm re-estimation (BN recalibration of binary networks), for a generator (on fresh
+latent codes) and a classifier (on its training images) alike.
 
 During QAT the eval-mode running statistics of each BatchNorm are an exponential average over the last
 ~1/momentum steps, so with binary weights that flip to the end they lag the final generator. Here they
-are recomputed as the plain average over ``batches`` train-mode forwards of fresh latent codes
+are recomputed as the plain average over ``batches`` train-mode forwards of the inputs
 (``momentum=None``), with every other module (quantizers included) left in eval mode.
 """
 
