@@ -130,6 +130,30 @@ def test_cli_equals_the_library_and_every_kernel_path_agrees(zoo, tmp_path):
         assert np.array_equal(out, expected), kernel_path
 
 
+FUSED_CASES = [("dcgan-g-28", "w1a1-sign"), ("patchgan", "w1a1-sign"), ("patchgan", "w1a1-act")]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_layers_write_the_bits_their_reader_would_pack(zoo, case):
+    """The fused threshold epilogue: on the register kernels (avx512, avx2) the layer before a
+    BatchNorm-folded binary layer writes that layer's packed input (one such pair in each case: the other
+    layers have too few channels for the register kernels, or nothing to fold), the scalar path packs float
+    outputs; every path and thread count gives the same outputs bit for bit, for one sample and a batch."""
+    path, x_npy, _ = zoo[case]
+    x = np.load(x_npy)
+    model = native.NativeModel(path.read_bytes(), str(path))
+    model.set_kernel_path("scalar")
+    assert model.fused_layers() == 0
+    reference = model.run(x)
+    for kernel_path in native.available_paths():
+        model.set_kernel_path(kernel_path)
+        assert model.fused_layers() == (1 if kernel_path in ("avx512", "avx2") else 0), kernel_path
+        for threads in (1, 3):
+            model.set_threads(threads)
+            assert np.array_equal(model.run(x), reference), (kernel_path, threads)
+            assert np.array_equal(model.run(x[:1]), reference[:1]), (kernel_path, threads)
+
+
 def test_cli_reads_a_model_from_a_pipe_as_from_its_file(zoo, tmp_path):
     """A pipe reports no size, so the file reader falls back from one sized read to a growing loop: the file
     is made longer than its first two reads (64 KiB, then 64 KiB more) by padding the safetensors header."""

@@ -46,6 +46,9 @@ const char* lowbit_kernel_path(const lowbit_model* model);
 /* How many layers of the current plan run on the bit-serial kernels and on the integer kernels (the claim
  * policy: docs/export.md "Which kernels run a layer"); both 0 on the "float" path. */
 int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t* integer);
+/* How many bit-serial layers of the current plan write the next layer's packed input themselves instead of
+ * float outputs (the fused threshold epilogue, docs/export.md "Kernels"; the register kernels of avx512 / avx2). */
+int lowbit_fused_layers(const lowbit_model* model, int64_t* fused);
 /* Bit i set for every kernel path id i this CPU runs (ids as in lowbit's KERNEL_PATHS). */
 int64_t lowbit_supported_paths(void);
 /* Threads used by the binary kernels and the float layers' products (default 1); outputs are identical for

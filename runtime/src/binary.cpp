@@ -197,7 +197,7 @@ namespace {
 // large one is given back when a call needs under a quarter of it.
 Tensor& scratch(Tensor& t, const Shape& shape, bool channels_last) {
   const auto count = static_cast<size_t>(numel(shape));
-  if (t.data.capacity() > (size_t{1} << 20) && count < t.data.capacity() / 4) std::vector<float>().swap(t.data);
+  if (t.data.capacity() > (size_t{1} << 20) && count < t.data.capacity() / 4) Floats().swap(t.data);
   t.shape = shape, t.channels_last = channels_last;
   t.data.resize(count);
   return t;
@@ -229,6 +229,25 @@ const Tensor& kernel_input(const Node& act, const std::vector<const Node*>& chai
   }
   return *x;
 }
+
+namespace {
+
+// The kernel call of layer `b` on a batch of n, its input data not set yet.
+BinaryConv binary_call(const BinaryLayer& b, int64_t n, int64_t path) {
+  BinaryConv call;
+  call.x = Image{nullptr, false, n, b.packed[0], b.packed[1], b.packed[2]};
+  Tensor out;
+  out.shape = {n};
+  out.shape.insert(out.shape.end(), b.layer->out_shape.begin(), b.layer->out_shape.end());
+  layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
+  call.rows_padded = b.rows_padded;
+  call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.map();
+  call.co = static_cast<int64_t>(b.offset2.size()), call.planes = b.planes;
+  if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
+  return call;
+}
+
+}  // namespace
 
 std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   const Node& node = graph.nodes[static_cast<size_t>(index)];
@@ -272,6 +291,7 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   build_phases(*b, g, masks);
   const Shape& out = node.out_shape;
   b->base = all_ones_base(node, b->packed, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
+  b->input_pad = input_padding(binary_call(*b, 1, kScalar));
   return b;
 }
 
@@ -289,26 +309,63 @@ const Tensor& flipped(const Tensor& x, float t) {
   return out;
 }
 
+// Zeroes the border of `n` (hp, wp) images of `wc` words a pixel around the (h, w) interior at (top, left).
+void zero_border(uint64_t* bits, int64_t n, int64_t hp, int64_t wp, int64_t wc, int64_t top, int64_t left, int64_t h,
+                 int64_t w) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t* image = bits + i * hp * wp * wc;
+    std::fill(image, image + top * wp * wc, 0);
+    std::fill(image + (top + h) * wp * wc, image + hp * wp * wc, 0);
+    for (int64_t y = top; y < top + h; ++y) {
+      uint64_t* row = image + y * wp * wc;
+      std::fill(row, row + left * wc, 0);
+      std::fill(row + (left + w) * wc, row + wp * wc, 0);
+    }
+  }
+}
+
+// The sink writing `reader`'s packed input for a batch of n into `bits`: the kernels write every interior word,
+// so only the border is zeroed here.
+BitSink sink_for(const BinaryLayer& reader, int64_t n, std::vector<uint64_t>& bits) {
+  const PackGeometry& g = reader.input_pad;
+  const Image x{nullptr, false, n, reader.packed[0], reader.packed[1], reader.packed[2]};
+  BitSink sink;
+  sink.hp = x.h + g.pad_top + g.pad_bottom, sink.wp = x.w + g.pad_left + g.pad_right;
+  sink.pad_top = g.pad_top, sink.pad_left = g.pad_left;
+  bits.resize(static_cast<size_t>(padded_words(x, g)));
+  zero_border(bits.data(), n, sink.hp, sink.wp, (x.c + 63) / 64, g.pad_top, g.pad_left, x.h, x.w);
+  sink.bits = bits.data();
+  sink.thresholds = reader.thresholds.data(), sink.signs = reader.signs.data(), sink.ties_up = reader.ties_up;
+  return sink;
+}
+
 }  // namespace
 
-void run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out) {
-  const int64_t n = source.shape[0];
-  // Sign packing takes bit = (value >= 0): the value itself when ties go up (sign, threshold 0), t - x otherwise
-  // (bit marks `low`); coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
-  const Tensor& input = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
-  const Tensor& x = b.count == 0 && !b.ties_up ? flipped(input, b.threshold) : input;
-  BinaryConv call;
-  call.x = Image{x.data.data(), !x.channels_last, n, b.packed[0], b.packed[1], b.packed[2]};
-  layer_call(call, b.w_ts, b.rows_padded, b.phases, *b.layer, out, b.steps, path);
-  call.rows_padded = b.rows_padded;
-  call.coef2 = b.coef2.data(), call.offset2 = b.offset2.data(), call.base = b.base.map();
-  const int64_t co = static_cast<int64_t>(b.offset2.size());
-  call.co = co, call.planes = b.planes;
-  if (b.count > 0) call.levels = LevelCode{b.thresholds.data(), b.signs.data(), b.count, b.ties_up};
+bool packs_from(const BinaryLayer& reader, const BinaryLayer& producer) {
+  return reader.count == 1 && reader.chain.empty() && reader.layer->attrs.pad.empty() && producer.layer->op != "linear" &&
+         reader.packed == producer.layer->out_shape;
+}
+
+bool run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out,
+                const uint64_t* packed, const BinaryLayer* reader, std::vector<uint64_t>* bits) {
+  BinaryConv call = binary_call(b, source.shape[0], path);
+  if (packed == nullptr) {
+    // Sign packing takes bit = (value >= 0): the value itself when ties go up (sign, threshold 0), t - x otherwise
+    // (bit marks `low`); coded inputs (b.count > 0) are compared with their thresholds by the packer itself.
+    const Tensor& input = kernel_input(*b.act, b.chain, *b.layer, source, b.norm == nullptr);
+    const Tensor& x = b.count == 0 && !b.ties_up ? flipped(input, b.threshold) : input;
+    call.x.data = x.data.data(), call.x.nchw = !x.channels_last;
+  }
   const std::string bad = check_binary_conv(call);
   if (!bad.empty()) throw bad_node(b.layer->name, "binary kernel arguments: " + bad);
   write_channels_last(*b.layer, out);
-  run_binary_conv(call, out.data.data(), parallel);
+  if (reader == nullptr || pick_sink_row(path, call.planes, call.co) == nullptr) {
+    run_binary_conv(call, out.data.data(), parallel, packed);
+    return false;
+  }
+  const BitSink sink = sink_for(*reader, call.x.n, *bits);
+  run_binary_conv(call, nullptr, parallel, packed, &sink);
+  return true;
 }
 
 }  // namespace lowbit

@@ -35,6 +35,7 @@ struct BinaryLayer {
   std::vector<double> coef2, offset2;
   AllOnesBase base;
   int64_t rows_padded = 0, planes = 0, steps[4] = {1, 1, 1, 1};
+  PackGeometry input_pad;              // the zero border of the bit image its input is packed into (any batch)
 };
 
 // A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
@@ -125,7 +126,15 @@ std::vector<uint64_t> planes_of(const Node& node, const Geometry& g, int64_t& co
 // (x86/__init__.py prefers_planes) gives it to the integer path.
 std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index);
 
-// Runs the layer on `source` (the activation's input) with kernel path `path` into out (full NCHW shape set).
-void run_binary(const BinaryLayer& layer, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out);
+// Whether `reader` can take its packed input from the layer it reads (kernels.h BitSink, the fused threshold
+// epilogue): one threshold per channel (a BatchNorm folded in front of a two-level activation) and nothing between
+// (no chain, pad or shift), reading the `producer`'s whole output as it is.
+bool packs_from(const BinaryLayer& reader, const BinaryLayer& producer);
+
+// Runs the layer on `source` (the activation's input) with kernel path `path` into out (full NCHW shape set); with
+// `packed`, its input bits come from the previous layer's sink instead. With `reader` (packs_from this layer) and a
+// kernel of `path` that writes sinks, writes reader's packed input into `bits` instead of `out` and returns true.
+bool run_binary(const BinaryLayer& layer, const Tensor& source, int64_t path, const ParallelFor& parallel, Tensor& out,
+                const uint64_t* packed = nullptr, const BinaryLayer* reader = nullptr, std::vector<uint64_t>* bits = nullptr);
 
 }  // namespace lowbit

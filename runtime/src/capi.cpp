@@ -35,6 +35,7 @@ struct Step {
   std::vector<int> inputs;
   int out;          // the node whose value the step writes: `node`, or the activation fused into it
   Activation then;  // that fused activation (kind None: none)
+  const BinaryLayer* packs_for = nullptr;  // the next step's layer, when this one may write its packed input instead
 };
 
 // Runs body over [0, n) on the calling thread and up to threads - 1 workers of the kernels' persistent pool
@@ -55,7 +56,7 @@ struct lowbit_model {
   std::vector<int> last_use;  // per node: the last step reading it (its buffer returns to the pool after that step)
   // Buffers of finished values, reused by later steps and later runs (a run takes the whole pool and puts
   // it back, so concurrent runs of one model each get their own buffers).
-  std::vector<std::vector<float>> pool;
+  std::vector<lowbit::Floats> pool;
   std::mutex pool_lock;
   int64_t path = lowbit::kFloatPath;
   std::string path_name = "float";
@@ -68,7 +69,7 @@ namespace {
 // Packs a weight layer's float weight for the float code the first time a plan runs it there (binary layers
 // on the kernels never need it: start-up stays with the kernels' own planning). A packed weight is decoded
 // into `scratch` (reused from layer to layer) for the packing only.
-void prepare_layer(Graph& graph, int index, std::vector<float>& scratch) {
+void prepare_layer(Graph& graph, int index, Floats& scratch) {
   Node& node = graph.nodes[static_cast<size_t>(index)];
   Weight& w = node.weight;
   const bool layer = node.op == "conv2d" || node.op == "conv_transpose2d" || node.op == "linear";
@@ -111,6 +112,21 @@ void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
   steps.swap(kept);
 }
 
+// Lets a binary step write the packed input of the next step (binary.h packs_from) when that step is its output's
+// only reader: the float output is then never stored nor packed (the fused threshold epilogue).
+void fuse_packing(const Graph& graph, std::vector<Step>& steps) {
+  std::vector<int> readers(graph.nodes.size(), 0);
+  for (const Step& step : steps) {
+    for (const int i : step.inputs) if (i >= 0) ++readers[static_cast<size_t>(i)];
+  }
+  for (size_t s = 0; s + 1 < steps.size(); ++s) {
+    Step &from = steps[s], &to = steps[s + 1];
+    if (!from.binary || !to.binary || from.then.kind != Activation::None || to.binary->source != from.out) continue;
+    if (from.out == graph.output || readers[static_cast<size_t>(from.out)] != 1) continue;
+    if (packs_from(*to.binary, *from.binary)) from.packs_for = to.binary;
+  }
+}
+
 // Plans the graph for `path`: kernel layers (bit planes or integer) on the kernels, the rest on float code; drops nodes nothing reads
 // and fuses activations into their producers.
 void plan(lowbit_model& m, int64_t path) {
@@ -133,7 +149,8 @@ void plan(lowbit_model& m, int64_t path) {
   }
   m.steps.assign(kept.rbegin(), kept.rend());
   fuse_activations(m.graph, m.steps);
-  std::vector<float> scratch;
+  fuse_packing(m.graph, m.steps);
+  Floats scratch;
   for (const Step& step : m.steps) {
     if (!step.binary && !step.int8) prepare_layer(m.graph, step.node, scratch);
   }
@@ -151,10 +168,10 @@ Shape full_shape(const Node& node, int64_t batch) {
   return shape;
 }
 
-using Pool = std::vector<std::vector<float>>;
+using Pool = std::vector<Floats>;
 
 // Gives `data` `count` values from the pool: the smallest buffer that holds them, else the largest (grown).
-void acquire(Pool& pool, std::vector<float>& data, size_t count) {
+void acquire(Pool& pool, Floats& data, size_t count) {
   size_t pick = pool.size();
   for (size_t k = 0; k < pool.size(); ++k) {
     const size_t size = pool[k].size(), best = pick < pool.size() ? pool[pick].size() : 0;
@@ -167,9 +184,9 @@ void acquire(Pool& pool, std::vector<float>& data, size_t count) {
   data.resize(count);
 }
 
-void release(Pool& pool, std::vector<float>& data) {
+void release(Pool& pool, Floats& data) {
   pool.push_back(std::move(data));
-  data = std::vector<float>();
+  data = Floats();
 }
 
 void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
@@ -185,6 +202,9 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
   std::copy(input, input + numel(x.shape), x.data.begin());
   std::vector<Tensor> values(m.graph.nodes.size());
   const ParallelFor parallel = thread_pool(m.threads);
+  // The packed inputs fused steps write for the next one (per thread, reused across runs): `ready` holds one.
+  thread_local std::vector<uint64_t> handed[2];
+  int ready = -1;
   for (size_t s = 0; s < m.steps.size(); ++s) {
     const Step& step = m.steps[s];
     const Node& node = m.graph.nodes[static_cast<size_t>(step.node)];
@@ -194,8 +214,13 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
     std::vector<const Tensor*> inputs;
     for (const int i : step.inputs) inputs.push_back(i < 0 ? &x : &values[static_cast<size_t>(i)]);
     if (step.binary || step.int8) {
-      if (step.binary) run_binary(*step.binary, *inputs[0], m.path, parallel, out);
-      else run_int8(*step.int8, *inputs[0], m.path, parallel, out);
+      if (step.binary) {
+        const uint64_t* packed = ready >= 0 ? handed[ready].data() : nullptr;
+        const int into = ready == 0 ? 1 : 0;
+        ready = run_binary(*step.binary, *inputs[0], m.path, parallel, out, packed, step.packs_for, &handed[into]) ? into : -1;
+      } else {
+        run_int8(*step.int8, *inputs[0], m.path, parallel, out);
+      }
       activate(step.then, out.data.data(), out.data.data(), static_cast<int64_t>(out.data.size()));
     } else {
       run_op(node, inputs, out, parallel, step.then);
@@ -215,7 +240,7 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
   release(pool, x.data);
   for (Tensor& value : values) if (!value.data.empty()) release(pool, value.data);
   const std::lock_guard<std::mutex> hold(m.pool_lock);
-  for (std::vector<float>& buffer : pool) m.pool.push_back(std::move(buffer));
+  for (Floats& buffer : pool) m.pool.push_back(std::move(buffer));
 }
 
 template <typename Fn>
@@ -378,6 +403,17 @@ int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t
     if (!model || !bit_planes || !integer) throw lowbit::argument("null model or count");
     *bit_planes = 0, *integer = 0;
     for (const lowbit::Step& step : model->steps) *bit_planes += step.binary != nullptr, *integer += step.int8 != nullptr;
+  });
+}
+
+int lowbit_fused_layers(const lowbit_model* model, int64_t* fused) {
+  return guarded([&] {
+    if (!model || !fused) throw lowbit::argument("null model or count");
+    *fused = 0;
+    for (const lowbit::Step& step : model->steps) {
+      *fused += step.packs_for != nullptr &&
+                lowbit::pick_sink_row(model->path, step.binary->planes, static_cast<int64_t>(step.binary->offset2.size())) != nullptr;
+    }
   });
 }
 

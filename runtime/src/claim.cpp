@@ -153,7 +153,8 @@ Decomposition decompose(const std::vector<double>& row) {
 // (|level_j - (low + step * j)| <= 1e-6 max |level|, computed as binary.py affine_levels does).
 bool coded_levels(const Node& act, std::vector<float>& levels) {
   if (act.op != "quant_act") return false;
-  levels = act.tensors.at("levels").data;
+  const Floats& stored = act.tensors.at("levels").data;
+  levels.assign(stored.begin(), stored.end());
   std::sort(levels.begin(), levels.end());
   const size_t count = levels.size();
   if (count < 2 || count > kMaxLevels || !(levels.back() > levels.front())) return false;

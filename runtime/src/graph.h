@@ -31,9 +31,31 @@ std::string shape_text(const Shape& shape);  // "[2, 16]", as Python prints a li
 
 // A float32 tensor owned by the runtime: row-major over `shape` (N, C, ...), or for a rank-4 shape with
 // channels_last set, stored (N, H, W, C) as the kernel layers write it (ops that take that layout keep it).
+// An allocator whose growth leaves new floats uninitialised: every op writes all of its output before anything reads
+// it, so a pooled buffer reused for a larger value costs no memset.
+template <typename T>
+struct Uninitialised : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = Uninitialised<U>;
+  };
+  Uninitialised() = default;
+  template <typename U>
+  Uninitialised(const Uninitialised<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using Floats = std::vector<float, Uninitialised<float>>;
+
 struct Tensor {
   Shape shape;
-  std::vector<float> data;
+  Floats data;
   bool channels_last = false;
 };
 
@@ -72,7 +94,7 @@ struct Attrs {
 // (its float values are decoded only where the float code needs them: decode()).
 struct Weight {
   Shape shape;                  // conv (Co, Ci/g, kh, kw), transposed conv (Ci, Co/g, kh, kw), linear (out, in)
-  std::vector<float> values;    // the stored float weight (empty for a packed one)
+  Floats values;                // the stored float weight (empty for a packed one)
   bool packed = false, affine = false, sparse = false;
   int64_t channel_dim = 0, levels = 0;
   int64_t inner = 1;            // packed: values in a run sharing one codebook row (the sizes after channel_dim)

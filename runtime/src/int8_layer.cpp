@@ -14,7 +14,8 @@ constexpr double kUniformSlack = 1e-3;  // in steps, as UNIFORM_SLACK in int8.py
 
 // lo, step and the bucket bounds of 3..256 evenly spaced levels; false for any other activation.
 bool uniform_levels(const Node& act, Int8Layer& l, double& step) {
-  std::vector<float> levels = act.tensors.at("levels").data;
+  const Floats& stored = act.tensors.at("levels").data;
+  std::vector<float> levels(stored.begin(), stored.end());
   std::sort(levels.begin(), levels.end());
   const size_t count = levels.size();
   if (count < 3 || count > 256) return false;

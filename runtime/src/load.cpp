@@ -485,7 +485,8 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
   const Json* bias = attrs.get("bias");
   if (bias && bias->kind == Json::Bool && bias->boolean) {
     const Shape expected{out_channels};
-    w.bias = float_tensor(node, own, "bias", &expected).data;
+    const Floats bias_values = float_tensor(node, own, "bias", &expected).data;
+    w.bias.assign(bias_values.begin(), bias_values.end());
   }
   if (format->text == "float") {
     w.values = float_tensor(node, own, "weight", &w.shape).data;

@@ -518,7 +518,8 @@ LOWBIT_VECTOR_CLONES void sign_run(const float* x, float* y, int64_t count) {
 // Nearest of the sorted levels (ties go down, as torch.bucketize), or sign(x) with sign(0) = +1 for {-1, +1};
 // applied to x - shift[c] when the node has a per-channel shift.
 void quant_act(const Node& node, const Tensor& input, Tensor& out) {
-  std::vector<float> levels = node.tensors.at("levels").data;
+  const Floats& stored = node.tensors.at("levels").data;
+  std::vector<float> levels(stored.begin(), stored.end());
   std::sort(levels.begin(), levels.end());
   const bool sign = levels.size() == 2 && levels[0] == -1.0f && levels[1] == 1.0f;
   std::vector<float> midpoints;
@@ -541,7 +542,7 @@ void unary(const Node& node, const Tensor& x, Tensor& out) {
 }
 
 void prelu(const Node& node, const Tensor& x, Tensor& out) {
-  const std::vector<float>& weight = node.tensors.at("weight").data;
+  const Floats& weight = node.tensors.at("weight").data;
   const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
   for (size_t k = 0; k < x.data.size(); ++k) {
     const float slope = weight.size() == 1 ? weight[0] : weight[static_cast<size_t>((static_cast<int64_t>(k) / inner) % channels)];
@@ -734,7 +735,7 @@ void mean(const Node& node, const Tensor& x, Tensor& out) {
 
 }  // namespace
 
-void subtract_shift(Tensor& x, const std::vector<float>& shift) {
+void subtract_shift(Tensor& x, const Floats& shift) {
   const int64_t channels = x.shape.size() > 1 ? x.shape[1] : 1, inner = inner_size(x.shape, 2);
   // Runs of `run` values share a channel (channels-last: runs of one, cycling through the channels).
   const int64_t run = x.channels_last ? 1 : inner, runs = static_cast<int64_t>(x.data.size()) / run;

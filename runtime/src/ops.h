@@ -20,7 +20,7 @@ void run_op(const Node& node, const std::vector<const Tensor*>& inputs, Tensor& 
 void prepare_float_layer(Node& node, const Shape& input);
 
 // x - shift[c] along dim 1 (a quant_act's per-channel shift), in place.
-void subtract_shift(Tensor& x, const std::vector<float>& shift);
+void subtract_shift(Tensor& x, const Floats& shift);
 
 // A (n, pixels, c) channels-last block of values as (n, c, pixels) at `out`.
 void channels_first(const float* nhwc, int64_t n, int64_t pixels, int64_t c, float* out);

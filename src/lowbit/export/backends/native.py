@@ -70,6 +70,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_set_threads.argtypes = [handle, ctypes.c_int]
     counts = ctypes.POINTER(ctypes.c_int64)
     lib.lowbit_kernel_layers.argtypes = [handle, counts, counts]
+    lib.lowbit_fused_layers.argtypes = [handle, counts]
     lib.lowbit_run.argtypes = [handle, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.lowbit_supported_paths.restype = ctypes.c_int64
     lib.lowbit_last_error.restype = ctypes.c_char_p
@@ -126,6 +127,13 @@ class NativeModel:
         if self._lib.lowbit_kernel_layers(self._handle, ctypes.byref(planes), ctypes.byref(integer)):
             raise ConfigError(self._error())
         return planes.value, integer.value
+
+    def fused_layers(self) -> int:
+        """Kernel layers of the plan writing the next layer's packed input (the fused threshold epilogue)."""
+        fused = ctypes.c_int64()
+        if self._lib.lowbit_fused_layers(self._handle, ctypes.byref(fused)):
+            raise ConfigError(self._error())
+        return fused.value
 
     def set_threads(self, threads: int) -> None:
         if self._lib.lowbit_set_threads(self._handle, threads):

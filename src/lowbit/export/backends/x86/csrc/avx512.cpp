@@ -87,20 +87,35 @@ __attribute__((target("avx512f"))) void pack_nhwc_avx512(const float* src, uint6
   }
 }
 
+// The sink's bits (kernels.h BitSink) of 8 channels from c whose float outputs are `value`: the product and the
+// comparison of pack_threshold_nhwc_avx512 on the stored floats.
+__attribute__((target("avx2"), always_inline)) inline uint64_t sink_mask8(const BitSink& s, int64_t c, __m256 value) {
+  const __m256 y = _mm256_mul_ps(value, _mm256_loadu_ps(s.signs + c)), t = _mm256_loadu_ps(s.thresholds + c);
+  const __m256 pass = s.ties_up ? _mm256_cmp_ps(y, t, _CMP_GE_OQ) : _mm256_cmp_ps(y, t, _CMP_GT_OQ);
+  return static_cast<unsigned>(_mm256_movemask_ps(pass));
+}
+
 // The combine of the register kernels for the channel block at c0: 8 doubles at a time, in row_generic's order.
+// With a sink the block's 8 * CV bits (a block never straddles a word) go into the pixel's word.
 template <int P, int CV>
 __attribute__((target("avx512f,avx512dq"), always_inline)) inline void combine_block(const ConvArgs& a,
                                                                                       const Pixel& pixel, int64_t c0,
                                                                                       const __m512i* acc) {
   const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
+  uint64_t set = 0;
   for (int v = 0; v < CV; ++v) {
     const int64_t c = c0 + 8 * v;
     __m512d r = _mm512_add_pd(_mm512_loadu_pd(pixel.base + c), _mm512_mul_pd(_mm512_loadu_pd(a.offset2 + c), pos));
     for (int b = 0; b < P; ++b) {
       r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * a.co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
     }
-    _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
+    if (a.sink == nullptr) {
+      _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
+    } else {
+      set |= sink_mask8(*a.sink, c, _mm512_cvtpd_ps(r)) << (8 * v);
+    }
   }
+  if (a.sink != nullptr) set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), set);
 }
 
 // AVX-512, co a multiple of 8: the counts of P planes x CV channel vectors (8 channels each) stay in
@@ -117,14 +132,17 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
   const int64_t blocks = co / (8 * CV);
   if (a.px_words == 1) {
     for (int64_t qw = 0; qw < f.n_qw; ++qw) {
-      const Pixel pixel = pixel_at(a, f, i, qh, qw, oh);
+      Pixel pixel = pixel_at(a, f, i, qh, qw, oh, false);
       for (int64_t cb = 0; cb < blocks; ++cb) {
         const int64_t c0 = cb * 8 * CV;
         __m512i acc[P * CV];
         for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
         const uint64_t* wrow = f.w_t + c0;
+        int64_t positives = 0;  // counted beside the vector work (scalar ports), again per block
         for (int64_t t = 0; t < taps; ++t, wrow += rp) {
-          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(pixel.px[offs[t]]));
+          const uint64_t word = pixel.px[offs[t]];
+          positives += __builtin_popcountll(word);
+          const __m512i xv = _mm512_set1_epi64(static_cast<long long>(word));
           for (int b = 0; b < P; ++b) {
             for (int v = 0; v < CV; ++v) {
               const __m512i wv = _mm512_loadu_si512(wrow + b * co + 8 * v);
@@ -132,6 +150,7 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
             }
           }
         }
+        pixel.positives = positives;
         combine_block<P, CV>(a, pixel, c0, acc);
       }
     }
@@ -412,6 +431,10 @@ LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
 }
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
+
+RowFn pick_sink_avx512(int64_t planes, int64_t co) {
+  return planes * co > kMaxLaneRows ? pick_avx512_regs(planes, co) : nullptr;
+}
 
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {
   const int64_t rows = planes * co;

@@ -200,7 +200,22 @@ std::string check_binary_conv(const BinaryConv& c) {
   return "";
 }
 
-void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& parallel) {
+PackGeometry input_padding(const BinaryConv& c) {
+  std::vector<Taps> taps;
+  parse_phases(c.phases, taps);
+  return padding_for(c, taps);
+}
+
+RowFn pick_sink_row(int64_t path, int64_t planes, int64_t co) {
+#if defined(__x86_64__)
+  if (path == kAvx512) return pick_sink_avx512(planes, co);
+  if (path == kAvx2) return pick_sink_avx2(planes, co);
+#endif
+  return nullptr;
+}
+
+void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& parallel, const uint64_t* packed,
+                     const BitSink* sink) {
   std::vector<Taps> taps;
   parse_phases(c.phases, taps);
   const PackGeometry g = padding_for(c, taps);
@@ -214,17 +229,19 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   // The bit image lives in a per-thread buffer reused across calls: no allocation (or page faults) per call.
   // (It is given back when a call needs under a quarter of a large one, e.g. after one huge batch.)
   thread_local std::vector<uint64_t> bits;
-  const auto needed = static_cast<size_t>(padded_words(c.x, g) * a.act_planes);
-  if (bits.capacity() > (size_t{1} << 20) && needed < bits.capacity() / 4) std::vector<uint64_t>().swap(bits);
-  bits.assign(needed, 0);
-  if (multi_level) {
-    pack_levels_into(c.x, c.levels, c.path, g, bits.data(), parallel);
-  } else {
-    pack_sign_into(c.x, c.path, g, bits.data(), parallel);
+  if (packed == nullptr) {
+    const auto needed = static_cast<size_t>(padded_words(c.x, g) * a.act_planes);
+    if (bits.capacity() > (size_t{1} << 20) && needed < bits.capacity() / 4) std::vector<uint64_t>().swap(bits);
+    bits.assign(needed, 0);
+    if (multi_level) {
+      pack_levels_into(c.x, c.levels, c.path, g, bits.data(), parallel);
+    } else {
+      pack_sign_into(c.x, c.path, g, bits.data(), parallel);
+    }
   }
   a.hp = c.x.h + g.pad_top + g.pad_bottom, a.wp = c.x.w + g.pad_left + g.pad_right;
-  a.x = bits.data();
-  a.coef2 = c.coef2, a.offset2 = c.offset2, a.base = c.base, a.out = out;
+  a.x = packed != nullptr ? packed : bits.data();
+  a.coef2 = c.coef2, a.offset2 = c.offset2, a.base = c.base, a.out = sink != nullptr ? nullptr : out, a.sink = sink;
 
   std::vector<PhaseInfo> infos;
   std::vector<RowFn> fns;
@@ -244,7 +261,8 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     max_words = std::max(max_words, f.words);
     max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
-    fns.push_back(pick_row(c.path, a.planes, a.co, a.wc, a.px_words, a.in_step_w));
+    fns.push_back(sink != nullptr ? pick_sink_row(c.path, a.planes, a.co)
+                                  : pick_row(c.path, a.planes, a.co, a.wc, a.px_words, a.in_step_w));
   }
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
   // One task per (image, qh): every phase's row qh, i.e. the output rows qh * out_step_h + ph, so no two

@@ -131,7 +131,17 @@ inline BaseMap per_pixel_base(const double* values, int64_t ho, int64_t wo, std:
 // nothing outside the arrays it was given.
 std::string check_binary_conv(const BinaryConv& call);
 
-// Runs a checked call, writing out (N, ho, wo, co) float32, channels-last.
-void run_binary_conv(const BinaryConv& call, float* out, const ParallelFor& parallel);
+// The zero padding of the bit image a call packs its input into (its taps' reach beyond the input).
+PackGeometry input_padding(const BinaryConv& call);
+
+// The kernel of `path` that writes a layer of `planes` weight planes and co outputs as a BitSink (the next
+// layer's packed input), or nullptr: that layer then writes float32 and its reader packs them.
+RowFn pick_sink_row(int64_t path, int64_t planes, int64_t co);
+
+// Runs a checked call, writing out (N, ho, wo, co) float32, channels-last; or, with `sink` (only where
+// pick_sink_row has a kernel), the sink's bits instead (out unused). Its input is call.x, packed here, or
+// `packed`: the bits an earlier call's sink wrote, padded by input_padding(call).
+void run_binary_conv(const BinaryConv& call, float* out, const ParallelFor& parallel, const uint64_t* packed = nullptr,
+                     const BitSink* sink = nullptr);
 
 }  // namespace lowbit

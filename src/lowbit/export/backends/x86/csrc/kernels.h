@@ -124,12 +124,32 @@ inline const char* check_base_map(const BaseMap& map, int64_t ho, int64_t wo) {
   return ho > 0 && wo > 0 && max_row + max_col >= map.entries ? "a base index is past the base values" : "";
 }
 
+// The fused threshold epilogue: a layer whose only reader is a binary layer packing it with one threshold per
+// channel writes that reader's packed input instead of float32 outputs. Bit c of output pixel p is set iff
+// signs[c] * float(value) >= thresholds[c] (> unless ties_up): the one-threshold packer's rule on the value the
+// layer would have stored, so the bits equal packing the float output.
+struct BitSink {
+  uint64_t* bits = nullptr;           // (N, hp, wp, ceil(Co / 64)) words, the output at (pad_top, pad_left), zero borders
+  const float* thresholds = nullptr;  // (Co)
+  const float* signs = nullptr;       // (Co) of +1 / -1
+  bool ties_up = true;
+  int64_t pad_top = 0, pad_left = 0, hp = 0, wp = 0;
+};
+
+// Sets the bits of output channels c0.. (one block of a register kernel, within one word) in a pixel's sink words:
+// the first block of a word writes it whole, so the sink's image needs zero borders only.
+inline void set_sink_bits(uint64_t* bits, uint64_t c0, uint64_t set) {
+  uint64_t& word = bits[c0 / 64];
+  word = c0 % 64 == 0 ? set : word | set << (c0 % 64);
+}
+
 struct ConvArgs {
   const uint64_t* x;     // zero-padded bits (N, hp, wp, act_planes, wc): activation bit plane b at word b * wc
   const double* coef2;   // (planes, co)
   const double* offset2; // (co)
   BaseMap base;          // per pixel (Ho, Wo) a co-vector: bias - layer(all-ones input)
-  float* out;            // (N, Ho, Wo, co): channels-last, one contiguous store per pixel
+  float* out;            // (N, Ho, Wo, co): channels-last, one contiguous store per pixel (nullptr with a sink)
+  const BitSink* sink = nullptr;  // the register kernels' other output: the next layer's bits instead of `out`
   int64_t hp, wp, wc, ho, wo, co, planes, rows_padded;
   int64_t in_step_h, in_step_w, out_step_h, out_step_w;
   int64_t act_planes = 1;  // activation bit planes A: every count is sum_b 2^b popcount(.. & plane_b)
@@ -166,20 +186,28 @@ inline const uint64_t* patch_origin(const ConvArgs& a, int64_t i, int64_t qh, in
   return a.x + ((i * a.hp + qh * a.in_step_h) * a.wp + qw * a.in_step_w) * a.px_words;
 }
 
-// One output pixel of the register kernels: its patch origin in the padded input, its base and output
-// rows, and the set bits of its patch words (the ``positives`` of the combine).
+// One output pixel of the register kernels: its patch origin in the padded input, its base, its output row
+// (or its words in the sink's bit image), and the set bits of its patch words (the ``positives`` of the combine).
 struct Pixel {
   const uint64_t* px;
   const double* base;
   float* out;
+  uint64_t* bits;
   int64_t positives;
 };
 
+// `count`: whether to count the positives here (a kernel may count them in its own tap loop instead).
 LOWBIT_POPCNT_TARGET inline Pixel pixel_at(const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh,
-                                           int64_t qw, int64_t oh) {
+                                           int64_t qw, int64_t oh, bool count = true) {
   const int64_t ow = qw * a.out_step_w + f.pw;
-  Pixel p{patch_origin(a, i, qh, qw), a.base.at(oh, ow, a.co),
-          a.out + ((i * a.ho + oh) * a.wo + ow) * a.co, 0};
+  Pixel p{patch_origin(a, i, qh, qw), a.base.at(oh, ow, a.co), nullptr, nullptr, 0};
+  if (a.sink == nullptr) {
+    p.out = a.out + ((i * a.ho + oh) * a.wo + ow) * a.co;
+  } else {
+    const BitSink& s = *a.sink;
+    p.bits = s.bits + ((i * s.hp + oh + s.pad_top) * s.wp + ow + s.pad_left) * ((a.co + 63) / 64);
+  }
+  if (!count) return p;
   for (int64_t b = a.act_planes - 1; b >= 0; --b) {  // Horner: positives = sum_b 2^b popcount(plane b)
     p.positives *= 2;
     for (const int64_t off : f.offs) {
@@ -405,6 +433,9 @@ RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t px_words, int64_t in_s
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
+// The kernel pick_row chooses for this shape when it writes a BitSink (the register kernels), else nullptr.
+RowFn pick_sink_avx2(int64_t planes, int64_t co);
+RowFn pick_sink_avx512(int64_t planes, int64_t co);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
 // P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1..4.
