@@ -19,15 +19,26 @@ inline uint64_t byte_bits(uint64_t x, int bit) {
   return (((x >> bit) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
 }
 
+// Where each kernel tap (y, z) lies: (its phase, its tap index there); phase -1 where none.
+using TapPlaces = std::vector<std::pair<int64_t, int64_t>>;
+
+// Whether a weight's codes are its one bit plane: two levels, plane masks 0 and 1 (a 1-bit affine weight).
+bool codes_are_the_plane(const Weight& w, const std::vector<uint64_t>& masks, int64_t planes) {
+  if (w.levels != 2 || planes != 1) return false;
+  for (size_t k = 0; k < masks.size(); ++k) if (masks[k] != k % 2) return false;
+  return true;
+}
+
 // Each phase's weights as word-major rows: row p * Co + c of tap t, word j holds plane p of input channels
 // 64j..64j+63 of channel c at that tap. Per (channel, kernel tap), eight planes at a time: the input channels'
-// plane bits as a byte column, then each word from eight 8-byte loads (little-endian hosts).
-void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>& masks) {
+// plane bits as a byte column, then each word from eight 8-byte loads (little-endian hosts). Returns the taps'
+// places.
+TapPlaces build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>& masks) {
   const Weight& w = b.layer->weight;
   const int64_t wc = (g.ci + 63) / 64, rows = b.planes * g.co;
   b.rows_padded = (rows + 7) / 8 * 8;
   // Every kernel tap (y, z) lies in one phase: (phase, its tap index there).
-  std::vector<std::pair<int64_t, int64_t>> place(static_cast<size_t>(g.kh * g.kw), {-1, 0});
+  TapPlaces place(static_cast<size_t>(g.kh * g.kw), {-1, 0});
   const std::vector<PhaseTaps> phases = layer_phases(*b.layer, g, b.phases, b.steps);
   for (size_t ph = 0; ph < phases.size(); ++ph) {
     const std::vector<int64_t>&kh = phases[ph].kh, &kw = phases[ph].kw;
@@ -40,6 +51,7 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>
   }
   std::vector<uint8_t> column(static_cast<size_t>(wc * 64), 0);  // zero past g.ci
   const uint8_t* all_codes = unpacked_codes(w);
+  const bool own_plane = codes_are_the_plane(w, masks, b.planes);  // the code is the bit: no mask lookups
   for (int64_t c = 0; c < g.co; ++c) {
     const uint64_t* mask = masks.data() + c * w.levels;
     for (int64_t k = 0; k < g.kh * g.kw; ++k) {
@@ -48,7 +60,11 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>
       uint64_t* w_t = b.w_ts[static_cast<size_t>(phase)].data();
       const uint8_t* codes = all_codes + g.index(c, 0, k / g.kw, k % g.kw);
       for (int64_t first = 0; first < b.planes; first += 8) {
-        for (int64_t i = 0; i < g.ci; ++i) column[static_cast<size_t>(i)] = static_cast<uint8_t>(mask[codes[i * g.step_ci]] >> first);
+        if (own_plane) {
+          for (int64_t i = 0; i < g.ci; ++i) column[static_cast<size_t>(i)] = codes[i * g.step_ci];
+        } else {
+          for (int64_t i = 0; i < g.ci; ++i) column[static_cast<size_t>(i)] = static_cast<uint8_t>(mask[codes[i * g.step_ci]] >> first);
+        }
         const int64_t last = std::min<int64_t>(b.planes, first + 8);
         for (int64_t j = 0; j < wc; ++j) {
           uint64_t bytes[8];
@@ -62,6 +78,27 @@ void build_phases(BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>
       }
     }
   }
+  return place;
+}
+
+// Per (output channel, kernel tap) the codes 1 of a two-level weight whose codes are their own bit plane (one
+// plane, masks 0 and 1), as popcounts of the kernel rows build_phases wrote (bits past Ci are zero); empty for any
+// other weight, or when a tap lies in no phase.
+std::vector<int64_t> ones_per_tap(const BinaryLayer& b, const Geometry& g, const std::vector<uint64_t>& masks,
+                                  const TapPlaces& place) {
+  if (!codes_are_the_plane(b.layer->weight, masks, b.planes)) return {};
+  const int64_t wc = (g.ci + 63) / 64, taps = g.kh * g.kw;
+  std::vector<int64_t> ones(static_cast<size_t>(g.co * taps), 0);
+  for (int64_t k = 0; k < taps; ++k) {
+    const auto [phase, tap] = place[static_cast<size_t>(k)];
+    if (phase < 0) return {};
+    const uint64_t* w_t = b.w_ts[static_cast<size_t>(phase)].data();
+    for (int64_t j = 0; j < wc; ++j) {
+      const uint64_t* row = w_t + (tap * wc + j) * b.rows_padded;
+      for (int64_t c = 0; c < g.co; ++c) ones[static_cast<size_t>(c * taps + k)] += __builtin_popcountll(row[c]);
+    }
+  }
+  return ones;
 }
 
 }  // namespace
@@ -107,15 +144,21 @@ bool exact_sums(const float* row, int64_t levels, int64_t n) {
 // over the counts of the codes (bit-identical, as every sum is exact; no float copy of the weight); else the
 // weight is decoded and summed in order. Either reads the weight in storage order, (outer, middle, tap) with
 // (outer, middle) = (Co, Ci) or a transposed conv's (Ci, Co), a (middle, tap) block at a time.
-std::vector<double> tap_sums(const Weight& w, const Geometry& g, bool transposed) {
+// `ones`, when given, holds per (output channel, tap) how many of its codes are 1 in a two-level weight (counted
+// from the kernels' bit rows, ones_per_tap): the counts then need no pass over the codes.
+std::vector<double> tap_sums(const Weight& w, const Geometry& g, bool transposed, const std::vector<int64_t>* ones) {
   const int64_t taps = g.kh * g.kw, outer = transposed ? g.ci : g.co, middle = transposed ? g.co : g.ci;
   std::vector<double> sums(static_cast<size_t>(g.co * taps), 0.0);
   bool counted = w.packed && !w.sparse && w.channel_dim == (transposed ? 1 : 0) && w.levels <= g.ci;
   for (int64_t c = 0; counted && c < g.co; ++c) counted = exact_sums(w.codebook.data() + c * w.levels, w.levels, g.ci);
   if (counted) {
     std::vector<int32_t> count(static_cast<size_t>(g.co * taps * w.levels), 0);
-    std::vector<uint8_t> codes(static_cast<size_t>(middle * taps));
-    for (int64_t a = 0; a < outer; ++a) {
+    for (int64_t k = 0; ones != nullptr && k < g.co * taps; ++k) {
+      const auto one = static_cast<int32_t>((*ones)[static_cast<size_t>(k)]);
+      count[static_cast<size_t>(2 * k)] = static_cast<int32_t>(g.ci) - one, count[static_cast<size_t>(2 * k + 1)] = one;
+    }
+    std::vector<uint8_t> codes(static_cast<size_t>(ones != nullptr ? 0 : middle * taps));
+    for (int64_t a = 0; ones == nullptr && a < outer; ++a) {
       w.unpack(a * middle * taps, middle * taps, codes.data());
       for (int64_t m = 0; m < middle; ++m) {
         int32_t* slot = count.data() + (transposed ? m : a) * taps * w.levels;
@@ -162,11 +205,12 @@ std::vector<size_t> tap_classes(const Geometry& g, int dim, bool transposed, int
 // bias + c * (the layer on an all-ones input of the packed size) in float64, one Co-vector per border class. An
 // output pixel sums the weights of its linked taps (row-major over taps, as the direct sum); pixels with the same
 // linked taps (a row class x a column class) share one entry, so nothing is stored per pixel.
-AllOnesBase all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out) {
+AllOnesBase all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out,
+                          const std::vector<int64_t>* ones) {
   const Geometry g = geometry(node);
   const int64_t h = packed[1], w = packed[2], ho = out[0], wo = out[1];
   const bool transposed = node.op == "conv_transpose2d";
-  const std::vector<double> tap_sum = tap_sums(node.weight, g, transposed);
+  const std::vector<double> tap_sum = tap_sums(node.weight, g, transposed, ones);
   std::vector<std::vector<int64_t>> rows, cols;
   const std::vector<size_t> row_of = tap_classes(g, 0, transposed, ho, h, rows);
   const std::vector<size_t> col_of = tap_classes(g, 1, transposed, wo, w, cols);
@@ -288,9 +332,11 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index) {
   for (double& v : coef) v *= a_term;
   for (double& v : offset) v *= a_term;
   b->coef2 = coef, b->offset2 = offset;
-  build_phases(*b, g, masks);
+  const TapPlaces place = build_phases(*b, g, masks);
   const Shape& out = node.out_shape;
-  b->base = all_ones_base(node, b->packed, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]});
+  const std::vector<int64_t> ones = ones_per_tap(*b, g, masks, place);
+  b->base = all_ones_base(node, b->packed, c_term, node.op == "linear" ? Shape{1, 1} : Shape{out[1], out[2]},
+                          ones.empty() ? nullptr : &ones);
   b->input_pad = input_padding(binary_call(*b, 1, kScalar));
   return b;
 }

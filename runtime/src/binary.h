@@ -69,7 +69,9 @@ std::vector<PhaseTaps> layer_phases(const Node& node, const Geometry& g, std::ve
 
 // bias + c_term * (the layer on an all-ones input of the packed (C, H, W) size) for the (Ho, Wo) output pixels,
 // in float64, one Co-vector per border class: the input-independent term of the binary and the integer path.
-AllOnesBase all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out);
+// `ones`: per (output channel, tap) the codes 1 of a two-level weight, when the caller has counted them.
+AllOnesBase all_ones_base(const Node& node, const Shape& packed, double c_term, const Shape& out,
+                          const std::vector<int64_t>* ones = nullptr);
 
 // The activation a kernel layer reads through: a quant_act, the commuting ops (reflect / replicate pads, nearest
 // resizes, reshapes before a linear layer) in between, the node it reads (-1: the graph input) and the

@@ -288,10 +288,14 @@ void rows_times_weight(const Weight& weight, const float* x, int64_t rows, int64
   sgemm(a, b.columns, [&](int64_t col0, int64_t, float*, int64_t, const float** rows) { b.tile_rows(col0, rows); },
         [&](int64_t col0, int64_t count, const float* block, int64_t width) {
           for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t j = 0; j < count; ++j) {
-              out[r * b.columns + col0 + j] = block[r * width + j] + bias_of(weight, (col0 + j) / per_bias);
+            float* dst = out + r * b.columns + col0;
+            const float* src = block + r * width;
+            if (weight.bias.empty()) {  // a plain copy (a generator's latent layer mostly has no bias)
+              std::copy_n(src, count, dst);
+            } else {
+              for (int64_t j = 0; j < count; ++j) dst[j] = src[j] + weight.bias[static_cast<size_t>((col0 + j) / per_bias)];
             }
-            activate(then, out + r * b.columns + col0, out + r * b.columns + col0, count);
+            activate(then, dst, dst, count);
           }
         },
         parallel);
