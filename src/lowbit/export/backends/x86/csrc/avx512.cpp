@@ -183,6 +183,44 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
   }
 }
 
+// AVX-512, at most 32 input channels (one word per pixel whose upper half is zero), co a multiple of 16 * CV:
+// the rows as 32-bit words (PhaseInfo::w32), so one popcount counts 16 channels where the 64-bit rows count 8
+// (pruned and narrow layers). The counts widen to 64-bit lanes for combine_block: the same combine, bit for bit.
+template <int P, int CV>
+__attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_half(
+    const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
+  const int64_t co = a.co, rp = a.rows_padded, taps = static_cast<int64_t>(f.offs.size());
+  const int64_t oh = qh * a.out_step_h + f.ph;
+  const int64_t* offs = f.offs.data();
+  for (int64_t qw = 0; qw < f.n_qw; ++qw) {
+    Pixel pixel = pixel_at(a, f, i, qh, qw, oh, false);
+    for (int64_t c0 = 0; c0 < co; c0 += 16 * CV) {
+      __m512i acc[P * CV];
+      for (int j = 0; j < P * CV; ++j) acc[j] = _mm512_setzero_si512();
+      const uint32_t* wrow = f.w32.data() + c0;
+      int64_t positives = 0;
+      for (int64_t t = 0; t < taps; ++t, wrow += rp) {
+        const uint64_t word = pixel.px[offs[t]];
+        positives += __builtin_popcountll(word);
+        const __m512i xv = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(word)));
+        for (int b = 0; b < P; ++b) {
+          for (int v = 0; v < CV; ++v) {
+            const __m512i wv = _mm512_loadu_si512(wrow + b * co + 16 * v);
+            acc[b * CV + v] = _mm512_add_epi32(acc[b * CV + v], _mm512_popcnt_epi32(_mm512_and_si512(wv, xv)));
+          }
+        }
+      }
+      pixel.positives = positives;
+      __m512i wide[P * 2 * CV];
+      for (int j = 0; j < P * CV; ++j) {
+        wide[2 * j] = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j]));
+        wide[2 * j + 1] = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j], 1));
+      }
+      combine_block<P, 2 * CV>(a, pixel, c0, wide);
+    }
+  }
+}
+
 __attribute__((target("avx512f,avx512vpopcntdq"))) void lane_counts_avx512(const uint64_t* patch,
                                                                            const uint64_t* w_t, int64_t words,
                                                                            int64_t rows_padded, int64_t rows,
@@ -431,6 +469,17 @@ LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
 }
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
+
+RowFn pick_half_avx512(int64_t planes, int64_t co) {
+  if (planes * co <= kMaxLaneRows || co % 32 != 0) return nullptr;  // the lane kernels' shapes; 32-channel blocks
+  switch (planes) {
+    case 1: return row_avx512_half<1, 2>;
+    case 2: return row_avx512_half<2, 2>;
+    case 3: return row_avx512_half<3, 2>;
+    case 4: return row_avx512_half<4, 2>;
+    default: return nullptr;
+  }
+}
 
 RowFn pick_sink_avx512(int64_t planes, int64_t co) {
   return planes * co > kMaxLaneRows ? pick_avx512_regs(planes, co) : nullptr;

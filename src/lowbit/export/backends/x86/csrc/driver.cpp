@@ -247,6 +247,11 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   std::vector<RowFn> fns;
   int64_t max_qh = 0, max_words = 0;
   const bool few_rows = a.planes * a.co <= kMaxLaneRows;
+#if defined(__x86_64__)
+  const bool half = c.path == kAvx512 && c.x.c <= 32 && a.act_planes == 1;  // pick_half_avx512's inputs
+#else
+  const bool half = false;
+#endif
   for (size_t k = 0; k < taps.size(); ++k) {
     const Taps& t = taps[k];
     PhaseInfo f;
@@ -258,11 +263,16 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
     if (few_rows && c.path == kAvx512) f.base_lanes = lane_base(a, f);  // read by the AVX-512 lane kernels only
+    RowFn fn = half ? pick_half_avx512(a.planes, a.co) : nullptr;
+    if (fn != nullptr) f.w32.assign(f.w_t, f.w_t + f.words * a.rows_padded);  // the low half of every row word
     max_words = std::max(max_words, f.words);
     max_qh = std::max(max_qh, f.n_qh);
     infos.push_back(std::move(f));
-    fns.push_back(sink != nullptr ? pick_sink_row(c.path, a.planes, a.co)
-                                  : pick_row(c.path, a.planes, a.co, a.wc, a.px_words, a.in_step_w));
+    if (fn == nullptr) {
+      fn = sink != nullptr ? pick_sink_row(c.path, a.planes, a.co)
+                           : pick_row(c.path, a.planes, a.co, a.wc, a.px_words, a.in_step_w);
+    }
+    fns.push_back(fn);
   }
   const int64_t patch_words = max_words * (few_rows ? kLanes : 1);
   // One task per (image, qh): every phase's row qh, i.e. the output rows qh * out_step_h + ph, so no two

@@ -158,6 +158,7 @@ struct ConvArgs {
 
 struct PhaseInfo {
   const uint64_t* w_t;        // (words, rows_padded), rows = plane * co + channel
+  std::vector<uint32_t> w32;  // inputs of at most 32 channels on AVX-512: the low halves of w_t (row_avx512_half)
   std::vector<int64_t> offs;  // word offset of every tap (t, u) from the patch's top-left padded pixel
   std::vector<double> base_lanes;  // few-row layers: the phase's base as (n_qh, co, n_qw), a row's lanes contiguous
   int64_t ph, pw, n_qh, n_qw, words;
@@ -435,6 +436,10 @@ RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w)
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 // The kernel pick_row chooses for this shape when it writes a BitSink (the register kernels), else nullptr.
 RowFn pick_sink_avx2(int64_t planes, int64_t co);
+// AVX-512 for inputs of at most 32 channels and one activation plane: 16 channels a popcount on 32-bit rows
+// (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 with more than kMaxLaneRows rows.
+// Writes sinks too.
+RowFn pick_half_avx512(int64_t planes, int64_t co);
 RowFn pick_sink_avx512(int64_t planes, int64_t co);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
