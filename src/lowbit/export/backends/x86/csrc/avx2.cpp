@@ -109,14 +109,6 @@ __attribute__((target("avx2"))) void pack_nhwc_avx2(const float* src, uint64_t* 
   }
 }
 
-// The sink's bits (kernels.h BitSink) of 4 channels from c whose float outputs are `value`: the product and the
-// comparison of the one-threshold packers on the stored floats.
-__attribute__((target("avx2"), always_inline)) inline uint64_t sink_mask4(const BitSink& s, int64_t c, __m128 value) {
-  const __m128 y = _mm_mul_ps(value, _mm_loadu_ps(s.signs + c)), t = _mm_loadu_ps(s.thresholds + c);
-  const __m128 pass = s.ties_up ? _mm_cmp_ps(y, t, _CMP_GE_OQ) : _mm_cmp_ps(y, t, _CMP_GT_OQ);
-  return static_cast<unsigned>(_mm_movemask_ps(pass));
-}
-
 // AVX2 version of row_avx512_regs: 4 channels per register, P x CV <= 4 accumulators. The pshufb
 // nibble popcounts of one block add up as bytes over up to 31 patch words (8 per word per byte, so no
 // overflow) and are summed to 64-bit lanes (sad_epu8) once per 31 words; AVX2 has no int64 -> double
@@ -138,7 +130,6 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
     const __m256d pos = _mm256_set1_pd(static_cast<double>(pixel.positives));
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const int64_t c0 = cb * 4 * CV;
-      uint64_t set = 0;  // with a sink: the block's bits
       __m256i acc[P * CV], bytes[P * CV];
       for (int j = 0; j < P * CV; ++j) acc[j] = bytes[j] = zero;
       for (int64_t plane = a.act_planes - 1; plane >= 0; --plane) {  // Horner over the activation planes
@@ -180,13 +171,8 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
               _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(count, low_dwords)));
           r = _mm256_add_pd(r, _mm256_mul_pd(_mm256_loadu_pd(a.coef2 + b * co + c), cd));
         }
-        if (a.sink == nullptr) {
-          _mm_storeu_ps(pixel.out + c, _mm256_cvtpd_ps(r));
-        } else {
-          set |= sink_mask4(*a.sink, c, _mm256_cvtpd_ps(r)) << (4 * v);
-        }
+        _mm_storeu_ps(pixel.out + c, _mm256_cvtpd_ps(r));
       }
-      if (a.sink != nullptr) set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), set);
     }
   }
 }
@@ -300,10 +286,6 @@ __attribute__((target("avx2"))) void pack_levels_nhwc_avx2(const float* src, uin
 LevelPackFn level_pack_fn_avx2(bool nchw) { return nchw ? pack_levels_nchw_avx2 : pack_levels_nhwc_avx2; }
 
 PackFn pack_fn_avx2(bool nchw) { return nchw ? pack_nchw_avx2 : pack_nhwc_avx2; }
-
-RowFn pick_sink_avx2(int64_t planes, int64_t co) {
-  return planes * co > kMaxLaneRows ? pick_avx2_regs(planes, co) : nullptr;
-}
 
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t /*px_words*/, int64_t /*in_step_w*/) {
   const int64_t rows = planes * co;

@@ -95,6 +95,10 @@ __attribute__((target("avx2"), always_inline)) inline uint64_t sink_mask8(const 
   return static_cast<unsigned>(_mm256_movemask_ps(pass));
 }
 
+// Blocks of at least this many 8-channel vectors write sinks (Co a multiple of 32: every generator layer the
+// benchmarks fuse); narrower blocks do not carry the sink code (16 KB over every instantiation).
+constexpr int kSinkVectors = 4;
+
 // The combine of the register kernels for the channel block at c0: 8 doubles at a time, in row_generic's order.
 // With a sink the block's 8 * CV bits (a block never straddles a word) go into the pixel's word.
 template <int P, int CV>
@@ -109,13 +113,13 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline void combine_b
     for (int b = 0; b < P; ++b) {
       r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * a.co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
     }
-    if (a.sink == nullptr) {
+    if (CV < kSinkVectors || a.sink == nullptr) {
       _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
     } else {
       set |= sink_mask8(*a.sink, c, _mm512_cvtpd_ps(r)) << (8 * v);
     }
   }
-  if (a.sink != nullptr) set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), set);
+  if (CV >= kSinkVectors && a.sink != nullptr) set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), set);
 }
 
 // AVX-512, co a multiple of 8: the counts of P planes x CV channel vectors (8 channels each) stay in
@@ -482,7 +486,8 @@ RowFn pick_half_avx512(int64_t planes, int64_t co) {
 }
 
 RowFn pick_sink_avx512(int64_t planes, int64_t co) {
-  return planes * co > kMaxLaneRows ? pick_avx512_regs(planes, co) : nullptr;
+  // co % 32: the register kernels then take blocks of kSinkVectors or more vectors (LOWBIT_PICK_REGS, <= 4 planes)
+  return planes * co > kMaxLaneRows && co % (8 * kSinkVectors) == 0 ? pick_avx512_regs(planes, co) : nullptr;
 }
 
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w) {

@@ -209,7 +209,6 @@ PackGeometry input_padding(const BinaryConv& c) {
 RowFn pick_sink_row(int64_t path, int64_t planes, int64_t co) {
 #if defined(__x86_64__)
   if (path == kAvx512) return pick_sink_avx512(planes, co);
-  if (path == kAvx2) return pick_sink_avx2(planes, co);
 #endif
   return nullptr;
 }

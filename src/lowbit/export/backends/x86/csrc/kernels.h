@@ -434,12 +434,12 @@ RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t px_words, int64_t in_s
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
-// The kernel pick_row chooses for this shape when it writes a BitSink (the register kernels), else nullptr.
-RowFn pick_sink_avx2(int64_t planes, int64_t co);
 // AVX-512 for inputs of at most 32 channels and one activation plane: 16 channels a popcount on 32-bit rows
 // (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 with more than kMaxLaneRows rows.
 // Writes sinks too.
 RowFn pick_half_avx512(int64_t planes, int64_t co);
+// The kernel pick_row chooses for this shape when it writes a BitSink (AVX-512's register kernels, co a multiple
+// of 32), else nullptr.
 RowFn pick_sink_avx512(int64_t planes, int64_t co);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
