@@ -435,8 +435,8 @@ RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_ste
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 // AVX-512 for inputs of at most 32 channels and one activation plane: 16 channels a popcount on 32-bit rows
-// (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 with more than kMaxLaneRows rows.
-// Writes sinks too.
+// (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 with more than kMaxLaneRows rows
+// and the weights have 1 or 4 planes. Writes sinks too.
 RowFn pick_half_avx512(int64_t planes, int64_t co);
 // The kernel pick_row chooses for this shape when it writes a BitSink (AVX-512's register kernels, co a multiple
 // of 32), else nullptr.
