@@ -506,33 +506,40 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
 }
 
 // The tensors each op must / may have (as lowbit.export.validate.SCHEMA).
+// The float32 tensors each op reads (required, then optional), as a constant table: no start-up code builds
+// it (a table of std::string vectors was 5 KB of initialisation code). Unused entries are null.
+constexpr int kMaxTensorFields = 6;
+using TensorFields = const char* const[kMaxTensorFields];
+
 struct TensorSchema {
   const char* op;
-  std::vector<std::string> required, optional;
+  const char* required[kMaxTensorFields];
+  const char* optional[kMaxTensorFields];
 };
 
-const std::vector<TensorSchema>& schemas() {
-  static const std::vector<TensorSchema> table = {
-      {"conv2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
-      {"conv_transpose2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
-      {"linear", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
-      {"batch_norm", {"running_mean", "running_var"}, {"weight", "bias"}},
-      {"instance_norm", {}, {"running_mean", "running_var", "weight", "bias"}},
-      {"layer_norm", {}, {"weight", "bias"}},
-      {"group_norm", {}, {"weight", "bias"}},
-      {"quant_act", {"levels"}, {"shift"}},
-      {"prelu", {"weight"}, {}},
-      {"rprelu", {"shift_in", "slope", "shift_out"}, {}},
-      {"constant", {"value"}, {}},
-      {"relu", {}, {}}, {"tanh", {}, {}}, {"sigmoid", {}, {}}, {"silu", {}, {}}, {"leaky_relu", {}, {}},
-      {"elu", {}, {}}, {"gelu", {}, {}}, {"hardtanh", {}, {}}, {"pad", {}, {}}, {"interpolate", {}, {}},
-      {"pixel_shuffle", {}, {}}, {"reshape", {}, {}}, {"permute", {}, {}}, {"cat", {}, {}}, {"add", {}, {}},
-      {"sub", {}, {}}, {"mul", {}, {}}, {"div", {}, {}}, {"mean", {}, {}}};
-  return table;
+constexpr TensorSchema kSchemas[] = {
+    {"conv2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
+    {"conv_transpose2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
+    {"linear", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
+    {"batch_norm", {"running_mean", "running_var"}, {"weight", "bias"}},
+    {"instance_norm", {}, {"running_mean", "running_var", "weight", "bias"}},
+    {"layer_norm", {}, {"weight", "bias"}},
+    {"group_norm", {}, {"weight", "bias"}},
+    {"quant_act", {"levels"}, {"shift"}},
+    {"prelu", {"weight"}, {}},
+    {"rprelu", {"shift_in", "slope", "shift_out"}, {}},
+    {"constant", {"value"}, {}},
+    {"relu", {}, {}}, {"tanh", {}, {}}, {"sigmoid", {}, {}}, {"silu", {}, {}}, {"leaky_relu", {}, {}},
+    {"elu", {}, {}}, {"gelu", {}, {}}, {"hardtanh", {}, {}}, {"pad", {}, {}}, {"interpolate", {}, {}},
+    {"pixel_shuffle", {}, {}}, {"reshape", {}, {}}, {"permute", {}, {}}, {"cat", {}, {}}, {"add", {}, {}},
+    {"sub", {}, {}}, {"mul", {}, {}}, {"div", {}, {}}, {"mean", {}, {}}};
+
+bool lists(const TensorFields& fields, const std::string& name) {
+  return std::any_of(std::begin(fields), std::end(fields), [&](const char* field) { return field && name == field; });
 }
 
 const TensorSchema& schema_of(const std::string& name, const std::string& op) {
-  for (const TensorSchema& schema : schemas()) {
+  for (const TensorSchema& schema : kSchemas) {
     if (op == schema.op) return schema;
   }
   throw Error(LOWBIT_ERROR_FORMAT, "node '" + name + "' has unknown op '" + op.substr(0, 40) +
@@ -542,10 +549,7 @@ const TensorSchema& schema_of(const std::string& name, const std::string& op) {
 void read_tensors(Node& node, const Json& attrs, const std::map<std::string, Stored>& own) {
   const TensorSchema& schema = schema_of(node.name, node.op);
   for (const auto& item : own) {
-    const auto& req = schema.required;
-    const auto& opt = schema.optional;
-    if (std::find(req.begin(), req.end(), item.first) == req.end() &&
-        std::find(opt.begin(), opt.end(), item.first) == opt.end()) {
+    if (!lists(schema.required, item.first) && !lists(schema.optional, item.first)) {
       throw bad_node(node.name, "unexpected tensor '" + item.first + "'");
     }
   }
@@ -553,9 +557,11 @@ void read_tensors(Node& node, const Json& attrs, const std::map<std::string, Sto
     read_weight(node, attrs, own);
     return;
   }
-  for (const std::string& field : schema.required) node.tensors[field] = float_tensor(node, own, field);
-  for (const std::string& field : schema.optional) {
-    if (own.count(field)) node.tensors[field] = float_tensor(node, own, field);
+  for (const char* field : schema.required) {
+    if (field) node.tensors[field] = float_tensor(node, own, field);
+  }
+  for (const char* field : schema.optional) {
+    if (field && own.count(field)) node.tensors[field] = float_tensor(node, own, field);
   }
   if (node.op == "quant_act") {
     const Tensor& levels = node.tensors["levels"];
