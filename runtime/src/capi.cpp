@@ -40,9 +40,10 @@ struct Step {
 // Runs body over [0, n) on the calling thread and up to threads - 1 workers of the kernels' persistent pool
 // (driver.h pool_parallel: no thread started per section; every task writes its own outputs, so results do
 // not depend on the thread count).
-ParallelFor thread_pool(int threads) {
-  return [threads](int64_t n, const ParallelBody& body) { pool_parallel(threads, n, body); };
-}
+struct ThreadPool {
+  int threads;
+  void operator()(int64_t n, const ParallelBody& body) const { pool_parallel(threads, n, body); }
+};
 
 }  // namespace
 }  // namespace lowbit
@@ -184,7 +185,8 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
   acquire(pool, x.data, static_cast<size_t>(numel(x.shape)));
   std::copy(input, input + numel(x.shape), x.data.begin());
   std::vector<Tensor> values(m.graph.nodes.size());
-  const ParallelFor parallel = thread_pool(m.threads);
+  const ThreadPool workers{m.threads};
+  const ParallelFor parallel = workers;
   for (size_t s = 0; s < m.steps.size(); ++s) {
     const Step& step = m.steps[s];
     const Node& node = m.graph.nodes[static_cast<size_t>(step.node)];

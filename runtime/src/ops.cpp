@@ -904,9 +904,10 @@ void to_channels_first(const Tensor& x, Tensor& out) {
 }
 
 const ParallelFor& serial() {
-  static const ParallelFor one = [](int64_t n, const ParallelBody& body) {
+  static constexpr auto run_serially = [](int64_t n, const ParallelBody& body) {
     if (n > 0) body(0, n);
   };
+  static const ParallelFor one = run_serially;
   return one;
 }
 
