@@ -511,36 +511,43 @@ void read_weight(Node& node, const Json& attrs, const std::map<std::string, Stor
 }
 
 // The tensors each op must / may have (as lowbit.export.validate.SCHEMA).
-// The float32 tensors each op reads (required, then optional), as a constant table: no start-up code builds
-// it (a table of std::string vectors was 5 KB of initialisation code). Unused entries are null.
-constexpr int kMaxTensorFields = 6;
-using TensorFields = const char* const[kMaxTensorFields];
+// The float32 tensors each op reads (required, then optional), as constant tables without pointers to relocate:
+// no start-up code builds them (a table of std::string vectors was 5 KB of initialisation code). A schema names
+// its two field lists by index into kFieldLists (space-separated tensor names).
+constexpr const char* kFieldLists[] = {"",
+                                       "weight codes mask affine codebook bias",
+                                       "running_mean running_var",
+                                       "weight bias",
+                                       "running_mean running_var weight bias",
+                                       "levels",
+                                       "shift",
+                                       "weight",
+                                       "shift_in slope shift_out",
+                                       "value"};
 
 struct TensorSchema {
-  const char* op;
-  const char* required[kMaxTensorFields];
-  const char* optional[kMaxTensorFields];
+  char op[20];
+  uint8_t required, optional;  // indices into kFieldLists
 };
 
 constexpr TensorSchema kSchemas[] = {
-    {"conv2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
-    {"conv_transpose2d", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
-    {"linear", {}, {"weight", "codes", "mask", "affine", "codebook", "bias"}},
-    {"batch_norm", {"running_mean", "running_var"}, {"weight", "bias"}},
-    {"instance_norm", {}, {"running_mean", "running_var", "weight", "bias"}},
-    {"layer_norm", {}, {"weight", "bias"}},
-    {"group_norm", {}, {"weight", "bias"}},
-    {"quant_act", {"levels"}, {"shift"}},
-    {"prelu", {"weight"}, {}},
-    {"rprelu", {"shift_in", "slope", "shift_out"}, {}},
-    {"constant", {"value"}, {}},
-    {"relu", {}, {}}, {"tanh", {}, {}}, {"sigmoid", {}, {}}, {"silu", {}, {}}, {"leaky_relu", {}, {}},
-    {"elu", {}, {}}, {"gelu", {}, {}}, {"hardtanh", {}, {}}, {"pad", {}, {}}, {"interpolate", {}, {}},
-    {"pixel_shuffle", {}, {}}, {"reshape", {}, {}}, {"permute", {}, {}}, {"cat", {}, {}}, {"add", {}, {}},
-    {"sub", {}, {}}, {"mul", {}, {}}, {"div", {}, {}}, {"mean", {}, {}}};
+    {"conv2d", 0, 1}, {"conv_transpose2d", 0, 1}, {"linear", 0, 1}, {"batch_norm", 2, 3}, {"instance_norm", 0, 4},
+    {"layer_norm", 0, 3}, {"group_norm", 0, 3}, {"quant_act", 5, 6}, {"prelu", 7, 0}, {"rprelu", 8, 0},
+    {"constant", 9, 0}, {"relu", 0, 0}, {"tanh", 0, 0}, {"sigmoid", 0, 0}, {"silu", 0, 0}, {"leaky_relu", 0, 0},
+    {"elu", 0, 0}, {"gelu", 0, 0}, {"hardtanh", 0, 0}, {"pad", 0, 0}, {"interpolate", 0, 0},
+    {"pixel_shuffle", 0, 0}, {"reshape", 0, 0}, {"permute", 0, 0}, {"cat", 0, 0}, {"add", 0, 0},
+    {"sub", 0, 0}, {"mul", 0, 0}, {"div", 0, 0}, {"mean", 0, 0}};
 
-bool lists(const TensorFields& fields, const std::string& name) {
-  return std::any_of(std::begin(fields), std::end(fields), [&](const char* field) { return field && name == field; });
+// The names of field list `list`, in order.
+std::vector<std::string> field_names(uint8_t list) {
+  std::vector<std::string> names;
+  for (const char* p = kFieldLists[list]; *p;) {
+    const char* end = std::strchr(p, ' ');
+    if (!end) end = p + std::strlen(p);
+    names.emplace_back(p, end);
+    p = *end ? end + 1 : end;
+  }
+  return names;
 }
 
 const TensorSchema& schema_of(const std::string& name, const std::string& op) {
@@ -553,8 +560,10 @@ const TensorSchema& schema_of(const std::string& name, const std::string& op) {
 
 void read_tensors(Node& node, const Json& attrs, const std::map<std::string, Stored>& own) {
   const TensorSchema& schema = schema_of(node.name, node.op);
+  const std::vector<std::string> required = field_names(schema.required), optional = field_names(schema.optional);
   for (const auto& item : own) {
-    if (!lists(schema.required, item.first) && !lists(schema.optional, item.first)) {
+    if (std::find(required.begin(), required.end(), item.first) == required.end() &&
+        std::find(optional.begin(), optional.end(), item.first) == optional.end()) {
       fail_node(node.name, "unexpected tensor '" + item.first + "'");
     }
   }
@@ -562,11 +571,9 @@ void read_tensors(Node& node, const Json& attrs, const std::map<std::string, Sto
     read_weight(node, attrs, own);
     return;
   }
-  for (const char* field : schema.required) {
-    if (field) node.tensors[field] = float_tensor(node, own, field);
-  }
-  for (const char* field : schema.optional) {
-    if (field && own.count(field)) node.tensors[field] = float_tensor(node, own, field);
+  for (const std::string& field : required) node.tensors[field] = float_tensor(node, own, field);
+  for (const std::string& field : optional) {
+    if (own.count(field)) node.tensors[field] = float_tensor(node, own, field);
   }
   if (node.op == "quant_act") {
     const Tensor& levels = node.tensors["levels"];
