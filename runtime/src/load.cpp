@@ -35,8 +35,10 @@ std::string shape_text(const Shape& shape) {
 
 namespace {
 
-// Throw damaged() / bad_node(): one call per check instead of an inline throw sequence (70 checks, cold).
+// Throw damaged() / bad_node() / an Error: one call per check instead of an inline throw sequence (70 checks, cold).
 [[noreturn, gnu::cold]] void fail_damaged(const std::string& what) { throw damaged(what); }
+[[noreturn, gnu::cold]] void fail_damaged(const char* what) { throw damaged(what); }
+[[noreturn, gnu::cold]] void fail_with(int code, const std::string& what) { throw Error(code, what); }
 [[noreturn, gnu::cold]] void fail_node(const std::string& node, const std::string& what) { throw bad_node(node, what); }
 [[noreturn, gnu::cold]] void fail_node(const std::string& node, const char* what) { throw bad_node(node, what); }
 
@@ -97,7 +99,7 @@ Stored stored_tensor(const std::string& name, const Json& entry, const uint8_t* 
   }
   if (static_cast<uint64_t>(count) * info->size != static_cast<uint64_t>(end - begin)) {
     fail_damaged("tensor '" + name + "' holds " + std::to_string(end - begin) + " bytes, its shape needs " +
-                  std::to_string(count * static_cast<int64_t>(info->size)));
+                 std::to_string(count * static_cast<int64_t>(info->size)));
   }
   t.data = data + begin;
   t.bytes = static_cast<size_t>(end - begin);
@@ -154,28 +156,28 @@ std::string checksum(const File& file, const std::string& architecture) {
 const std::string& metadata_field(const File& file, const std::string& key) {
   const auto it = file.metadata.find(key);
   if (it == file.metadata.end()) {
-    throw Error(LOWBIT_ERROR_FORMAT, "not a lowbit packed model (no '" + key +
-                                         "' metadata); create one with `lowbit export`");
+    fail_with(LOWBIT_ERROR_FORMAT, "not a lowbit packed model (no '" + key +
+                                       "' metadata); create one with `lowbit export`");
   }
   return it->second;
 }
 
 void check_metadata(const File& file) {
   if (metadata_field(file, "lowbit.format") != "lowbit-packed") {
-    throw Error(LOWBIT_ERROR_FORMAT, "not a lowbit packed model (format is not 'lowbit-packed')");
+    fail_with(LOWBIT_ERROR_FORMAT, "not a lowbit packed model (format is not 'lowbit-packed')");
   }
   const std::string& version = metadata_field(file, "lowbit.format_version");
   if (version == "1") {
-    throw Error(LOWBIT_ERROR_UNSUPPORTED, "packed format version 1 is read by the Python runtime only; "
-                                          "re-export the model with a current lowbit (version 2)");
+    fail_with(LOWBIT_ERROR_UNSUPPORTED, "packed format version 1 is read by the Python runtime only; "
+                                        "re-export the model with a current lowbit (version 2)");
   }
   if (version != "2") {
-    throw Error(LOWBIT_ERROR_UNSUPPORTED, "packed format version '" + version +
-                                              "' is not readable by this runtime (version 2); use a newer one");
+    fail_with(LOWBIT_ERROR_UNSUPPORTED, "packed format version '" + version +
+                                            "' is not readable by this runtime (version 2); use a newer one");
   }
   if (checksum(file, metadata_field(file, "lowbit.architecture")) != metadata_field(file, "lowbit.checksum")) {
-    throw Error(LOWBIT_ERROR_CHECKSUM, "the file does not match its checksum: it was modified or damaged after "
-                                       "export; re-export it from the checkpoint");
+    fail_with(LOWBIT_ERROR_CHECKSUM, "the file does not match its checksum: it was modified or damaged after "
+                                     "export; re-export it from the checkpoint");
   }
 }
 
@@ -198,7 +200,7 @@ class NodeReader {
   int64_t integer_of(const Json& value, const char* key, int64_t low, int64_t high) const {
     if (!value.is_int() || value.number < static_cast<double>(low) || value.number > static_cast<double>(high)) {
       fail_node(name_, std::string("attribute '") + key + "' must be an integer in [" + std::to_string(low) +
-                                ", " + std::to_string(high) + "]");
+                           ", " + std::to_string(high) + "]");
     }
     return static_cast<int64_t>(value.number);
   }
@@ -206,7 +208,7 @@ class NodeReader {
     const Json& value = field(key);
     if (value.kind != Json::Array || value.items.size() < min_n || value.items.size() > max_n) {
       fail_node(name_, std::string("attribute '") + key + "' must be a list of " + std::to_string(min_n) +
-                                ".." + std::to_string(max_n) + " integers");
+                           ".." + std::to_string(max_n) + " integers");
     }
     std::vector<int64_t> out;
     for (const Json& item : value.items) out.push_back(integer_of(item, key, low, high));
@@ -360,7 +362,7 @@ Tensor float_tensor(const Node& node, const std::map<std::string, Stored>& own, 
   if (s.dtype != "F32") fail_node(node.name, "tensor '" + field + "' is " + s.dtype + ", expected F32");
   if (expected && s.shape != *expected) {
     fail_node(node.name, "tensor '" + field + "' has shape " + shape_text(s.shape) + ", expected " +
-                                  shape_text(*expected));
+                             shape_text(*expected));
   }
   Tensor t;
   t.shape = s.shape;
@@ -388,7 +390,7 @@ void check_packed(const Node& node, const Stored& packed, const char* field, int
   const int64_t needed = (count * width + 7) / 8;
   if (packed.dtype != "U8" || packed.shape != Shape{needed}) {
     fail_node(node.name, std::string("tensor '") + field + "' has shape " + shape_text(packed.shape) + " (" +
-                                  packed.dtype + "), expected [" + std::to_string(needed) + "] (U8)");
+                             packed.dtype + "), expected [" + std::to_string(needed) + "] (U8)");
   }
   if (levels >= int64_t{1} << width) return;
   uint8_t chunk[4096];
@@ -451,7 +453,7 @@ void read_codebook(Node& node, const std::map<std::string, Stored>& own, const s
     const Tensor affine = float_tensor(node, own, "affine");
     if (affine.shape.size() != 2 || affine.shape[0] != 2 || (affine.shape[1] != 1 && affine.shape[1] != rows)) {
       fail_node(node.name, "tensor 'affine' has shape " + shape_text(affine.shape) + ", expected [2, " +
-                                    std::to_string(rows) + "]");
+                               std::to_string(rows) + "]");
     }
     const int64_t stored = affine.shape[1];
     for (int64_t r = 0; r < rows; ++r) {
@@ -469,7 +471,7 @@ void read_codebook(Node& node, const std::map<std::string, Stored>& own, const s
   const Tensor table = float_tensor(node, own, "codebook");
   if (table.shape.size() != 2 || (table.shape[0] != 1 && table.shape[0] != rows) || table.shape[1] != w.levels) {
     fail_node(node.name, "tensor 'codebook' has shape " + shape_text(table.shape) + ", expected [" +
-                                  std::to_string(rows) + ", " + std::to_string(w.levels) + "]");
+                             std::to_string(rows) + ", " + std::to_string(w.levels) + "]");
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src = table.shape[0] == 1 ? 0 : r;
@@ -554,8 +556,8 @@ const TensorSchema& schema_of(const std::string& name, const std::string& op) {
   for (const TensorSchema& schema : kSchemas) {
     if (op == schema.op) return schema;
   }
-  throw Error(LOWBIT_ERROR_FORMAT, "node '" + name + "' has unknown op '" + op.substr(0, 40) +
-                                       "'; this file needs a newer lowbit runtime");
+  fail_with(LOWBIT_ERROR_FORMAT, "node '" + name + "' has unknown op '" + op.substr(0, 40) +
+                                     "'; this file needs a newer lowbit runtime");
 }
 
 void read_tensors(Node& node, const Json& attrs, const std::map<std::string, Stored>& own) {
