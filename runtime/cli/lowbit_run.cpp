@@ -23,10 +23,12 @@ struct Options {
   int threads = 1;
 };
 
-[[noreturn]] void fail(const std::string& message) {
-  std::fprintf(stderr, "error: %s\n", message.c_str());
+[[noreturn]] void fail(const char* message) {
+  std::fprintf(stderr, "error: %s\n", message);
   std::exit(2);
 }
+
+[[noreturn]] void fail(const std::string& message) { fail(message.c_str()); }
 
 bool ends_with(const std::string& text, const std::string& suffix) {
   return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;

@@ -41,9 +41,10 @@ struct Step {
 // Runs body over [0, n) on the calling thread and up to threads - 1 workers of the kernels' persistent pool
 // (driver.h pool_parallel: no thread started per section; every task writes its own outputs, so results do
 // not depend on the thread count).
-ParallelFor thread_pool(int threads) {
-  return [threads](int64_t n, const ParallelBody& body) { pool_parallel(threads, n, body); };
-}
+struct ThreadPool {
+  int threads;
+  void operator()(int64_t n, const ParallelBody& body) const { pool_parallel(threads, n, body); }
+};
 
 }  // namespace
 }  // namespace lowbit
@@ -201,7 +202,8 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
   acquire(pool, x.data, static_cast<size_t>(numel(x.shape)));
   std::copy(input, input + numel(x.shape), x.data.begin());
   std::vector<Tensor> values(m.graph.nodes.size());
-  const ParallelFor parallel = thread_pool(m.threads);
+  const ThreadPool workers{m.threads};
+  const ParallelFor parallel = workers;
   // The packed inputs fused steps write for the next one (per thread, reused across runs): `ready` holds one.
   thread_local std::vector<uint64_t> handed[2];
   int ready = -1;
@@ -260,7 +262,8 @@ int guarded(Fn fn) {
   }
 }
 
-Error argument(const std::string& what) { return Error(LOWBIT_ERROR_ARGUMENT, what); }
+// A bad argument of a C API call (one call per check, not an inline throw sequence).
+[[noreturn, gnu::cold]] void fail_argument(const std::string& what) { throw Error(LOWBIT_ERROR_ARGUMENT, what); }
 
 // Plans every kernel layer (bit planes or integer words: the bulk of start-up) on up to kLoadThreads hardware
 // threads, a layer at a time from a shared counter; the first failure by node order is rethrown. A pruned
@@ -323,7 +326,7 @@ std::vector<uint8_t> read_all(std::FILE* file) {
 
 int shape_of(const lowbit_model* model, bool input, int64_t* dims, int max_dims, int* rank) {
   return guarded([&] {
-    if (!model || !rank || (max_dims > 0 && !dims)) throw argument("null model, dims or rank");
+    if (!model || !rank || (max_dims > 0 && !dims)) fail_argument("null model, dims or rank");
     const Shape& shape = input ? model->graph.input_shape : model->graph.output_shape;
     *rank = static_cast<int>(shape.size());
     for (int k = 0; k < max_dims && k < *rank; ++k) dims[k] = shape[static_cast<size_t>(k)];
@@ -339,7 +342,7 @@ extern "C" {
 
 int lowbit_load_memory(const void* data, size_t size, lowbit_model** model) {
   return guarded([&] {
-    if (!model || (!data && size)) throw lowbit::argument("null data or model pointer");
+    if (!model || (!data && size)) lowbit::fail_argument("null data or model pointer");
     *model = nullptr;
     *model = lowbit::load(static_cast<const uint8_t*>(data), size);
   });
@@ -347,7 +350,7 @@ int lowbit_load_memory(const void* data, size_t size, lowbit_model** model) {
 
 int lowbit_load_file(const char* path, lowbit_model** model) {
   return guarded([&] {
-    if (!path || !model) throw lowbit::argument("null path or model pointer");
+    if (!path || !model) lowbit::fail_argument("null path or model pointer");
     *model = nullptr;
     std::FILE* file = std::fopen(path, "rb");
     if (!file) throw lowbit::Error(LOWBIT_ERROR_IO, std::string("cannot open ") + path);
@@ -377,7 +380,7 @@ int64_t lowbit_supported_paths(void) { return lowbit::supported_paths_mask(); }
 
 int lowbit_set_kernel_path(lowbit_model* model, const char* path) {
   return guarded([&] {
-    if (!model || !path) throw lowbit::argument("null model or path");
+    if (!model || !path) lowbit::fail_argument("null model or path");
     const std::string name = path;
     if (name == "float") {
       lowbit::plan(*model, lowbit::kFloatPath);
@@ -390,9 +393,9 @@ int lowbit_set_kernel_path(lowbit_model* model, const char* path) {
         model->path_name = p.name;
         return;
       }
-      if (name == p.name) throw lowbit::argument("kernel path '" + name + "' is not available on this CPU");
+      if (name == p.name) lowbit::fail_argument("kernel path '" + name + "' is not available on this CPU");
     }
-    throw lowbit::argument("unknown kernel path '" + name + "'; choose auto, avx512, avx2, neon, scalar or float");
+    lowbit::fail_argument("unknown kernel path '" + name + "'; choose auto, avx512, avx2, neon, scalar or float");
   });
 }
 
@@ -400,7 +403,7 @@ const char* lowbit_kernel_path(const lowbit_model* model) { return model ? model
 
 int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t* integer) {
   return guarded([&] {
-    if (!model || !bit_planes || !integer) throw lowbit::argument("null model or count");
+    if (!model || !bit_planes || !integer) lowbit::fail_argument("null model or count");
     *bit_planes = 0, *integer = 0;
     for (const lowbit::Step& step : model->steps) *bit_planes += step.binary != nullptr, *integer += step.int8 != nullptr;
   });
@@ -408,7 +411,7 @@ int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t
 
 int lowbit_fused_layers(const lowbit_model* model, int64_t* fused) {
   return guarded([&] {
-    if (!model || !fused) throw lowbit::argument("null model or count");
+    if (!model || !fused) lowbit::fail_argument("null model or count");
     *fused = 0;
     for (const lowbit::Step& step : model->steps) {
       *fused += step.packs_for != nullptr &&
@@ -419,21 +422,21 @@ int lowbit_fused_layers(const lowbit_model* model, int64_t* fused) {
 
 int lowbit_set_threads(lowbit_model* model, int threads) {
   return guarded([&] {
-    if (!model || threads < 1 || threads > 1024) throw lowbit::argument("threads must be 1..1024");
+    if (!model || threads < 1 || threads > 1024) lowbit::fail_argument("threads must be 1..1024");
     model->threads = threads;
   });
 }
 
 int lowbit_run(lowbit_model* model, const float* input, int64_t batch, float* output) {
   return guarded([&] {
-    if (!model || !input || !output) throw lowbit::argument("null model, input or output");
+    if (!model || !input || !output) lowbit::fail_argument("null model, input or output");
     const int64_t largest = [&] {
       int64_t values = lowbit::numel(model->graph.input_shape);
       for (const lowbit::Node& node : model->graph.nodes) values = std::max(values, lowbit::numel(node.out_shape));
       return values;
     }();
     if (batch < 1 || batch > (int64_t{1} << 31) / largest) {
-      throw lowbit::argument("batch must be 1.." + std::to_string((int64_t{1} << 31) / largest) + " for this model");
+      lowbit::fail_argument("batch must be 1.." + std::to_string((int64_t{1} << 31) / largest) + " for this model");
     }
     lowbit::run(*model, input, batch, output);
   });

@@ -12,9 +12,9 @@
 namespace lowbit {
 namespace {
 
-void require(bool ok, const Node& node, const std::string& what) {
-  if (!ok) throw bad_node(node.name, what);
-}
+// A failed shape check of `node` (built only on failure: the messages cost no work when the checks pass).
+[[noreturn, gnu::cold]] void fail(const Node& node, const std::string& what) { throw bad_node(node.name, what); }
+[[noreturn, gnu::cold]] void fail(const Node& node, const char* what) { throw bad_node(node.name, what); }
 
 int64_t inner_size(const Shape& shape, size_t from) {
   int64_t n = 1;
@@ -31,10 +31,14 @@ int64_t conv_out(int64_t size, int64_t pad, int64_t dilation, int64_t kernel, in
 
 Shape conv_shape(const Node& node, const Shape& x) {
   const Attrs& a = node.attrs;
-  require(x.size() == 4 && x[1] == a.in_channels, node, "input " + shape_text(x) + " does not fit the layer's " +
-                                                             std::to_string(a.in_channels) + " input channels");
+  if (x.size() != 4 || x[1] != a.in_channels) {
+    fail(node, "input " + shape_text(x) + " does not fit the layer's " + std::to_string(a.in_channels) +
+                   " input channels");
+  }
   Shape in = a.pad.empty() ? x : padded_shape(x, a.pad);
-  if (a.pad_mode == "reflect") require(a.pad[0] < x[3] && a.pad[1] < x[3] && a.pad[2] < x[2] && a.pad[3] < x[2], node, "reflect padding exceeds the input");
+  if (a.pad_mode == "reflect" && !(a.pad[0] < x[3] && a.pad[1] < x[3] && a.pad[2] < x[2] && a.pad[3] < x[2])) {
+    fail(node, "reflect padding exceeds the input");
+  }
   int64_t out[2];
   for (int k = 0; k < 2; ++k) {
     if (node.op == "conv2d") {
@@ -43,7 +47,7 @@ Shape conv_shape(const Node& node, const Shape& x) {
       out[k] = (in[static_cast<size_t>(2 + k)] - 1) * a.stride[k] - 2 * a.padding[k] + a.dilation[k] * (a.kernel[k] - 1) +
                a.output_padding[k] + 1;
     }
-    require(out[k] >= 1 && out[k] <= (int64_t{1} << 26), node, "the output size is not positive");
+    if (out[k] < 1 || out[k] > (int64_t{1} << 26)) fail(node, "the output size is not positive");
   }
   return {x[0], a.out_channels, out[0], out[1]};
 }
@@ -54,7 +58,7 @@ Shape broadcast_shape(const Node& node, const Shape& a, const Shape& b) {
   for (size_t k = 0; k < rank; ++k) {
     const int64_t x = k + a.size() >= rank ? a[k + a.size() - rank] : 1;
     const int64_t y = k + b.size() >= rank ? b[k + b.size() - rank] : 1;
-    require(x == y || x == 1 || y == 1, node, "shapes " + shape_text(a) + " and " + shape_text(b) + " do not broadcast");
+    if (x != y && x != 1 && y != 1) fail(node, "shapes " + shape_text(a) + " and " + shape_text(b) + " do not broadcast");
     out[k] = x == 1 ? y : x;
   }
   return out;
@@ -63,9 +67,10 @@ Shape broadcast_shape(const Node& node, const Shape& a, const Shape& b) {
 void check_channel_tensor(const Node& node, const char* field, int64_t channels) {
   const auto it = node.tensors.find(field);
   if (it != node.tensors.end()) {
-    require(static_cast<int64_t>(it->second.data.size()) == channels, node,
-            std::string("tensor '") + field + "' has " + std::to_string(it->second.data.size()) + " values, expected " +
-                std::to_string(channels));
+    if (static_cast<int64_t>(it->second.data.size()) != channels) {
+      fail(node, std::string("tensor '") + field + "' has " + std::to_string(it->second.data.size()) +
+                     " values, expected " + std::to_string(channels));
+    }
   }
 }
 
@@ -78,12 +83,12 @@ float resize_scale(const Resize& r, int k, int64_t in, int64_t out) {
 
 Shape resize_shape(const Node& node, const Shape& x) {
   const Resize& r = node.attrs.resize;
-  require(x.size() == 4, node, "interpolate wants N x C x H x W");
+  if (x.size() != 4) fail(node, "interpolate wants N x C x H x W");
   Shape out = x;
   for (int k = 0; k < 2; ++k) {
     const size_t d = static_cast<size_t>(2 + k);
     out[d] = r.scale[k] > 0.0 ? static_cast<int64_t>(std::floor(static_cast<double>(x[d]) * r.scale[k])) : r.size[k];
-    require(out[d] >= 1 && out[d] <= (int64_t{1} << 26), node, "the output size is not positive");
+    if (out[d] < 1 || out[d] > (int64_t{1} << 26)) fail(node, "the output size is not positive");
   }
   return out;
 }
@@ -95,7 +100,7 @@ Shape reshape_shape(const Node& node, const Shape& x) {
   if (s == Shape{-1}) {
     out.push_back(per_sample);
   } else {
-    require(numel(s) == per_sample, node, "cannot reshape " + shape_text(x) + " to " + shape_text(s));
+    if (numel(s) != per_sample) fail(node, "cannot reshape " + shape_text(x) + " to " + shape_text(s));
     out.insert(out.end(), s.begin(), s.end());
   }
   return out;
@@ -103,11 +108,11 @@ Shape reshape_shape(const Node& node, const Shape& x) {
 
 Shape permute_shape(const Node& node, const Shape& x) {
   const std::vector<int64_t>& dims = node.attrs.dims;
-  require(dims.size() == x.size() && dims[0] == 0, node, "permute dims do not fit the input");
+  if (dims.size() != x.size() || dims[0] != 0) fail(node, "permute dims do not fit the input");
   std::vector<bool> seen(x.size(), false);
   Shape out;
   for (const int64_t d : dims) {
-    require(d < static_cast<int64_t>(x.size()) && !seen[static_cast<size_t>(d)], node, "permute dims are not a permutation");
+    if (d >= static_cast<int64_t>(x.size()) || seen[static_cast<size_t>(d)]) fail(node, "permute dims are not a permutation");
     seen[static_cast<size_t>(d)] = true;
     out.push_back(x[static_cast<size_t>(d)]);
   }
@@ -117,11 +122,13 @@ Shape permute_shape(const Node& node, const Shape& x) {
 Shape cat_shape(const Node& node, const std::vector<const Shape*>& xs) {
   const size_t dim = static_cast<size_t>(node.attrs.dim);
   Shape out = *xs[0];
-  require(dim < out.size(), node, "cat dim is beyond the inputs' rank");
+  if (dim >= out.size()) fail(node, "cat dim is beyond the inputs' rank");
   for (size_t k = 1; k < xs.size(); ++k) {
     const Shape& s = *xs[k];
-    require(s.size() == out.size(), node, "cat inputs differ in rank");
-    for (size_t d = 0; d < s.size(); ++d) require(d == dim || s[d] == out[d], node, "cat inputs differ in size");
+    if (s.size() != out.size()) fail(node, "cat inputs differ in rank");
+    for (size_t d = 0; d < s.size(); ++d) {
+      if (d != dim && s[d] != out[d]) fail(node, "cat inputs differ in size");
+    }
     out[dim] += s[dim];
   }
   return out;
@@ -134,27 +141,31 @@ Shape mean_shape(const Node& node, const Shape& x) {
     if (!reduced) out.push_back(x[d]);
     else if (node.attrs.keepdim) out.push_back(1);
   }
-  for (const int64_t d : node.attrs.dims) require(d > 0 && d < static_cast<int64_t>(x.size()), node, "mean dims out of range");
+  for (const int64_t d : node.attrs.dims) {
+    if (d <= 0 || d >= static_cast<int64_t>(x.size())) fail(node, "mean dims out of range");
+  }
   return out;
 }
 
 Shape norm_shape(const Node& node, const Shape& x) {
-  require(x.size() >= 2, node, "normalisation wants a channel dimension");
+  if (x.size() < 2) fail(node, "normalisation wants a channel dimension");
   const int64_t channels = x[1];
   if (node.op == "batch_norm") {
     for (const char* f : {"running_mean", "running_var", "weight", "bias"}) check_channel_tensor(node, f, channels);
   } else if (node.op == "instance_norm") {
-    require(x.size() >= 3, node, "instance norm wants N x C x L or N x C x H x W");
-    require(!node.attrs.running_stats || (node.tensors.count("running_mean") && node.tensors.count("running_var")), node,
-            "running statistics are missing");
+    if (x.size() < 3) fail(node, "instance norm wants N x C x L or N x C x H x W");
+    if (node.attrs.running_stats && !(node.tensors.count("running_mean") && node.tensors.count("running_var"))) {
+      fail(node, "running statistics are missing");
+    }
     for (const char* f : {"running_mean", "running_var", "weight", "bias"}) check_channel_tensor(node, f, channels);
   } else if (node.op == "group_norm") {
-    require(channels % node.attrs.norm_groups == 0, node, "channels are not divisible by the groups");
+    if (channels % node.attrs.norm_groups != 0) fail(node, "channels are not divisible by the groups");
     for (const char* f : {"weight", "bias"}) check_channel_tensor(node, f, channels);
   } else {  // layer_norm: the trailing dims are the normalized shape
     const Shape& s = node.attrs.shape;
-    require(s.size() < x.size() && std::equal(s.begin(), s.end(), x.end() - static_cast<std::ptrdiff_t>(s.size())), node,
-            "layer norm shape " + shape_text(s) + " does not end " + shape_text(x));
+    if (s.size() >= x.size() || !std::equal(s.begin(), s.end(), x.end() - static_cast<std::ptrdiff_t>(s.size()))) {
+      fail(node, "layer norm shape " + shape_text(s) + " does not end " + shape_text(x));
+    }
     for (const char* f : {"weight", "bias"}) check_channel_tensor(node, f, numel(s));
   }
   return x;
@@ -858,10 +869,10 @@ void to_channels_first(const Tensor& x, Tensor& out) {
   const std::string& op = node.op;
   if (op == "constant") return node.tensors.at("value").shape;
   const Shape& x = *in[0];
-  require(!x.empty() && x.size() <= kMaxRank, node, "input rank " + std::to_string(x.size()) + " is not supported");
+  if (x.empty() || x.size() > kMaxRank) fail(node, "input rank " + std::to_string(x.size()) + " is not supported");
   if (op == "conv2d" || op == "conv_transpose2d") return conv_shape(node, x);
   if (op == "linear") {
-    require(x.back() == node.attrs.in_channels, node, "input " + shape_text(x) + " does not end in the layer's in_features");
+    if (x.back() != node.attrs.in_channels) fail(node, "input " + shape_text(x) + " does not end in the layer's in_features");
     Shape out = x;
     out.back() = node.attrs.out_channels;
     return out;
@@ -873,27 +884,29 @@ void to_channels_first(const Tensor& x, Tensor& out) {
     return x;
   }
   if (op == "rprelu") {
-    require(x.size() >= 2, node, "rprelu wants a channel dimension");
+    if (x.size() < 2) fail(node, "rprelu wants a channel dimension");
     for (const char* f : {"shift_in", "slope", "shift_out"}) check_channel_tensor(node, f, channels);
     return x;
   }
   if (op == "prelu") {
     const size_t count = node.tensors.at("weight").data.size();
-    require(count == 1 || static_cast<int64_t>(count) == channels, node, "prelu weight does not fit the channels");
+    if (count != 1 && static_cast<int64_t>(count) != channels) fail(node, "prelu weight does not fit the channels");
     return x;
   }
   if (op == "pad") {
     const std::vector<int64_t>& pad = node.attrs.pad;
-    require(pad.size() / 2 < x.size(), node, "pad covers the batch dimension");
+    if (pad.size() / 2 >= x.size()) fail(node, "pad covers the batch dimension");
     for (size_t k = 0; k < pad.size(); ++k) {
-      require(node.attrs.pad_mode != "reflect" || pad[k] < x[x.size() - 1 - k / 2], node, "reflect padding exceeds the input");
+      if (node.attrs.pad_mode == "reflect" && pad[k] >= x[x.size() - 1 - k / 2]) {
+        fail(node, "reflect padding exceeds the input");
+      }
     }
     return padded_shape(x, pad);
   }
   if (op == "interpolate") return resize_shape(node, x);
   if (op == "pixel_shuffle") {
     const int64_t f = node.attrs.factor;
-    require(x.size() == 4 && x[1] % (f * f) == 0, node, "pixel shuffle wants N x C*r*r x H x W");
+    if (x.size() != 4 || x[1] % (f * f) != 0) fail(node, "pixel shuffle wants N x C*r*r x H x W");
     return {x[0], x[1] / (f * f), x[2] * f, x[3] * f};
   }
   if (op == "reshape") return reshape_shape(node, x);
@@ -901,17 +914,18 @@ void to_channels_first(const Tensor& x, Tensor& out) {
   if (op == "cat") return cat_shape(node, in);
   if (op == "mean") return mean_shape(node, x);
   if (op == "add" || op == "sub" || op == "mul" || op == "div") {
-    require(node.attrs.has_scalar ? in.size() == 1 : in.size() == 2, node, "wrong number of operands");
+    if (in.size() != (node.attrs.has_scalar ? 1u : 2u)) fail(node, "wrong number of operands");
     return node.attrs.has_scalar ? x : broadcast_shape(node, x, *in[1]);
   }
-  require(in.size() == 1, node, "wrong number of inputs");
+  if (in.size() != 1) fail(node, "wrong number of inputs");
   return x;  // element-wise activations
 }
 
 const ParallelFor& serial() {
-  static const ParallelFor one = [](int64_t n, const ParallelBody& body) {
+  static constexpr auto run_serially = [](int64_t n, const ParallelBody& body) {
     if (n > 0) body(0, n);
   };
+  static const ParallelFor one = run_serially;
   return one;
 }
 

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <vector>
 
 #include "driver.h"
@@ -43,9 +42,9 @@ PackedColumns pack_columns(const float* w, int64_t depth, int64_t columns, int64
 // count.. width first) or straight into the source's own data (a packed PackedColumns tile, or input rows
 // that already lie contiguous: no copy).
 using ColumnSource =
-    std::function<void(int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows)>;
+    FunctionRef<void(int64_t col0, int64_t count, float* scratch, int64_t width, const float** rows)>;
 // Receives C[r][col0 + j] = block[r * width + j] for r < rows, j < count.
-using TileSink = std::function<void(int64_t col0, int64_t count, const float* block, int64_t width)>;
+using TileSink = FunctionRef<void(int64_t col0, int64_t count, const float* block, int64_t width)>;
 
 // C = A x B over `columns` columns of B, column tiles shared among the threads of `parallel`.
 void sgemm(const PackedWeights& a, int64_t columns, const ColumnSource& source, const TileSink& sink,

@@ -5,8 +5,10 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -17,9 +19,40 @@ namespace lowbit {
 int64_t supported_paths_mask();
 bool path_supported(int64_t path);
 
+// A non-owning reference to a callable (C++26's std::function_ref): an object pointer and one call thunk, so a
+// lambda handed to a parallel section is neither copied to the heap nor given a type-erased manager (std::function
+// cost 2 KB of managers and a heap copy per call). The callable must outlive the reference: pass lambdas straight
+// to the call that runs them, or name them first.
+template <typename Signature>
+class FunctionRef;
+
+template <typename R, typename... Args>
+class FunctionRef<R(Args...)> {
+ public:
+  template <typename F, typename = std::enable_if_t<!std::is_same_v<std::decay_t<F>, FunctionRef>>>
+  FunctionRef(F&& f) noexcept : object_(erase(f)), call_(&invoke<std::remove_reference_t<F>>) {}  // NOLINT: implicit
+
+  R operator()(Args... args) const { return call_(object_, std::forward<Args>(args)...); }
+
+ private:
+  template <typename T>
+  static void* erase(T& f) {
+    if constexpr (std::is_function_v<T>) return reinterpret_cast<void*>(&f);  // a plain function (POSIX: as dlsym)
+    else return const_cast<void*>(static_cast<const void*>(std::addressof(f)));
+  }
+  template <typename T>
+  static R invoke(void* object, Args... args) {
+    if constexpr (std::is_function_v<T>) return reinterpret_cast<T*>(object)(std::forward<Args>(args)...);
+    else return (*static_cast<T*>(object))(std::forward<Args>(args)...);
+  }
+
+  void* object_;
+  R (*call_)(void*, Args...);
+};
+
 // Runs body(begin, end) over sub-ranges covering [0, n), possibly on several threads at once.
-using ParallelBody = std::function<void(int64_t, int64_t)>;
-using ParallelFor = std::function<void(int64_t n, const ParallelBody& body)>;
+using ParallelBody = FunctionRef<void(int64_t, int64_t)>;
+using ParallelFor = FunctionRef<void(int64_t n, const ParallelBody& body)>;
 
 // Runs body over [0, n) on the calling thread and up to threads - 1 workers of a persistent process-wide pool
 // (no thread is created per call), blocks handed out dynamically; returns when all are done.
