@@ -112,10 +112,10 @@ CASES = [  # kind, cin, cout, kernel, stride, padding, output_padding, dilation,
     ("conv_transpose2d", 30, 1, 4, 2, 1, 0, 1, 2, True, 9),
     ("conv2d", 200, 1, 3, 2, 1, 0, 1, 1, True, 9),
     ("conv_transpose2d", 16, 8, 1, 2, 0, 1, 1, 1, True, 3),
-    # at most 32 input channels, co a multiple of 32: AVX-512's 32-bit-row kernel (one and three blocks)
+    # at most 32 input channels, co a multiple of 32, 4-bit weights: AVX-512's 32-bit-row kernel (1-3 blocks)
     ("conv_transpose2d", 32, 32, 4, 2, 1, 0, 1, 4, True, 7),
-    ("conv2d", 20, 96, 3, 2, 1, 0, 1, 1, False, 7),
-    ("conv2d", 32, 64, 3, 1, 1, 0, 1, 1, True, 6),
+    ("conv2d", 20, 96, 3, 2, 1, 0, 1, 4, True, 7),
+    ("conv2d", 32, 64, 3, 1, 1, 0, 1, 4, True, 6),
 ]
 
 

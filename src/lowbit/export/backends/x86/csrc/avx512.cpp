@@ -476,11 +476,7 @@ PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_av
 
 RowFn pick_half_avx512(int64_t planes, int64_t co) {
   if (planes * co <= kMaxLaneRows || co % 32 != 0) return nullptr;  // the lane kernels' shapes; 32-channel blocks
-  switch (planes) {  // 1- and 4-bit weights (W1A1, the W4A1 recipes): ~3 KB an instantiation
-    case 1: return row_avx512_half<1, 2>;
-    case 4: return row_avx512_half<4, 2>;
-    default: return nullptr;
-  }
+  return planes == 4 ? row_avx512_half<4, 2> : nullptr;  // the pruned W4A1 recipes (each instantiation ~2 KB)
 }
 
 RowFn pick_sink_avx512(int64_t planes, int64_t co) {

@@ -435,26 +435,29 @@ RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_ste
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 // AVX-512 for inputs of at most 32 channels and one activation plane: 16 channels a popcount on 32-bit rows
-// (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 with more than kMaxLaneRows rows
-// and the weights have 1 or 4 planes. Writes sinks too.
+// (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 and the weights have 4 planes (the
+// pruned W4A1 recipes). Writes sinks too.
 RowFn pick_half_avx512(int64_t planes, int64_t co);
 // The kernel pick_row chooses for this shape when it writes a BitSink (AVX-512's register kernels, co a multiple
 // of 32), else nullptr.
 RowFn pick_sink_avx512(int64_t planes, int64_t co);
 
 // A register kernel KERNEL<P, CV> for planes P: CV = the most channel vectors per block with
-// P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1..4.
+// P * CV <= ACC accumulators that divides `vectors`; expands to the returns for planes 1, 2 and 4. Three planes
+// (3-bit affine weights, three-plane table decompositions: rare) and, where blocks of 4+ vectors fit, an odd
+// number of vectors (e.g. Co = 24 on AVX-512) run on the generic kernel: those instantiations were 16 KB of the
+// runtime.
 #define LOWBIT_PICK_REGS(KERNEL, ACC)                                                        \
   LOWBIT_REGS_FOR(KERNEL, ACC, 1)                                                            \
   LOWBIT_REGS_FOR(KERNEL, ACC, 2)                                                            \
-  LOWBIT_REGS_FOR(KERNEL, ACC, 3)                                                            \
   LOWBIT_REGS_FOR(KERNEL, ACC, 4)
 #define LOWBIT_REGS_FOR(KERNEL, ACC, P)                                                      \
   if (planes == P) {                                                                         \
     if ((ACC / P) >= 8 && vectors % 8 == 0) return KERNEL<P, (ACC / P >= 8 ? 8 : 1)>;        \
     if ((ACC / P) >= 4 && vectors % 4 == 0) return KERNEL<P, (ACC / P >= 4 ? 4 : 1)>;        \
     if ((ACC / P) >= 2 && vectors % 2 == 0) return KERNEL<P, (ACC / P >= 2 ? 2 : 1)>;        \
-    return KERNEL<P, 1>;                                                                     \
+    if ((ACC / P) < 4) return KERNEL<P, 1>;                                                  \
+    return nullptr;                                                                          \
   }
 
 }  // namespace lowbit
