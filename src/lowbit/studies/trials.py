@@ -117,7 +117,8 @@ def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     final = history[-1]
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics["steps"] = cfg.steps
-    reference = _reference_scores(cfg.init_from, trial.eval) if cfg.init_from and trial.eval.reference else {}
+    fp = cfg.teacher or cfg.init_from  # the FP generator the trial compresses (its teacher, if it names one)
+    reference = _reference_scores(fp, trial.eval) if fp and trial.eval.reference else {}
     metrics.update({f"{k}_fp": v for k, v in reference.items() if k in ("fid", "is")})
     metrics.update(_costs(result.model_path))
     artifacts = _histograms(result.model_path, out_dir) if trial.histograms else {}
