@@ -58,7 +58,7 @@ def test_stage_two_reloads_the_pruned_checkpoint_then_quantizes_it(stage1, tmp_p
 
 
 def test_stage_two_must_repeat_the_stage_one_transforms(stage1):
-    with pytest.raises(CheckpointError, match="do not start with them; copy that run's generator 'transforms'"):
+    with pytest.raises(CheckpointError, match="do not start with them; copy that run's generator"):
         build_networks(_config(PRUNE[:1], QUANT, init_from=str(stage1)))
     with pytest.raises(CheckpointError, match="do not start with them"):
         build_networks(_config([], QUANT, init_from=str(stage1)))
@@ -89,6 +89,7 @@ def test_named_gan_trials_chain_stages_through_init_from_and_teacher(tmp_path):
     assert study.base["train"]["name"] == "tiny"  # the base stays untouched
     waves = dependency_waves(expand_named(study, tmp_path))
     assert [[t.id for t in wave] for wave in waves] == [["s1-s3"], ["s2-s3", "s2-fp-s3"]]
+    broken = from_dict(StudyConfig, {"name": "x", "trial": "gan", "base": base,
+                                     "trials": {"a": {"train": {"teacher": "@s0"}}}})
     with pytest.raises(ConfigError, match="teacher '@s0' names no trial"):
-        named_trial(from_dict(StudyConfig, {"name": "x", "trial": "gan", "base": base,
-                                            "trials": {"a": {"train": {"teacher": "@s0"}}}}), "a", 0, tmp_path)
+        named_trial(broken, "a", 0, tmp_path)

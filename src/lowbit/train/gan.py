@@ -243,7 +243,7 @@ def distiller(cfg: DistillWeights, teacher: nn.Module | None, generator: nn.Modu
 
 
 def teacher_source(cfg: DistillWeights) -> str | None:
-    """The teacher's checkpoint: ``cfg.teacher`` where the config has one (the GAN's), else ``cfg.init_from``."""
+    """The teacher's checkpoint: ``cfg.teacher`` where the config has one (the GAN's), else ``init_from``."""
     return getattr(cfg, "teacher", None) or cfg.init_from
 
 
