@@ -120,7 +120,7 @@ def check_weights(distill: float, distill_features: float, init_from: str | None
     for key, value in (("distill", distill), ("distill_features", distill_features),
                        ("distill_perceptual", distill_perceptual)):
         if value < 0 or (value and init_from is None):
-            raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher; or teacher), "
+            raise ConfigError(f"'{key}' must be >= 0 and needs init_from or teacher (the FP teacher), "
                               f"got {value}")
 
 

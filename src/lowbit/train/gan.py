@@ -253,8 +253,9 @@ def teacher_of(cfg: DistillWeights) -> nn.Module | None:
 
 
 def critic_of(cfg: GanConfig) -> nn.Module | None:
-    """A private copy of the FP discriminator of ``cfg.init_from`` for ``distill_perceptual``, else None."""
-    return load_discriminator(cfg.init_from) if cfg.distill_perceptual else None
+    """A private copy of the FP discriminator of the teacher's checkpoint for ``distill_perceptual``, else
+    None."""
+    return load_discriminator(teacher_source(cfg)) if cfg.distill_perceptual else None
 
 
 def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],
