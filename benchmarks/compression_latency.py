@@ -9,7 +9,11 @@ Latency and size do not depend on the fine-tune, so the models are the conversio
 (no training). Every model is exported, loaded (liblowbit when built, else the Python kernels) and timed
 round-robin, best of ``--repeats`` (wall clock), in one process, so the ratios are side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/compression_latency.py --repeats 20 [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/compression_latency.py --repeats 20 [--json out.json] \
+        [--checkpoint NAME=PATH ...]
+
+``--checkpoint NAME=PATH`` adds a trained (pruned, quantized) GAN checkpoint's generator as row NAME, e.g. a
+trial of configs/studies/compress-two-stage-mnist.yaml, timed in the same round-robin.
 """
 
 from __future__ import annotations
@@ -45,20 +49,33 @@ VARIANTS = {
 }
 
 
+def checkpoint_arg(entry: str) -> tuple[str, str]:
+    """``NAME=PATH`` of ``--checkpoint`` as (NAME, PATH)."""
+    name, sep, path = entry.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--checkpoint wants NAME=PATH, got {entry!r}")
+    return name, path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="also time the generator of this GAN checkpoint as row NAME (may repeat)")
     args = parser.parse_args()
+    trained = dict(checkpoint_arg(entry) for entry in args.checkpoint)
     torch.set_num_threads(1)
     fp32 = load_generator(resolve_checkpoint("dcgan-mnist"))
     fp32_bytes = sum(p.numel() * 4 for p in fp32.parameters())
     z = torch.randn(args.batch, fp32.latent_dim, generator=torch.Generator().manual_seed(0))
     rows, fns = {}, {}
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        for name, specs in VARIANTS.items():
-            path = export_packed(compress(fp32, specs).eval(), Path(folder) / f"{len(rows)}.lowbit")
+        models = {name: compress(fp32, specs) for name, specs in VARIANTS.items()}
+        models.update({name: load_generator(path) for name, path in trained.items()})
+        for name, model in models.items():
+            path = export_packed(model.eval(), Path(folder) / f"{len(rows)}.lowbit")
             packed = load(path)
             fns[name] = lambda packed=packed: packed(z)
             rows[name] = {"bytes": path.stat().st_size, "native": packed.native is not None}

@@ -125,7 +125,7 @@ def test_init_from_a_quantized_checkpoint_is_refused(fp_checkpoint, tmp_path):
     from lowbit.errors import CheckpointError
 
     with pytest.raises(
-        CheckpointError, match="already quantized or pruned; start QAT from a full-precision checkpoint"
+        CheckpointError, match="already quantized; start QAT from a full-precision"
     ):
         build_networks(qat_config(quantized.model_path, G_SPEC, None))
 

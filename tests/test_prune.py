@@ -251,3 +251,18 @@ def test_gan_training_keeps_masks_exact_through_steps_and_resume(tmp_path):
         cfg = tiny_gan()
         cfg["generator"]["transforms"] = [{"type": "prune", "ratio": 2}]
         from_dict(GanConfig, cfg)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "learned"])
+def test_channel_pruning_keeps_the_training_mode_and_the_batchnorm_statistics(criterion):
+    """A generator built for training stays in train mode after channel pruning (its BatchNorm layers must
+    keep tracking statistics in the fine-tune), and pruning itself updates no running statistic."""
+    model = create_model("dcgan-g-16", width=8, latent_dim=16).train()
+    def tracked() -> list[int]:
+        return [m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    before = tracked()
+    compress(model, [PruneSpec(kind="channels", criterion=criterion, ratio=0.5, learn_steps=2)], inplace=True)
+    assert all(m.training for m in model.modules()) and tracked() == before
+    compress(model.eval(), [PruneSpec(kind="channels", ratio=0.25)], inplace=True)
+    assert not any(m.training for m in model.modules())

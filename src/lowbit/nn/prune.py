@@ -298,13 +298,14 @@ def prune_channels(model: nn.Module, spec: PruneSpec, example: torch.Tensor | No
         return
     example = _example_input(model, example)
     chosen = targets(model, spec)
-    ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS) and m not in chosen.values()]
-    ignored += output_layers(model, example)
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in model.modules()}  # restored: a model built for training stays in train
     try:
+        model.eval()  # no pass below may update BatchNorm statistics
+        ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS) and m not in chosen.values()]
+        ignored += output_layers(model, example)
         with torch.enable_grad():  # gates learn, and torch-pruning traces its graph, through autograd
             if spec.criterion == "learned":
-                learn_channel_gates(model.eval(), spec, example)
+                learn_channel_gates(model, spec, example)
             _remove_channels(model, spec, example, ignored)
     finally:
         for module, mode in modes.items():

@@ -29,11 +29,15 @@ TrialFn = Callable[[dict[str, Any], Path], dict[str, Any]]
 @dataclasses.dataclass(frozen=True)
 class TrialKind:
     """A registered trial kind: its function and config dataclass (``module:name`` each, imported when
-    needed) and where its trained model lands inside the trial directory (for ``@trial`` references)."""
+    needed), where its trained model lands inside the trial directory (for ``@trial`` references), the
+    config section holding the run's ``name`` / ``seed`` ("" = the top level, "train" for a gan trial)
+    and the keys of that section that may name another trial's model as ``@trial``."""
 
     function: str
     config: str
     model: str = "run/model.safetensors"
+    section: str = ""
+    model_refs: tuple[str, ...] = ("init_from",)
 
 
 TRIALS: dict[str, TrialKind] = {}
@@ -44,7 +48,8 @@ def register_trial(name: str, kind: TrialKind) -> None:
     TRIALS[name] = kind
 
 
-register_trial("gan", TrialKind("lowbit.studies.trials:gan_trial", "lowbit.studies.trials:GanTrialConfig"))
+register_trial("gan", TrialKind("lowbit.studies.trials:gan_trial", "lowbit.studies.trials:GanTrialConfig",
+                                section="train", model_refs=("init_from", "teacher")))
 register_trial("classifier", TrialKind("lowbit.studies.trials:classifier_trial",
                                        "lowbit.train.classifier:ClassifierConfig"))
 EXTRA_KEYS = ("history", "reference", "artifacts")

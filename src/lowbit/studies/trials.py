@@ -99,7 +99,7 @@ def _costs(model_path: Path) -> dict[str, float]:
 
 def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train / fine-tune the GAN of ``config['train']`` in ``out_dir/run`` and score it (FID, IS)."""
-    from lowbit.train.gan import GanConfig, train_gan
+    from lowbit.train.gan import GanConfig, teacher_source, train_gan
     from lowbit.train.networks import build_networks
 
     trial = from_dict(GanTrialConfig, config)
@@ -117,7 +117,8 @@ def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     final = history[-1]
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics["steps"] = cfg.steps
-    reference = _reference_scores(cfg.init_from, trial.eval) if cfg.init_from and trial.eval.reference else {}
+    fp = teacher_source(cfg)  # the FP generator the trial compresses: its teacher (default init_from)
+    reference = _reference_scores(fp, trial.eval) if fp and trial.eval.reference else {}
     metrics.update({f"{k}_fp": v for k, v in reference.items() if k in ("fid", "is")})
     metrics.update(_costs(result.model_path))
     artifacts = _histograms(result.model_path, out_dir) if trial.histograms else {}

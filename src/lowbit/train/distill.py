@@ -115,11 +115,13 @@ class DistillWeights(Protocol):
 
 def check_weights(distill: float, distill_features: float, init_from: str | None,
                   distill_perceptual: float = 0.0) -> None:
-    """Every distillation weight must be >= 0, and any one needs ``init_from`` (the FP teacher)."""
+    """Every distillation weight must be >= 0, and any one needs a teacher checkpoint (``init_from``, or
+    the GAN config's ``teacher``), passed as ``init_from``."""
     for key, value in (("distill", distill), ("distill_features", distill_features),
                        ("distill_perceptual", distill_perceptual)):
         if value < 0 or (value and init_from is None):
-            raise ConfigError(f"'{key}' must be >= 0 and needs init_from (the FP teacher), got {value}")
+            raise ConfigError(f"'{key}' must be >= 0 and needs init_from or teacher (the FP teacher), "
+                              f"got {value}")
 
 
 def hidden_activations(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -110,6 +110,8 @@ class GanConfig(StepLoopConfig):
     clip: float | None = None
     gp_weight: float | None = None
     init_from: str | None = None
+    #: the distillation teacher's checkpoint (path or shipped name); None = init_from
+    teacher: str | None = None
     distill: float = 0.0
     distill_features: float = 0.0
     distill_perceptual: float = 0.0
@@ -127,7 +129,8 @@ class GanConfig(StepLoopConfig):
         super().__post_init__()
         if self.n_critic is not None and self.n_critic < 1:
             raise ConfigError(f"'n_critic' must be >= 1, got {self.n_critic}")
-        check_distill_weights(self.distill, self.distill_features, self.init_from, self.distill_perceptual)
+        check_distill_weights(self.distill, self.distill_features, self.teacher or self.init_from,
+                              self.distill_perceptual)
         if self.distill_warmup < 0 or (self.distill_warmup and not distills(self)):
             raise ConfigError(f"'distill_warmup' ({self.distill_warmup}) is a number of steps >= 0 that "
                               "train G on the distillation loss alone; it needs distill, distill_features "
@@ -239,14 +242,20 @@ def distiller(cfg: DistillWeights, teacher: nn.Module | None, generator: nn.Modu
                      getattr(cfg, "distill_perceptual", 0.0), critic)
 
 
+def teacher_source(cfg: DistillWeights) -> str | None:
+    """The teacher's checkpoint: ``cfg.teacher`` where the config has one (the GAN's), else ``init_from``."""
+    return getattr(cfg, "teacher", None) or cfg.init_from
+
+
 def teacher_of(cfg: DistillWeights) -> nn.Module | None:
-    """The FP generator ``cfg.init_from`` when the config distils from it, else None."""
-    return load_generator(cfg.init_from) if distills(cfg) else None
+    """The FP generator ``teacher_source(cfg)`` when the config distils from it, else None."""
+    return load_generator(teacher_source(cfg)) if distills(cfg) else None
 
 
 def critic_of(cfg: GanConfig) -> nn.Module | None:
-    """A private copy of the FP discriminator of ``cfg.init_from`` for ``distill_perceptual``, else None."""
-    return load_discriminator(cfg.init_from) if cfg.distill_perceptual else None
+    """A private copy of the FP discriminator of the teacher's checkpoint for ``distill_perceptual``, else
+    None."""
+    return load_discriminator(teacher_source(cfg)) if cfg.distill_perceptual else None
 
 
 def network_optimizer(loss: GanLoss, model: nn.Module, lr: float, betas: tuple[float, float],

@@ -153,24 +153,43 @@ def load_discriminator(checkpoint_path: str | Path) -> nn.Module:
     return rebuild(cfg.discriminator, state["discriminator"], "discriminator", checkpoint_path).eval()
 
 
+def inherited_transforms(own: NetSpec, stored: NetSpec, role: str, path: str | Path) -> int:
+    """How many of ``own``'s transforms the ``init_from`` checkpoint already applied: all of the stored ones,
+    which must open ``own``'s list unchanged (a pruned FP checkpoint reloads as its smaller dense model, then
+    this config's further transforms, e.g. quantization, apply to it: a two-stage recipe). A quantized
+    checkpoint is refused (its quantizers' state would restart)."""
+    theirs, mine = stored.transform_specs(), own.transform_specs()
+    if any(isinstance(spec, QuantSpec) for spec in theirs):
+        raise CheckpointError(
+            f"init_from {path}: its {role} is already quantized; start QAT from a full-precision (possibly "
+            "pruned) checkpoint, or continue that run with --resume"
+        )
+    if mine[: len(theirs)] != theirs:
+        raise CheckpointError(
+            f"init_from {path}: its {role} was trained with the transforms {theirs} but this config's "
+            f"{role} transforms {mine} do not start with them; copy that run's {role} 'transforms' (and "
+            "'quant') first in this config, then add the new ones"
+        )
+    return len(theirs)
+
+
 def build_networks(cfg: Any, fresh: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
-    """G and D for a fresh run: random init, or the FP weights of ``init_from``, then quantized by spec;
-    the roles named in ``fresh`` ("generator", "discriminator") keep their random init either way."""
+    """G and D for a fresh run: random init, or the weights of ``init_from``, then transformed by spec;
+    the roles named in ``fresh`` ("generator", "discriminator") keep their random init either way. When
+    ``init_from`` was itself pruned, its transforms are rebuilt first, its weights loaded,
+    and only this config's further transforms applied (``inherited_transforms``)."""
     nets = {"generator": create_network(cfg.generator), "discriminator": create_network(cfg.discriminator)}
-    if cfg.init_from is not None:
-        state = read_gan_checkpoint(cfg.init_from)
-        stored = stored_config(state, cfg.init_from)
-        for role, model in nets.items():
-            own, theirs = getattr(cfg, role), getattr(stored, role)
-            check_same_architecture(own, theirs, role, cfg.init_from)
-            if theirs.transform_specs():
-                raise CheckpointError(
-                    f"init_from {cfg.init_from}: its {role} is already quantized or pruned; start QAT "
-                    "from a full-precision checkpoint (or continue that run with --resume)"
-                )
-            if role not in fresh:
-                load_weights(model, state[role], f"{cfg.init_from} ({role})")
-    return (
-        quantize_network(nets["generator"], cfg.generator),
-        quantize_network(nets["discriminator"], cfg.discriminator),
-    )
+    state = read_gan_checkpoint(cfg.init_from) if cfg.init_from is not None else None
+    stored = stored_config(state, cfg.init_from) if state is not None else None
+    for role, model in nets.items():
+        own = getattr(cfg, role)
+        specs = own.transform_specs()
+        if stored is not None:
+            check_same_architecture(own, getattr(stored, role), role, cfg.init_from)
+        if stored is not None and role not in fresh:
+            done = inherited_transforms(own, getattr(stored, role), role, cfg.init_from)
+            model = compress(model, specs[:done], inplace=True)
+            load_weights(model, state[role], f"{cfg.init_from} ({role})")
+            specs = specs[done:]
+        nets[role] = compress(model, specs, inplace=True) if specs else model
+    return nets["generator"], nets["discriminator"]
