@@ -70,7 +70,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.lowbit_set_threads.argtypes = [handle, ctypes.c_int]
     counts = ctypes.POINTER(ctypes.c_int64)
     lib.lowbit_kernel_layers.argtypes = [handle, counts, counts]
-    lib.lowbit_fused_layers.argtypes = [handle, counts]
+    if hasattr(lib, "lowbit_fused_layers"):  # an older build (e.g. a benchmark's baseline) has no such count
+        lib.lowbit_fused_layers.argtypes = [handle, counts]
     lib.lowbit_run.argtypes = [handle, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.lowbit_supported_paths.restype = ctypes.c_int64
     lib.lowbit_last_error.restype = ctypes.c_char_p
@@ -131,6 +132,8 @@ class NativeModel:
     def fused_layers(self) -> int:
         """Kernel layers of the plan writing the next layer's packed input (the fused threshold epilogue)."""
         fused = ctypes.c_int64()
+        if not hasattr(self._lib, "lowbit_fused_layers"):
+            raise ConfigError("this liblowbit predates lowbit_fused_layers: rebuild it with `make runtime`")
         if self._lib.lowbit_fused_layers(self._handle, ctypes.byref(fused)):
             raise ConfigError(self._error())
         return fused.value
