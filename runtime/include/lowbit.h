@@ -47,7 +47,7 @@ const char* lowbit_kernel_path(const lowbit_model* model);
  * policy: docs/export.md "Which kernels run a layer"); both 0 on the "float" path. */
 int lowbit_kernel_layers(const lowbit_model* model, int64_t* bit_planes, int64_t* integer);
 /* How many bit-serial layers of the current plan write the next layer's packed input themselves instead of
- * float outputs (the fused threshold epilogue, docs/export.md "Kernels"; the register kernels of avx512 / avx2). */
+ * float outputs (the fused threshold epilogue, docs/export.md "Kernels"; AVX-512 register kernels, Co a multiple of 32). */
 int lowbit_fused_layers(const lowbit_model* model, int64_t* fused);
 /* Bit i set for every kernel path id i this CPU runs (ids as in lowbit's KERNEL_PATHS). */
 int64_t lowbit_supported_paths(void);
