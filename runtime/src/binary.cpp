@@ -144,6 +144,32 @@ bool exact_sums(const float* row, int64_t levels, int64_t n) {
 // over the counts of the codes (bit-identical, as every sum is exact; no float copy of the weight); else the
 // weight is decoded and summed in order. Either reads the weight in storage order, (outer, middle, tap) with
 // (outer, middle) = (Co, Ci) or a transposed conv's (Ci, Co), a (middle, tap) block at a time.
+// Per (output channel, tap, code) how many input channels have that code: one pass over the codes.
+std::vector<int32_t> code_counts(const Weight& w, const Geometry& g, bool transposed) {
+  const int64_t taps = g.kh * g.kw, outer = transposed ? g.ci : g.co, middle = transposed ? g.co : g.ci;
+  std::vector<int32_t> count(static_cast<size_t>(g.co * taps * w.levels), 0);
+  std::vector<uint8_t> codes(static_cast<size_t>(middle * taps));
+  for (int64_t a = 0; a < outer; ++a) {
+    w.unpack(a * middle * taps, middle * taps, codes.data());
+    for (int64_t m = 0; m < middle; ++m) {
+      int32_t* slot = count.data() + (transposed ? m : a) * taps * w.levels;
+      const uint8_t* code = codes.data() + m * taps;
+      for (int64_t t = 0; t < taps; ++t) ++slot[t * w.levels + code[t]];
+    }
+  }
+  return count;
+}
+
+// The same counts of a two-level weight from its codes 1 per (output channel, tap) (ones_per_tap).
+std::vector<int32_t> two_level_counts(const std::vector<int64_t>& ones, const Geometry& g) {
+  std::vector<int32_t> count(2 * ones.size());
+  for (size_t k = 0; k < ones.size(); ++k) {
+    count[2 * k + 1] = static_cast<int32_t>(ones[k]);
+    count[2 * k] = static_cast<int32_t>(g.ci) - count[2 * k + 1];
+  }
+  return count;
+}
+
 // `ones`, when given, holds per (output channel, tap) how many of its codes are 1 in a two-level weight (counted
 // from the kernels' bit rows, ones_per_tap): the counts then need no pass over the codes.
 std::vector<double> tap_sums(const Weight& w, const Geometry& g, bool transposed, const std::vector<int64_t>* ones) {
@@ -152,20 +178,7 @@ std::vector<double> tap_sums(const Weight& w, const Geometry& g, bool transposed
   bool counted = w.packed && !w.sparse && w.channel_dim == (transposed ? 1 : 0) && w.levels <= g.ci;
   for (int64_t c = 0; counted && c < g.co; ++c) counted = exact_sums(w.codebook.data() + c * w.levels, w.levels, g.ci);
   if (counted) {
-    std::vector<int32_t> count(static_cast<size_t>(g.co * taps * w.levels), 0);
-    for (int64_t k = 0; ones != nullptr && k < g.co * taps; ++k) {
-      const auto one = static_cast<int32_t>((*ones)[static_cast<size_t>(k)]);
-      count[static_cast<size_t>(2 * k)] = static_cast<int32_t>(g.ci) - one, count[static_cast<size_t>(2 * k + 1)] = one;
-    }
-    std::vector<uint8_t> codes(static_cast<size_t>(ones != nullptr ? 0 : middle * taps));
-    for (int64_t a = 0; ones == nullptr && a < outer; ++a) {
-      w.unpack(a * middle * taps, middle * taps, codes.data());
-      for (int64_t m = 0; m < middle; ++m) {
-        int32_t* slot = count.data() + (transposed ? m : a) * taps * w.levels;
-        const uint8_t* code = codes.data() + m * taps;
-        for (int64_t t = 0; t < taps; ++t) ++slot[t * w.levels + code[t]];
-      }
-    }
+    const std::vector<int32_t> count = ones != nullptr ? two_level_counts(*ones, g) : code_counts(w, g, transposed);
     for (int64_t k = 0; k < g.co * taps; ++k) {
       const float* value = w.codebook.data() + k / taps * w.levels;
       const int32_t* n = count.data() + k * w.levels;

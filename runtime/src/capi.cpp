@@ -88,14 +88,21 @@ void prepare_layer(Graph& graph, int index, Floats& scratch) {
   if (w.packed) w.values.swap(scratch);
 }
 
+// Per node: how many steps read it.
+std::vector<int> readers_of(const Graph& graph, const std::vector<Step>& steps) {
+  std::vector<int> readers(graph.nodes.size(), 0);
+  for (const Step& step : steps) {
+    for (const int i : step.inputs) if (i >= 0) ++readers[static_cast<size_t>(i)];
+  }
+  return readers;
+}
+
 // Fuses every element-wise activation into the step producing its only input, when nothing else reads that
 // input: the producer writes the activation's value in its own pass (no buffer, no second pass).
 void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
-  std::vector<int> readers(graph.nodes.size(), 0), producer(graph.nodes.size(), -1);
-  for (size_t s = 0; s < steps.size(); ++s) {
-    producer[static_cast<size_t>(steps[s].node)] = static_cast<int>(s);
-    for (const int i : steps[s].inputs) if (i >= 0) ++readers[static_cast<size_t>(i)];
-  }
+  const std::vector<int> readers = readers_of(graph, steps);
+  std::vector<int> producer(graph.nodes.size(), -1);
+  for (size_t s = 0; s < steps.size(); ++s) producer[static_cast<size_t>(steps[s].node)] = static_cast<int>(s);
   std::vector<bool> fused(steps.size(), false);
   for (size_t s = 0; s < steps.size(); ++s) {
     const Node& node = graph.nodes[static_cast<size_t>(steps[s].node)];
@@ -116,10 +123,7 @@ void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
 // Lets a binary step write the packed input of the next step (binary.h packs_from) when that step is its output's
 // only reader: the float output is then never stored nor packed (the fused threshold epilogue).
 void fuse_packing(const Graph& graph, std::vector<Step>& steps) {
-  std::vector<int> readers(graph.nodes.size(), 0);
-  for (const Step& step : steps) {
-    for (const int i : step.inputs) if (i >= 0) ++readers[static_cast<size_t>(i)];
-  }
+  const std::vector<int> readers = readers_of(graph, steps);
   for (size_t s = 0; s + 1 < steps.size(); ++s) {
     Step &from = steps[s], &to = steps[s + 1];
     if (!from.binary || !to.binary || from.then.kind != Activation::None || to.binary->source != from.out) continue;
