@@ -55,13 +55,15 @@ float gelu(float x, bool tanh_form) {
 
 // Each activation is a branch-free loop the compiler vectorises (LOWBIT_VECTOR_CLONES).
 
-LOWBIT_VECTOR_CLONES void tanh_run(const float* src, float* dst, int64_t count) {
+__attribute__((always_inline)) inline void tanh_run_body(const float* src, float* dst, int64_t count) {
   for (int64_t k = 0; k < count; ++k) dst[k] = tanh_approx(src[k]);
 }
+LOWBIT_VECTOR_CLONES(tanh_run, (const float* src, float* dst, int64_t count), (src, dst, count))
 
-LOWBIT_VECTOR_CLONES void sigmoid_run(const float* src, float* dst, int64_t count, bool times_x) {
+__attribute__((always_inline)) inline void sigmoid_run_body(const float* src, float* dst, int64_t count, bool times_x) {
   for (int64_t k = 0; k < count; ++k) dst[k] = (times_x ? src[k] : 1.0f) * sigmoid_approx(src[k]);
 }
+LOWBIT_VECTOR_CLONES(sigmoid_run, (const float* src, float* dst, int64_t count, bool times_x), (src, dst, count, times_x))
 
 }  // namespace
 

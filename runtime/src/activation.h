@@ -5,14 +5,25 @@
 
 #include <cstdint>
 
+#include "driver.h"
 #include "graph.h"
 
-// Hot float loops the compiler vectorises are also cloned for AVX2 / AVX-512 on x86, picked at load from the CPU
-// (no fused multiply-adds: -ffp-contract=off, so every clone rounds alike).
+// Hot float loops the compiler vectorises run as AVX-512, AVX2 or baseline copies on x86, picked once from cpuid
+// (driver.h cpu_features: target_clones without libgcc's CPU model code); no fused multiply-adds
+// (-ffp-contract=off), so every copy rounds alike. LOWBIT_VECTOR_CLONES(NAME, (PARAMS), (ARGS)) defines the void
+// function NAME(PARAMS) from the always_inline NAME_body(PARAMS) that holds the loop.
 #if defined(__x86_64__)
-#define LOWBIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define LOWBIT_VECTOR_CLONES(name, params, args)                                                                  \
+  __attribute__((target("avx512f"))) void name##_avx512 params { name##_body args; }                              \
+  __attribute__((target("avx2"))) void name##_avx2 params { name##_body args; }                                   \
+  void name##_baseline params { name##_body args; }                                                               \
+  void name params {                                                                                              \
+    static const auto pick = cpu_features().avx512f ? name##_avx512 : cpu_features().avx2 ? name##_avx2 : name##_baseline; \
+    pick args;                                                                                                    \
+  }
 #else
-#define LOWBIT_VECTOR_CLONES
+#define LOWBIT_VECTOR_CLONES(name, params, args) \
+  void name params { name##_body args; }
 #endif
 
 namespace lowbit {

@@ -418,7 +418,8 @@ void moments(const float* x, int64_t count, double& mean, double& var) {
 
 // Per-channel mean and (biased) variance of one channels-last sample (pixels x c) in one pass: sums of x and x^2
 // in float64, in pixel order (var = E[x^2] - mean^2, at least 0).
-LOWBIT_VECTOR_CLONES void channel_moments(const float* x, int64_t pixels, int64_t c, double* mean, double* var) {
+__attribute__((always_inline)) inline void channel_moments_body(const float* x, int64_t pixels, int64_t c, double* mean,
+                                                                 double* var) {
   for (int64_t ch = 0; ch < c; ++ch) mean[ch] = 0.0, var[ch] = 0.0;
   for (int64_t p = 0; p < pixels; ++p) {
     for (int64_t ch = 0; ch < c; ++ch) {
@@ -432,6 +433,8 @@ LOWBIT_VECTOR_CLONES void channel_moments(const float* x, int64_t pixels, int64_
     var[ch] = std::max(var[ch] / count - mean[ch] * mean[ch], 0.0);
   }
 }
+LOWBIT_VECTOR_CLONES(channel_moments, (const float* x, int64_t pixels, int64_t c, double* mean, double* var),
+                     (x, pixels, c, mean, var))
 
 // Per-channel mean and biased variance (float64) of sample i of x (N, C, ...), as instance norm uses them.
 void sample_moments(const Tensor& x, int64_t i, std::vector<double>& mean, std::vector<double>& var) {
@@ -443,12 +446,16 @@ void sample_moments(const Tensor& x, int64_t i, std::vector<double>& mean, std::
 }
 
 // y = (x - m[ch]) * scale[ch] * w[ch] + b[ch] over the c channels of each of `pixels` pixels (channels-last).
-LOWBIT_VECTOR_CLONES void affine_pixels(const float* x, float* y, int64_t pixels, int64_t c, const float* m,
-                                        const float* scale, const float* w, const float* b) {
+__attribute__((always_inline)) inline void affine_pixels_body(const float* x, float* y, int64_t pixels, int64_t c,
+                                                               const float* m, const float* scale, const float* w,
+                                                               const float* b) {
   for (int64_t p = 0; p < pixels; ++p) {
     for (int64_t ch = 0; ch < c; ++ch) y[p * c + ch] = (x[p * c + ch] - m[ch]) * scale[ch] * w[ch] + b[ch];
   }
 }
+LOWBIT_VECTOR_CLONES(affine_pixels, (const float* x, float* y, int64_t pixels, int64_t c, const float* m,
+                                     const float* scale, const float* w, const float* b),
+                     (x, y, pixels, c, m, scale, w, b))
 
 // normalize for a channels-last sample (pixels x c) (the same float operations), then the fused activation.
 void normalize_pixels(const float* x, float* y, int64_t pixels, int64_t c, const std::vector<double>& mean,
@@ -526,9 +533,10 @@ void layer_norm(const Node& node, const Tensor& x, Tensor& out) {
 }
 
 // sign(x) with sign(0) = +1, a vectorised loop.
-LOWBIT_VECTOR_CLONES void sign_run(const float* x, float* y, int64_t count) {
+__attribute__((always_inline)) inline void sign_run_body(const float* x, float* y, int64_t count) {
   for (int64_t k = 0; k < count; ++k) y[k] = x[k] >= 0.0f ? 1.0f : -1.0f;
 }
+LOWBIT_VECTOR_CLONES(sign_run, (const float* x, float* y, int64_t count), (x, y, count))
 
 // Nearest of the sorted levels (ties go down, as torch.bucketize), or sign(x) with sign(0) = +1 for {-1, +1};
 // applied to x - shift[c] when the node has a per-channel shift.
@@ -685,7 +693,8 @@ __attribute__((always_inline)) inline void arith_loop(const float* a, const floa
 }
 
 // dst[k] = a[k] op b[k] (a residual connection): the op picked once, so each loop vectorises.
-LOWBIT_VECTOR_CLONES void arith_run(Arith op, const float* a, const float* b, float* dst, int64_t count) {
+__attribute__((always_inline)) inline void arith_run_body(Arith op, const float* a, const float* b, float* dst,
+                                                           int64_t count) {
   switch (op) {
     case Arith::Add: return arith_loop<Arith::Add>(a, b, dst, count);
     case Arith::Sub: return arith_loop<Arith::Sub>(a, b, dst, count);
@@ -693,6 +702,8 @@ LOWBIT_VECTOR_CLONES void arith_run(Arith op, const float* a, const float* b, fl
     default: return arith_loop<Arith::Div>(a, b, dst, count);
   }
 }
+LOWBIT_VECTOR_CLONES(arith_run, (Arith op, const float* a, const float* b, float* dst, int64_t count),
+                     (op, a, b, dst, count))
 
 void elementwise(const Node& node, const std::vector<const Tensor*>& in, Tensor& out) {
   const Arith op = arith_of(node.op);

@@ -2,6 +2,8 @@
 // of kDepthBlock so a packed B block stays in L1 while every row panel of A passes over it.
 #include "sgemm.h"
 
+#include "driver.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -110,9 +112,8 @@ Micro pick_micro() {
   const std::string wanted = env ? env : "";
   if (wanted == "portable") return {micro_portable, 8};
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (wanted != "avx2" && __builtin_cpu_supports("avx512f")) return {micro_avx512, 32};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {micro_avx2, 16};
+  if (wanted != "avx2" && cpu_features().avx512f) return {micro_avx512, 32};
+  if (cpu_features().avx2 && cpu_features().fma) return {micro_avx2, 16};
 #elif defined(__aarch64__)
   return {micro_neon, 8};
 #endif

@@ -2,8 +2,9 @@
 
 #include <cstring>
 
+#include "driver.h"
+
 #if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define LOWBIT_SHA_NI 1
 #endif
@@ -80,11 +81,7 @@ __attribute__((target("sha,sse4.1"))) void blocks_sha_ni(uint32_t* state, const 
   _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), _mm_alignr_epi8(dchg, feba, 8));
 }
 
-bool has_sha_ni() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return false;
-  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29)) != 0;  // CPUID.(7, 0):EBX bit 29 = SHA
-}
+bool has_sha_ni() { return cpu_features().sha && cpu_features().sse41 && cpu_features().ssse3; }
 #endif
 
 // `count` 64-byte blocks into `state`: on the SHA extensions where the CPU has them, else the portable code.

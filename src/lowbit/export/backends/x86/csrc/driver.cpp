@@ -9,6 +9,9 @@
 
 #include <unistd.h>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMD
@@ -18,15 +21,55 @@
 
 namespace lowbit {
 
+namespace {
+
+#if defined(__x86_64__)
+// CPUID leaf 1 ECX bits, leaf 7 (subleaf 0) EBX / ECX bits, and the XCR0 state bits (SSE | AVX; opmask | ZMM).
+namespace cpuid_bits {
+constexpr unsigned kSsse3 = 1u << 9, kFma = 1u << 12, kSse41 = 1u << 19, kPopcnt = 1u << 23, kOsxsave = 1u << 27,
+                   kAvx = 1u << 28;
+constexpr unsigned kAvx2 = 1u << 5, kAvx512F = 1u << 16, kAvx512Dq = 1u << 17, kSha = 1u << 29, kAvx512Bw = 1u << 30;
+constexpr unsigned kVnni = 1u << 11, kVpopcntdq = 1u << 14;
+constexpr uint64_t kAvxState = 0x6, kAvx512State = 0xe0;
+}  // namespace cpuid_bits
+
+CpuFeatures read_cpu_features() {
+  using namespace cpuid_bits;
+  CpuFeatures f;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  f.popcnt = c & kPopcnt, f.ssse3 = c & kSsse3, f.sse41 = c & kSse41;
+  uint32_t lo = 0, hi = 0;
+  if (c & kOsxsave) asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
+  const bool avx = (c & kAvx) && (xcr0 & kAvxState) == kAvxState, avx512 = avx && (xcr0 & kAvx512State) == kAvx512State;
+  f.fma = avx && (c & kFma);
+  unsigned b7 = 0, c7 = 0;
+  if (__get_cpuid_count(7, 0, &a, &b7, &c7, &d)) {
+    f.avx2 = avx && (b7 & kAvx2), f.sha = b7 & kSha;
+    f.avx512f = avx512 && (b7 & kAvx512F), f.avx512dq = f.avx512f && (b7 & kAvx512Dq);
+    f.avx512bw = f.avx512f && (b7 & kAvx512Bw), f.avx512vnni = f.avx512f && (c7 & kVnni);
+    f.avx512vpopcntdq = f.avx512f && (c7 & kVpopcntdq);
+  }
+  return f;
+}
+#else
+CpuFeatures read_cpu_features() { return {}; }
+#endif
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = read_cpu_features();
+  return features;
+}
+
 int64_t supported_paths_mask() {
   int64_t mask = int64_t{1} << kScalar;
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) mask |= int64_t{1} << kAvx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vpopcntdq")) {
-    mask |= int64_t{1} << kAvx512;
-  }
+  const CpuFeatures& cpu = cpu_features();
+  if (cpu.avx2 && cpu.popcnt) mask |= int64_t{1} << kAvx2;
+  if (cpu.avx512f && cpu.avx512dq && cpu.avx512vpopcntdq) mask |= int64_t{1} << kAvx512;
 #elif defined(__aarch64__) && defined(__linux__)
   if (getauxval(AT_HWCAP) & HWCAP_ASIMD) mask |= int64_t{1} << kNeon;
 #elif defined(__aarch64__)

@@ -108,8 +108,7 @@ void quantize_row(const Int8Conv& c, const PackGeometry& g, CodesFn codes, const
 
 int64_t int8_kernel_path(int64_t path) {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (path == kAvx512) return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") ? kAvx512 : kAvx2;
+  if (path == kAvx512) return cpu_features().avx512vnni && cpu_features().avx512bw ? kAvx512 : kAvx2;
   return path == kAvx2 ? kAvx2 : kScalar;
 #elif defined(__aarch64__) && defined(__linux__)
   return path == kNeon && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) ? kNeon : kScalar;
