@@ -475,8 +475,9 @@ LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 
 RowFn pick_half_avx512(int64_t planes, int64_t co) {
-  if (planes * co <= kMaxLaneRows || co % 32 != 0) return nullptr;  // the lane kernels' shapes; 32-channel blocks
-  return planes == 4 ? row_avx512_half<4, 2> : nullptr;  // the pruned W4A1 recipes (each instantiation ~2 KB)
+  if (planes != 4 || planes * co <= kMaxLaneRows) return nullptr;  // the pruned W4A1 recipes; the lane kernels' shapes
+  if (co % 32 == 0) return row_avx512_half<4, 2>;  // (each instantiation ~2 KB)
+  return co % 16 == 0 ? row_avx512_half<4, 1> : nullptr;  // e.g. the 16-channel layer of 50% channels
 }
 
 RowFn pick_sink_avx512(int64_t planes, int64_t co) {
