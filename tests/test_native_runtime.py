@@ -156,8 +156,8 @@ def test_fused_layers_write_the_bits_their_reader_would_pack(zoo, case):
 
 def _narrow_dcgan(last: int) -> nn.Module:
     """A DCGAN generator 32 channels wide (the widths of compress-targets-mnist's w4a1-ch32 recipe; `last`
-    channels in the last hidden layer: 16 as in 50% channels) at W4 with sign activations: its two inner layers
-    read 32 channels (AVX-512's 32-bit-row kernel, 32- or 16-channel blocks)."""
+    channels in the last hidden layer: 16 as in 50% channels) at W4 with sign activations: its two inner
+    layers read 32 channels (AVX-512's 32-bit-row kernel, 32- or 16-channel blocks)."""
     torch.manual_seed(1)
     layers = []
     for cin, cout, k, s, p in ((100, 32, 4, 1, 0), (32, 32, 3, 2, 1), (32, last, 4, 2, 1)):
@@ -185,7 +185,7 @@ def test_narrow_layers_fuse_and_agree_with_the_torch_backend(tmp_path, last):
     assert _mismatch(reference, expected)[0] <= TOLERANCE
     for kernel_path in native.available_paths():
         model.set_kernel_path(kernel_path)
-        fused = 2 if last == 32 else 1  # a 16-channel writer keeps its float outputs (sinks need 32-channel blocks)
+        fused = 2 if last == 32 else 1  # a 16-channel writer stores floats (sinks take 32-channel blocks)
         assert model.fused_layers() == (fused if kernel_path == "avx512" else 0), kernel_path
         for threads in (1, 2):
             model.set_threads(threads)
