@@ -31,6 +31,13 @@ class QuantLayerMixin:
     weight: nn.Parameter
     weight_quantizer: Quantizer
 
+    def __init__(self, *args: Any, method: str = "minmax", bits: int = 8, opts: dict[str, Any] | None = None,
+                 per_channel: bool = True, **kwargs: Any) -> None:
+        """The torch layer's own arguments, then its weight quantizer: ``method`` at ``bits``, per output channel
+        unless ``per_channel`` is False."""
+        super().__init__(*args, **kwargs)
+        self._init_quantizer(method, bits, opts, per_channel)
+
     def _init_quantizer(self, method: str, bits: int, opts: dict[str, Any] | None, per_channel: bool) -> None:
         channel_dim = self.default_channel_dim if per_channel else None
         rows = self.weight.shape[self.default_channel_dim] if per_channel else 1
@@ -115,11 +122,6 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     kind = "conv2d"
 
-    def __init__(self, *args: Any, method: str = "minmax", bits: int = 8, opts: dict[str, Any] | None = None,
-                 per_channel: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(method, bits, opts, per_channel)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         custom = self._custom_forward(x)
         if custom is not None:
@@ -144,11 +146,6 @@ class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
 
     kind = "conv_transpose2d"
     default_channel_dim = 1
-
-    def __init__(self, *args: Any, method: str = "minmax", bits: int = 8, opts: dict[str, Any] | None = None,
-                 per_channel: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(method, bits, opts, per_channel)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         custom = self._custom_forward(x)
@@ -175,11 +172,6 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     """``nn.Linear`` with a quantized weight; per-channel rows are output features (dim 0)."""
 
     kind = "linear"
-
-    def __init__(self, *args: Any, method: str = "minmax", bits: int = 8, opts: dict[str, Any] | None = None,
-                 per_channel: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(method, bits, opts, per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         custom = self._custom_forward(x)
