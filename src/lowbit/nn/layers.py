@@ -33,8 +33,8 @@ class QuantLayerMixin:
 
     def __init__(self, *args: Any, method: str = "minmax", bits: int = 8, opts: dict[str, Any] | None = None,
                  per_channel: bool = True, **kwargs: Any) -> None:
-        """The torch layer's own arguments, then its weight quantizer: ``method`` at ``bits``, per output channel
-        unless ``per_channel`` is False."""
+        """The torch layer's own arguments, then its weight quantizer: ``method`` at ``bits``, per output
+        channel unless ``per_channel`` is False."""
         super().__init__(*args, **kwargs)
         self._init_quantizer(method, bits, opts, per_channel)
 
