@@ -72,7 +72,7 @@ def _layer(kind, cin, cout, k, stride, pad, wbits, levels, seed, table=False):
     bias = torch.randn(cout, generator=gen)
     hyper = {"stride": (stride, stride), "padding": (pad, pad), "output_padding": (0, 0), "dilation": (1, 1),
              "groups": 1}
-    coding = levels_input(affine_levels(levels))
+    coding = levels_input(levels if levels.numel() == 2 else affine_levels(levels))  # 2 levels: one plane
     layer = QuantWeightLayer(kind, codes, codebook, channel_dim, bias, hyper, coding, affine=not table)
     return layer, weight, bias, hyper
 
@@ -99,6 +99,10 @@ MULTI_CASES = [  # kind, cin, cout, kernel, stride, padding, weight bits, levels
     ("conv2d", 16, 3, 3, 2, 1, 1, 8, 9),  # 3 planes, pixel kernels
     ("conv2d", 130, 40, 1, 1, 0, 2, 3, 5),  # 3 levels: 2 planes, one code unused
     ("linear", 200, 17, 1, 1, 0, 3, 4, 1),
+    # narrow layers of 4-bit affine weights (<= 32 inputs, Co % 16): plane counts add up before the combine
+    ("conv_transpose2d", 32, 32, 4, 2, 1, 4, 2, 7),  # a pruned generator's 32/32 layer, AVX-512's 32-bit rows
+    ("conv2d", 20, 16, 3, 1, 1, 4, 2, 6),  # 16-channel blocks
+    ("conv2d", 24, 48, 3, 2, 1, 4, 4, 7),  # two activation planes: not narrow, planes combined one by one
 ]
 
 

@@ -109,6 +109,17 @@ __attribute__((target("avx2"))) void pack_nhwc_avx2(const float* src, uint64_t* 
   }
 }
 
+// r + sum_b coef2[b * co] * count[b] for 4 channels (the counts' low 32 bits: AVX2 has no int64 -> double).
+template <int P>
+__attribute__((target("avx2"), always_inline)) inline __m256d add_counts(__m256d r, const double* coef2, int64_t co,
+                                                                         const __m256i* count, __m256i low_dwords) {
+  for (int b = 0; b < P; ++b) {
+    const __m256d cd = _mm256_cvtepi32_pd(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(count[b], low_dwords)));
+    r = _mm256_add_pd(r, _mm256_mul_pd(_mm256_loadu_pd(coef2 + b * co), cd));
+  }
+  return r;
+}
+
 // AVX2 version of row_avx512_regs: 4 channels per register, P x CV <= 4 accumulators. The pshufb
 // nibble popcounts of one block add up as bytes over up to 31 patch words (8 per word per byte, so no
 // overflow) and are summed to 64-bit lanes (sad_epu8) once per 31 words; AVX2 has no int64 -> double
@@ -165,11 +176,13 @@ __attribute__((target("avx2,popcnt"))) void row_avx2_regs(const ConvArgs& a, con
       for (int v = 0; v < CV; ++v) {
         const int64_t c = c0 + 4 * v;
         __m256d r = _mm256_add_pd(_mm256_loadu_pd(pixel.base + c), _mm256_mul_pd(_mm256_loadu_pd(a.offset2 + c), pos));
-        for (int b = 0; b < P; ++b) {
-          const __m256i count = _mm256_add_epi64(acc[b * CV + v], _mm256_sad_epu8(bytes[b * CV + v], zero));
-          const __m256d cd = _mm256_cvtepi32_pd(
-              _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(count, low_dwords)));
-          r = _mm256_add_pd(r, _mm256_mul_pd(_mm256_loadu_pd(a.coef2 + b * co + c), cd));
+        __m256i count[P];
+        for (int b = 0; b < P; ++b) count[b] = _mm256_add_epi64(acc[b * CV + v], _mm256_sad_epu8(bytes[b * CV + v], zero));
+        if (P == 4 && a.fold_planes) {  // sum_b 2^b count[b] first (kernels.h, the output value)
+          for (int b = P - 2; b >= 0; --b) count[b] = _mm256_add_epi64(_mm256_slli_epi64(count[b + 1], 1), count[b]);
+          r = add_counts<1>(r, a.coef2 + c, co, count, low_dwords);
+        } else {
+          r = add_counts<P>(r, a.coef2 + c, co, count, low_dwords);
         }
         _mm_storeu_ps(pixel.out + c, _mm256_cvtpd_ps(r));
       }

@@ -187,9 +187,10 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
   }
 }
 
-// AVX-512, at most 32 input channels (one word per pixel whose upper half is zero), co a multiple of 16 * CV:
-// the rows as 32-bit words (PhaseInfo::w32), so one popcount counts 16 channels where the 64-bit rows count 8
-// (pruned and narrow layers). The counts widen to 64-bit lanes for combine_block: the same combine, bit for bit.
+// AVX-512, at most 32 input channels (one word per pixel whose upper half is zero), co a multiple of 16 * CV,
+// P power-of-two weight planes (ConvArgs::fold_planes): the rows as 32-bit words (PhaseInfo::w32), so one popcount
+// counts 16 channels where the 64-bit rows count 8 (pruned and narrow layers); the planes' counts are folded into
+// one integer, then widened to 64-bit lanes for combine_block (one plane).
 template <int P, int CV>
 __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row_avx512_half(
     const ConvArgs& a, const PhaseInfo& f, int64_t i, int64_t qh, Scratch& /*s*/) {
@@ -215,12 +216,14 @@ __attribute__((target("avx512f,avx512dq,avx512vpopcntdq,avx2,popcnt"))) void row
         }
       }
       pixel.positives = positives;
-      __m512i wide[P * 2 * CV];
-      for (int j = 0; j < P * CV; ++j) {
-        wide[2 * j] = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j]));
-        wide[2 * j + 1] = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j], 1));
+      __m512i wide[2 * CV];  // the planes' counts folded (ConvArgs::fold_planes), widened to 64-bit lanes
+      for (int v = 0; v < CV; ++v) {
+        __m512i n = acc[(P - 1) * CV + v];
+        for (int b = P - 2; b >= 0; --b) n = _mm512_add_epi32(_mm512_slli_epi32(n, 1), acc[b * CV + v]);
+        wide[2 * v] = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(n));
+        wide[2 * v + 1] = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(n, 1));
       }
-      combine_block<P, 2 * CV>(a, pixel, c0, wide);
+      combine_block<1, 2 * CV>(a, pixel, c0, wide);
     }
   }
 }
@@ -474,10 +477,8 @@ LevelPackFn level_pack_fn_avx512(bool nchw, int64_t count, bool ties_up) {
 
 PackFn pack_fn_avx512(bool nchw) { return nchw ? pack_nchw_avx512 : pack_nhwc_avx512; }
 
-RowFn pick_half_avx512(int64_t planes, int64_t co) {
-  if (planes != 4 || planes * co <= kMaxLaneRows) return nullptr;  // the pruned W4A1 recipes; the lane kernels' shapes
-  if (co % 32 == 0) return row_avx512_half<4, 2>;  // (each instantiation ~2 KB)
-  return co % 16 == 0 ? row_avx512_half<4, 1> : nullptr;  // e.g. the 16-channel layer of 50% channels
+RowFn pick_half_avx512(int64_t co) {  // the layers of ConvArgs::fold_planes (4 planes, Co % 16): pruned W4A1 recipes
+  return co % 32 == 0 ? row_avx512_half<4, 2> : row_avx512_half<4, 1>;  // (~2 KB each; 1: e.g. 50% channels' 16)
 }
 
 RowFn pick_sink_avx512(int64_t planes, int64_t co) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -91,6 +92,17 @@ PackFn pack_fn(int64_t path, bool nchw) {
   if (path == kNeon) return pack_fn_neon(nchw);
 #endif
   return pack_fn_scalar(nchw);
+}
+
+// Whether every weight plane's coefficients are 2^b times plane 0's (the codes of an affine codebook), the
+// condition for adding the planes' counts as one exact integer (kernels.h ConvArgs::fold_planes).
+bool pow2_planes(const ConvArgs& a) {
+  for (int64_t b = 1; b < a.planes; ++b) {
+    for (int64_t c = 0; c < a.co; ++c) {
+      if (a.coef2[b * a.co + c] != std::ldexp(a.coef2[c], static_cast<int>(b))) return false;
+    }
+  }
+  return true;
 }
 
 RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t wc, int64_t px_words, int64_t in_step_w) {
@@ -284,13 +296,14 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   a.hp = c.x.h + g.pad_top + g.pad_bottom, a.wp = c.x.w + g.pad_left + g.pad_right;
   a.x = packed != nullptr ? packed : bits.data();
   a.coef2 = c.coef2, a.offset2 = c.offset2, a.base = c.base, a.out = sink != nullptr ? nullptr : out, a.sink = sink;
+  a.fold_planes = c.x.c <= 32 && a.act_planes == 1 && a.planes == 4 && a.co % 16 == 0 && pow2_planes(a);
 
   std::vector<PhaseInfo> infos;
   std::vector<RowFn> fns;
   int64_t max_qh = 0, max_words = 0;
   const bool few_rows = a.planes * a.co <= kMaxLaneRows;
 #if defined(__x86_64__)
-  const bool half = c.path == kAvx512 && c.x.c <= 32 && a.act_planes == 1;  // pick_half_avx512's inputs
+  const bool half = c.path == kAvx512 && a.fold_planes;  // pick_half_avx512's layers
 #else
   const bool half = false;
 #endif
@@ -305,7 +318,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
     f.words = static_cast<int64_t>(f.offs.size()) * a.wc;
     f.w_t = c.w_ts[k];
     if (few_rows && c.path == kAvx512) f.base_lanes = lane_base(a, f);  // read by the AVX-512 lane kernels only
-    RowFn fn = half ? pick_half_avx512(a.planes, a.co) : nullptr;
+    RowFn fn = half ? pick_half_avx512(a.co) : nullptr;
     if (fn != nullptr) f.w32.assign(f.w_t, f.w_t + f.words * a.rows_padded);  // the low half of every row word
     max_words = std::max(max_words, f.words);
     max_qh = std::max(max_qh, f.n_qh);

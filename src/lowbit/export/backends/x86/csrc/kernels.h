@@ -94,7 +94,10 @@ using PackFn = void (*)(const float*, uint64_t*, const int64_t*, int64_t, int64_
 //
 // Output value (eq. 1-2 with the factor 2 folded into coef2 = 2*coef and offset2 = 2*offset, exact in
 // floating point): out[c] = float(base[c] + offset2[c] * popcount(patch) + sum_b coef2[b, c] * count[b, c]),
-// accumulated in double in exactly this order on every path, so all paths agree bit for bit.
+// accumulated in double in exactly this order on every path, so all paths agree bit for bit. Narrow layers of
+// 4-bit affine weights (ConvArgs::fold_planes: at most 32 one-plane input channels, Co a multiple of 16, four
+// planes with coef2[b, c] = 2^b coef2[0, c]; pruned generators' layers, where the combine costs as much as the
+// counts) add the planes first, as the exact integer n = sum_b 2^b count[b, c]: ... + coef2[0, c] * n.
 
 // The all-ones base (bias - layer(all-ones input)) of every output pixel, stored once per border class: the
 // pixels whose taps meet the same padding / holes pattern share one co-vector, so a layer keeps (row classes x
@@ -154,6 +157,7 @@ struct ConvArgs {
   int64_t in_step_h, in_step_w, out_step_h, out_step_w;
   int64_t act_planes = 1;  // activation bit planes A: every count is sum_b 2^b popcount(.. & plane_b)
   int64_t px_words = 0;    // words per padded pixel: act_planes * wc
+  bool fold_planes = false;  // the weight planes' counts add up before the combine (see the output value above)
 };
 
 struct PhaseInfo {
@@ -247,7 +251,13 @@ __attribute__((always_inline)) inline void row_generic(const ConvArgs& a, const 
     float* out = a.out + ((i * a.ho + oh) * a.wo + ow) * co;
     for (int64_t c = 0; c < co; ++c) {
       double r = base[c] + a.offset2[c] * positives;
-      for (int64_t b = 0; b < a.planes; ++b) r = r + a.coef2[b * co + c] * static_cast<double>(cnt[b * co + c]);
+      if (a.fold_planes) {
+        int64_t n = 0;
+        for (int64_t b = a.planes - 1; b >= 0; --b) n = 2 * n + cnt[b * co + c];
+        r = r + a.coef2[c] * static_cast<double>(n);
+      } else {
+        for (int64_t b = 0; b < a.planes; ++b) r = r + a.coef2[b * co + c] * static_cast<double>(cnt[b * co + c]);
+      }
       out[c] = static_cast<float>(r);
     }
   }
@@ -434,10 +444,10 @@ RowFn pick_row_scalar(int64_t planes, int64_t co, int64_t px_words, int64_t in_s
 RowFn pick_row_avx2(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
 RowFn pick_row_avx512(int64_t planes, int64_t co, int64_t wc, int64_t in_step_w);  // wc: words per plane
 RowFn pick_row_neon(int64_t planes, int64_t co, int64_t px_words, int64_t in_step_w);
-// AVX-512 for inputs of at most 32 channels and one activation plane: 16 channels a popcount on 32-bit rows
-// (PhaseInfo::w32), 32 channels a block; nullptr unless co is a multiple of 32 and the weights have 4 planes (the
-// pruned W4A1 recipes). Writes sinks too.
-RowFn pick_half_avx512(int64_t planes, int64_t co);
+// AVX-512 for the layers of ConvArgs::fold_planes (at most 32 input channels, one activation plane, four
+// power-of-two weight planes, co a multiple of 16): 16 channels a popcount on 32-bit rows (PhaseInfo::w32), 32 (or
+// 16) channels a block. Writes sinks too.
+RowFn pick_half_avx512(int64_t co);
 // The kernel pick_row chooses for this shape when it writes a BitSink (AVX-512's register kernels, co a multiple
 // of 32), else nullptr.
 RowFn pick_sink_avx512(int64_t planes, int64_t co);
