@@ -103,6 +103,8 @@ MULTI_CASES = [  # kind, cin, cout, kernel, stride, padding, weight bits, levels
     ("conv_transpose2d", 32, 32, 4, 2, 1, 4, 2, 7),  # a pruned generator's 32/32 layer, AVX-512's 32-bit rows
     ("conv2d", 20, 16, 3, 1, 1, 4, 2, 6),  # 16-channel blocks
     ("conv2d", 24, 48, 3, 2, 1, 4, 4, 7),  # two activation planes: not narrow, planes combined one by one
+    ("conv_transpose2d", 32, 1, 4, 2, 1, 2, 4, 6),  # W2A2 output layer: two-plane lanes without a gather
+    ("conv2d", 16, 1, 3, 1, 1, 1, 4, 9),  # one row, two activation planes, 9 lanes (a partial group)
 ]
 
 
