@@ -232,6 +232,21 @@ def test_results_do_not_depend_on_the_thread_count(zoo):
             assert all(np.array_equal(out, outputs[0]) for out in outputs[1:]), (case, kernel_path)
 
 
+def test_a_large_batch_activates_its_output_over_the_threads_alike(zoo):
+    """Past 16,384 values the activation after a kernel layer (the output tanh) runs in chunks over the
+    threads: every thread count gives the one-thread run's bits, and the samples those of a small batch."""
+    path, x_npy, _ = zoo[("dcgan-g-28", "w1a1-sign")]
+    x = np.load(x_npy)
+    big = np.concatenate([x] * (-(-24 * 1024 // (x.shape[0] * 784)) + 1))  # > 16,384 output values
+    model = native.NativeModel(path.read_bytes(), str(path))
+    outputs = []
+    for threads in (1, 2, 3):
+        model.set_threads(threads)
+        outputs.append(model.run(big))
+    assert outputs[0].size > 16384 and all(np.array_equal(out, outputs[0]) for out in outputs[1:])
+    assert np.array_equal(outputs[0][: x.shape[0]], model.run(x))
+
+
 def test_float_tiles_agree_bit_for_bit_and_the_portable_one_within_tolerance(zoo, tmp_path):
     """The float products on the AVX2 tile equal the AVX-512 tile's bits (same FMAs in the same order); the
     portable tile (no FMA, for x86 CPUs without AVX2) stays within TOLERANCE of the torch backend."""

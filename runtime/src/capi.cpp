@@ -189,6 +189,19 @@ void acquire(Pool& pool, Floats& data, size_t count) {
   data.resize(count);
 }
 
+// The activation fused after a kernel layer, shared out over the threads in chunks when the output is large (the
+// output layer's tanh at batch 64 was the one serial pass left: element-wise, so any thread count gives the same values).
+void activate_all(const Activation& act, Tensor& out, const ParallelFor& parallel) {
+  constexpr int64_t kChunk = 8192;
+  float* data = out.data.data();
+  const int64_t count = static_cast<int64_t>(out.data.size());
+  if (act.kind == Activation::None) return;
+  if (count < 2 * kChunk) return activate(act, data, data, count);
+  parallel((count + kChunk - 1) / kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) activate(act, data + k * kChunk, data + k * kChunk, std::min(kChunk, count - k * kChunk));
+  });
+}
+
 void release(Pool& pool, Floats& data) {
   pool.push_back(std::move(data));
   data = Floats();
@@ -227,7 +240,7 @@ void run(lowbit_model& m, const float* input, int64_t batch, float* output) {
       } else {
         run_int8(*step.int8, *inputs[0], m.path, parallel, out);
       }
-      activate(step.then, out.data.data(), out.data.data(), static_cast<int64_t>(out.data.size()));
+      activate_all(step.then, out, parallel);
     } else {
       run_op(node, inputs, out, parallel, step.then);
     }
