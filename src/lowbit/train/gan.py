@@ -158,9 +158,6 @@ class GanConfig(StepLoopConfig):
             raise ConfigError(f"'ema' is a decay in [0, 1) (0 = off, e.g. 0.999), got {self.ema}")
         if self.betas is not None and len(self.betas) != 2:
             raise ConfigError(f"'betas' must be two numbers like [0.5, 0.999], got {self.betas}")
-        if self.select.enabled and (self.data.options or self.data.root):
-            raise ConfigError("select: the validation FID reads the dataset's default images, so it cannot "
-                              f"follow data.options {self.data.options} / data.root; remove select")
         get_loss(self.loss)
 
 
@@ -545,8 +542,17 @@ def train_gan(
     Everything is validated and loaded before the first file is written, so bad input leaves
     ``out_dir`` untouched. A NaN/Inf loss raises TrainingDivergedError and keeps the last checkpoint.
     """
-    validator = fid_validator(cfg.data.dataset, cfg.select) if cfg.select.enabled else None
-    return train_task(GanTask, cfg, out_dir, evaluator, resume, overwrite, progress, validator)
+    return train_task(GanTask, cfg, out_dir, evaluator, resume, overwrite, progress, validation_fid(cfg))
+
+
+def validation_fid(cfg: GanConfig) -> Validator | None:
+    """The validation FID of ``cfg.select`` on the training dataset (None when selection is off)."""
+    if not cfg.select.enabled:
+        return None
+    if cfg.data.options or cfg.data.root:
+        raise ConfigError("select: the validation FID reads the dataset's default images, so it cannot "
+                          f"follow data.options {cfg.data.options} / data.root {cfg.data.root}; drop select")
+    return fid_validator(cfg.data.dataset, cfg.select)
 
 
 def train_task(task: Callable[[Any, torch.device, DistContext], Any], cfg: Any, out_dir: str | Path,
