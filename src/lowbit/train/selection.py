@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.limits import check_count
 from lowbit.train.checkpoint import load_weights
 
 #: ``validator(model) -> score`` (lower is better), called with the model in eval mode
@@ -49,6 +50,7 @@ class SelectSpec:
         if self.samples < MIN_SAMPLES:
             raise ConfigError(f"select.samples: a validation FID needs >= {MIN_SAMPLES} images (e.g. 2000), "
                               f"got {self.samples}")
+        check_count("select.samples", self.samples, "samples")
         if self.split not in SPLITS:
             raise ConfigError(f"select.split: unknown split '{self.split}'; use {' or '.join(SPLITS)} (the "
                               "one the final evaluation does not use)")
