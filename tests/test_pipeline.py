@@ -71,6 +71,19 @@ def test_run_writes_report_scores_and_packed_export(pretrained, tmp_path, capsys
     assert set(weights) == {"0", "3", "6", "9"} and all(row["bits"] == 4 for row in weights.values())
 
 
+def test_run_with_model_selection_scores_the_selected_and_the_last_generator(pretrained, tmp_path, capsys):
+    out = tmp_path / "run"
+    qat = {"steps": 10, "data_limit": 512, "log_every": 5, "select": {"every": 5, "samples": 100}}
+    assert main(["run", str(run_config(tmp_path / "run.yaml", pretrained, out, qat=qat)), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    selection = results["selection"]
+    logged = {row["step"]: row["val_fid"] for row in results["qat_history"] if "val_fid" in row}
+    assert sorted(logged) == [5, 10] and selection["val_fid"] == min(logged.values())
+    assert [selection[k] for k in ("steps", "samples", "split", "seed")] == [10, 100, "test", 1]
+    assert list(results["scores"]) == ["full precision", "quantized", "quantized (last step)"]
+    assert f"model selection: step {selection['step']} of 10" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "changes,message",
     [
@@ -78,6 +91,8 @@ def test_run_writes_report_scores_and_packed_export(pretrained, tmp_path, capsys
         ({"pretrained": "dcgan-mnits"}, "checkpoint not found: 'dcgan-mnits'"),
         ({"generator_quant": {"weight": "em", "weight_bits": 12}}, "bits=12 is out of range"),
         ({"qat": {"steps": 0}}, "qat.steps must be >= 1"),
+        ({"qat": {"select": {"every": 5, "seed": 0}}}, "qat.select must be held out from the final eval"),
+        ({"qat": {"select": {"every": 5, "split": "train"}}}, "got seed 1, split train"),
     ],
 )
 def test_run_bad_input_is_a_clear_error_and_writes_nothing(pretrained, tmp_path, capsys, changes, message):

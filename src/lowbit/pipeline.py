@@ -42,6 +42,7 @@ from lowbit.train.networks import (
     resolve_checkpoint,
 )
 from lowbit.train.rundir import locks_run_dir
+from lowbit.train.selection import SelectSpec
 
 GRID = 64
 #: image-to-image grids: this many test pairs, one row of input | FP | quantized | target each
@@ -75,6 +76,7 @@ class QatSettings:
     checkpoint_every: int = 200
     seed: int = 0
     threads: int = 0
+    select: SelectSpec = field(default_factory=SelectSpec)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -139,7 +141,16 @@ class RunResult:
         lines.append(
             f"{last['model']}: {last['size_bytes']} bytes, compression x{last['compression_ratio']:.1f}"
         )
+        if self.results.get("selection"):
+            lines.append(selection_line(self.results["selection"]))
         return lines
+
+
+def selection_line(selection: dict[str, Any]) -> str:
+    """Which QAT step model selection kept, and its validation FID."""
+    return (f"model selection: step {selection['step']} of {selection['steps']} (validation FID "
+            f"{selection['val_fid']:.3f}, n={selection['samples']} {selection['split']} images, latent seed "
+            f"{selection['seed']}); 'quantized' is that generator, 'quantized (last step)' the last one")
 
 
 def output_dir(cfg: RunConfig) -> Path:
@@ -288,7 +299,18 @@ def _validate(cfg: RunConfig) -> tuple[Path, GanConfig, GanConfig]:
     from lowbit.data.paired import target_domain
 
     metrics.resolve_extractor(target_domain(pretrained.data.dataset) or pretrained.data.dataset)
+    check_selection_held_out(cfg)
     return checkpoint, pretrained, qcfg
+
+
+def check_selection_held_out(cfg: RunConfig) -> None:
+    """Refuse a model selection that would use the final evaluation's latents or reference images."""
+    select, final_split = cfg.qat.select, cfg.eval.split or "train"
+    if select.enabled and (select.seed == cfg.eval.seed or select.split == final_split):
+        raise ConfigError(
+            f"qat.select must be held out from the final evaluation (latent seed {cfg.eval.seed}, split "
+            f"{final_split}): got seed {select.seed}, split {select.split}; choose another seed and split"
+        )
 
 
 def _fid_curve(cfg: RunConfig, dataset: str, progress: bool) -> Callable[[nn.Module, int], dict[str, float]]:
@@ -329,6 +351,9 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     q_generator = load_generator(qat.model_path)
     pairs = (("full precision", "fp", fp_generator), ("quantized", "quantized", q_generator))
     scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval, progress) for label, _, g in pairs}
+    if qat.selected:  # model selection restored an earlier generator: score the last step's beside it
+        last = load_generator(qat.model_path.with_name("model_last.safetensors"))
+        scores["quantized (last step)"] = _score(last, dataset, cfg.eval.samples, cfg.eval, progress)
     if isinstance(pretrained, I2IConfig):
         z, targets = lowbit_data.load_pairs(dataset, "test", pretrained.data.root, limit=GRID_PAIRS)
         images = {"input | FP | quantized | target": comparison_grid([fp_generator, q_generator], z, targets,
@@ -348,6 +373,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
         "weights": weight_rows,
         "qat_history": qat.history,
         "packed": str(packed) if packed else None,
+        "selection": selection_summary(cfg, qat),
         "config": to_dict(cfg),
         "qat_config": to_dict(qcfg),
     }
@@ -355,6 +381,15 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     images.update({f"weights ({k})": v for k, v in histograms.items() if v is not None})
     report = _write_report(cfg, out, results, images)
     return RunResult(report=report, results=results, qat=qat, packed=packed)
+
+
+def selection_summary(cfg: RunConfig, qat: TrainResult) -> dict[str, Any] | None:
+    """The QAT step model selection kept, its validation FID and how it was measured (None: off)."""
+    if not qat.selected:
+        return None
+    spec = cfg.qat.select
+    return {**qat.selected, "steps": cfg.qat.steps, "samples": spec.samples, "split": spec.split,
+            "seed": spec.seed}
 
 
 def _write_report(cfg: RunConfig, out: Path, results: dict[str, Any], images: dict[str, Path]) -> Path:
@@ -366,6 +401,8 @@ def _write_report(cfg: RunConfig, out: Path, results: dict[str, Any], images: di
     report.table(_spec_rows(cfg))
     report.heading("Scores: full precision vs quantized (same n, latents or test inputs, and extractor)")
     report.table(_score_rows(results["scores"]))
+    if results["selection"]:
+        report.paragraph(selection_line(results["selection"]))
     report.heading("Compression (seed 004 §2: FLOPs, BOPs = FLOPs x wbits x abits, size, ratios)")
     report.table(results["compression"])
     if results["packed"]:

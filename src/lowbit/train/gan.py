@@ -64,6 +64,7 @@ from lowbit.train.networks import (
 )
 from lowbit.train.optim import LrScale, Optimizers, fused_if_supported
 from lowbit.train.recalibrate import recalibrate_batchnorm
+from lowbit.train.selection import Validator, fid_validator
 
 SAMPLE_GRID = 64
 #: learning-rate schedules: constant, or linear decay to 0 at the last step
@@ -171,6 +172,8 @@ class TrainResult:
     checkpoint_path: Path
     log_csv: Path
     samples: Path | None
+    #: ``{"step", "val_fid"}`` of the generator model selection restored (None: ``select`` off)
+    selected: dict[str, float] | None = None
 
 
 # ----------------------------------------------------------------------------- data and noise
@@ -539,17 +542,30 @@ def train_gan(
     Everything is validated and loaded before the first file is written, so bad input leaves
     ``out_dir`` untouched. A NaN/Inf loss raises TrainingDivergedError and keeps the last checkpoint.
     """
-    return train_task(GanTask, cfg, out_dir, evaluator, resume, overwrite, progress)
+    return train_task(GanTask, cfg, out_dir, evaluator, resume, overwrite, progress, validation_fid(cfg))
+
+
+def validation_fid(cfg: GanConfig) -> Validator | None:
+    """The validation FID of ``cfg.select`` on the training dataset (None when selection is off)."""
+    if not cfg.select.enabled:
+        return None
+    if cfg.data.options or cfg.data.root:
+        raise ConfigError("select: the validation FID reads the dataset's default images, so it cannot "
+                          f"follow data.options {cfg.data.options} / data.root {cfg.data.root}; drop select")
+    return fid_validator(cfg.data.dataset, cfg.select)
 
 
 def train_task(task: Callable[[Any, torch.device, DistContext], Any], cfg: Any, out_dir: str | Path,
-               evaluator: Evaluator | None, resume: bool, overwrite: bool, progress: bool) -> TrainResult:
-    """Run a G / D pair's ``task`` (``GanTask``, the image-to-image ``I2ITask``) through the shared loop."""
+               evaluator: Evaluator | None, resume: bool, overwrite: bool, progress: bool,
+               validator: Validator | None = None) -> TrainResult:
+    """Run a G / D pair's ``task`` (``GanTask``, the image-to-image ``I2ITask``) through the shared loop;
+    ``validator`` scores G for model selection (``cfg.select``)."""
     def build(device: torch.device, ctx: DistContext, guard: object) -> Any:
         return task(cfg, device, ctx)
 
     result = run_training(cfg, LoopSettings.of(cfg), out_dir, build, read_gan_checkpoint, evaluator, resume,
-                          overwrite, progress)
+                          overwrite, progress, validator)
     return TrainResult(history=result.history, generator=result.task.sampler,
                        discriminator=unwrap(result.task.trainer.D), model_path=result.model_path,
-                       checkpoint_path=result.checkpoint_path, log_csv=result.log_csv, samples=result.samples)
+                       checkpoint_path=result.checkpoint_path, log_csv=result.log_csv, samples=result.samples,
+                       selected=result.selected)

@@ -87,6 +87,9 @@ class I2IConfig(StepLoopConfig):
             raise ConfigError(f"unknown lr_decay '{self.lr_decay}'; valid: {', '.join(LR_DECAYS)}")
         if self.betas is not None and len(self.betas) != 2:
             raise ConfigError(f"'betas' must be two numbers like [0.5, 0.999], got {self.betas}")
+        if self.select.enabled:
+            raise ConfigError("select is for noise GANs: a paired dataset has no held-out split besides the "
+                              "test split its final evaluation uses; remove select")
 
 
 def load_paired(cfg: I2IConfig, generator: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ threads / device / seed, resume (config check, weights, optimisers, RNG, loss su
 ``train/distributed.py``, the run-directory lock (``train/rundir.py``), the progress bar,
 ``log.csv`` + TensorBoard, evaluation, sample grids, the checkpoint cadence, the divergence guard
 (``train/guard.py``: every loss and, every ``guard.every`` steps, every weight; the whole state
-before a checkpoint is written) and the final model file. A ``Task`` supplies the networks, one
+before a checkpoint is written), model selection on a validation score (``train/selection.py``) and
+the final model file. A ``Task`` supplies the networks, one
 training step and its sample grid; ``LoopSettings`` says how long to train and how often to log,
 evaluate, sample and checkpoint (the classifier's step is a whole epoch, evaluated and
 checkpointed every time).
@@ -42,6 +43,7 @@ from lowbit.train.checkpoint import (
 )
 from lowbit.train.guard import DivergenceGuard, GuardSpec
 from lowbit.train.rundir import locks_run_dir
+from lowbit.train.selection import Selector, SelectSpec, Validator
 
 #: a callback ``evaluator(model, step) -> {"fid": ..., ...}`` run on rank 0 (the model in eval mode).
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
@@ -65,6 +67,7 @@ class StepLoopConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     guard: GuardSpec = field(default_factory=GuardSpec)
+    select: SelectSpec = field(default_factory=SelectSpec)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
@@ -84,7 +87,7 @@ class LoopSettings:
     """How long the loop runs and how often it logs, evaluates, samples and checkpoints (0 = only at
     the end for evaluation, never for samples); ``unit`` names the step in the history (``step`` or
     ``epoch``); ``volatile`` lists the config fields a resumed run may change; ``guard`` bounds the
-    divergence guard and ``fix`` is the advice its error gives."""
+    divergence guard and ``fix`` is the advice its error gives; ``select`` is the model selection."""
 
     name: str
     steps: int
@@ -99,6 +102,7 @@ class LoopSettings:
     volatile: tuple[str, ...] = RESUMABLE_CHANGES
     guard: GuardSpec = field(default_factory=GuardSpec)
     fix: str = "lower the learning rate"
+    select: SelectSpec = field(default_factory=SelectSpec)
 
     @classmethod
     def of(cls, cfg: Any) -> LoopSettings:
@@ -326,6 +330,8 @@ class LoopResult:
     checkpoint_path: Path
     log_csv: Path
     samples: Path | None
+    #: ``{"step", "val_fid"}`` of the generator restored by model selection (None: selection off)
+    selected: dict[str, float] | None = None
 
 
 class TrainLoop:
@@ -333,8 +339,9 @@ class TrainLoop:
 
     def __init__(self, cfg: Any, settings: LoopSettings, task: Task, out_dir: Path,
                  evaluator: Evaluator | None, ckpt_path: Path, ctx: distributed.DistContext,
-                 guard: DivergenceGuard) -> None:
+                 guard: DivergenceGuard, validator: Validator | None = None) -> None:
         self.cfg, self.settings, self.task, self.guard = cfg, settings, task, guard
+        self.selector = Selector(settings.select, validator) if validator is not None else None
         self.out_dir, self.evaluator = out_dir, evaluator
         self.ckpt_path, self.main = ckpt_path, ctx.is_main
         self.start_step, self.history, self.acc = 0, [], Accumulator()
@@ -351,6 +358,8 @@ class TrainLoop:
             set_rng_state(state["rng"])
             self.start_step, self.history = int(state["step"]), list(state["history"])
             self.acc = Accumulator.from_state(state["accumulator"])
+            if self.selector is not None:
+                self.selector.load_state(state)
         self.guard.saved(self.ckpt_path)
 
     def start(self, progress: bool) -> None:
@@ -388,11 +397,15 @@ class TrainLoop:
         evaluate_now = self.evaluator is not None and (
             (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
         )
-        if evaluate_now or self._due(step, cfg.log_every):
+        validate_now = self.selector is not None and self.selector.due(step, cfg.steps)
+        if evaluate_now or validate_now or self._due(step, cfg.log_every):
             row = self.acc.row(step, cfg.unit)
             if evaluate_now:
                 scores = run_model(self.task.sampler, lambda m: self.evaluator(m, step))
                 row.update({k: float(v) for k, v in scores.items()})
+            if validate_now:
+                row["val_fid"] = run_model(self.task.sampler, lambda m: self.selector.offer(step, m))
+                self.postfix["best"] = f"{self.selector.step}"
             self.log.add(row)
             self.postfix.update({k: f"{v:.3g}" for k, v in row.items() if k != cfg.unit})
             self.bar.set_postfix(self.postfix, refresh=False)
@@ -408,6 +421,8 @@ class TrainLoop:
         if full:
             state.update(self.task.state(), rng=rng_state(),
                          accumulator=self.acc.state())
+            if self.selector is not None:
+                state.update(self.selector.state())
         else:
             state.update(self.task.model_state())
         return save_checkpoint(path, state)
@@ -419,12 +434,17 @@ class TrainLoop:
             self.log.close()
 
     def finish(self) -> LoopResult:
-        """Write the final model file (rank 0) and describe what the run produced."""
+        """Write the final model file (rank 0) and describe what the run produced. With model selection the
+        last step's model goes to ``model_last.safetensors`` and the selected one to the model file."""
         model_path = self.out_dir / "model.safetensors"
+        selected = self.selector.summary() if self.main and self.selector is not None else None
+        if selected is not None:
+            self._save(self.out_dir / "model_last.safetensors", self.settings.steps, full=False)
+            self.selector.restore(self.task.sampler)
         if self.main:
             self._save(model_path, self.settings.steps, full=False)
         return LoopResult(self.history, self.task, model_path, self.ckpt_path, self.out_dir / "log.csv",
-                          self.samples)
+                          self.samples, selected)
 
 
 @locks_run_dir(lambda args: args["out_dir"])
@@ -438,15 +458,20 @@ def run_training(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    validator: Validator | None = None,
 ) -> LoopResult:
     """Build the task of ``cfg`` (the config stored in every checkpoint) and train it for
     ``settings.steps`` into ``out_dir``; see the module docstring.
 
     ``build_task(device, ctx, guard)`` validates and loads everything before the first file is
     written, so bad input leaves ``out_dir`` untouched (a task may check its inner steps with the
-    run's ``guard``); ``read_checkpoint`` reads (and checks) a checkpoint. The whole call holds the
+    run's ``guard``); ``read_checkpoint`` reads (and checks) a checkpoint; ``validator`` scores the
+    sampler for model selection (needed when ``settings.select`` is on). The whole call holds the
     lock of ``out_dir`` (rank 0).
     """
+    if settings.select.enabled and validator is None:
+        raise ConfigError(f"{settings.name}: 'select' needs a validation metric, which this trainer does not "
+                          "have; remove select")
     out_dir = Path(out_dir)
     ckpt = prepare_run_dir(out_dir, resume, overwrite)
     ctx = distributed.current()
@@ -456,7 +481,8 @@ def run_training(
     torch.manual_seed(settings.seed)
     guard = DivergenceGuard(settings.guard, settings.fix)
     task = build_task(device, ctx, guard)
-    loop = TrainLoop(cfg, settings, task, out_dir, evaluator, ckpt, ctx, guard)
+    loop = TrainLoop(cfg, settings, task, out_dir, evaluator, ckpt, ctx, guard,
+                     validator if settings.select.enabled else None)
     if resume:
         loop.restore(read_checkpoint)
     if ctx.distributed:
