@@ -366,7 +366,9 @@ bool spin_while(const Waiting& waiting) {
 // teardown never meets a running worker). A call hands out blocks of [0, n) from an atomic counter to the
 // caller and `threads - 1` workers; results never depend on the split (every task writes its own outputs).
 // Between calls a worker spins briefly before it sleeps, and the caller spins before it sleeps on the last
-// helper, so the sections of one run (a few per layer) do not each pay two thread wake-ups.
+// helper, so the sections of one run (a few per layer) do not each pay two thread wake-ups. The caller waits
+// only for workers that joined before it ran out of blocks: a worker the OS has not scheduled yet (the other
+// core busy) is not waited for, so a call is never slower than the caller doing every block itself.
 class WorkerPool {
  public:
   void run(int64_t threads, int64_t n, const ParallelBody& body) {
@@ -381,17 +383,18 @@ class WorkerPool {
       std::lock_guard<std::mutex> lock(mutex_);
       for (; started_ < helpers; ++started_) std::thread(&WorkerPool::serve, this, started_).detach();
       job_ = &job, helpers_ = helpers;
-      busy_.store(helpers);
       generation_.fetch_add(1);
       if (sleeping_ > 0) wake_.notify_all();
     }
     work(job);
-    if (!spin_while([this] { return busy_.load() != 0; })) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      done_.wait(lock, [this] { return busy_.load() == 0; });
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = nullptr;  // every block is claimed: a worker that has not joined yet sits this call out
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    job_ = nullptr;
+    if (!spin_while([this] { return joined_.load() != 0; })) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [this] { return joined_.load() == 0; });
+    }
   }
 
  private:
@@ -422,11 +425,12 @@ class WorkerPool {
           --sleeping_;
         }
         seen = generation_.load();
-        if (index >= helpers_) continue;  // a smaller call: this worker sits it out
+        if (index >= helpers_ || job_ == nullptr) continue;  // a smaller call, or one already done
         job = job_;
+        joined_.fetch_add(1);
       }
       work(*job);
-      if (busy_.fetch_sub(1) == 1) {
+      if (joined_.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(mutex_);
         done_.notify_all();
       }
@@ -437,7 +441,7 @@ class WorkerPool {
   std::condition_variable wake_, done_;
   Job* job_ = nullptr;
   int64_t started_ = 0, helpers_ = 0, sleeping_ = 0;
-  std::atomic<int64_t> busy_{0}, generation_{0};
+  std::atomic<int64_t> joined_{0}, generation_{0};
 };
 
 }  // namespace
