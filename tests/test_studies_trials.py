@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import lowbit.metrics
+import lowbit.train.gan
 from lowbit.config import from_dict
 from lowbit.studies.trials import classifier_trial, gan_trial, generator_layers
 from lowbit.train.gan import GanConfig
-from lowbit.train.networks import build_networks
+from lowbit.train.networks import build_networks, load_generator
 
 TRAIN = {
     "name": "tiny",
@@ -51,6 +52,25 @@ def test_gan_trial_scores_the_start_the_curve_and_leaves_artifacts(tmp_path, mon
         if name != "model":
             assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / result["artifacts"]["model"]).name == "model.safetensors"
+
+
+def test_gan_trial_with_model_selection_scores_the_selected_generator(tmp_path, monkeypatch):
+    """With ``train.select`` the trial's FID is the model file's (the selected step's), not the last step's
+    (which the loop scored before restoring); the last step's stays beside it as ``fid_last``."""
+    monkeypatch.setattr(lowbit.metrics, "evaluate", fake_evaluate, raising=False)
+    scripted = iter([3.0, 1.0, 2.0])  # validated at steps 2, 4, 6: step 4 is the pick
+    monkeypatch.setattr(lowbit.train.gan, "validation_fid", lambda cfg: lambda model: next(scripted))
+    torch.set_num_threads(1)
+    train = {**TRAIN, "select": {"every": 2, "after": 1, "samples": 100}}
+    result = gan_trial({"train": train, "eval": {"dataset": "digits", "n": 64, "batch": 64}}, tmp_path)
+
+    def scored(name: str) -> float:
+        return fake_evaluate(load_generator(tmp_path / "run" / name).eval(), "digits", 64, 64)["fid"]
+
+    assert result["selected_step"] == 4 and result["val_fid"] == 1.0
+    assert result["fid"] == scored("model.safetensors")
+    assert result["fid_last"] == scored("model_last.safetensors") == result["history"][-1]["fid"]
+    assert result["fid"] != result["fid_last"]
 
 
 def test_generator_layers_count_weights_flops_and_input_bits():

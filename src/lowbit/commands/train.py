@@ -103,7 +103,7 @@ def run_train(args) -> int:
     if main:
         last = result.history[-1] if result.history else {}
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
-        print(f"trained {cfg.name} for {cfg.steps} steps ({summary}); model: {result.model_path}")
+        print(f"trained {cfg.name} for {cfg.steps} steps (last step: {summary}); model: {result.model_path}")
         if result.selected:
             print(f"model selection kept step {result.selected['step']} (validation FID "
                   f"{result.selected['val_fid']:.4g}); the last step's model: "

@@ -97,6 +97,17 @@ def _costs(model_path: Path) -> dict[str, float]:
     return {"params": report.params, "flops": report.flops, "bops": report.bops, "bytes": report.size_bytes}
 
 
+def _final_scores(result: Any, last: dict[str, Any], spec: EvalSpec) -> dict[str, Any]:
+    """The trial's scores: the last step's row, or with model selection (``train.select``) the selected
+    generator's scores (the model file's), the last step's beside them as ``<score>_last``."""
+    scores = {k: v for k, v in last.items() if k != "step"}
+    if not result.selected:
+        return scores
+    selected = _scores(result.generator.eval(), spec)
+    return {**scores, **selected, **{f"{k}_last": scores[k] for k in selected if k in scores},
+            "selected_step": result.selected["step"], "val_fid": result.selected["val_fid"]}
+
+
 def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train / fine-tune the GAN of ``config['train']`` in ``out_dir/run`` and score it (FID, IS)."""
     from lowbit.train.gan import GanConfig, teacher_source, train_gan
@@ -114,8 +125,7 @@ def gan_trial(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     result = train_gan(cfg, run_dir, evaluator=lambda g, step: _scores(g, trial.eval), resume=resume,
                        progress=False)
     history += result.history
-    final = history[-1]
-    metrics = {k: v for k, v in final.items() if k != "step"}
+    metrics = _final_scores(result, history[-1], trial.eval)
     metrics["steps"] = cfg.steps
     fp = teacher_source(cfg)  # the FP generator the trial compresses: its teacher (default init_from)
     reference = _reference_scores(fp, trial.eval) if fp and trial.eval.reference else {}
