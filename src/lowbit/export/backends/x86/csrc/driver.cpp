@@ -368,7 +368,7 @@ bool spin_while(const Waiting& waiting) {
 // Between calls a worker spins briefly before it sleeps, and the caller spins before it sleeps on the last
 // helper, so the sections of one run (a few per layer) do not each pay two thread wake-ups. The caller waits
 // only for workers that joined before it ran out of blocks: a worker the OS has not scheduled yet (the other
-// core busy) is not waited for, so a call is never slower than the caller doing every block itself.
+// core busy) is not waited for and cannot stall the call (one that joined and holds a block still can).
 class WorkerPool {
  public:
   void run(int64_t threads, int64_t n, const ParallelBody& body) {
