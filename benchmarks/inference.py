@@ -46,14 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def best_times(
-    fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
+    fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float], settle: float = 0.0
 ) -> dict[str, float]:
     """Best (minimum) seconds per call of each function, all timed round-robin after two warm-up calls.
 
     Round-robin makes load changes hit every contestant alike; the minimum is the least
     load-sensitive estimate on a shared machine (timeit's advice). Every other round runs in reverse
     order, so no contestant always follows the same one: with a fixed order, an A/A run (one liblowbit
-    build in two slots) timed the second slot up to 17% faster at batch 1."""
+    build in two slots) timed the second slot up to 17% faster at batch 1. ``settle`` > 0 (multi-threaded
+    groups): before each timed call, sleep that many seconds, so the thread pools of the contestant before
+    (onnxruntime's, torch's, liblowbit's spin after a call) go idle, then make one untimed call, so the
+    contestant's own pool is awake, as in a deployment that runs one model."""
     for _ in range(2):
         for fn in fns.values():
             fn()
@@ -61,6 +64,9 @@ def best_times(
     order = list(fns.items())
     for round_ in range(repeats):
         for name, fn in order if round_ % 2 == 0 else reversed(order):
+            if settle > 0:
+                time.sleep(settle)
+                fn()
             start = clock()
             fn()
             times[name].append(clock() - start)

@@ -13,7 +13,8 @@ runs the FP32 generator exported by lowbit's ONNX exporter; its int8 model is
 random batches) of that file, where ORT quantizes the layers. Every (batch, threads) group is timed
 round-robin (best of ``--repeats``), so the ratios in one row come from the same moments of a shared machine:
 one-thread groups in process CPU time (time spent preempted does not count; equal to latency on an idle
-machine), two-thread groups in wall time. Then: the plan (which backend runs each layer), a per-layer table
+machine), two-thread groups in wall time, each timed call after a 5 ms pause (the previous contestant's
+spinning thread pool goes idle) and one untimed call (its own pool is awake). Then: the plan (which backend runs each layer), a per-layer table
 (batch 64, one thread, Python x86 backend) with each kernel's achieved binary or int8 operations per second
 and its share of the peak measured in the same run (VPOPCNTDQ / VNNI loops, ``csrc/int8_roofline.cpp``), and
 each target of issue 13, met or missed and by how much.
@@ -152,11 +153,16 @@ def peer_contestants(fp32: nn.Module, example: torch.Tensor, folder: Path, threa
     return fns, reason
 
 
+#: seconds the multi-threaded groups let the previous contestant's spinning threads go idle (best_times)
+SETTLE = 0.005
+
+
 def time_group(fns: dict[str, Callable], x: torch.Tensor, repeats: int, threads: int) -> dict[str, float]:
-    """ms per call of every contestant on x, round-robin, best of ``repeats`` (CPU time for one thread)."""
-    clock = time.process_time if threads == 1 else time.perf_counter
+    """ms per call of every contestant on x, round-robin, best of ``repeats`` (CPU time for one thread; wall
+    time after a settle pause and a warm call for more)."""
+    clock, settle = (time.process_time, 0.0) if threads == 1 else (time.perf_counter, SETTLE)
     with torch.inference_mode():
-        best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, clock)
+        best = best_times({name: partial(fn, x) for name, fn in fns.items()}, repeats, clock, settle)
     return {name: 1e3 * seconds for name, seconds in best.items()}
 
 
@@ -244,7 +250,7 @@ def thread_gain(path: Path, x: torch.Tensor, repeats: int) -> float:
         models[threads] = load(path, backend="native")
         models[threads].native.set_threads(threads)
     with torch.inference_mode():
-        best = best_times({t: partial(m, x) for t, m in models.items()}, repeats, time.perf_counter)
+        best = best_times({t: partial(m, x) for t, m in models.items()}, repeats, time.perf_counter, SETTLE)
     return best[1] / best[2]
 
 
@@ -329,7 +335,8 @@ def _group_of(model: str) -> str:
 def print_report(results: dict, args: argparse.Namespace) -> None:
     print(
         f"# runtime_peer on {_cpu_model()}, torch {torch.__version__}, best of {args.repeats}, round-robin "
-        "per group, 1 thread: process CPU time, 2 threads: wall time; x = onnxruntime FP32 time / this time"
+        "per group, 1 thread: process CPU time, 2 threads: wall time after a settle pause and a warm call; "
+        "x = onnxruntime FP32 time / this time"
     )
     for key, row in results["timings"].items():
         group, batch, threads = key.split("|")
