@@ -15,9 +15,9 @@ round-robin (best of ``--repeats``), so the ratios in one row come from the same
 one-thread groups in process CPU time (time spent preempted does not count; equal to latency on an idle
 machine), two-thread groups in wall time, each timed call after a 5 ms pause (the previous contestant's
 spinning thread pool goes idle) and one untimed call (its own pool is awake). Then: the plan (which backend
-runs each layer), a per-layer table (batch 64, one thread, Python x86 backend) with each kernel's achieved binary or int8 operations per second
-and its share of the peak measured in the same run (VPOPCNTDQ / VNNI loops, ``csrc/int8_roofline.cpp``), and
-each target of issue 13, met or missed and by how much.
+runs each layer), a per-layer table (batch 64, one thread, Python x86 backend) with each kernel's achieved
+binary or int8 operations per second and its share of the peak measured in the same run (VPOPCNTDQ / VNNI
+loops, ``csrc/int8_roofline.cpp``), and each target of issue 13, met or missed and by how much.
 
     python benchmarks/runtime_peer.py --repeats 10 [--zoo-batch 8] [--json F] [--baseline-lib OLD.so]
 """
