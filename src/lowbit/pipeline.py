@@ -351,8 +351,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> RunResult:
     q_generator = load_generator(qat.model_path)
     pairs = (("full precision", "fp", fp_generator), ("quantized", "quantized", q_generator))
     scores = {label: _score(g, dataset, cfg.eval.samples, cfg.eval, progress) for label, _, g in pairs}
-    if qat.selected:  # model selection restored an earlier generator: score the last step's beside it
-        last = load_generator(qat.model_path.with_name("model_last.safetensors"))
+    if qat.last_model_path is not None:  # selection restored an earlier generator: score the last step too
+        last = load_generator(qat.last_model_path)
         scores["quantized (last step)"] = _score(last, dataset, cfg.eval.samples, cfg.eval, progress)
     if isinstance(pretrained, I2IConfig):
         z, targets = lowbit_data.load_pairs(dataset, "test", pretrained.data.root, limit=GRID_PAIRS)

@@ -107,5 +107,5 @@ def run_train(args) -> int:
         if result.selected:
             print(f"model selection kept step {result.selected['step']} (validation FID "
                   f"{result.selected['val_fid']:.4g}); the last step's model: "
-                  f"{result.model_path.with_name('model_last.safetensors')}")
+                  f"{result.last_model_path}")
     return 0

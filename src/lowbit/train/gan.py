@@ -174,6 +174,8 @@ class TrainResult:
     samples: Path | None
     #: ``{"step", "val_fid"}`` of the generator model selection restored (None: ``select`` off)
     selected: dict[str, float] | None = None
+    #: with model selection, the last step's model file (``model_last.safetensors``; None: ``select`` off)
+    last_model_path: Path | None = None
 
 
 # ----------------------------------------------------------------------------- data and noise
@@ -568,4 +570,4 @@ def train_task(task: Callable[[Any, torch.device, DistContext], Any], cfg: Any, 
     return TrainResult(history=result.history, generator=result.task.sampler,
                        discriminator=unwrap(result.task.trainer.D), model_path=result.model_path,
                        checkpoint_path=result.checkpoint_path, log_csv=result.log_csv, samples=result.samples,
-                       selected=result.selected)
+                       selected=result.selected, last_model_path=result.last_model_path)

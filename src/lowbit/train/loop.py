@@ -332,6 +332,8 @@ class LoopResult:
     samples: Path | None
     #: ``{"step", "val_fid"}`` of the generator restored by model selection (None: selection off)
     selected: dict[str, float] | None = None
+    #: with model selection, the last step's model file beside the model file (None: selection off)
+    last_model_path: Path | None = None
 
 
 class TrainLoop:
@@ -438,13 +440,14 @@ class TrainLoop:
         last step's model goes to ``model_last.safetensors`` and the selected one to the model file."""
         model_path = self.out_dir / "model.safetensors"
         selected = self.selector.summary() if self.main and self.selector is not None else None
-        if selected is not None:
-            self._save(self.out_dir / "model_last.safetensors", self.settings.steps, full=False)
+        last_path = self.out_dir / "model_last.safetensors" if selected is not None else None
+        if last_path is not None:
+            self._save(last_path, self.settings.steps, full=False)
             self.selector.restore(self.task.sampler)
         if self.main:
             self._save(model_path, self.settings.steps, full=False)
         return LoopResult(self.history, self.task, model_path, self.ckpt_path, self.out_dir / "log.csv",
-                          self.samples, selected)
+                          self.samples, selected, last_path)
 
 
 @locks_run_dir(lambda args: args["out_dir"])

@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -99,7 +98,7 @@ PackFn pack_fn(int64_t path, bool nchw) {
 bool pow2_planes(const ConvArgs& a) {
   for (int64_t b = 1; b < a.planes; ++b) {
     for (int64_t c = 0; c < a.co; ++c) {
-      if (a.coef2[b * a.co + c] != std::ldexp(a.coef2[c], static_cast<int>(b))) return false;
+      if (a.coef2[b * a.co + c] != a.coef2[c] * static_cast<double>(int64_t{1} << b)) return false;  // exact
     }
   }
   return true;
