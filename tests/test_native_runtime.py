@@ -192,6 +192,45 @@ def test_narrow_layers_fuse_and_agree_with_the_torch_backend(tmp_path, last):
             assert np.array_equal(model.run(x.numpy()), reference), (kernel_path, threads)
 
 
+def _dyadic_binary_dcgan(act: str) -> nn.Module:
+    """A W1 DCGAN generator (64/64/32 channels) whose weights are -0.5 / 0.25 and whose BatchNorms have eps 0,
+    scales +-1 or +-2 and shifts in quarters: every combine value and every folded threshold is a short dyadic
+    number, so the thresholds sit exactly on values the layers reach (ties), and the negative scales flip the rule."""
+    torch.manual_seed(3)
+    layers = []
+    for cin, cout, k, s, p in ((100, 64, 4, 1, 0), (64, 64, 4, 2, 1), (64, 32, 4, 2, 1)):
+        conv = nn.ConvTranspose2d(cin, cout, k, s, p, bias=False)
+        conv.weight.data = torch.where(torch.rand_like(conv.weight) < 0.5, -0.5, 0.25)
+        norm = nn.BatchNorm2d(cout, eps=0.0)
+        norm.weight.data = torch.tensor([-2.0, -1.0, 1.0, 2.0])[torch.randint(0, 4, (cout,))]
+        norm.bias.data = torch.randint(-3, 4, (cout,)).float() / 4
+        norm.running_mean.zero_(), norm.running_var.fill_(1.0)
+        layers += [conv, norm, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Tanh())
+    return convert(model.eval(), QuantSpec(weight="minmax", weight_bits=1, act=act, act_bits=1)).eval()
+
+
+@pytest.mark.parametrize("act", ["sign", "act"])
+def test_integer_epilogue_decides_ties_as_the_float_rule(tmp_path, act):
+    """The fused layers' integer epilogue (a fixed-point line per border class and channel in place of the float
+    combine) gives the bits of packing the float output, also where a threshold equals a reachable value (ties up
+    for sign, strictly above for the {0, hi} activation) and where a negative BatchNorm scale reverses the rule: the
+    avx512 plan fuses both 64- and 32-channel writers and agrees bit for bit with the scalar path."""
+    x = torch.randn(64, 100, 1, 1, generator=torch.Generator().manual_seed(4)).numpy()
+    graph, _ = capture(_dyadic_binary_dcgan(act), torch.from_numpy(x[:1]))
+    path = write_graph(graph, tmp_path / "dyadic.lowbit")
+    model = native.NativeModel(path.read_bytes(), str(path))
+    model.set_kernel_path("scalar")
+    reference = model.run(x)
+    if "avx512" not in native.available_paths():
+        pytest.skip("the fused epilogue runs on AVX-512 only")
+    model.set_kernel_path("avx512")
+    assert model.fused_layers() == 2
+    for threads in (1, 2):
+        model.set_threads(threads)
+        assert np.array_equal(model.run(x), reference), threads
+
+
 def test_cli_reads_a_model_from_a_pipe_as_from_its_file(zoo, tmp_path):
     """A pipe reports no size, so the file reader falls back from one sized read to a growing loop: the file
     is made longer than its first two reads (64 KiB, then 64 KiB more) by padding the safetensors header."""

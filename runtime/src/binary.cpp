@@ -383,9 +383,9 @@ void zero_border(uint64_t* bits, int64_t n, int64_t hp, int64_t wp, int64_t wc, 
   }
 }
 
-// The sink writing `reader`'s packed input for a batch of n into `bits`: the kernels write every interior word,
-// so only the border is zeroed here.
-BitSink sink_for(const BinaryLayer& reader, int64_t n, std::vector<uint64_t>& bits) {
+// The sink of `producer` writing `reader`'s packed input for a batch of n into `bits`: the kernels write every
+// interior word, so only the border is zeroed here.
+BitSink sink_for(const BinaryLayer& producer, const BinaryLayer& reader, int64_t n, std::vector<uint64_t>& bits) {
   const PackGeometry& g = reader.input_pad;
   const Image x{nullptr, false, n, reader.packed[0], reader.packed[1], reader.packed[2]};
   BitSink sink;
@@ -395,6 +395,7 @@ BitSink sink_for(const BinaryLayer& reader, int64_t n, std::vector<uint64_t>& bi
   zero_border(bits.data(), n, sink.hp, sink.wp, (x.c + 63) / 64, g.pad_top, g.pad_left, x.h, x.w);
   sink.bits = bits.data();
   sink.thresholds = reader.thresholds.data(), sink.signs = reader.signs.data(), sink.ties_up = reader.ties_up;
+  sink.cuts = producer.cuts.data(), sink.slopes = producer.slopes.data(), sink.flips = producer.flips.data();
   return sink;
 }
 
@@ -422,7 +423,7 @@ bool run_binary(const BinaryLayer& b, const Tensor& source, int64_t path, const 
     run_binary_conv(call, out.data.data(), parallel, packed);
     return false;
   }
-  const BitSink sink = sink_for(*reader, call.x.n, *bits);
+  const BitSink sink = sink_for(b, *reader, call.x.n, *bits);
   run_binary_conv(call, nullptr, parallel, packed, &sink);
   return true;
 }

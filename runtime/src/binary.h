@@ -36,6 +36,9 @@ struct BinaryLayer {
   AllOnesBase base;
   int64_t rows_padded = 0, planes = 0, steps[4] = {1, 1, 1, 1};
   PackGeometry input_pad;              // the zero border of the bit image its input is packed into (any batch)
+  // The integer epilogue of its sink when it packs for a reader (kernels.h BitSink::cuts; plan_cuts).
+  std::vector<int64_t> cuts, slopes;
+  std::vector<uint64_t> flips;
 };
 
 // A weight layer as a conv: sizes, hyper-parameters, and the strides of (output channel, input channel, tap
@@ -132,6 +135,12 @@ std::unique_ptr<BinaryLayer> plan_binary(const Graph& graph, int index);
 // epilogue): one threshold per channel (a BatchNorm folded in front of a two-level activation) and nothing between
 // (no chain, pad or shift), reading the `producer`'s whole output as it is.
 bool packs_from(const BinaryLayer& reader, const BinaryLayer& producer);
+
+// Whether `producer` can write `reader`'s packed input (packs_from being true), planning the integer epilogue of a
+// one-plane combine (kernels.h BitSink::cuts): per border class and channel a fixed-point line in the positives where
+// the reader's float rule flips. False when that line cannot be placed with certainty (the rule flips within
+// rounding of a count the line misses, a slope past 2^10, or over 2^23 points to check): the layer then stores floats.
+bool plan_cuts(BinaryLayer& producer, const BinaryLayer& reader);
 
 // Runs the layer on `source` (the activation's input) with kernel path `path` into out (full NCHW shape set); with
 // `packed`, its input bits come from the previous layer's sink instead. With `reader` (packs_from this layer) and a

@@ -120,15 +120,17 @@ void fuse_activations(const Graph& graph, std::vector<Step>& steps) {
   steps.swap(kept);
 }
 
-// Lets a binary step write the packed input of the next step (binary.h packs_from) when that step is its output's
-// only reader: the float output is then never stored nor packed (the fused threshold epilogue).
-void fuse_packing(const Graph& graph, std::vector<Step>& steps) {
+// Lets a binary step write the packed input of the next step (binary.h packs_from, plan_cuts) when that step is its
+// output's only reader: the float output is then never stored nor packed (the fused threshold epilogue).
+void fuse_packing(const Graph& graph, std::vector<std::unique_ptr<BinaryLayer>>& binary, std::vector<Step>& steps) {
   const std::vector<int> readers = readers_of(graph, steps);
   for (size_t s = 0; s + 1 < steps.size(); ++s) {
     Step &from = steps[s], &to = steps[s + 1];
     if (!from.binary || !to.binary || from.then.kind != Activation::None || to.binary->source != from.out) continue;
     if (from.out == graph.output || readers[static_cast<size_t>(from.out)] != 1) continue;
-    if (packs_from(*to.binary, *from.binary)) from.packs_for = to.binary;
+    if (packs_from(*to.binary, *from.binary) && plan_cuts(*binary[static_cast<size_t>(from.node)], *to.binary)) {
+      from.packs_for = to.binary;
+    }
   }
 }
 
@@ -154,7 +156,7 @@ void plan(lowbit_model& m, int64_t path) {
   }
   m.steps.assign(kept.rbegin(), kept.rend());
   fuse_activations(m.graph, m.steps);
-  fuse_packing(m.graph, m.steps);
+  fuse_packing(m.graph, m.binary, m.steps);
   Floats scratch;
   for (const Step& step : m.steps) {
     if (!step.binary && !step.int8) prepare_layer(m.graph, step.node, scratch);

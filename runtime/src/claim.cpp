@@ -317,4 +317,88 @@ bool kernel_source(const Graph& graph, int index, KernelSource& found) {
   return found.source < 0 || graph.nodes[static_cast<size_t>(found.source)].op != "constant";
 }
 
+namespace {
+
+constexpr double kFixed = 4294967296.0;  // 2^32: kernels.h BitSink::cuts compares n << 32
+
+// One channel of a one-plane combine and the reader's rule on its value (kernels.h BitSink).
+struct CutChannel {
+  double base, offset, coef;
+  float sign, threshold;
+  bool ties_up;
+};
+
+// The bit the float sink writes for (positives, n): the register kernels' combine (base + offset * positives, then
+// + coef * n, in float64; float32), times the sign, against the threshold.
+bool sink_bit(const CutChannel& c, int64_t positives, int64_t n) {
+  double value = c.base + c.offset * static_cast<double>(positives);
+  value = value + c.coef * static_cast<double>(n);
+  const float y = static_cast<float>(value) * c.sign;
+  return c.ties_up ? y >= c.threshold : y > c.threshold;
+}
+
+// The least n in [0, nmax + 1] whose bit at `positives` differs from the bit of n = -infinity, when the real count
+// where the rule flips is within a rounding slack of the integer k: the kernel's own arithmetic decides at k.
+int64_t flip_near(const CutChannel& c, int64_t positives, int64_t k, int64_t nmax, bool rising) {
+  return std::clamp<int64_t>(k + (sink_bit(c, positives, k) != rising), 0, nmax + 1);
+}
+
+}  // namespace
+
+bool plan_cuts(BinaryLayer& b, const BinaryLayer& reader) {
+  const int64_t co = static_cast<int64_t>(b.offset2.size());
+  const int64_t act_planes = b.count > 0 ? code_planes(b.count) : 1;
+  if (b.planes != 1 && !folds_planes(b.packed[0], act_planes, b.planes, co, b.coef2.data())) return true;
+  // The most positives a pixel counts (a transposed conv's phase meets ceil(k / stride) taps per axis), and n.
+  const Geometry g = geometry(*b.layer);
+  const int64_t step_h = b.layer->op == "conv_transpose2d" ? g.stride[0] : 1, step_w = b.layer->op == "conv_transpose2d" ? g.stride[1] : 1;
+  const int64_t pmax = ((int64_t{1} << act_planes) - 1) * ((g.kh + step_h - 1) / step_h) * ((g.kw + step_w - 1) / step_w) * b.packed[0];
+  const int64_t nmax = ((int64_t{1} << b.planes) - 1) * pmax;
+  if (pmax > 65535 || b.base.entries * co * (pmax + 1) > (int64_t{1} << 23)) return false;
+  std::vector<int64_t> cuts(static_cast<size_t>(b.base.entries * co)), slopes(static_cast<size_t>(co));
+  std::vector<uint64_t> flips(static_cast<size_t>((co + 63) / 64), 0);
+  for (int64_t ch = 0; ch < co; ++ch) {
+    CutChannel c{0.0, b.offset2[static_cast<size_t>(ch)], b.coef2[static_cast<size_t>(ch)],
+                 reader.signs[static_cast<size_t>(ch)], reader.thresholds[static_cast<size_t>(ch)], reader.ties_up};
+    const double slope = -c.offset / c.coef;  // the crossing moves by this many counts per positive
+    if (!(std::fabs(slope) <= 1024.0) || std::isnan(c.threshold)) return false;
+    const auto fixed_slope = static_cast<int64_t>(slope * kFixed);  // truncated: off by under 2^-16 over 2^16 positives
+    const bool rising = (c.sign > 0) == (c.coef > 0);
+    const float least = c.ties_up ? c.threshold : std::nextafter(c.threshold, INFINITY);  // the least float that passes
+    slopes[static_cast<size_t>(ch)] = fixed_slope;
+    if (!rising) flips[static_cast<size_t>(ch / 64)] |= uint64_t{1} << (ch % 64);
+    for (int64_t e = 0; e < b.base.entries; ++e) {
+      c.base = b.base.values[static_cast<size_t>(e * co + ch)];
+      const double largest = std::fabs(c.base) + std::fabs(c.offset) * static_cast<double>(pmax) +
+                             std::fabs(c.coef) * static_cast<double>(nmax) + std::fabs(c.threshold);
+      const double slack = (largest * 0x1p-48 + std::fabs(c.threshold) * 0x1p-22 + 1e-36) / std::fabs(c.coef);
+      // g(p) = start + slope * p, the real count where the rule flips at positives p, is within `err` of exact. Where
+      // it is further than `near` from every integer, the kernel's flip is ceil(g), and so is the flip of the line
+      // T + R * p for any T within slack + 2^-15 counts of the nominal T0 = start << 32 (T0's and R's truncation add
+      // up to 2^-16). Nearer, the kernel's arithmetic decides (flip_near) and bounds T: (n << 32) >= T + R * p exactly
+      // when n >= flip; those bounds move T from T0 by at most slack + 2^-16 + 2 err.
+      const double start = (static_cast<double>(c.sign) * static_cast<double>(least) - c.base) / c.coef;
+      int64_t& cut = cuts[static_cast<size_t>(e * co + ch)];
+      cut = start > 0 ? int64_t{1} << 61 : -(int64_t{1} << 61);  // past 2^29 counts: one bit for every (p, n)
+      if (!(std::fabs(start) < 0x1p29)) continue;
+      const double err = (std::fabs(start) + std::fabs(slope) * static_cast<double>(pmax)) * 0x1p-50;
+      const double near = 2 * slack + 0x1p-13 + 8 * err;
+      if (!(slack < 0.125)) return false;
+      int64_t low = INT64_MIN / 4, high = INT64_MAX / 4;
+      for (int64_t p = 0; p <= pmax; ++p) {
+        const double x = start + slope * static_cast<double>(p);
+        const auto k = static_cast<int64_t>(x + (x < 0 ? -0.5 : 0.5));
+        if (std::fabs(x) > static_cast<double>(nmax) + 2.0 || std::fabs(x - static_cast<double>(k)) > near) continue;
+        const int64_t flip = flip_near(c, p, k, nmax, rising);
+        if (flip > 0) low = std::max(low, ((flip - 1) << 32) + 1 - fixed_slope * p);
+        if (flip <= nmax) high = std::min(high, (flip << 32) - fixed_slope * p);
+      }
+      if (low > high) return false;
+      cut = std::min(std::max(static_cast<int64_t>(start * kFixed), low), high);
+    }
+  }
+  b.cuts.swap(cuts), b.slopes.swap(slopes), b.flips.swap(flips);
+  return true;
+}
+
 }  // namespace lowbit

@@ -99,12 +99,32 @@ __attribute__((target("avx2"), always_inline)) inline uint64_t sink_mask8(const 
 // benchmarks fuse); narrower blocks do not carry the sink code (16 KB over every instantiation).
 constexpr int kSinkVectors = 4;
 
+// The sink bits of a one-plane combine for the channel block at c0 (kernels.h BitSink::cuts): (n << 32) against the
+// fixed-point line cuts[class] + slopes * positives, no float arithmetic.
+template <int CV>
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline void sink_cuts(const ConvArgs& a, const Pixel& pixel,
+                                                                                  int64_t c0, const __m512i* acc) {
+  const BitSink& s = *a.sink;
+  const int64_t* cuts = s.cuts + (pixel.base - a.base.values) + c0;
+  const __m512i positives = _mm512_set1_epi64(pixel.positives);
+  uint64_t set = 0;
+  for (int v = 0; v < CV; ++v) {
+    const __m512i slope = _mm512_mullo_epi64(_mm512_loadu_si512(s.slopes + c0 + 8 * v), positives);
+    const __m512i line = _mm512_add_epi64(_mm512_loadu_si512(cuts + 8 * v), slope);
+    set |= static_cast<uint64_t>(_mm512_cmpge_epi64_mask(_mm512_slli_epi64(acc[v], 32), line)) << (8 * v);
+  }
+  const uint64_t block = 8 * CV == 64 ? ~uint64_t{0} : (uint64_t{1} << (8 * CV)) - 1;
+  set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), (set ^ s.flips[c0 / 64] >> (c0 % 64)) & block);
+}
+
 // The combine of the register kernels for the channel block at c0: 8 doubles at a time, in row_generic's order.
-// With a sink the block's 8 * CV bits (a block never straddles a word) go into the pixel's word.
+// With a sink the block's 8 * CV bits (a block never straddles a word) go into the pixel's word: a one-plane combine's
+// by sink_cuts, the others' from the float values as the reader's packer would compare them.
 template <int P, int CV>
 __attribute__((target("avx512f,avx512dq"), always_inline)) inline void combine_block(const ConvArgs& a,
                                                                                       const Pixel& pixel, int64_t c0,
                                                                                       const __m512i* acc) {
+  if (P == 1 && CV >= kSinkVectors && a.sink != nullptr) return sink_cuts<CV>(a, pixel, c0, acc);
   const __m512d pos = _mm512_set1_pd(static_cast<double>(pixel.positives));
   uint64_t set = 0;
   for (int v = 0; v < CV; ++v) {
@@ -113,13 +133,13 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline void combine_b
     for (int b = 0; b < P; ++b) {
       r = _mm512_add_pd(r, _mm512_mul_pd(_mm512_loadu_pd(a.coef2 + b * a.co + c), _mm512_cvtepi64_pd(acc[b * CV + v])));
     }
-    if (CV < kSinkVectors || a.sink == nullptr) {
+    if (P == 1 || CV < kSinkVectors || a.sink == nullptr) {
       _mm256_storeu_ps(pixel.out + c, _mm512_cvtpd_ps(r));
     } else {
       set |= sink_mask8(*a.sink, c, _mm512_cvtpd_ps(r)) << (8 * v);
     }
   }
-  if (CV >= kSinkVectors && a.sink != nullptr) set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), set);
+  if (P > 1 && CV >= kSinkVectors && a.sink != nullptr) set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), set);
 }
 
 // AVX-512, co a multiple of 8: the counts of P planes x CV channel vectors (8 channels each) stay in

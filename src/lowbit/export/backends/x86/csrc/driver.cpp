@@ -93,17 +93,6 @@ PackFn pack_fn(int64_t path, bool nchw) {
   return pack_fn_scalar(nchw);
 }
 
-// Whether every weight plane's coefficients are 2^b times plane 0's (the codes of an affine codebook), the
-// condition for adding the planes' counts as one exact integer (kernels.h ConvArgs::fold_planes).
-bool pow2_planes(const ConvArgs& a) {
-  for (int64_t b = 1; b < a.planes; ++b) {
-    for (int64_t c = 0; c < a.co; ++c) {
-      if (a.coef2[b * a.co + c] != a.coef2[c] * static_cast<double>(int64_t{1} << b)) return false;  // exact
-    }
-  }
-  return true;
-}
-
 RowFn pick_row(int64_t path, int64_t planes, int64_t co, int64_t wc, int64_t px_words, int64_t in_step_w) {
 #if defined(__x86_64__)
   if (path == kAvx512) return pick_row_avx512(planes, co, wc, in_step_w);
@@ -260,6 +249,18 @@ PackGeometry input_padding(const BinaryConv& c) {
   return padding_for(c, taps);
 }
 
+// Whether every weight plane's coefficients are 2^b times plane 0's (the codes of an affine codebook), the
+// condition for adding the planes' counts as one exact integer.
+bool folds_planes(int64_t ci, int64_t act_planes, int64_t planes, int64_t co, const double* coef2) {
+  if (ci > 32 || act_planes != 1 || planes != 4 || co % 16 != 0) return false;
+  for (int64_t b = 1; b < planes; ++b) {
+    for (int64_t c = 0; c < co; ++c) {
+      if (coef2[b * co + c] != coef2[c] * static_cast<double>(int64_t{1} << b)) return false;  // exact
+    }
+  }
+  return true;
+}
+
 RowFn pick_sink_row(int64_t path, int64_t planes, int64_t co) {
 #if defined(__x86_64__)
   if (path == kAvx512) return pick_sink_avx512(planes, co);
@@ -295,7 +296,7 @@ void run_binary_conv(const BinaryConv& c, float* out, const ParallelFor& paralle
   a.hp = c.x.h + g.pad_top + g.pad_bottom, a.wp = c.x.w + g.pad_left + g.pad_right;
   a.x = packed != nullptr ? packed : bits.data();
   a.coef2 = c.coef2, a.offset2 = c.offset2, a.base = c.base, a.out = sink != nullptr ? nullptr : out, a.sink = sink;
-  a.fold_planes = c.x.c <= 32 && a.act_planes == 1 && a.planes == 4 && a.co % 16 == 0 && pow2_planes(a);
+  a.fold_planes = folds_planes(c.x.c, a.act_planes, a.planes, a.co, a.coef2);
 
   std::vector<PhaseInfo> infos;
   std::vector<RowFn> fns;

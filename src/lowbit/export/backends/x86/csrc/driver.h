@@ -176,6 +176,10 @@ std::string check_binary_conv(const BinaryConv& call);
 // The zero padding of the bit image a call packs its input into (its taps' reach beyond the input).
 PackGeometry input_padding(const BinaryConv& call);
 
+// Whether a layer's weight planes add up as one exact integer before the combine (kernels.h ConvArgs::fold_planes):
+// at most 32 input channels on one activation plane, four planes with coef2[b, c] = 2^b coef2[0, c], Co % 16 == 0.
+bool folds_planes(int64_t ci, int64_t act_planes, int64_t planes, int64_t co, const double* coef2);
+
 // The kernel of `path` that writes a layer of `planes` weight planes and co outputs as a BitSink (the next
 // layer's packed input), or nullptr: that layer then writes float32 and its reader packs them.
 RowFn pick_sink_row(int64_t path, int64_t planes, int64_t co);

@@ -137,6 +137,13 @@ struct BitSink {
   const float* signs = nullptr;       // (Co) of +1 / -1
   bool ties_up = true;
   int64_t pad_top = 0, pad_left = 0, hp = 0, wp = 0;
+  // A one-plane combine (one weight plane, or planes folded into n; the output value above) writes its sink in
+  // integers, with no float arithmetic: bit c of a pixel of border class e is ((n << 32) >= cuts[e, c] + slopes[c] *
+  // positives) xor bit c of flips, a line in 32.32 fixed point that the runtime's plan_cuts fits to where the float
+  // rule above flips and checks at every reachable positives. Multi-plane combines compare their float values.
+  const int64_t* cuts = nullptr;    // (base entries, Co), laid out as the layer's BaseMap::values
+  const int64_t* slopes = nullptr;  // (Co)
+  const uint64_t* flips = nullptr;  // (ceil(Co / 64)) words
 };
 
 // Sets the bits of output channels c0.. (one block of a register kernel, within one word) in a pixel's sink words:
