@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -112,6 +114,31 @@ def test_run_with_a_corrupted_pretrained_checkpoint(pretrained, tmp_path, capsys
     assert main(["run", str(run_config(tmp_path / "bad.yaml", broken, out)), "--quiet"]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resnet_experiment_config_quantizes_every_hidden_conv_input_to_one_bit():
+    """configs/experiments/sr4-fashion-resnet-w1a1.yaml (its generator comes from pretrain-sr4-fashion-resnet.yaml,
+    trained by hand): a valid run config whose spec, on that architecture, gives the first and last conv 8-bit
+    weights and every other conv 1-bit weights, and with input_act puts a 1-bit quantizer in front of the six
+    convs that read the float residual stream (blocks 2-6's first convs and the first transposed conv; block 1
+    reads the quantized ReLU before it)."""
+    from lowbit.commands.train import training_job
+    from lowbit.config import load_config
+    from lowbit.nn import convert
+    from lowbit.pipeline import RunConfig
+    from lowbit.train.networks import create_network
+
+    root = Path(__file__).parent.parent / "configs"
+    cfg = load_config(RunConfig, root / "experiments" / "sr4-fashion-resnet-w1a1.yaml")
+    generator = create_network(training_job(str(root / "pretrain-sr4-fashion-resnet.yaml"), [])[0].generator)
+    spec = cfg.generator_quant
+    bits = {name: m.weight_quantizer.bits for name, m in convert(generator, spec).named_modules()
+            if hasattr(m, "weight_quantizer")}
+    assert bits.pop("model.2") == bits.pop("model.24") == 8 and set(bits.values()) == {1} and len(bits) == 16
+    as_converted = convert(generator, dataclasses.replace(spec, input_act=False))
+    extra = sum(type(m).__name__ == "QuantAct" for m in convert(generator, spec).modules()) - sum(
+        type(m).__name__ == "QuantAct" for m in as_converted.modules())
+    assert extra == 6
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")),
