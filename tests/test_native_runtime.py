@@ -193,9 +193,10 @@ def test_narrow_layers_fuse_and_agree_with_the_torch_backend(tmp_path, last):
 
 
 def _dyadic_binary_dcgan(act: str) -> nn.Module:
-    """A W1 DCGAN generator (64/64/32 channels) whose weights are -0.5 / 0.25 and whose BatchNorms have eps 0,
-    scales +-1 or +-2 and shifts in quarters: every combine value and every folded threshold is a short dyadic
-    number, so the thresholds sit exactly on values the layers reach (ties), and the negative scales flip the rule."""
+    """A W1 DCGAN generator (64/64/32 channels) whose weights are -0.5 / 0.25 and whose BatchNorms have eps
+    0, scales +-1 or +-2 and shifts in quarters: every combine value and every folded threshold is a short
+    dyadic number, so the thresholds sit exactly on values the layers reach (ties), and the negative scales
+    flip the rule."""
     torch.manual_seed(3)
     layers = []
     for cin, cout, k, s, p in ((100, 64, 4, 1, 0), (64, 64, 4, 2, 1), (64, 32, 4, 2, 1)):
@@ -212,10 +213,11 @@ def _dyadic_binary_dcgan(act: str) -> nn.Module:
 
 @pytest.mark.parametrize("act", ["sign", "act"])
 def test_integer_epilogue_decides_ties_as_the_float_rule(tmp_path, act):
-    """The fused layers' integer epilogue (a fixed-point line per border class and channel in place of the float
-    combine) gives the bits of packing the float output, also where a threshold equals a reachable value (ties up
-    for sign, strictly above for the {0, hi} activation) and where a negative BatchNorm scale reverses the rule: the
-    avx512 plan fuses both 64- and 32-channel writers and agrees bit for bit with the scalar path."""
+    """The fused layers' integer epilogue (a fixed-point line per border class and channel in place of the
+    float combine) gives the bits of packing the float output, also where a threshold equals a reachable
+    value (ties up for sign, strictly above for the {0, hi} activation) and where a negative BatchNorm scale
+    reverses the rule: the avx512 plan fuses both 64- and 32-channel writers and agrees bit for bit with the
+    scalar path."""
     x = torch.randn(64, 100, 1, 1, generator=torch.Generator().manual_seed(4)).numpy()
     graph, _ = capture(_dyadic_binary_dcgan(act), torch.from_numpy(x[:1]))
     path = write_graph(graph, tmp_path / "dyadic.lowbit")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import re
 from pathlib import Path
@@ -117,8 +116,9 @@ def test_run_with_a_corrupted_pretrained_checkpoint(pretrained, tmp_path, capsys
 
 
 def test_resnet_experiment_config_quantizes_every_hidden_conv_input_to_one_bit():
-    """configs/experiments/sr4-fashion-resnet-w1a1.yaml (its generator comes from pretrain-sr4-fashion-resnet.yaml,
-    trained by hand): a valid run config whose spec, on that architecture, gives the first and last conv 8-bit
+    """configs/experiments/sr4-fashion-resnet-w1a1.yaml (its generator comes from
+    pretrain-sr4-fashion-resnet.yaml, trained by hand): a valid run config whose spec, on that architecture,
+    gives the first and last conv 8-bit
     weights and every other conv 1-bit weights, and with input_act puts a 1-bit quantizer in front of the six
     convs that read the float residual stream (blocks 2-6's first convs and the first transposed conv; block 1
     reads the quantized ReLU before it)."""
