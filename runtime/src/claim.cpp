@@ -349,9 +349,11 @@ bool plan_cuts(BinaryLayer& b, const BinaryLayer& reader) {
   const int64_t co = static_cast<int64_t>(b.offset2.size());
   const int64_t act_planes = b.count > 0 ? code_planes(b.count) : 1;
   if (b.planes != 1 && !folds_planes(b.packed[0], act_planes, b.planes, co, b.coef2.data())) return true;
-  // The most positives a pixel counts (a transposed conv's phase meets ceil(k / stride) taps per axis), and n.
+  // The most positives a pixel counts, and n: a transposed conv's phase meets ceil(k / stride) taps per axis when
+  // undilated (dilated, possibly all k).
   const Geometry g = geometry(*b.layer);
-  const int64_t step_h = b.layer->op == "conv_transpose2d" ? g.stride[0] : 1, step_w = b.layer->op == "conv_transpose2d" ? g.stride[1] : 1;
+  const bool phased = b.layer->op == "conv_transpose2d" && g.dilation[0] == 1 && g.dilation[1] == 1;
+  const int64_t step_h = phased ? g.stride[0] : 1, step_w = phased ? g.stride[1] : 1;
   const int64_t pmax = ((int64_t{1} << act_planes) - 1) * ((g.kh + step_h - 1) / step_h) * ((g.kw + step_w - 1) / step_w) * b.packed[0];
   const int64_t nmax = ((int64_t{1} << b.planes) - 1) * pmax;
   if (pmax > 65535 || b.base.entries * co * (pmax + 1) > (int64_t{1} << 23)) return false;
