@@ -145,11 +145,11 @@ def _dcgan(weight_bits: int) -> nn.Module:
     ).eval()
 
 
-@pytest.mark.parametrize("weight_bits", [2, 4])
+@pytest.mark.parametrize("weight_bits", [2, 4, 8])
 def test_w_a8_dcgan_runs_on_the_integer_path_end_to_end(weight_bits, tmp_path):
-    """Python x86 and native runtime plan every hidden layer on the integer kernels and agree; against the
-    torch backend the only differences are levels that flip where a value sits on a midpoint within float
-    error."""
+    """Python x86 and native runtime plan every hidden layer on the integer kernels and agree, the native
+    runtime on every kernel path (also with 8-bit weights, whose bytes leave [-64, 64]); against the torch
+    backend the only differences are levels that flip where a value sits on a midpoint within float error."""
     path = write_graph(capture(_dcgan(weight_bits), torch.randn(1, 100))[0], tmp_path / "g.lowbit")
     z = torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
     expected = load(path, kernel_path="torch")(z)
@@ -165,6 +165,9 @@ def test_w_a8_dcgan_runs_on_the_integer_path_end_to_end(weight_bits, tmp_path):
             f"native-int8:{runtime.kernel_path}"
         ] * 3
         assert float((runtime(z) - out).abs().max()) <= 1e-6
+        for kernel_path in native.available_paths():
+            runtime.native.set_kernel_path(kernel_path)
+            assert float((runtime(z) - out).abs().max()) <= 1e-6, kernel_path
 
 
 @pytest.mark.parametrize("count", [3, 16, 256])

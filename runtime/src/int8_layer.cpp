@@ -49,8 +49,9 @@ void build_words(Int8Layer& l, const Geometry& g, int zero_point) {
         const int64_t tap = static_cast<int64_t>(y * kw.size() + z);
         for (int64_t c = 0; c < g.co; ++c) {
           for (int64_t ci = 0; ci < g.ci; ++ci) {
-            const int code = codes[g.index(c, ci, kh[y], kw[z])];
-            bytes[static_cast<size_t>(((tap * wc + ci / 4) * l.co_pad + c) * 4 + ci % 4)] = static_cast<int8_t>(code - zero_point);
+            const int code = codes[g.index(c, ci, kh[y], kw[z])] - zero_point;
+            bytes[static_cast<size_t>(((tap * wc + ci / 4) * l.co_pad + c) * 4 + ci % 4)] = static_cast<int8_t>(code);
+            l.wide = l.wide || code < -64 || code > 64;
           }
         }
       }
@@ -93,7 +94,7 @@ void run_int8(const Int8Layer& l, const Tensor& source, int64_t path, const Para
   call.x = Image{x.data.data(), !x.channels_last, n, l.input.packed[0], l.input.packed[1], l.input.packed[2]};
   call.bounds = l.bounds, call.lo = l.lo, call.inv_step = l.inv_step;
   layer_call(call, l.w_ts, l.co_pad, l.phases, *l.layer, out, l.steps, path);
-  call.co_pad = l.co_pad;
+  call.co_pad = l.co_pad, call.wide = l.wide;
   call.coef = l.coef.data(), call.offset = l.offset.data(), call.base = l.base.map();
   const int64_t co = static_cast<int64_t>(l.coef.size());
   call.co = co;

@@ -19,6 +19,7 @@ struct Int8Layer {
   std::vector<float> bounds;           // -inf, the activation's float32 midpoints, +inf
   float lo = 0.0f, inv_step = 1.0f;
   int64_t co_pad = 0, steps[4] = {1, 1, 1, 1};
+  bool wide = false;                   // some weight byte outside [-64, 64] (int8.h Int8Conv::wide), found once here
 };
 
 // The integer layer for node `index` (an affine packed weight fed by 3..256 evenly spaced levels), or nullptr.

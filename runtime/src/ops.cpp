@@ -470,32 +470,38 @@ void normalize_pixels(const float* x, float* y, int64_t pixels, int64_t c, const
   activate(then, y, y, pixels * c);
 }
 
-// Batch norm (running statistics) or instance norm (each sample's own, unless it tracks running ones).
-void channel_norm(const Node& node, const Tensor& x, Tensor& out, const Activation& then) {
-  const int64_t n = x.shape[0], c = x.shape[1], inner = inner_size(x.shape, 2);
+// One sample of channel_norm: its own moments first unless `stats` (mean and var hold the running ones).
+__attribute__((noinline)) void norm_sample(const Node& node, const Tensor& x, Tensor& out, int64_t i, bool stats,
+                                           std::vector<double>& mean, std::vector<double>& var, const Activation& then) {
+  const int64_t c = x.shape[1], inner = inner_size(x.shape, 2);
   const float* weight = optional_data(node, "weight");
   const float* bias = optional_data(node, "bias");
+  if (!stats) sample_moments(x, i, mean, var);
+  const float* src = x.data.data() + i * c * inner;
+  float* dst = out.data.data() + i * c * inner;
+  if (x.channels_last) return normalize_pixels(src, dst, inner, c, mean, var, node.attrs.eps, weight, bias, then);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const size_t k = static_cast<size_t>(ch);
+    normalize(src + ch * inner, dst + ch * inner, inner, mean[k], var[k], node.attrs.eps, weight, bias, ch);
+    activate(then, dst + ch * inner, dst + ch * inner, inner);
+  }
+}
+
+// Batch norm (running statistics) or instance norm (each sample's own, unless it tracks running ones), the
+// samples shared out over the threads (each is computed alike on any thread: the same outputs for any count).
+void channel_norm(const Node& node, const Tensor& x, Tensor& out, const ParallelFor& parallel, const Activation& then) {
+  const int64_t c = x.shape[1];
   const bool stats = node.op == "batch_norm" || node.attrs.running_stats;
-  std::vector<double> mean, var;
+  std::vector<double> running_mean, running_var;
   if (stats) {
-    const float* running_mean = optional_data(node, "running_mean");
-    const float* running_var = optional_data(node, "running_var");
-    mean.assign(running_mean, running_mean + c), var.assign(running_var, running_var + c);
+    const float* m = optional_data(node, "running_mean");
+    const float* v = optional_data(node, "running_var");
+    running_mean.assign(m, m + c), running_var.assign(v, v + c);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    if (!stats) sample_moments(x, i, mean, var);
-    const float* src = x.data.data() + i * c * inner;
-    float* dst = out.data.data() + i * c * inner;
-    if (x.channels_last) {
-      normalize_pixels(src, dst, inner, c, mean, var, node.attrs.eps, weight, bias, then);
-      continue;
-    }
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const size_t k = static_cast<size_t>(ch);
-      normalize(src + ch * inner, dst + ch * inner, inner, mean[k], var[k], node.attrs.eps, weight, bias, ch);
-      activate(then, dst + ch * inner, dst + ch * inner, inner);
-    }
-  }
+  parallel(x.shape[0], [&](int64_t begin, int64_t end) {
+    std::vector<double> mean = running_mean, var = running_var;
+    for (int64_t i = begin; i < end; ++i) norm_sample(node, x, out, i, stats, mean, var, then);
+  });
 }
 
 void group_norm(const Node& node, const Tensor& x, Tensor& out) {
@@ -999,7 +1005,7 @@ void run_op(const Node& node, const std::vector<const Tensor*>& given, Tensor& o
   else if (op == "conv2d") conv2d(node, *in[0], out, parallel, then);
   else if (op == "conv_transpose2d") conv_transpose2d(node, *in[0], out, parallel, then);
   else if (op == "linear") linear(node, *in[0], out, parallel, then);
-  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out, then);
+  else if (op == "batch_norm" || op == "instance_norm") channel_norm(node, *in[0], out, parallel, then);
   else if (op == "group_norm") group_norm(node, *in[0], out);
   else if (op == "layer_norm") layer_norm(node, *in[0], out);
   else if (op == "quant_act") quant_act(node, *in[0], out);

@@ -135,6 +135,7 @@ struct Int8Conv {
   int64_t ho = 0, wo = 0, co = 0;
   int64_t steps[4] = {1, 1, 1, 1};
   int64_t path = 0;
+  int wide = -1;  // 1 / 0: some weight byte is / none is outside [-64, 64] (Int8Args::wide); -1: scan w_ts per call
 };
 
 // "" when `call` is consistent (run_int8_conv then reads nothing outside its arrays), else the reason.

@@ -151,7 +151,7 @@ void run_int8_conv(const Int8Conv& c, float* out, const ParallelFor& parallel) {
   a.ho = c.ho, a.wo = c.wo, a.co = c.co, a.co_pad = c.co_pad;
   a.in_step_h = c.steps[0], a.in_step_w = c.steps[1], a.out_step_h = c.steps[2], a.out_step_w = c.steps[3];
   a.coef = c.coef, a.offset = c.offset, a.base = c.base, a.out = out;
-  a.wide = any_wide_byte(c);
+  a.wide = c.wide >= 0 ? c.wide != 0 : any_wide_byte(c);
   // The code image and the sums live in per-thread buffers reused across calls (as the binary bit image).
   thread_local std::vector<uint8_t> image;
   thread_local std::vector<int32_t> sums;
