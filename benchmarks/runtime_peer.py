@@ -28,8 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -273,22 +271,6 @@ def thread_gain(path: Path, x: np.ndarray, repeats: int) -> float:
     return float(np.median(ratios))
 
 
-def own_process_thread_gain(path: Path, batch: int, repeats: int) -> float:
-    """thread_gain in a fresh Python process that loads only the native runtime: no onnxruntime or torch
-    thread pool from the contest spins on the second core while lowbit's two threads are timed."""
-    code = (
-        "import sys; from pathlib import Path; import numpy as np; import runtime_peer as rp; "
-        "x = np.random.default_rng(0).standard_normal((int(sys.argv[2]), 100)).astype(np.float32); "
-        "print(rp.thread_gain(Path(sys.argv[1]), x, int(sys.argv[3])))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(batch), str(repeats)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    return float(done.stdout.split()[-1])
-
-
 def best_lowbit(row: dict[str, float], model: str) -> tuple[str, float]:
     """The fastest lowbit contestant of ``model`` in a timing row."""
     mine = {k: v for k, v in row.items() if k.startswith(f"{model} | lowbit")}
@@ -353,10 +335,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     z64 = torch.randn(64, 100)
     if native.available():
         results["thread_gain"] = {
-            name: thread_gain(files[name], z64.numpy(), args.repeats) for name in GAIN_MODELS
-        }
-        results["own_process_thread_gain"] = {
-            name: own_process_thread_gain(files[name], 64, 3 * args.repeats) for name in GAIN_MODELS
+            name: thread_gain(files[name], z64.numpy(), 3 * args.repeats) for name in GAIN_MODELS
         }
     results["peaks"] = measure_peaks()
     results["layers"] = [
@@ -415,11 +394,10 @@ def print_report(results: dict, args: argparse.Namespace) -> None:
             f"- {label}{judged}: {row[ORT] / ms:.2f}x ({key.split(' | ')[1]})"
             + (f" -> {verdict(row[ORT] / ms, target)}" if target else "")
         )
-    for model, gain in results.get("own_process_thread_gain", {}).items():
+    for model, gain in results.get("thread_gain", {}).items():
         print(
-            f"- {model} batch 64, native 2 threads >= {THREAD_GAIN_TARGET}x 1 thread (own process, one "
-            f"wall-clock group): {gain:.2f}x -> {verdict(gain, THREAD_GAIN_TARGET)}; in the contest's "
-            f"process (beside onnxruntime's and torch's pools): {results['thread_gain'][model]:.2f}x"
+            f"- {model} batch 64, native 2 threads >= {THREAD_GAIN_TARGET}x 1 thread (median of paired "
+            f"loops): {gain:.2f}x -> {verdict(gain, THREAD_GAIN_TARGET)}"
         )
     binary = [r for r in results["layers"] if r["model"] == "dcgan-g-28 W1A1" and r["unit"] == "binary op"]
     hot = max(binary, key=lambda r: r["ms"])
