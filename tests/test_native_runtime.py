@@ -211,15 +211,20 @@ def _dyadic_binary_dcgan(act: str) -> nn.Module:
     return convert(model.eval(), QuantSpec(weight="minmax", weight_bits=1, act=act, act_bits=1)).eval()
 
 
+@pytest.mark.parametrize("extreme", [False, True])
 @pytest.mark.parametrize("act", ["sign", "act"])
-def test_integer_epilogue_decides_ties_as_the_float_rule(tmp_path, act):
+def test_integer_epilogue_decides_ties_as_the_float_rule(tmp_path, act, extreme):
     """The fused layers' integer epilogue (a fixed-point line per border class and channel in place of the
     float combine) gives the bits of packing the float output, also where a threshold equals a reachable
     value (ties up for sign, strictly above for the {0, hi} activation) and where a negative BatchNorm scale
     reverses the rule: the avx512 plan fuses both 64- and 32-channel writers and agrees bit for bit with the
-    scalar path."""
+    scalar path. `extreme`: some BatchNorm scales 0 (infinite thresholds: a constant bit), 1e-30 or shifts of
+    1e30 (thresholds far past every reachable value)."""
     x = torch.randn(64, 100, 1, 1, generator=torch.Generator().manual_seed(4)).numpy()
-    graph, _ = capture(_dyadic_binary_dcgan(act), torch.from_numpy(x[:1]))
+    model = _dyadic_binary_dcgan(act)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and extreme):
+        norm.weight.data[::5], norm.weight.data[1::7], norm.bias.data[2::9] = 0.0, 1e-30, 1e30
+    graph, _ = capture(model, torch.from_numpy(x[:1]))
     path = write_graph(graph, tmp_path / "dyadic.lowbit")
     model = native.NativeModel(path.read_bytes(), str(path))
     model.set_kernel_path("scalar")
