@@ -319,7 +319,8 @@ bool kernel_source(const Graph& graph, int index, KernelSource& found) {
 
 namespace {
 
-constexpr double kFixed = 4294967296.0;  // 2^32: kernels.h BitSink::cuts compares n << 32
+constexpr int kFraction = BitSink::kCutBits;           // kernels.h BitSink::cuts compares n << kFraction
+constexpr double kFixed = double(int64_t{1} << kFraction);
 
 // One channel of a one-plane combine and the reader's rule on its value (kernels.h BitSink).
 struct CutChannel {
@@ -346,15 +347,16 @@ int64_t flip_near(const CutChannel& c, int64_t positives, int64_t k, int64_t nma
 }  // namespace
 
 bool plan_cuts(BinaryLayer& b, const BinaryLayer& reader) {
+  if (!b.cuts.empty()) return true;  // planned for this reader by an earlier plan (another kernel path)
   const int64_t co = static_cast<int64_t>(b.offset2.size());
   const int64_t act_planes = b.count > 0 ? code_planes(b.count) : 1;
   if (b.planes != 1 && !folds_planes(b.packed[0], act_planes, b.planes, co, b.coef2.data())) return true;
-  // The most positives a pixel counts, and n: a transposed conv's phase meets ceil(k / stride) taps per axis when
-  // undilated (dilated, possibly all k).
-  const Geometry g = geometry(*b.layer);
-  const bool phased = b.layer->op == "conv_transpose2d" && g.dilation[0] == 1 && g.dilation[1] == 1;
-  const int64_t step_h = phased ? g.stride[0] : 1, step_w = phased ? g.stride[1] : 1;
-  const int64_t pmax = ((int64_t{1} << act_planes) - 1) * ((g.kh + step_h - 1) / step_h) * ((g.kw + step_w - 1) / step_w) * b.packed[0];
+  // The most positives a pixel counts (its phase's taps, from the phase list [ph, pw, n_h, n_w, taps...]), and n.
+  int64_t most = 0;
+  for (size_t at = 0; at + 3 < b.phases.size(); at += static_cast<size_t>(4 + b.phases[at + 2] + b.phases[at + 3])) {
+    most = std::max(most, b.phases[at + 2] * b.phases[at + 3]);
+  }
+  const int64_t pmax = ((int64_t{1} << act_planes) - 1) * most * b.packed[0];
   const int64_t nmax = ((int64_t{1} << b.planes) - 1) * pmax;
   if (pmax > 65535 || b.base.entries * co * (pmax + 1) > (int64_t{1} << 23)) return false;
   std::vector<int64_t> cuts(static_cast<size_t>(b.base.entries * co)), slopes(static_cast<size_t>(co));
@@ -376,8 +378,8 @@ bool plan_cuts(BinaryLayer& b, const BinaryLayer& reader) {
       const double slack = (largest * 0x1p-48 + std::fabs(c.threshold) * 0x1p-22 + 1e-36) / std::fabs(c.coef);
       // g(p) = start + slope * p, the real count where the rule flips at positives p, is within `err` of exact. Where
       // it is further than `near` from every integer, the kernel's flip is ceil(g), and so is the flip of the line
-      // T + R * p for any T within slack + 2^-15 counts of the nominal T0 = start << 32 (T0's and R's truncation add
-      // up to 2^-16). Nearer, the kernel's arithmetic decides (flip_near) and bounds T: (n << 32) >= T + R * p exactly
+      // T + R * p for any T within slack + 2^-15 counts of the nominal T0 = start in fixed point (T0's and R's truncation add
+      // up to 2^-16). Nearer, the kernel's arithmetic decides (flip_near) and bounds T: (n << kFraction) >= T + R * p exactly
       // when n >= flip; those bounds move T from T0 by at most slack + 2^-16 + 2 err.
       const double start = (static_cast<double>(c.sign) * static_cast<double>(least) - c.base) / c.coef;
       int64_t& cut = cuts[static_cast<size_t>(e * co + ch)];
@@ -392,8 +394,8 @@ bool plan_cuts(BinaryLayer& b, const BinaryLayer& reader) {
         const auto k = static_cast<int64_t>(x + (x < 0 ? -0.5 : 0.5));
         if (std::fabs(x) > static_cast<double>(nmax) + 2.0 || std::fabs(x - static_cast<double>(k)) > near) continue;
         const int64_t flip = flip_near(c, p, k, nmax, rising);
-        if (flip > 0) low = std::max(low, ((flip - 1) << 32) + 1 - fixed_slope * p);
-        if (flip <= nmax) high = std::min(high, (flip << 32) - fixed_slope * p);
+        if (flip > 0) low = std::max(low, ((flip - 1) << kFraction) + 1 - fixed_slope * p);
+        if (flip <= nmax) high = std::min(high, (flip << kFraction) - fixed_slope * p);
       }
       if (low > high) return false;
       cut = std::min(std::max(static_cast<int64_t>(start * kFixed), low), high);

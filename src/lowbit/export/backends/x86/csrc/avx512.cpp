@@ -99,7 +99,7 @@ __attribute__((target("avx2"), always_inline)) inline uint64_t sink_mask8(const 
 // benchmarks fuse); narrower blocks do not carry the sink code (16 KB over every instantiation).
 constexpr int kSinkVectors = 4;
 
-// The sink bits of a one-plane combine for the channel block at c0 (kernels.h BitSink::cuts): (n << 32) against the
+// The sink bits of a one-plane combine for the channel block at c0 (kernels.h BitSink::cuts): n in fixed point against the
 // fixed-point line cuts[class] + slopes * positives, no float arithmetic.
 template <int CV>
 __attribute__((target("avx512f,avx512dq"), always_inline)) inline void sink_cuts(const ConvArgs& a, const Pixel& pixel,
@@ -111,7 +111,7 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline void sink_cuts
   for (int v = 0; v < CV; ++v) {
     const __m512i slope = _mm512_mullo_epi64(_mm512_loadu_si512(s.slopes + c0 + 8 * v), positives);
     const __m512i line = _mm512_add_epi64(_mm512_loadu_si512(cuts + 8 * v), slope);
-    set |= static_cast<uint64_t>(_mm512_cmpge_epi64_mask(_mm512_slli_epi64(acc[v], 32), line)) << (8 * v);
+    set |= static_cast<uint64_t>(_mm512_cmpge_epi64_mask(_mm512_slli_epi64(acc[v], BitSink::kCutBits), line)) << (8 * v);
   }
   const uint64_t block = 8 * CV == 64 ? ~uint64_t{0} : (uint64_t{1} << (8 * CV)) - 1;
   set_sink_bits(pixel.bits, static_cast<uint64_t>(c0), (set ^ s.flips[c0 / 64] >> (c0 % 64)) & block);

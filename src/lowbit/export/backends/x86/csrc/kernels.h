@@ -141,6 +141,7 @@ struct BitSink {
   // integers, with no float arithmetic: bit c of a pixel of border class e is ((n << 32) >= cuts[e, c] + slopes[c] *
   // positives) xor bit c of flips, a line in 32.32 fixed point that the runtime's plan_cuts fits to where the float
   // rule above flips and checks at every reachable positives. Multi-plane combines compare their float values.
+  static constexpr int kCutBits = 32;  // the fraction bits of cuts and slopes: n << kCutBits is compared
   const int64_t* cuts = nullptr;    // (base entries, Co), laid out as the layer's BaseMap::values
   const int64_t* slopes = nullptr;  // (Co)
   const uint64_t* flips = nullptr;  // (ceil(Co / 64)) words
